@@ -1,0 +1,300 @@
+//! The ECS agent's task protection endpoint: `$ECS_AGENT_URI/task-protection/v1/state`.
+//!
+//! The agent (1.65.0 and later, and Fargate's own implementation) forwards each PUT to
+//! ECS's `UpdateTaskProtection` and wraps the result. Its answers need care:
+//! a 200 can carry a `failure` (a refusal), ECS throttling arrives as a 400 with
+//! `Code: "ThrottlingException"`, and the agent's own limiter answers 429 with plain
+//! text. So the body is judged together with the status, never the status alone.
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Backend, Grant, ProtectionError, ProtectionRequest, Rejection, ThrottledBy, classify_error,
+    excerpt,
+};
+
+/// The most of an answer body that is read; real answers are a few hundred bytes.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Sends protection PUTs to the ECS agent.
+#[derive(Debug, Clone)]
+pub struct AgentBackend {
+    client: reqwest::Client,
+    url: String,
+}
+
+/// The PUT body; field names are PascalCase, and the agent rejects unknown fields.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct PutBody {
+    protection_enabled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_in_minutes: Option<u16>,
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    protection: Option<Protection>,
+    failure: Option<Failure>,
+    error: Option<ErrorBody>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Protection {
+    expiration_date: Option<String>,
+    protection_enabled: bool,
+    task_arn: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Failure {
+    reason: Option<String>,
+    detail: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ErrorBody {
+    code: Option<String>,
+    message: Option<String>,
+}
+
+impl AgentBackend {
+    /// A backend for the agent at `agent_uri`, the value of `ECS_AGENT_URI`.
+    ///
+    /// # Errors
+    /// When `agent_uri` is not an absolute `http` or `https` URL.
+    pub fn new(agent_uri: &str) -> Result<Self, super::BackendConfigError> {
+        let base = agent_uri.trim().trim_end_matches('/');
+        let parsed = reqwest::Url::parse(base).map_err(|e| super::BackendConfigError::Invalid {
+            variable: "ECS_AGENT_URI",
+            value: agent_uri.to_owned(),
+            reason: e.to_string(),
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(super::BackendConfigError::Invalid {
+                variable: "ECS_AGENT_URI",
+                value: agent_uri.to_owned(),
+                reason: "expected an http:// URL".to_owned(),
+            });
+        }
+        // Timeouts are the state machine's; a pooled connection to the agent is reused.
+        let client = reqwest::Client::builder()
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .build()
+            .map_err(|e| super::BackendConfigError::Invalid {
+                variable: "ECS_AGENT_URI",
+                value: agent_uri.to_owned(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            client,
+            url: format!("{base}/task-protection/v1/state"),
+        })
+    }
+
+    /// The full URL PUTs go to.
+    #[must_use]
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn send(&self, request: ProtectionRequest) -> Result<Grant, ProtectionError> {
+        let body = PutBody {
+            protection_enabled: request.enabled,
+            expires_in_minutes: request.expires_in_minutes,
+        };
+        let mut response = self
+            .client
+            .put(&self.url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| ProtectionError::Transport(error_chain(&e)))?;
+        let status = response.status().as_u16();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| ProtectionError::Transport(error_chain(&e)))?
+        {
+            let room = MAX_BODY.saturating_sub(bytes.len());
+            bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if bytes.len() >= MAX_BODY {
+                break;
+            }
+        }
+        classify(status, &bytes)
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Reads an agent answer. Pure, so every answer class is testable without a socket.
+pub(crate) fn classify(status: u16, body: &[u8]) -> Result<Grant, ProtectionError> {
+    if status == 429 {
+        // The agent's own limiter, shared with the task metadata endpoint.
+        return Err(ProtectionError::Throttled {
+            by: ThrottledBy::Agent,
+            message: excerpt(body).trim().to_owned(),
+        });
+    }
+    let answer: Option<Answer> = serde_json::from_slice(body).ok();
+    let Some(answer) = answer else {
+        if status >= 500 {
+            return Err(ProtectionError::Server {
+                status,
+                code: String::new(),
+                message: excerpt(body),
+            });
+        }
+        return Err(ProtectionError::malformed(
+            status,
+            "not a JSON answer",
+            body,
+        ));
+    };
+    if let Some(error) = answer.error {
+        let code = error.code.unwrap_or_default();
+        let message = error.message.unwrap_or_default();
+        return Err(classify_error(status, code, message));
+    }
+    if status >= 500 {
+        return Err(ProtectionError::Server {
+            status,
+            code: String::new(),
+            message: excerpt(body),
+        });
+    }
+    if let Some(failure) = answer.failure {
+        // A 200 that is a refusal: TASK_NOT_VALID, DEPLOYMENT_BLOCKED, ...
+        return Err(ProtectionError::Rejected(Rejection {
+            reason: failure.reason.unwrap_or_else(|| "UNKNOWN".to_owned()),
+            detail: failure.detail,
+            status: Some(status),
+        }));
+    }
+    match (status, answer.protection) {
+        (200, Some(p)) => {
+            let expires_at = match p.expiration_date.as_deref() {
+                None | Some("") => None,
+                Some(text) => Some(parse_rfc3339(text).ok_or_else(|| {
+                    ProtectionError::malformed(status, "ExpirationDate is not RFC 3339", body)
+                })?),
+            };
+            Ok(Grant {
+                enabled: p.protection_enabled,
+                expires_at,
+                task_arn: p.task_arn,
+            })
+        }
+        (200, None) => Err(ProtectionError::malformed(
+            status,
+            "neither protection nor failure in answer",
+            body,
+        )),
+        _ => Err(ProtectionError::malformed(
+            status,
+            "unexpected status without an error body",
+            body,
+        )),
+    }
+}
+
+fn parse_rfc3339(text: &str) -> Option<std::time::SystemTime> {
+    let dt =
+        aws_smithy_types::DateTime::from_str(text, aws_smithy_types::date_time::Format::DateTime)
+            .ok()?;
+    std::time::SystemTime::try_from(dt).ok()
+}
+
+impl Backend for AgentBackend {
+    async fn update(&self, request: ProtectionRequest) -> Result<Grant, ProtectionError> {
+        self.send(request).await
+    }
+
+    fn describe(&self) -> String {
+        format!("ECS agent at {}", self.url)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_body_is_exact_pascal_case() {
+        let on = serde_json::to_string(&PutBody {
+            protection_enabled: true,
+            expires_in_minutes: Some(5),
+        })
+        .unwrap();
+        assert_eq!(on, r#"{"ProtectionEnabled":true,"ExpiresInMinutes":5}"#);
+        let off = serde_json::to_string(&PutBody {
+            protection_enabled: false,
+            expires_in_minutes: None,
+        })
+        .unwrap();
+        assert_eq!(off, r#"{"ProtectionEnabled":false}"#);
+    }
+
+    #[test]
+    fn success_with_and_without_expiry() {
+        let g = classify(
+            200,
+            br#"{"protection":{"ExpirationDate":"2022-10-06T02:29:16Z","ProtectionEnabled":true,"TaskArn":"arn:aws:ecs:us-east-1:1:task/c/abc"}}"#,
+        )
+        .unwrap();
+        assert!(g.enabled);
+        let secs = g
+            .expires_at
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert_eq!(secs, 1_665_023_356);
+        let g = classify(
+            200,
+            br#"{"protection":{"ExpirationDate":null,"ProtectionEnabled":false,"TaskArn":"arn"}}"#,
+        )
+        .unwrap();
+        assert!(!g.enabled && g.expires_at.is_none());
+    }
+
+    #[test]
+    fn failure_in_a_200_is_a_rejection() {
+        let e = classify(
+            200,
+            br#"{"failure":{"Arn":"arn","Detail":null,"Reason":"DEPLOYMENT_BLOCKED"}}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(&e, ProtectionError::Rejected(r) if r.reason == "DEPLOYMENT_BLOCKED"));
+        assert!(!e.is_transient());
+    }
+
+    #[test]
+    fn garbage_quotes_an_excerpt() {
+        let e = classify(200, b"<html>oops</html>").unwrap_err();
+        assert!(e.to_string().contains("<html>oops</html>"), "{e}");
+        let long = vec![b'x'; 10_000];
+        let e = classify(200, &long).unwrap_err();
+        assert!(e.to_string().len() < 400);
+        let e = classify(
+            200,
+            br#"{"protection":{"ExpirationDate":"yesterday","ProtectionEnabled":true}}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("yesterday"), "{e}");
+    }
+}

@@ -1,0 +1,180 @@
+//! The ECS API itself: aws-sdk-ecs `UpdateTaskProtection`.
+//!
+//! Useful where the agent endpoint is not available (an older agent) or when the
+//! caller wants SDK credentials and endpoints. The task finds its own cluster and ARN
+//! at `$ECS_CONTAINER_METADATA_URI_V4/task`. As with the agent, a `failures` entry in
+//! a 200 answer is a refusal.
+
+use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
+use serde::Deserialize;
+
+use super::{
+    Backend, BackendConfigError, Grant, ProtectionError, ProtectionRequest, Rejection,
+    classify_error,
+};
+
+/// The task this process runs in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskIdentity {
+    /// The cluster name or ARN.
+    pub cluster: String,
+    /// The task ARN.
+    pub task_arn: String,
+}
+
+#[derive(Deserialize)]
+struct TaskMetadata {
+    #[serde(rename = "Cluster")]
+    cluster: Option<String>,
+    #[serde(rename = "TaskARN")]
+    task_arn: Option<String>,
+}
+
+impl TaskIdentity {
+    /// Reads the task's cluster and ARN from the task metadata endpoint v4
+    /// (`metadata_uri` is the value of `ECS_CONTAINER_METADATA_URI_V4`).
+    ///
+    /// # Errors
+    /// When the endpoint cannot be reached or its answer lacks either field.
+    pub async fn discover(metadata_uri: &str) -> Result<Self, BackendConfigError> {
+        let url = format!("{}/task", metadata_uri.trim().trim_end_matches('/'));
+        let fail = |reason: String| BackendConfigError::Discovery {
+            url: url.clone(),
+            reason,
+        };
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(5))
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        let response = client
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|e| fail(e.to_string()))?;
+        if !status.is_success() {
+            return Err(fail(format!("HTTP {status}: {}", super::excerpt(&body))));
+        }
+        let meta: TaskMetadata = serde_json::from_slice(&body)
+            .map_err(|e| fail(format!("{e}; body: {:?}", super::excerpt(&body))))?;
+        match (meta.cluster, meta.task_arn) {
+            (Some(cluster), Some(task_arn)) if !cluster.is_empty() && !task_arn.is_empty() => {
+                Ok(Self { cluster, task_arn })
+            }
+            _ => Err(fail(format!(
+                "Cluster or TaskARN missing; body: {:?}",
+                super::excerpt(&body)
+            ))),
+        }
+    }
+}
+
+/// Sends protection updates through the ECS API.
+#[derive(Debug, Clone)]
+pub struct EcsApiBackend {
+    client: aws_sdk_ecs::Client,
+    task: TaskIdentity,
+}
+
+impl EcsApiBackend {
+    /// A backend for `task`, using `client`.
+    ///
+    /// Give the client a configuration with retries disabled
+    /// (`RetryConfig::disabled()`): the state machine retries, and SDK retries would
+    /// hide throttling from it and break its one-request-at-a-time rule.
+    #[must_use]
+    pub fn new(client: aws_sdk_ecs::Client, task: TaskIdentity) -> Self {
+        Self { client, task }
+    }
+
+    /// The task whose protection this backend sets.
+    #[must_use]
+    pub fn task(&self) -> &TaskIdentity {
+        &self.task
+    }
+}
+
+fn classify_sdk_error<E, R>(err: SdkError<E, R>) -> ProtectionError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + HasStatus,
+{
+    match err {
+        SdkError::ServiceError(service) => {
+            let status = service.raw().status_code();
+            let e = service.err();
+            classify_error(
+                status,
+                e.code().unwrap_or_default().to_owned(),
+                e.message().unwrap_or_default().to_owned(),
+            )
+        }
+        SdkError::TimeoutError(_) => ProtectionError::Transport("SDK timeout".to_owned()),
+        SdkError::DispatchFailure(e) => ProtectionError::Transport(format!("{e:?}")),
+        SdkError::ResponseError(e) => {
+            let status = e.raw().status_code();
+            ProtectionError::Malformed {
+                status,
+                reason: "the ECS answer could not be read".to_owned(),
+                excerpt: format!("{e:?}").chars().take(200).collect(),
+            }
+        }
+        other => ProtectionError::Transport(other.to_string()),
+    }
+}
+
+/// The HTTP status of a raw SDK response.
+trait HasStatus {
+    fn status_code(&self) -> u16;
+}
+
+impl HasStatus for aws_sdk_ecs::config::http::HttpResponse {
+    fn status_code(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+impl Backend for EcsApiBackend {
+    async fn update(&self, request: ProtectionRequest) -> Result<Grant, ProtectionError> {
+        let output = self
+            .client
+            .update_task_protection()
+            .cluster(&self.task.cluster)
+            .tasks(&self.task.task_arn)
+            .protection_enabled(request.enabled)
+            .set_expires_in_minutes(request.expires_in_minutes.map(i32::from))
+            .send()
+            .await
+            .map_err(classify_sdk_error)?;
+        if let Some(failure) = output.failures().first() {
+            return Err(ProtectionError::Rejected(Rejection {
+                reason: failure.reason().unwrap_or("UNKNOWN").to_owned(),
+                detail: failure.detail().map(str::to_owned),
+                status: Some(200),
+            }));
+        }
+        let Some(task) = output.protected_tasks().first() else {
+            return Err(ProtectionError::Malformed {
+                status: 200,
+                reason: "neither protectedTasks nor failures in answer".to_owned(),
+                excerpt: format!("{output:?}").chars().take(200).collect(),
+            });
+        };
+        let expires_at = task
+            .expiration_date()
+            .and_then(|d| std::time::SystemTime::try_from(*d).ok());
+        Ok(Grant {
+            enabled: task.protection_enabled(),
+            expires_at,
+            task_arn: task.task_arn().map(str::to_owned),
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "ECS API UpdateTaskProtection for {} in {}",
+            self.task.task_arn, self.task.cluster
+        )
+    }
+}

@@ -1,0 +1,283 @@
+//! What every service built on this crate needs besides protection: its settings as
+//! clap arguments (`--help` shows each variable and its default), one-line config
+//! errors with exit code 2, one logging setup, and one shutdown signal.
+
+use std::time::Duration;
+
+use clap::builder::{OsStr, Resettable};
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{Command, CommandFactory, FromArgMatches};
+
+use crate::backend::{BackendConfig, BackendKind};
+use crate::settings::{
+    ACQUIRE_TIMEOUT_MS_RANGE, CHECK_INTERVAL_MS_RANGE, MIN_PUT_INTERVAL_MS_RANGE,
+    ProtectionSettings, REQUEST_TIMEOUT_MS_RANGE, SettingsError, env, parse_duration_minutes,
+    parse_maintain_percent, parse_millis, parse_refresh_percent,
+};
+
+fn millis(
+    variable: &'static str,
+    range: (u64, u64),
+) -> impl Fn(&str) -> Result<u64, SettingsError> + Clone {
+    move |raw| {
+        parse_millis(variable, raw, range).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
+/// The protection settings as command-line arguments, each also read from its
+/// environment variable. Flatten it into a service's own `clap::Parser`, and set the
+/// service's defaults with [`ProtectionArgs::with_defaults`].
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Task protection")]
+pub struct ProtectionArgs {
+    /// How long each acquire or refresh protects the task, in minutes (1..=2880)
+    #[arg(long, env = env::DURATION_MINUTES, value_name = "MINUTES", default_value = "5",
+          value_parser = parse_duration_minutes)]
+    pub protection_duration_minutes: u16,
+
+    /// Keep protection this share of the duration after the last successful PUT,
+    /// so short jobs do not cost a PUT pair each (0..=100)
+    #[arg(long, env = env::MAINTAIN_PERCENT, value_name = "PERCENT", default_value = "10",
+          value_parser = parse_maintain_percent)]
+    pub protection_maintain_percent: u8,
+
+    /// Refresh a held protection once this share of the duration has passed (1..=100)
+    #[arg(long, env = env::REFRESH_PERCENT, value_name = "PERCENT", default_value = "80",
+          value_parser = parse_refresh_percent)]
+    pub protection_refresh_percent: u8,
+
+    /// Longest wait between attempts: the retry backoff cap and the cool-down after
+    /// ECS refuses protection, in ms
+    #[arg(long, env = env::CHECK_INTERVAL_MS, value_name = "MS", default_value = "10000",
+          value_parser = millis(env::CHECK_INTERVAL_MS, CHECK_INTERVAL_MS_RANGE))]
+    pub protection_check_interval_ms: u64,
+
+    /// Least time between two protection PUTs, in ms; ECS rate-limits them per account
+    #[arg(long, env = env::MIN_PUT_INTERVAL_MS, value_name = "MS", default_value = "1000",
+          value_parser = millis(env::MIN_PUT_INTERVAL_MS, MIN_PUT_INTERVAL_MS_RANGE))]
+    pub protection_min_put_interval_ms: u64,
+
+    /// Timeout of one protection request, in ms; longer than the agent's own 4-5 s
+    #[arg(long, env = env::REQUEST_TIMEOUT_MS, value_name = "MS", default_value = "8000",
+          value_parser = millis(env::REQUEST_TIMEOUT_MS, REQUEST_TIMEOUT_MS_RANGE))]
+    pub protection_request_timeout_ms: u64,
+
+    /// How long to wait for ECS to confirm protection before giving up, in ms
+    #[arg(long, env = env::ACQUIRE_TIMEOUT_MS, value_name = "MS", default_value = "30000",
+          value_parser = millis(env::ACQUIRE_TIMEOUT_MS, ACQUIRE_TIMEOUT_MS_RANGE))]
+    pub protection_acquire_timeout_ms: u64,
+
+    /// Where protection calls go: auto (the ECS agent when ECS_AGENT_URI is set, else a
+    /// local simulation), agent, ecs-api, or local
+    #[arg(long = "task-protection-backend", env = BackendKind::ENV, value_enum,
+          default_value_t = BackendKind::Auto)]
+    pub backend: BackendKind,
+}
+
+impl ProtectionArgs {
+    /// Sets the defaults shown by `--help` and used when a variable is unset.
+    #[must_use]
+    pub fn with_defaults(cmd: Command, defaults: &ProtectionSettings) -> Command {
+        let ms = |d: Duration| d.as_millis().to_string();
+        let values = [
+            (
+                "protection_duration_minutes",
+                defaults.duration_minutes().to_string(),
+            ),
+            (
+                "protection_maintain_percent",
+                defaults.maintain_percent().to_string(),
+            ),
+            (
+                "protection_refresh_percent",
+                defaults.refresh_percent().to_string(),
+            ),
+            (
+                "protection_check_interval_ms",
+                ms(defaults.check_interval()),
+            ),
+            (
+                "protection_min_put_interval_ms",
+                ms(defaults.min_put_interval()),
+            ),
+            (
+                "protection_request_timeout_ms",
+                ms(defaults.request_timeout()),
+            ),
+            (
+                "protection_acquire_timeout_ms",
+                ms(defaults.acquire_timeout()),
+            ),
+        ];
+        values.into_iter().fold(cmd, |cmd, (id, value)| {
+            cmd.mut_arg(id, |a| {
+                a.default_value(Resettable::Value(OsStr::from(value)))
+            })
+        })
+    }
+
+    /// The settings these arguments describe.
+    ///
+    /// # Errors
+    /// When a value is out of range (the parsers already check each one).
+    pub fn settings(&self) -> Result<ProtectionSettings, SettingsError> {
+        ProtectionSettings::builder()
+            .duration_minutes(self.protection_duration_minutes)
+            .maintain_percent(self.protection_maintain_percent)
+            .refresh_percent(self.protection_refresh_percent)
+            .check_interval(Duration::from_millis(self.protection_check_interval_ms))
+            .min_put_interval(Duration::from_millis(self.protection_min_put_interval_ms))
+            .request_timeout(Duration::from_millis(self.protection_request_timeout_ms))
+            .acquire_timeout(Duration::from_millis(self.protection_acquire_timeout_ms))
+            .build()
+    }
+
+    /// The backend choice, with `ECS_AGENT_URI` and `ECS_CONTAINER_METADATA_URI_V4`
+    /// read from the environment.
+    #[must_use]
+    pub fn backend_config(&self) -> BackendConfig {
+        BackendConfig::from_env(self.backend)
+    }
+}
+
+/// Parses the process arguments and environment into `T`, after `customize` has set
+/// the service's defaults. On a bad value it prints one line to stderr and exits 2;
+/// `--help` and `--version` print and exit 0.
+pub fn parse_or_exit<T: FromArgMatches + CommandFactory>(
+    customize: impl FnOnce(Command) -> Command,
+) -> T {
+    let mut cmd = customize(T::command());
+    let parsed = cmd
+        .try_get_matches_from_mut(std::env::args_os())
+        .and_then(|m| T::from_arg_matches(&m));
+    parsed.unwrap_or_else(|e| exit_with_clap_error(&e, &cmd))
+}
+
+/// Prints `err` as one line and exits: 0 for help and version, 2 otherwise.
+pub fn exit_with_clap_error(err: &clap::Error, cmd: &Command) -> ! {
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        err.exit()
+    }
+    exit_config_error(cmd.get_name(), &one_line(err, cmd))
+}
+
+/// Prints `{program}: error: {message}` as one line on stderr and exits 2.
+pub fn exit_config_error(program: &str, message: &str) -> ! {
+    eprintln!("{program}: error: {message}");
+    std::process::exit(2)
+}
+
+/// clap's error in one line: the problem, without the usage and tip lines, and with
+/// the environment variable of a missing argument named.
+fn one_line(err: &clap::Error, cmd: &Command) -> String {
+    let rendered = err.render().to_string();
+    let mut text = rendered
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    if let Some(rest) = text.strip_prefix("error: ") {
+        text = rest.to_owned();
+    }
+    if err.kind() == ErrorKind::MissingRequiredArgument
+        && let Some(ContextValue::Strings(missing)) = err.get(ContextKind::InvalidArg)
+    {
+        {
+            let vars: Vec<String> = missing
+                .iter()
+                .filter_map(|m| {
+                    cmd.get_arguments().find_map(|a| {
+                        let long = a.get_long()?;
+                        let matches =
+                            m.starts_with(&format!("--{long} ")) || m == &format!("--{long}");
+                        matches
+                            .then(|| a.get_env())?
+                            .map(|e| e.to_string_lossy().into_owned())
+                    })
+                })
+                .collect();
+            if !vars.is_empty() {
+                text.push_str(&format!(" (set {})", vars.join(", ")));
+            }
+        }
+    }
+    text
+}
+
+/// Log output format: the value of `LOG_FORMAT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for CloudWatch Logs Insights.
+    Json,
+}
+
+/// Sets up tracing once for the process: `RUST_LOG` filters (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// The signal that ended the wait in [`shutdown_signal`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM: ECS is stopping the task.
+    Term,
+    /// SIGINT: ctrl-c.
+    Interrupt,
+}
+
+impl Signal {
+    /// `SIGTERM` or `SIGINT`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Term => "SIGTERM",
+            Self::Interrupt => "SIGINT",
+        }
+    }
+}
+
+/// Resolves on SIGTERM (ECS stopping the task) or ctrl-c.
+pub async fn shutdown_signal() -> Signal {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => Signal::Interrupt,
+        () = term => Signal::Term,
+    }
+}

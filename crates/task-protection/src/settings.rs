@@ -1,0 +1,469 @@
+//! Protection settings, validated once at the edge.
+//!
+//! The four settings mean what the four options of the original `ProtectionManager`
+//! meant. Each is checked against the range ECS accepts, so a bad value is a start-up
+//! error that names the environment variable, not a rejected API call an hour later.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Names of the environment variables that configure protection.
+pub mod env {
+    /// How long each acquire or refresh protects the task, in minutes.
+    pub const DURATION_MINUTES: &str = "PROTECTION_DURATION_MINUTES";
+    /// Keep protection this share of the duration after the last successful PUT.
+    pub const MAINTAIN_PERCENT: &str = "PROTECTION_MAINTAIN_PERCENT";
+    /// Refresh protection once this share of the duration has passed.
+    pub const REFRESH_PERCENT: &str = "PROTECTION_REFRESH_PERCENT";
+    /// The longest wait between attempts: retry backoff cap and rejection cool-down.
+    pub const CHECK_INTERVAL_MS: &str = "PROTECTION_CHECK_INTERVAL_MS";
+    /// The least time between two protection PUTs.
+    pub const MIN_PUT_INTERVAL_MS: &str = "PROTECTION_MIN_PUT_INTERVAL_MS";
+    /// How long one request to the agent or the ECS API may take.
+    pub const REQUEST_TIMEOUT_MS: &str = "PROTECTION_REQUEST_TIMEOUT_MS";
+    /// How long an awaited acquire waits for ECS before it gives up.
+    pub const ACQUIRE_TIMEOUT_MS: &str = "PROTECTION_ACQUIRE_TIMEOUT_MS";
+}
+
+/// Allowed range of [`ProtectionSettings::duration_minutes`]: ECS's own limits.
+pub const DURATION_MINUTES_RANGE: (u16, u16) = (1, 2880);
+/// Allowed range of the check interval, in milliseconds.
+pub const CHECK_INTERVAL_MS_RANGE: (u64, u64) = (100, 3_600_000);
+/// Allowed range of the least time between PUTs, in milliseconds.
+pub const MIN_PUT_INTERVAL_MS_RANGE: (u64, u64) = (0, 60_000);
+/// Allowed range of the request timeout, in milliseconds.
+///
+/// The agent gives up on ECS after about 4 s and answers 504, so the client waits
+/// longer than that by default; below 1 s no ECS call can complete reliably.
+pub const REQUEST_TIMEOUT_MS_RANGE: (u64, u64) = (1_000, 120_000);
+/// Allowed range of the acquire timeout, in milliseconds.
+pub const ACQUIRE_TIMEOUT_MS_RANGE: (u64, u64) = (100, 3_600_000);
+
+/// A setting whose value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettingsError {
+    /// The value parsed, but lies outside the range allowed.
+    #[error("{variable}={value} is out of range: allowed {allowed}")]
+    OutOfRange {
+        /// The environment variable that carries the setting.
+        variable: &'static str,
+        /// The value given.
+        value: String,
+        /// The range allowed, e.g. `1..=2880 minutes`.
+        allowed: String,
+    },
+    /// The value is not a number of the right kind.
+    #[error("{variable}={value:?} is not valid: {reason}")]
+    Invalid {
+        /// The environment variable that carries the setting.
+        variable: &'static str,
+        /// The value given.
+        value: String,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+fn parse_number<T: std::str::FromStr>(variable: &'static str, raw: &str) -> Result<T, SettingsError>
+where
+    T::Err: fmt::Display,
+{
+    raw.trim().parse::<T>().map_err(|e| SettingsError::Invalid {
+        variable,
+        value: raw.to_owned(),
+        reason: format!("expected a whole number ({e})"),
+    })
+}
+
+fn check_range<T: PartialOrd + fmt::Display + Copy>(
+    variable: &'static str,
+    value: T,
+    (lo, hi): (T, T),
+    unit: &str,
+) -> Result<T, SettingsError> {
+    if value < lo || value > hi {
+        return Err(SettingsError::OutOfRange {
+            variable,
+            value: value.to_string(),
+            allowed: format!("{lo}..={hi} {unit}"),
+        });
+    }
+    Ok(value)
+}
+
+/// Parses `PROTECTION_DURATION_MINUTES` (1..=2880).
+///
+/// # Errors
+/// When the text is not a whole number or is out of range.
+pub fn parse_duration_minutes(raw: &str) -> Result<u16, SettingsError> {
+    let v: u64 = parse_number(env::DURATION_MINUTES, raw)?;
+    let (lo, hi) = DURATION_MINUTES_RANGE;
+    let v = check_range(
+        env::DURATION_MINUTES,
+        v,
+        (u64::from(lo), u64::from(hi)),
+        "minutes",
+    )?;
+    Ok(u16::try_from(v).unwrap_or(hi))
+}
+
+/// Parses `PROTECTION_MAINTAIN_PERCENT` (0..=100).
+///
+/// # Errors
+/// When the text is not a whole number or is out of range.
+pub fn parse_maintain_percent(raw: &str) -> Result<u8, SettingsError> {
+    parse_percent(env::MAINTAIN_PERCENT, raw, 0)
+}
+
+/// Parses `PROTECTION_REFRESH_PERCENT` (1..=100).
+///
+/// # Errors
+/// When the text is not a whole number or is out of range.
+pub fn parse_refresh_percent(raw: &str) -> Result<u8, SettingsError> {
+    parse_percent(env::REFRESH_PERCENT, raw, 1)
+}
+
+fn parse_percent(variable: &'static str, raw: &str, lo: u64) -> Result<u8, SettingsError> {
+    let v: u64 = parse_number(variable, raw)?;
+    let v = check_range(variable, v, (lo, 100), "percent")?;
+    Ok(u8::try_from(v).unwrap_or(100))
+}
+
+/// Parses a millisecond setting and checks it against `range`.
+///
+/// # Errors
+/// When the text is not a whole number or is out of range.
+pub fn parse_millis(
+    variable: &'static str,
+    raw: &str,
+    range: (u64, u64),
+) -> Result<Duration, SettingsError> {
+    let v: u64 = parse_number(variable, raw)?;
+    Ok(Duration::from_millis(check_range(
+        variable, v, range, "ms",
+    )?))
+}
+
+/// How protection is acquired, refreshed and released.
+///
+/// Build one with [`ProtectionSettings::builder`]; every value is range-checked by
+/// [`ProtectionSettingsBuilder::build`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtectionSettings {
+    duration_minutes: u16,
+    maintain_percent: u8,
+    refresh_percent: u8,
+    check_interval: Duration,
+    min_put_interval: Duration,
+    request_timeout: Duration,
+    acquire_timeout: Duration,
+}
+
+impl Default for ProtectionSettings {
+    /// The original `ProtectionManager`'s defaults: 5 minutes, maintain 10 %,
+    /// refresh 80 %, check every 10 s; plus at most one PUT a second.
+    fn default() -> Self {
+        Self {
+            duration_minutes: 5,
+            maintain_percent: 10,
+            refresh_percent: 80,
+            check_interval: Duration::from_secs(10),
+            min_put_interval: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(8),
+            acquire_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ProtectionSettings {
+    /// Starts from the defaults.
+    pub fn builder() -> ProtectionSettingsBuilder {
+        ProtectionSettingsBuilder {
+            inner: Self::default(),
+        }
+    }
+
+    /// Starts from these settings, to change some of them.
+    pub fn to_builder(&self) -> ProtectionSettingsBuilder {
+        ProtectionSettingsBuilder {
+            inner: self.clone(),
+        }
+    }
+
+    /// Reads the `PROTECTION_*` environment variables, keeping `self` for those unset.
+    ///
+    /// # Errors
+    /// When a variable is set to a value that does not parse or is out of range.
+    pub fn with_env(&self) -> Result<Self, SettingsError> {
+        self.with_vars(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`with_env`](Self::with_env), with the variables looked up by `lookup`.
+    ///
+    /// # Errors
+    /// When a variable is set to a value that does not parse or is out of range.
+    pub fn with_vars(
+        &self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, SettingsError> {
+        let mut b = self.to_builder();
+        if let Some(v) = lookup(env::DURATION_MINUTES) {
+            b = b.duration_minutes(parse_duration_minutes(&v)?);
+        }
+        if let Some(v) = lookup(env::MAINTAIN_PERCENT) {
+            b = b.maintain_percent(parse_maintain_percent(&v)?);
+        }
+        if let Some(v) = lookup(env::REFRESH_PERCENT) {
+            b = b.refresh_percent(parse_refresh_percent(&v)?);
+        }
+        let millis = [
+            (env::CHECK_INTERVAL_MS, CHECK_INTERVAL_MS_RANGE),
+            (env::MIN_PUT_INTERVAL_MS, MIN_PUT_INTERVAL_MS_RANGE),
+            (env::REQUEST_TIMEOUT_MS, REQUEST_TIMEOUT_MS_RANGE),
+            (env::ACQUIRE_TIMEOUT_MS, ACQUIRE_TIMEOUT_MS_RANGE),
+        ];
+        for (name, range) in millis {
+            if let Some(v) = lookup(name) {
+                let d = parse_millis(name, &v, range)?;
+                b = match name {
+                    env::CHECK_INTERVAL_MS => b.check_interval(d),
+                    env::MIN_PUT_INTERVAL_MS => b.min_put_interval(d),
+                    env::REQUEST_TIMEOUT_MS => b.request_timeout(d),
+                    _ => b.acquire_timeout(d),
+                };
+            }
+        }
+        b.build()
+    }
+
+    /// How long each acquire or refresh protects the task, in minutes.
+    #[must_use]
+    pub fn duration_minutes(&self) -> u16 {
+        self.duration_minutes
+    }
+
+    /// How long each acquire or refresh protects the task.
+    #[must_use]
+    pub fn duration(&self) -> Duration {
+        Duration::from_secs(u64::from(self.duration_minutes) * 60)
+    }
+
+    /// Share of the duration that protection is kept after the last successful PUT.
+    #[must_use]
+    pub fn maintain_percent(&self) -> u8 {
+        self.maintain_percent
+    }
+
+    /// Share of the duration after which a held protection is refreshed.
+    #[must_use]
+    pub fn refresh_percent(&self) -> u8 {
+        self.refresh_percent
+    }
+
+    /// How long protection is kept after the last successful enable PUT, once no
+    /// holder is left. Short jobs then do not cost a PUT pair each.
+    #[must_use]
+    pub fn maintain_window(&self) -> Duration {
+        self.duration() * u32::from(self.maintain_percent) / 100
+    }
+
+    /// How long before the expiry a held protection is refreshed.
+    #[must_use]
+    pub fn refresh_lead(&self) -> Duration {
+        self.duration() * u32::from(100 - self.refresh_percent) / 100
+    }
+
+    /// The longest wait between two attempts: the cap of the retry backoff, and the
+    /// cool-down after ECS refuses protection.
+    #[must_use]
+    pub fn check_interval(&self) -> Duration {
+        self.check_interval
+    }
+
+    /// The least time between the starts of two PUTs.
+    #[must_use]
+    pub fn min_put_interval(&self) -> Duration {
+        self.min_put_interval
+    }
+
+    /// How long one request may take before it counts as failed.
+    #[must_use]
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// How long [`TaskProtection::acquire`](crate::TaskProtection::acquire) waits.
+    #[must_use]
+    pub fn acquire_timeout(&self) -> Duration {
+        self.acquire_timeout
+    }
+}
+
+/// Builder for [`ProtectionSettings`]; [`build`](Self::build) checks every range.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ProtectionSettingsBuilder {
+    inner: ProtectionSettings,
+}
+
+impl ProtectionSettingsBuilder {
+    /// Protection duration in minutes, 1..=2880.
+    pub fn duration_minutes(mut self, minutes: u16) -> Self {
+        self.inner.duration_minutes = minutes;
+        self
+    }
+
+    /// Maintain percentage, 0..=100.
+    pub fn maintain_percent(mut self, percent: u8) -> Self {
+        self.inner.maintain_percent = percent;
+        self
+    }
+
+    /// Refresh percentage, 1..=100.
+    pub fn refresh_percent(mut self, percent: u8) -> Self {
+        self.inner.refresh_percent = percent;
+        self
+    }
+
+    /// Check interval: the retry backoff cap and the cool-down after a rejection.
+    pub fn check_interval(mut self, interval: Duration) -> Self {
+        self.inner.check_interval = interval;
+        self
+    }
+
+    /// The least time between two PUTs (default 1 s).
+    pub fn min_put_interval(mut self, interval: Duration) -> Self {
+        self.inner.min_put_interval = interval;
+        self
+    }
+
+    /// Timeout of a single request (default 8 s).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.inner.request_timeout = timeout;
+        self
+    }
+
+    /// Timeout of an awaited acquire (default 30 s).
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.inner.acquire_timeout = timeout;
+        self
+    }
+
+    /// Checks every value against its range.
+    ///
+    /// # Errors
+    /// The first value out of range, named by its environment variable.
+    pub fn build(self) -> Result<ProtectionSettings, SettingsError> {
+        let s = self.inner;
+        check_range(
+            env::DURATION_MINUTES,
+            s.duration_minutes,
+            DURATION_MINUTES_RANGE,
+            "minutes",
+        )?;
+        check_range(
+            env::MAINTAIN_PERCENT,
+            s.maintain_percent,
+            (0, 100),
+            "percent",
+        )?;
+        check_range(env::REFRESH_PERCENT, s.refresh_percent, (1, 100), "percent")?;
+        let millis = [
+            (
+                env::CHECK_INTERVAL_MS,
+                s.check_interval,
+                CHECK_INTERVAL_MS_RANGE,
+            ),
+            (
+                env::MIN_PUT_INTERVAL_MS,
+                s.min_put_interval,
+                MIN_PUT_INTERVAL_MS_RANGE,
+            ),
+            (
+                env::REQUEST_TIMEOUT_MS,
+                s.request_timeout,
+                REQUEST_TIMEOUT_MS_RANGE,
+            ),
+            (
+                env::ACQUIRE_TIMEOUT_MS,
+                s.acquire_timeout,
+                ACQUIRE_TIMEOUT_MS_RANGE,
+            ),
+        ];
+        for (name, value, range) in millis {
+            let ms = u64::try_from(value.as_millis()).unwrap_or(u64::MAX);
+            check_range(name, ms, range, "ms")?;
+        }
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_range_names_variable_value_and_range() {
+        let err = parse_duration_minutes("2881").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "PROTECTION_DURATION_MINUTES=2881 is out of range: allowed 1..=2880 minutes"
+        );
+        let err = parse_refresh_percent("0").unwrap_err();
+        assert!(
+            matches!(err, SettingsError::OutOfRange { variable, .. } if variable == env::REFRESH_PERCENT)
+        );
+        assert_eq!(parse_maintain_percent("0"), Ok(0));
+        assert!(parse_maintain_percent("101").is_err());
+    }
+
+    #[test]
+    fn junk_is_invalid_not_a_panic() {
+        for raw in ["", "abc", "-5", "1e3", "99999999999999999999999"] {
+            let err = parse_duration_minutes(raw).unwrap_err();
+            assert!(err.to_string().contains(env::DURATION_MINUTES), "{err}");
+        }
+    }
+
+    #[test]
+    fn env_overrides_defaults_and_keeps_the_rest() {
+        let base = ProtectionSettings::builder()
+            .duration_minutes(30)
+            .maintain_percent(0)
+            .build()
+            .unwrap();
+        let s = base
+            .with_vars(|k| (k == env::REFRESH_PERCENT).then(|| "50".to_owned()))
+            .unwrap();
+        assert_eq!(s.duration_minutes(), 30);
+        assert_eq!(s.maintain_percent(), 0);
+        assert_eq!(s.refresh_percent(), 50);
+        assert_eq!(s.refresh_lead(), Duration::from_secs(15 * 60));
+        let err = base
+            .with_vars(|k| (k == env::CHECK_INTERVAL_MS).then(|| "5".to_owned()))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "PROTECTION_CHECK_INTERVAL_MS=5 is out of range: allowed 100..=3600000 ms"
+        );
+    }
+
+    #[test]
+    fn windows_follow_the_percentages() {
+        let s = ProtectionSettings::builder()
+            .duration_minutes(1)
+            .maintain_percent(10)
+            .refresh_percent(80)
+            .build()
+            .unwrap();
+        assert_eq!(s.maintain_window(), Duration::from_secs(6));
+        assert_eq!(s.refresh_lead(), Duration::from_secs(12));
+        assert!(
+            ProtectionSettings::builder()
+                .duration_minutes(0)
+                .build()
+                .is_err()
+        );
+    }
+}
