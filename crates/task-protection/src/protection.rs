@@ -108,10 +108,17 @@ pub struct TaskProtection {
 /// One holder of protection: a job, a connection. Dropping it releases the hold
 /// without waiting; protection ends once the last guard is gone and the maintain
 /// window has passed.
-#[derive(Debug)]
 #[must_use = "protection is released as soon as the guard is dropped"]
 pub struct ProtectionGuard {
     shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ProtectionGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProtectionGuard")
+            .field("holders", &self.shared.holders.load(Ordering::Relaxed))
+            .finish()
+    }
 }
 
 impl Drop for ProtectionGuard {

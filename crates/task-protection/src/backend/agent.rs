@@ -150,20 +150,21 @@ pub(crate) fn classify(status: u16, body: &[u8]) -> Result<Grant, ProtectionErro
             message: excerpt(body).trim().to_owned(),
         });
     }
-    let answer: Option<Answer> = serde_json::from_slice(body).ok();
-    let Some(answer) = answer else {
-        if status >= 500 {
+    let answer = serde_json::from_slice::<serde_json::Value>(body)
+        .map_err(|_| "not JSON".to_owned())
+        .and_then(|v| {
+            serde_json::from_value::<Answer>(v).map_err(|e| format!("not an agent answer: {e}"))
+        });
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(_) if status >= 500 => {
             return Err(ProtectionError::Server {
                 status,
                 code: String::new(),
                 message: excerpt(body),
             });
         }
-        return Err(ProtectionError::malformed(
-            status,
-            "not a JSON answer",
-            body,
-        ));
+        Err(reason) => return Err(ProtectionError::malformed(status, reason, body)),
     };
     if let Some(error) = answer.error {
         let code = error.code.unwrap_or_default();

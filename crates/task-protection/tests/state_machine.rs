@@ -1,0 +1,269 @@
+//! The protection state machine, driven on paused time against an in-process ECS.
+//! Every figure asserted here is a count of PUTs that ECS would have received.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{FakeEcs, Reply, settle, websocket_settings, worker_settings};
+use task_protection::{AcquireError, Phase, ProtectionEvent, ShutdownReport, TaskProtection};
+use tokio::time::{Instant, advance};
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+#[tokio::test(start_paused = true)]
+async fn thousand_short_jobs_inside_the_maintain_window_cost_one_enable() {
+    let ecs = FakeEcs::new();
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    for _ in 0..1_000 {
+        let guard = p.acquire().await.unwrap();
+        advance(Duration::from_millis(2)).await;
+        drop(guard);
+        settle().await;
+    }
+    assert_eq!(ecs.enables(), 1, "{:?}", ecs.calls());
+    assert_eq!(ecs.disables(), 0);
+    assert_eq!(p.counters().acquire_puts, 1);
+    // The last release is followed by exactly one disable, once the window passed.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(ecs.disables(), 1);
+    assert_eq!(p.counters().puts(), 2);
+    assert!(!ecs.ecs_protected(Instant::now()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hold_for_three_durations_refreshes_at_the_mark_and_never_lapses() {
+    let ecs = FakeEcs::new();
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    let mut events = p.events();
+    let t0 = Instant::now();
+    let guard = p.acquire().await.unwrap();
+    // Check ECS's own view every second for three minutes.
+    for _ in 0..180 {
+        advance(Duration::from_secs(1)).await;
+        settle().await;
+        assert!(
+            ecs.ecs_protected(Instant::now()),
+            "lapsed at {:?}",
+            t0.elapsed()
+        );
+    }
+    let calls = ecs.calls();
+    // One acquire at 0 s, refreshes at 48 s, 96 s, 144 s: 80 % of 60 s each.
+    assert_eq!(calls.len(), 4, "{calls:?}");
+    for (i, call) in calls.iter().enumerate() {
+        let at = secs(call.at - t0);
+        let expected = 48.0 * i as f64;
+        assert!(
+            (at - expected).abs() < 0.1,
+            "PUT {i} at {at} s, expected {expected} s"
+        );
+        assert!(call.request.enabled);
+    }
+    assert_eq!(p.counters().refresh_puts, 3);
+    let mut saw = Vec::new();
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(1), events.recv()).await {
+        saw.push(e);
+    }
+    drop(guard);
+    assert_eq!(saw.len(), 4, "{saw:?}");
+    assert!(
+        !saw.iter()
+            .any(|e| matches!(e, ProtectionEvent::Unprotected { .. })),
+        "{saw:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_last_release_disables_at_the_maintain_mark_exactly() {
+    let ecs = FakeEcs::new();
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    let t0 = Instant::now();
+    let guard = p.acquire().await.unwrap();
+    advance(Duration::from_secs(2)).await;
+    drop(guard);
+    settle().await;
+    assert_eq!(p.current().phase, Phase::Releasing);
+    // Not earlier: the window is 10 % of 1 minute from the enable, so 6 s.
+    advance(Duration::from_millis(3_990)).await;
+    settle().await;
+    assert_eq!(ecs.disables(), 0, "released early");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let calls = ecs.calls();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    let at = secs(calls[1].at - t0);
+    assert!(!calls[1].request.enabled);
+    assert!((6.0..=6.002).contains(&at), "disable at {at} s");
+    assert_eq!(p.current().phase, Phase::Idle);
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttled_then_ok_succeeds_after_backoff() {
+    let ecs = FakeEcs::new();
+    ecs.script([Reply::Throttled, Reply::Throttled, Reply::Ok]);
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    let t0 = Instant::now();
+    let guard = p.acquire().await.expect("acquired after backoff");
+    let waited = t0.elapsed();
+    let c = p.counters();
+    assert_eq!((c.acquire_puts, c.retries, c.failures), (3, 2, 2), "{c:?}");
+    // Two backoffs of at least 100 ms and 200 ms, and the 1 s spacing between PUTs.
+    assert!(waited >= Duration::from_secs(2), "{waited:?}");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    assert!(p.current().protected);
+    drop(guard);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rejection_fails_the_acquire_at_once_and_fires_the_event() {
+    let ecs = FakeEcs::new();
+    ecs.always(Reply::Failure("DEPLOYMENT_BLOCKED"));
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    let mut events = p.events();
+    let t0 = Instant::now();
+    let err = p.acquire().await.unwrap_err();
+    assert_eq!(t0.elapsed(), Duration::ZERO, "no retry, no wait");
+    assert!(
+        matches!(&err, AcquireError::Rejected(r) if r.reason == "DEPLOYMENT_BLOCKED"),
+        "{err}"
+    );
+    assert!(
+        matches!(events.recv().await, Some(ProtectionEvent::Rejected(r)) if r.reason == "DEPLOYMENT_BLOCKED")
+    );
+    assert_eq!(p.counters().rejections, 1);
+    assert_eq!(ecs.calls().len(), 1);
+    // During the cool-down a new acquire fails without a call.
+    let err = p.acquire().await.unwrap_err();
+    assert!(matches!(err, AcquireError::Rejected(_)));
+    assert_eq!(ecs.calls().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hundred_concurrent_acquires_cost_one_put() {
+    let ecs = FakeEcs::new();
+    ecs.latency(Duration::from_millis(50));
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    let guards = futures_util::future::join_all((0..100).map(|_| p.acquire())).await;
+    assert!(guards.iter().all(Result::is_ok));
+    assert_eq!(p.holders(), 100);
+    assert_eq!(ecs.calls().len(), 1);
+    assert_eq!(ecs.lock().max_in_flight, 1);
+}
+
+/// 10,000 holder changes in 3 s: one every 0.3 ms, alternating hold and release.
+async fn churn(p: &TaskProtection) {
+    let mut guard = None;
+    for i in 0..10_000 {
+        if i % 2 == 0 {
+            guard = Some(p.hold());
+        } else {
+            guard = None;
+        }
+        advance(Duration::from_micros(300)).await;
+    }
+    drop(guard);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_churn_of_ten_thousand_changes_costs_at_most_four_puts_and_ends_released() {
+    for settings in [worker_settings(), websocket_settings()] {
+        let ecs = FakeEcs::new();
+        let p = TaskProtection::start(ecs.clone(), settings.clone());
+        churn(&p).await;
+        tokio::time::sleep(settings.maintain_window() + Duration::from_secs(2)).await;
+        let calls = ecs.calls();
+        assert!(calls.len() <= 4, "{} PUTs: {calls:?}", calls.len());
+        assert!(!calls.last().unwrap().request.enabled, "ends released");
+        assert!(!ecs.ecs_protected(Instant::now()));
+        for pair in calls.windows(2) {
+            assert!(pair[1].at - pair[0].at >= Duration::from_secs(1));
+        }
+        assert_eq!(p.current().phase, Phase::Idle);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn hold_registers_at_once_and_changes_while_in_flight_coalesce() {
+    let ecs = FakeEcs::new();
+    ecs.latency(Duration::from_secs(2));
+    let p = TaskProtection::start(ecs.clone(), websocket_settings());
+    let guard = p.hold();
+    assert_eq!(p.holders(), 1);
+    settle().await;
+    assert_eq!(p.current().phase, Phase::Acquiring);
+    // Gone again while the enable is in flight: the next request is the disable,
+    // sent once the answer is in and a second has passed since the enable.
+    advance(Duration::from_millis(500)).await;
+    drop(guard);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let calls = ecs.calls();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert!(calls[0].request.enabled && !calls[1].request.enabled);
+    assert_eq!(ecs.lock().max_in_flight, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_while_held_disables_at_once() {
+    let ecs = FakeEcs::new();
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    let _guard = p.acquire().await.unwrap();
+    advance(Duration::from_secs(3)).await;
+    let t0 = Instant::now();
+    let report = p.shutdown().await;
+    assert_eq!(report, ShutdownReport::Released);
+    assert!(t0.elapsed() <= Duration::from_secs(2));
+    let calls = ecs.calls();
+    assert_eq!(calls.len(), 2);
+    assert!(!calls[1].request.enabled);
+    assert!(!ecs.ecs_protected(Instant::now()));
+    assert_eq!(p.current().phase, Phase::Stopped);
+    assert!(matches!(p.acquire().await, Err(AcquireError::ShutDown)));
+    assert_eq!(
+        p.shutdown().await,
+        ShutdownReport::Released,
+        "same report again"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_when_idle_makes_no_call() {
+    let ecs = FakeEcs::new();
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    assert_eq!(p.shutdown().await, ShutdownReport::NotProtected);
+    assert!(ecs.calls().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_enable_that_timed_out_is_undone_when_no_longer_wanted() {
+    let ecs = FakeEcs::new();
+    ecs.script([Reply::Hang]);
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    let err = {
+        let acquire = p.acquire();
+        tokio::pin!(acquire);
+        // Give up before the retry succeeds.
+        tokio::time::timeout(Duration::from_secs(5), &mut acquire).await
+    };
+    assert!(err.is_err(), "still waiting after the first timeout");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    // ECS applied the enable that never answered; the client must switch it off.
+    assert!(!ecs.ecs_protected(Instant::now()), "{:?}", ecs.calls());
+    assert!(!ecs.calls().last().unwrap().request.enabled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn acquire_gives_up_within_the_acquire_timeout() {
+    let ecs = FakeEcs::new();
+    ecs.always(Reply::Hang);
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    let t0 = Instant::now();
+    let err = p.acquire().await.unwrap_err();
+    assert_eq!(t0.elapsed(), p.settings().acquire_timeout());
+    let AcquireError::TimedOut { last_error, .. } = &err else {
+        panic!("{err}")
+    };
+    assert!(last_error.is_some(), "{err}");
+    assert!(err.to_string().contains("no answer within"), "{err}");
+}
