@@ -52,7 +52,8 @@ pub struct ProtectionArgs {
           value_parser = millis(env::CHECK_INTERVAL_MS, CHECK_INTERVAL_MS_RANGE))]
     pub protection_check_interval_ms: u64,
 
-    /// Least time between two protection PUTs, in ms; ECS rate-limits them per account
+    /// Least time between two protection PUTs, and without holders before a release,
+    /// in ms; ECS rate-limits these calls per account
     #[arg(long, env = env::MIN_PUT_INTERVAL_MS, value_name = "MS", default_value = "1000",
           value_parser = millis(env::MIN_PUT_INTERVAL_MS, MIN_PUT_INTERVAL_MS_RANGE))]
     pub protection_min_put_interval_ms: u64,

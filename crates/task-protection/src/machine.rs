@@ -13,6 +13,10 @@
 //! - An idle task that stays protected blocks deployments and scale-in, so release
 //!   comes as soon as the maintain window (counted from the last successful enable)
 //!   has passed, on a timer, not at some later tick.
+//! - A stream of short jobs leaves gaps of a few milliseconds with no holder (between
+//!   a delete and the next receive). Releasing in such a gap would cost a disable and
+//!   an enable a second later, so a release also waits until no holder has been seen
+//!   for `min_put_interval`.
 
 use std::time::{Duration, SystemTime};
 
@@ -88,6 +92,8 @@ pub(crate) struct Machine {
     retry_at: Option<Instant>,
     /// After a rejection, no new attempt before this.
     rejected_until: Option<Instant>,
+    /// When the last holder was last seen leaving.
+    last_release: Option<Instant>,
 }
 
 fn later(a: Option<Instant>, b: Instant) -> Instant {
@@ -111,11 +117,17 @@ impl Machine {
             failures: 0,
             retry_at: None,
             rejected_until: None,
+            last_release: None,
         }
     }
 
     pub(crate) fn set_wanted(&mut self, wanted: bool) {
         self.wanted = wanted;
+    }
+
+    /// The holder count fell to zero at `now` (possibly only for a moment).
+    pub(crate) fn note_release(&mut self, now: Instant) {
+        self.last_release = Some(now);
     }
 
     pub(crate) fn is_protected(&self) -> bool {
@@ -175,7 +187,8 @@ impl Machine {
             (ProtectionRequest::enable(self.minutes), due.max(earliest))
         } else if let Some(expires) = self.expires_at {
             let window_end = self.last_enable_ok.map_or(now, |t| t + self.maintain);
-            let due = window_end.max(earliest);
+            let quiet_end = self.last_release.map(|t| t + self.min_put_interval);
+            let due = later(quiet_end, window_end.max(earliest));
             let due = later(self.rejected_until, due);
             if due >= expires {
                 // It runs out before a disable could go: let it lapse, save the call.

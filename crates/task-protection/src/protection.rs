@@ -6,7 +6,7 @@
 //! holder changes that happen meanwhile simply shape the next decision.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, OnceCell, broadcast, watch};
@@ -74,6 +74,8 @@ impl std::fmt::Display for ShutdownReport {
 struct Shared {
     settings: ProtectionSettings,
     holders: AtomicUsize,
+    /// Bumped each time the holder count falls to zero.
+    releases: AtomicU64,
     /// Wakes the driver when the holder count crosses zero.
     wake: Notify,
     stop: watch::Sender<bool>,
@@ -124,6 +126,7 @@ impl std::fmt::Debug for ProtectionGuard {
 impl Drop for ProtectionGuard {
     fn drop(&mut self) {
         if self.shared.holders.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.shared.releases.fetch_add(1, Ordering::SeqCst);
             self.shared.wake.notify_one();
         }
     }
@@ -142,6 +145,7 @@ impl TaskProtection {
         let shared = Arc::new(Shared {
             settings,
             holders: AtomicUsize::new(0),
+            releases: AtomicU64::new(0),
             wake: Notify::new(),
             stop,
             state,
@@ -318,11 +322,17 @@ async fn sleep_until(until: Option<Instant>) {
 async fn drive<B: Backend>(shared: Arc<Shared>, backend: B) -> ShutdownReport {
     let mut machine = Machine::new(&shared.settings);
     let mut stop = shared.stop.subscribe();
+    let mut releases_seen = 0;
     loop {
         if *stop.borrow_and_update() {
             break;
         }
         let now = Instant::now();
+        let releases = shared.releases.load(Ordering::SeqCst);
+        if releases != releases_seen {
+            releases_seen = releases;
+            machine.note_release(now);
+        }
         machine.set_wanted(shared.holders.load(Ordering::SeqCst) > 0);
         if let Some(effect) = machine.take_lapse(now) {
             shared.apply(&machine, effect, None);

@@ -281,7 +281,8 @@ impl ProtectionSettings {
         self.check_interval
     }
 
-    /// The least time between the starts of two PUTs.
+    /// The least time between the starts of two PUTs; also how long no holder must
+    /// be seen before a release, so a stream of short jobs does not flap.
     #[must_use]
     pub fn min_put_interval(&self) -> Duration {
         self.min_put_interval
@@ -332,7 +333,8 @@ impl ProtectionSettingsBuilder {
         self
     }
 
-    /// The least time between two PUTs (default 1 s).
+    /// The least time between two PUTs, and the quiet time before a release
+    /// (default 1 s).
     pub fn min_put_interval(mut self, interval: Duration) -> Self {
         self.inner.min_put_interval = interval;
         self

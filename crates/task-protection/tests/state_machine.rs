@@ -174,6 +174,11 @@ async fn a_churn_of_ten_thousand_changes_costs_at_most_four_puts_and_ends_releas
         churn(&p).await;
         tokio::time::sleep(settings.maintain_window() + Duration::from_secs(2)).await;
         let calls = ecs.calls();
+        eprintln!(
+            "churn with maintain {}%: {} PUTs",
+            settings.maintain_percent(),
+            calls.len()
+        );
         assert!(calls.len() <= 4, "{} PUTs: {calls:?}", calls.len());
         assert!(!calls.last().unwrap().request.enabled, "ends released");
         assert!(!ecs.ecs_protected(Instant::now()));
@@ -266,4 +271,28 @@ async fn acquire_gives_up_within_the_acquire_timeout() {
     };
     assert!(last_error.is_some(), "{err}");
     assert!(err.to_string().contains("no answer within"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_of_jobs_with_short_gaps_does_not_flap() {
+    // A worker at concurrency 1: each 100 ms job is followed by a 5 ms gap with no
+    // holder (delete, then the next receive), for 40 s.
+    let ecs = FakeEcs::new();
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(40) {
+        let guard = p.acquire().await.unwrap();
+        advance(Duration::from_millis(100)).await;
+        drop(guard);
+        advance(Duration::from_millis(5)).await;
+    }
+    assert_eq!(ecs.calls().len(), 1, "{:?}", ecs.calls());
+    let idle_from = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let calls = ecs.calls();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    // Released one quiet second after the last job: the maintain window had passed.
+    let at = calls[1].at - idle_from;
+    assert!(!calls[1].request.enabled);
+    assert!(at <= Duration::from_millis(1_001), "{at:?}");
 }
