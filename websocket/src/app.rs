@@ -1,0 +1,167 @@
+//! The server as a value: bind, then run until a shutdown future resolves.
+//!
+//! Tests build it on port 0 with their own shutdown future and drive the real thing.
+//!
+//! Shutdown follows what ECS does to a task it stops: the ALB has already drained the
+//! target, then SIGTERM arrives and `stopTimeout` (30 s by default) later SIGKILL. So:
+//! stop accepting, tell every client `server shutting down` and close with 1001 (Going
+//! Away) so pages reconnect to another task, wait up to the grace period for them to
+//! leave, release protection, and return. axum's graceful shutdown does not cover
+//! upgraded websockets, so they are tracked here with a `TaskTracker`.
+
+use std::future::{Future, IntoFuture};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use task_protection::{ProtectionEvent, ShutdownReport, TaskProtection};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ServerSettings;
+use crate::connection::SHUTTING_DOWN_SOON;
+use crate::connections::Connections;
+use crate::routes::{Shared, router};
+
+/// How long HTTP requests still in flight get after the websockets are done.
+const HTTP_DRAIN: Duration = Duration::from_secs(1);
+
+/// A bound server, ready to run.
+#[derive(Debug)]
+pub struct App {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    grace: Duration,
+}
+
+impl App {
+    /// Binds the listener. Port 0 picks a free port; see [`App::port`].
+    ///
+    /// # Errors
+    /// When the address cannot be bound.
+    pub async fn build(settings: ServerSettings, protection: TaskProtection) -> io::Result<Self> {
+        let listener = TcpListener::bind(settings.listen).await?;
+        let local_addr = listener.local_addr()?;
+        let (notices, _) = broadcast::channel(16);
+        let shared = Arc::new(Shared {
+            connections: Connections::new(settings.max_connections, protection),
+            notices,
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            settings: settings.connection,
+        });
+        Ok(Self {
+            listener,
+            local_addr,
+            shared,
+            grace: settings.shutdown_grace,
+        })
+    }
+
+    /// The port listened on.
+    #[must_use]
+    pub fn port(&self) -> u16 {
+        self.local_addr.port()
+    }
+
+    /// The address listened on.
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The live connection registry, for tests and status.
+    #[must_use]
+    pub fn connections(&self) -> Arc<Connections> {
+        Arc::clone(&self.shared.connections)
+    }
+
+    /// Serves until `shutdown` resolves, then says goodbye to every client, waits up
+    /// to the grace period, and releases protection.
+    ///
+    /// # Errors
+    /// Never at present; the `Result` leaves room for listener failures.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> io::Result<ShutdownReport> {
+        let Self {
+            listener,
+            shared,
+            grace,
+            ..
+        } = self;
+        let protection = shared.connections.protection().clone();
+        let rejections = tokio::spawn(announce_rejections(
+            protection.clone(),
+            shared.notices.clone(),
+        ));
+        let stop = shared.shutdown.clone();
+        let server = axum::serve(listener, router(Arc::clone(&shared)))
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .into_future();
+        let mut server = tokio::spawn(server);
+
+        tokio::select! {
+            () = shutdown => {}
+            result = &mut server => {
+                // axum::serve only returns after a shutdown; treat it as one.
+                if let Ok(Err(error)) = result {
+                    tracing::error!("the HTTP server stopped: {error}");
+                }
+            }
+        }
+
+        let deadline = Instant::now() + grace;
+        let clients = shared.connections.count();
+        tracing::info!(
+            connections = clients,
+            "Shutting down: no new clients; telling {clients} clients to leave"
+        );
+        shared.shutdown.cancel();
+        shared.tracker.close();
+        if tokio::time::timeout_at(deadline, shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            let left = shared.connections.count();
+            tracing::warn!(
+                connections = left,
+                "{left} clients still connected after the {grace:?} grace period; closing anyway"
+            );
+        }
+        // Plain HTTP requests in flight get a moment more; idle keep-alive connections
+        // are closed by the graceful shutdown.
+        let _ = tokio::time::timeout(HTTP_DRAIN, &mut server).await;
+        server.abort();
+        rejections.abort();
+
+        let report = protection.shutdown().await;
+        tracing::info!("Shutdown complete: {report}");
+        Ok(report)
+    }
+}
+
+/// Tells every client `server shutting down soon` whenever ECS refuses protection,
+/// as the original sample did: the task is probably about to be replaced.
+async fn announce_rejections(
+    protection: TaskProtection,
+    notices: broadcast::Sender<axum::extract::ws::Utf8Bytes>,
+) {
+    let mut events = protection.events();
+    drop(protection);
+    while let Some(event) = events.recv().await {
+        if let ProtectionEvent::Rejected(rejection) = event {
+            tracing::info!(
+                reason = %rejection,
+                "Telling every client: {SHUTTING_DOWN_SOON}"
+            );
+            let _ = notices.send(SHUTTING_DOWN_SOON.into());
+        }
+    }
+}

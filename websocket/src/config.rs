@@ -1,0 +1,232 @@
+//! The server's settings: command-line arguments, each also read from its environment
+//! variable, parsed once at the edge into [`ServerSettings`].
+//!
+//! Copilot configures a Load Balanced Web Service through environment variables, so
+//! every setting has one; the flags exist for running it by hand. A bad value stops
+//! the server at start-up with one line that names the variable.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use task_protection::ProtectionSettings;
+use task_protection::cli::{LogFormat, ProtectionArgs};
+
+use crate::connection::ConnectionSettings;
+
+/// The longest ping interval accepted. The ALB cuts a websocket that carries nothing
+/// for its idle timeout (60 s by default, at most 4000 s), so longer makes no sense.
+pub const MAX_PING_INTERVAL_SECONDS: u64 = 3600;
+/// The longest shutdown grace period accepted; ECS allows a stop timeout of 120 s.
+pub const MAX_GRACE_SECONDS: u64 = 3600;
+/// The most connections one process may be asked to hold.
+pub const MAX_CONNECTIONS_LIMIT: u64 = 1_000_000;
+
+/// The settings of `websocket`.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "websocket",
+    version,
+    about = "A websocket server that protects its ECS task from scale-in while clients are connected",
+    long_about = None,
+)]
+pub struct Config {
+    /// What to do; without a subcommand, serve.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// TCP port to listen on; the page, the websocket, /healthz and /status share it
+    #[arg(long, env = "PORT", value_name = "PORT", default_value = "3000",
+          value_parser = ranged("PORT", 0, u64::from(u16::MAX), ""))]
+    pub port: u64,
+
+    /// Address to listen on
+    #[arg(long, env = "BIND_ADDRESS", value_name = "IP",
+          default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+    pub bind_address: IpAddr,
+
+    /// Seconds between the server's pings to each client; keep it below the load
+    /// balancer's idle timeout (60 s on an ALB). A client that misses two pongs is
+    /// dropped (1..=3600)
+    #[arg(long, env = "WS_PING_INTERVAL_SECONDS", value_name = "SECONDS", default_value = "25",
+          value_parser = ranged("WS_PING_INTERVAL_SECONDS", 1, MAX_PING_INTERVAL_SECONDS, "seconds"))]
+    pub ws_ping_interval_seconds: u64,
+
+    /// Most clients connected at once; past it new clients get HTTP 503 (1..=1000000)
+    #[arg(long, env = "MAX_CONNECTIONS", value_name = "N", default_value = "10000",
+          value_parser = ranged("MAX_CONNECTIONS", 1, MAX_CONNECTIONS_LIMIT, ""))]
+    pub max_connections: u64,
+
+    /// After SIGTERM, how long clients get to leave once told to, in seconds, before
+    /// protection is released and the process exits; keep it below the task's stop
+    /// timeout (0..=3600)
+    #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", value_name = "SECONDS", default_value = "20",
+          value_parser = ranged("SHUTDOWN_GRACE_SECONDS", 0, MAX_GRACE_SECONDS, "seconds"))]
+    pub shutdown_grace_seconds: u64,
+
+    /// Log output: text or json
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Task protection settings.
+    #[command(flatten)]
+    pub protection: ProtectionArgs,
+}
+
+/// What the binary can do besides serving.
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum Command {
+    /// Asks the server on PORT for /healthz and exits 0 when it answers 200, 1
+    /// otherwise; for a container health check without curl
+    Healthcheck {
+        /// How long to wait for the answer, in seconds (1..=60)
+        #[arg(long, value_name = "SECONDS", default_value = "3",
+              value_parser = ranged("--timeout-seconds", 1, 60, "seconds"))]
+        timeout_seconds: u64,
+    },
+}
+
+/// This service's protection defaults: protect for 30 minutes, release as soon as the
+/// last client leaves (maintain 0 %), refresh at 80 %, and wait at most 10 s between
+/// attempts.
+///
+/// Clients stay for minutes to hours, so a long duration costs few refresh PUTs; an
+/// idle task that stays protected blocks deployments, so nothing is kept after the
+/// last client.
+#[must_use]
+pub fn protection_defaults() -> ProtectionSettings {
+    ProtectionSettings::builder()
+        .duration_minutes(30)
+        .maintain_percent(0)
+        .refresh_percent(80)
+        .check_interval(Duration::from_secs(10))
+        .build()
+        .unwrap_or_default()
+}
+
+/// The server's own settings, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// Where to listen; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Most clients at once.
+    pub max_connections: usize,
+    /// Time clients get to leave after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Per-connection settings.
+    pub connection: ConnectionSettings,
+}
+
+impl Default for ServerSettings {
+    /// The defaults of `--help`, on 127.0.0.1 and a free port.
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            max_connections: 10_000,
+            shutdown_grace: Duration::from_secs(20),
+            connection: ConnectionSettings::default(),
+        }
+    }
+}
+
+impl Config {
+    /// The server settings these arguments describe.
+    #[must_use]
+    pub fn server_settings(&self) -> ServerSettings {
+        let port = u16::try_from(self.port).unwrap_or(u16::MAX);
+        ServerSettings {
+            listen: SocketAddr::new(self.bind_address, port),
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+            connection: ConnectionSettings {
+                ping_interval: Duration::from_secs(self.ws_ping_interval_seconds),
+                ..ConnectionSettings::default()
+            },
+        }
+    }
+}
+
+/// A clap value parser for a whole number in `lo..=hi` whose error names `variable`.
+fn ranged(
+    variable: &'static str,
+    lo: u64,
+    hi: u64,
+    unit: &'static str,
+) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync + 'static {
+    move |raw| {
+        let value: u64 = raw.trim().parse().map_err(|e| {
+            format!("{variable}={raw:?} is not valid: expected a whole number ({e})")
+        })?;
+        if !(lo..=hi).contains(&value) {
+            let unit = if unit.is_empty() {
+                String::new()
+            } else {
+                format!(" {unit}")
+            };
+            return Err(format!(
+                "{variable}={value} is out of range: allowed {lo}..={hi}{unit}"
+            ));
+        }
+        Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        let cmd = ProtectionArgs::with_defaults(
+            <Config as clap::CommandFactory>::command(),
+            &protection_defaults(),
+        );
+        let matches =
+            cmd.try_get_matches_from(std::iter::once("websocket").chain(args.iter().copied()))?;
+        <Config as clap::FromArgMatches>::from_arg_matches(&matches)
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let config = parse(&[]).unwrap();
+        let s = config.server_settings();
+        assert_eq!(s.listen.port(), 3000);
+        assert_eq!(s.max_connections, 10_000);
+        assert_eq!(s.shutdown_grace, Duration::from_secs(20));
+        assert_eq!(s.connection.ping_interval, Duration::from_secs(25));
+        let p = config.protection.settings().unwrap();
+        assert_eq!(p.duration_minutes(), 30);
+        assert_eq!(p.maintain_percent(), 0);
+        assert_eq!(p.refresh_percent(), 80);
+        assert_eq!(p.check_interval(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_variable() {
+        let err = parse(&["--ws-ping-interval-seconds", "0"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("WS_PING_INTERVAL_SECONDS=0 is out of range"),
+            "{err}"
+        );
+        let err = parse(&["--port", "70000"]).unwrap_err();
+        assert!(
+            err.to_string().contains("PORT=70000 is out of range"),
+            "{err}"
+        );
+        let err = parse(&["--max-connections", "many"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("MAX_CONNECTIONS=\"many\" is not valid"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn healthcheck_is_a_subcommand() {
+        let config = parse(&["healthcheck"]).unwrap();
+        assert!(matches!(
+            config.command,
+            Some(Command::Healthcheck { timeout_seconds: 3 })
+        ));
+    }
+}

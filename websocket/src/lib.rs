@@ -1,0 +1,29 @@
+//! A websocket server that keeps its ECS task protected from scale-in while clients
+//! are connected.
+//!
+//! It does the original Node.js sample's job with axum and stays compatible with its
+//! page and clients: `GET /` serves the page and, with an upgrade, the websocket;
+//! `/healthz` answers the ALB; `/status` shows the connection count and protection.
+//!
+//! Each connected client holds task protection through a
+//! [`ProtectionGuard`](task_protection::ProtectionGuard), taken without waiting for
+//! ECS so the first client is welcomed at once. The protection library turns the
+//! holders into PUTs only on idle→busy and busy→idle transitions, so a storm of
+//! clients costs a handful of calls, not one per client.
+//!
+//! - [`config`]: settings from flags and environment variables.
+//! - [`app`]: binding, serving and the shutdown sequence.
+//! - [`routes`]: the HTTP routes and the compiled-in page.
+//! - [`connection`]: one client's protocol, generic over the socket.
+//! - [`connections`]: the client count and the protection each client holds.
+//! - [`healthcheck`]: the `healthcheck` subcommand.
+
+pub mod app;
+pub mod config;
+pub mod connection;
+pub mod connections;
+pub mod healthcheck;
+pub mod routes;
+
+pub use app::App;
+pub use config::{Config, ServerSettings};

@@ -1,0 +1,60 @@
+//! `websocket`: parses its settings, then serves until SIGTERM or ctrl-c.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use task_protection::TaskProtection;
+use task_protection::cli::{
+    ProtectionArgs, exit_config_error, init_logging, parse_or_exit, shutdown_signal,
+};
+use websocket::config::{Command, Config, protection_defaults};
+use websocket::{App, healthcheck};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config: Config =
+        parse_or_exit(|cmd| ProtectionArgs::with_defaults(cmd, &protection_defaults()));
+    let server = config.server_settings();
+
+    if let Some(Command::Healthcheck { timeout_seconds }) = config.command {
+        let target = healthcheck::target(server.listen);
+        return match healthcheck::check(target, Duration::from_secs(timeout_seconds)).await {
+            Ok(()) => {
+                println!("healthy");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("websocket: unhealthy: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+
+    init_logging(config.log_format);
+    let settings = config
+        .protection
+        .settings()
+        .unwrap_or_else(|e| exit_config_error("websocket", &e.to_string()));
+    let protection = TaskProtection::connect(&config.protection.backend_config(), settings)
+        .await
+        .unwrap_or_else(|e| exit_config_error("websocket", &e.to_string()));
+    let app = match App::build(server, protection).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!("cannot listen on {}: {e}", server.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(port = app.port(), "Listening on {}", app.local_addr());
+    let stopped = async {
+        let signal = shutdown_signal().await;
+        tracing::info!("{} received", signal.name());
+    };
+    match app.run_until_stopped(stopped).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("the server failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! The HTTP routes: the page and its websocket on `/`, `/healthz` for the load
+//! balancer, `/status` for people and the page.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::extract::ws::{Utf8Bytes, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+use task_protection::{Counters, ProtectionState};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::connection::{self, ConnectionSettings};
+use crate::connections::Connections;
+
+/// The page, compiled in so the binary needs no files at run time.
+pub const PAGE: &str = include_str!("../static/index.html");
+
+/// The read buffer of each websocket. tungstenite's default is 128 KiB per
+/// connection, which makes 10,000 idle clients cost 1.3 GB; this protocol's messages
+/// are a few bytes, and a larger message still arrives, in more reads.
+pub const READ_BUFFER_BYTES: usize = 2 * 1024;
+/// The largest message (and frame) accepted; a larger one is answered with 1009.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// The most bytes tungstenite may hold unsent for one client. Past it the client is
+/// dropped: its writes are not allowed to grow without limit.
+pub const MAX_WRITE_BUFFER_BYTES: usize = 2 * MAX_MESSAGE_BYTES;
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) connections: Arc<Connections>,
+    /// Messages for every client.
+    pub(crate) notices: broadcast::Sender<Utf8Bytes>,
+    /// Cancelled at shutdown: stop accepting, say goodbye.
+    pub(crate) shutdown: CancellationToken,
+    /// Every upgraded websocket, so shutdown can wait for them; axum's graceful
+    /// shutdown does not.
+    pub(crate) tracker: TaskTracker,
+    pub(crate) settings: ConnectionSettings,
+}
+
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/", get(root))
+        .route("/healthz", get(healthz))
+        .route("/status", get(status))
+        .with_state(shared)
+}
+
+/// `GET /`: the websocket when the request asks for an upgrade, else the page, so
+/// `ws://host/` works as in the original sample.
+async fn root(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match upgrade {
+        Ok(upgrade) => accept(&shared, upgrade),
+        // An upgrade was asked for but is malformed: say why.
+        Err(rejection) if headers.contains_key(header::UPGRADE) => rejection.into_response(),
+        Err(_) => page(),
+    }
+}
+
+fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Html(PAGE),
+    )
+        .into_response()
+}
+
+fn unavailable(reason: &'static str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, HeaderValue::from_static("1"))],
+        reason,
+    )
+        .into_response()
+}
+
+fn accept(shared: &Arc<Shared>, upgrade: WebSocketUpgrade) -> Response {
+    if shared.shutdown.is_cancelled() {
+        return unavailable("server shutting down");
+    }
+    let Some(mut slot) = shared.connections.try_open() else {
+        tracing::warn!(
+            limit = shared.connections.limit(),
+            "Refused a client: MAX_CONNECTIONS reached"
+        );
+        return unavailable("too many connections");
+    };
+    let notices = shared.notices.subscribe();
+    let shutdown = shared.shutdown.clone();
+    let settings = shared.settings;
+    // Counted from here, so shutdown also waits for a websocket still upgrading.
+    let tracked = shared.tracker.token();
+    upgrade
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .max_message_size(MAX_MESSAGE_BYTES)
+        .max_frame_size(MAX_MESSAGE_BYTES)
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
+        .on_failed_upgrade(|error| tracing::debug!("websocket upgrade failed: {error}"))
+        .on_upgrade(move |socket| async move {
+            slot.opened();
+            let count = slot.count_when_opened();
+            let ended = connection::serve(socket, count, notices, shutdown, settings).await;
+            tracing::debug!(?ended, "websocket ended");
+            drop(slot);
+            drop(tracked);
+        })
+}
+
+/// `GET /healthz`: for the ALB, whose health checks cannot use websockets.
+async fn healthz() -> &'static str {
+    "Healthy"
+}
+
+/// What `GET /status` answers.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// Clients connected now.
+    pub connections: usize,
+    /// `MAX_CONNECTIONS`.
+    pub max_connections: usize,
+    /// False once shutdown has begun.
+    pub accepting: bool,
+    /// The task's protection: phase, expiry, task ARN, last rejection or error.
+    pub protection: ProtectionState,
+    /// The protection calls made so far.
+    pub protection_calls: Counters,
+}
+
+/// `GET /status`: the connection count and the protection state, as JSON.
+async fn status(State(shared): State<Arc<Shared>>) -> Response {
+    let protection = shared.connections.protection();
+    let body = Status {
+        connections: shared.connections.count(),
+        max_connections: shared.connections.limit(),
+        accepting: !shared.shutdown.is_cancelled(),
+        protection: protection.current(),
+        protection_calls: protection.counters(),
+    };
+    ([(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
+}
