@@ -1,2 +1,3 @@
 //! The end-to-end suite: one test binary, so the harness links once.
 //! Each module drives one real binary; see `e2e` (tests/src) for the harness.
+mod deploy;
