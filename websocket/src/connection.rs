@@ -311,3 +311,278 @@ where
         poll_fn(|cx| self.poll_write(cx)).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use axum::extract::ws::{Message, Utf8Bytes, close_code};
+    use futures_util::{Sink, Stream};
+    use tokio::sync::{broadcast, mpsc};
+    use tokio::task::JoinHandle;
+    use tokio_util::sync::{CancellationToken, PollSendError, PollSender};
+
+    use super::*;
+
+    #[derive(Debug)]
+    struct FakeError(Option<u16>);
+
+    impl fmt::Display for FakeError {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "fake error {:?}", self.0)
+        }
+    }
+
+    impl SocketError for FakeError {
+        fn close_code(&self) -> Option<u16> {
+            self.0
+        }
+    }
+
+    /// A socket made of two channels: what the client sends, what the server writes.
+    struct FakeSocket {
+        incoming: mpsc::Receiver<Result<Message, FakeError>>,
+        outgoing: PollSender<Message>,
+    }
+
+    impl Stream for FakeSocket {
+        type Item = Result<Message, FakeError>;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.incoming.poll_recv(cx)
+        }
+    }
+
+    fn gone(_: PollSendError<Message>) -> FakeError {
+        FakeError(None)
+    }
+
+    impl Sink<Message> for FakeSocket {
+        type Error = FakeError;
+        fn poll_ready(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Result<(), FakeError>> {
+            self.outgoing.poll_reserve(cx).map_err(gone)
+        }
+        fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), FakeError> {
+            self.outgoing.send_item(item).map_err(gone)
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), FakeError>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Result<(), FakeError>> {
+            self.outgoing.close();
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    struct Client {
+        to_server: mpsc::Sender<Result<Message, FakeError>>,
+        from_server: mpsc::Receiver<Message>,
+        notices: broadcast::Sender<Utf8Bytes>,
+        shutdown: CancellationToken,
+        server: JoinHandle<Ended>,
+    }
+
+    const INTERVAL: Duration = Duration::from_secs(25);
+
+    fn start(outgoing_capacity: usize) -> Client {
+        let (to_server, incoming) = mpsc::channel(64);
+        let (outgoing, from_server) = mpsc::channel(outgoing_capacity);
+        let (notices, _) = broadcast::channel(4);
+        let shutdown = CancellationToken::new();
+        let socket = FakeSocket {
+            incoming,
+            outgoing: PollSender::new(outgoing),
+        };
+        let settings = ConnectionSettings {
+            ping_interval: INTERVAL,
+            outbound_queue: 4,
+            close_timeout: Duration::from_secs(5),
+        };
+        let server = tokio::spawn(serve(
+            socket,
+            7,
+            notices.subscribe(),
+            shutdown.clone(),
+            settings,
+        ));
+        Client {
+            to_server,
+            from_server,
+            notices,
+            shutdown,
+            server,
+        }
+    }
+
+    impl Client {
+        async fn send(&self, message: Message) {
+            self.to_server.send(Ok(message)).await.unwrap();
+        }
+        async fn recv(&mut self) -> Message {
+            tokio::time::timeout(Duration::from_secs(1), self.from_server.recv())
+                .await
+                .expect("a message from the server")
+                .expect("the server is still writing")
+        }
+        async fn recv_text(&mut self) -> String {
+            match self.recv().await {
+                Message::Text(t) => t.as_str().to_owned(),
+                other => panic!("expected text, got {other:?}"),
+            }
+        }
+        async fn ended(self) -> Ended {
+            tokio::time::timeout(Duration::from_secs(120), self.server)
+                .await
+                .expect("the connection ends")
+                .unwrap()
+        }
+    }
+
+    fn close_code_of(message: &Message) -> Option<u16> {
+        match message {
+            Message::Close(Some(frame)) => Some(frame.code),
+            _ => None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn welcomes_with_the_count_and_answers_ping_with_pong() {
+        let mut client = start(16);
+        assert_eq!(client.recv_text().await, "Welcome! There are 7 connections");
+        client.send(Message::Text("ping".into())).await;
+        assert_eq!(client.recv_text().await, "pong");
+        client.send(Message::Text("hello".into())).await;
+        client.send(Message::Text("ping".into())).await;
+        assert_eq!(
+            client.recv_text().await,
+            "pong",
+            "other text gets no answer"
+        );
+        client.send(Message::Close(None)).await;
+        drop(client.to_server);
+        let ended = tokio::time::timeout(Duration::from_secs(1), client.server).await;
+        assert_eq!(ended.unwrap().unwrap(), Ended::ClientClosed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_dropped_after_two_missed_pongs() {
+        let mut client = start(16);
+        client.recv_text().await;
+        let started = Instant::now();
+        assert!(matches!(
+            client.recv_after(INTERVAL).await,
+            Message::Ping(_)
+        ));
+        assert!(matches!(
+            client.recv_after(INTERVAL).await,
+            Message::Ping(_)
+        ));
+        let to_server = client.to_server.clone();
+        assert_eq!(client.ended().await, Ended::Silent);
+        assert_eq!(started.elapsed(), INTERVAL * 3);
+        drop(to_server);
+    }
+
+    impl Client {
+        async fn recv_after(&mut self, wait: Duration) -> Message {
+            tokio::time::timeout(wait + Duration::from_millis(1), self.from_server.recv())
+                .await
+                .expect("a message from the server")
+                .expect("the server is still writing")
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_answers_pings_stays() {
+        let mut client = start(16);
+        client.recv_text().await;
+        for _ in 0..10 {
+            assert!(matches!(
+                client.recv_after(INTERVAL).await,
+                Message::Ping(_)
+            ));
+            client.send(Message::Pong(Default::default())).await;
+        }
+        assert!(!client.server.is_finished());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_oversized_message_is_answered_with_1009() {
+        let mut client = start(16);
+        client.recv_text().await;
+        client
+            .to_server
+            .send(Err(FakeError(Some(close_code::SIZE))))
+            .await
+            .unwrap();
+        assert_eq!(close_code_of(&client.recv().await), Some(close_code::SIZE));
+        assert_eq!(client.ended().await, Ended::Refused(close_code::SIZE));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broken_connection_ends_at_once() {
+        let mut client = start(16);
+        client.recv_text().await;
+        client.to_server.send(Err(FakeError(None))).await.unwrap();
+        assert!(matches!(client.ended().await, Ended::Broken(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_says_goodbye_with_1001_and_waits_for_the_close_reply() {
+        let mut client = start(16);
+        client.recv_text().await;
+        client.shutdown.cancel();
+        assert_eq!(client.recv_text().await, SHUTTING_DOWN);
+        assert_eq!(close_code_of(&client.recv().await), Some(close_code::AWAY));
+        assert!(!client.server.is_finished());
+        client.send(Message::Close(None)).await;
+        drop(client.to_server);
+        let ended = tokio::time::timeout(Duration::from_secs(1), client.server).await;
+        assert_eq!(ended.unwrap().unwrap(), Ended::ShuttingDown);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_gives_up_on_a_client_that_never_answers() {
+        let mut client = start(16);
+        client.recv_text().await;
+        client.shutdown.cancel();
+        client.recv_text().await;
+        client.recv().await;
+        let to_server = client.to_server.clone();
+        assert_eq!(client.ended().await, Ended::ShuttingDown);
+        drop(to_server);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn notices_reach_the_client() {
+        let mut client = start(16);
+        client.recv_text().await;
+        client.notices.send(SHUTTING_DOWN_SOON.into()).unwrap();
+        assert_eq!(client.recv_text().await, SHUTTING_DOWN_SOON);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_does_not_read_is_dropped() {
+        // Room for the welcome only; the client never reads.
+        let client = start(1);
+        for _ in 0..10 {
+            if client.server.is_finished() {
+                break;
+            }
+            let _ = client
+                .to_server
+                .send(Ok(Message::Text("ping".into())))
+                .await;
+        }
+        let keep = (client.from_server, client.to_server.clone());
+        let ended = tokio::time::timeout(Duration::from_secs(1), client.server).await;
+        assert_eq!(ended.unwrap().unwrap(), Ended::SlowReader);
+        drop(keep);
+    }
+}

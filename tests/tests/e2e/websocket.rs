@@ -1,0 +1,502 @@
+//! The `websocket` binary, driven with real tokio-tungstenite clients against a fake
+//! ECS agent that records every protection PUT.
+
+use std::time::Duration;
+
+use e2e::agent::{Answer, FakeAgent, TASK_ARN};
+use e2e::process::{Service, run_to_exit};
+use e2e::wait_for;
+use futures_util::future::join_all;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+
+const START: Duration = Duration::from_secs(15);
+const STEP: Duration = Duration::from_secs(10);
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A running `websocket` and the fake agent it talks to.
+pub(crate) struct Server {
+    pub(crate) service: Service,
+    pub(crate) port: u16,
+}
+
+/// The environment that points the server at `agent`, on loopback.
+pub(crate) fn env(agent: &FakeAgent, port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("PORT", port.to_string()),
+        ("BIND_ADDRESS", "127.0.0.1".to_owned()),
+        ("ECS_AGENT_URI", agent.uri()),
+        ("TASK_PROTECTION_BACKEND", "agent".to_owned()),
+        ("RUST_LOG", "info".to_owned()),
+    ]
+}
+
+impl Server {
+    /// Starts the server on `port` (0 for any) with `extra` settings.
+    pub(crate) async fn start_on(
+        agent: &FakeAgent,
+        port: u16,
+        extra: &[(&'static str, String)],
+    ) -> Self {
+        let mut vars = env(agent, port);
+        vars.extend(extra.iter().cloned());
+        let service = Service::spawn("websocket", &[], &vars);
+        let line = service.wait_for_line("Listening on", START).await;
+        let port = line
+            .split("Listening on ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|addr| addr.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        Self { service, port }
+    }
+
+    pub(crate) async fn start(agent: &FakeAgent, extra: &[(&'static str, String)]) -> Self {
+        Self::start_on(agent, 0, extra).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    async fn connect(&self) -> Ws {
+        let (ws, _) = connect_async(format!("ws://127.0.0.1:{}/", self.port))
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect: {e}"));
+        ws
+    }
+
+    async fn status(&self) -> Value {
+        reqwest::get(self.url("/status"))
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .unwrap_or_else(|e| panic!("GET /status: {e}"))
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("GET /status is not JSON: {e}"))
+    }
+
+    async fn wait_for_connections(&self, n: u64) {
+        wait_for(
+            &format!("/status to count {n} connections"),
+            STEP,
+            || async { (self.status().await["connections"].as_u64() == Some(n)).then_some(()) },
+        )
+        .await;
+    }
+}
+
+/// The next text message, skipping control frames.
+async fn next_text(ws: &mut Ws) -> String {
+    loop {
+        let message = tokio::time::timeout(STEP, ws.next())
+            .await
+            .expect("a message within the timeout")
+            .expect("the connection is open")
+            .expect("a message, not an error");
+        match message {
+            Message::Text(text) => return text.as_str().to_owned(),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+}
+
+/// Reads until the server's close frame and returns its code.
+async fn close_code(ws: &mut Ws) -> CloseCode {
+    loop {
+        let message = tokio::time::timeout(STEP, ws.next())
+            .await
+            .expect("a close frame within the timeout");
+        match message {
+            Some(Ok(Message::Close(Some(frame)))) => return frame.code,
+            Some(Ok(Message::Close(None))) => panic!("a close frame without a code"),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("the connection failed before a close frame: {e}"),
+            None => panic!("the connection ended without a close frame"),
+        }
+    }
+}
+
+/// Waits until the agent has seen a PUT that enables protection.
+async fn wait_protected(agent: &FakeAgent) {
+    wait_for("an enable PUT", STEP, || async {
+        agent
+            .puts()
+            .iter()
+            .any(e2e::agent::Recorded::enabled)
+            .then_some(())
+    })
+    .await;
+}
+
+/// Waits until the last PUT disabled protection, after at least one enable.
+async fn wait_released(agent: &FakeAgent) {
+    wait_for("a release PUT", STEP, || async {
+        let puts = agent.puts();
+        (puts.iter().any(e2e::agent::Recorded::enabled) && agent.released()).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn websocket_welcomes_and_answers_ping_with_pong() {
+    let agent = FakeAgent::start().await;
+    let server = Server::start(&agent, &[]).await;
+    let mut ws = server.connect().await;
+    assert_eq!(next_text(&mut ws).await, "Welcome! There are 1 connections");
+    server
+        .service
+        .wait_for_line(
+            "New client connection opened. There are 1 connections",
+            STEP,
+        )
+        .await;
+    ws.send(Message::text("ping")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "pong");
+    ws.send(Message::text("hello there")).await.unwrap();
+    ws.send(Message::text("ping")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "pong");
+    wait_protected(&agent).await;
+    server
+        .service
+        .wait_for_line("Task protection acquired", STEP)
+        .await;
+
+    ws.close(None).await.unwrap();
+    server
+        .service
+        .wait_for_line("Client connection closed. There are 0 connections", STEP)
+        .await;
+    wait_released(&agent).await;
+    server
+        .service
+        .wait_for_line("Task protection released", STEP)
+        .await;
+    assert_eq!(agent.puts().len(), 2, "one enable, one release");
+}
+
+#[tokio::test]
+async fn websocket_counts_concurrent_connections() {
+    const CLIENTS: usize = 40;
+    let agent = FakeAgent::start().await;
+    let server = Server::start(&agent, &[]).await;
+    let mut clients = join_all((0..CLIENTS).map(|_| async {
+        let mut ws = server.connect().await;
+        let welcome = next_text(&mut ws).await;
+        (ws, welcome)
+    }))
+    .await;
+    // Each client was counted exactly once: the welcomes name 1..=40, each once.
+    let mut counts: Vec<usize> = clients
+        .iter()
+        .map(|(_, w)| {
+            w.strip_prefix("Welcome! There are ")
+                .and_then(|r| r.strip_suffix(" connections"))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("not a welcome: {w:?}"))
+        })
+        .collect();
+    counts.sort_unstable();
+    assert_eq!(counts, (1..=CLIENTS).collect::<Vec<_>>());
+    server.wait_for_connections(CLIENTS as u64).await;
+    wait_protected(&agent).await;
+
+    join_all(clients.iter_mut().map(|(ws, _)| ws.close(None))).await;
+    server.wait_for_connections(0).await;
+    wait_released(&agent).await;
+    let puts = agent.puts();
+    assert_eq!(
+        puts.iter().filter(|p| p.enabled()).count(),
+        1,
+        "one enable for 40 clients: {puts:?}"
+    );
+}
+
+#[tokio::test]
+async fn websocket_connect_storm_costs_a_handful_of_puts_and_ends_released() {
+    const CLIENTS: usize = 1000;
+    const AT_ONCE: usize = 50;
+    let agent = FakeAgent::start().await;
+    let server = Server::start(&agent, &[]).await;
+    let port = server.port;
+    let started = std::time::Instant::now();
+    let welcomed = futures_util::stream::iter(0..CLIENTS)
+        .map(|_| async move {
+            let (mut ws, _) = connect_async(format!("ws://127.0.0.1:{port}/"))
+                .await
+                .unwrap_or_else(|e| panic!("cannot connect: {e}"));
+            let welcome = next_text(&mut ws).await;
+            ws.close(None).await.unwrap();
+            // Read the close answer so the server sees a clean close.
+            while let Some(Ok(_)) = ws.next().await {}
+            welcome.starts_with("Welcome!")
+        })
+        .buffer_unordered(AT_ONCE)
+        .filter(|ok| std::future::ready(*ok))
+        .count()
+        .await;
+    let took = started.elapsed();
+    assert_eq!(welcomed, CLIENTS);
+    server.wait_for_connections(0).await;
+    wait_released(&agent).await;
+    let puts = agent.puts();
+    assert!(
+        puts.len() <= 6,
+        "{CLIENTS} clients in {took:?} cost {} PUTs: {puts:?}",
+        puts.len()
+    );
+    assert!(!puts.last().is_some_and(e2e::agent::Recorded::enabled));
+    let status = server.status().await;
+    assert_eq!(status["protection"]["protected"], false, "{status}");
+}
+
+#[tokio::test]
+async fn websocket_abrupt_drops_and_silent_peers_return_the_count_to_zero() {
+    let agent = FakeAgent::start().await;
+    let server = Server::start(&agent, &[("WS_PING_INTERVAL_SECONDS", "1".to_owned())]).await;
+
+    // Two clients vanish with a TCP reset, mid-conversation.
+    for _ in 0..2 {
+        let mut ws = server.connect().await;
+        next_text(&mut ws).await;
+        ws.send(Message::text("ping")).await.unwrap();
+        assert_eq!(next_text(&mut ws).await, "pong");
+        if let MaybeTlsStream::Plain(tcp) = ws.get_ref() {
+            tcp.set_zero_linger().unwrap();
+        }
+        drop(ws);
+    }
+    // Two clients go silent: connected, but they never read, so never answer a ping.
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        let mut ws = server.connect().await;
+        next_text(&mut ws).await;
+        silent.push(ws);
+    }
+    wait_protected(&agent).await;
+
+    server.wait_for_connections(0).await;
+    server
+        .service
+        .wait_for_count("Client connection closed. There are 0 connections", 1, STEP)
+        .await;
+    wait_released(&agent).await;
+    let status = server.status().await;
+    assert_eq!(status["protection"]["protected"], false, "{status}");
+    // The silent clients find their connection gone once they look.
+    for mut ws in silent {
+        let rest =
+            tokio::time::timeout(STEP, async { while let Some(Ok(_)) = ws.next().await {} }).await;
+        assert!(rest.is_ok(), "a dropped client's stream ends");
+    }
+}
+
+#[tokio::test]
+async fn websocket_oversized_message_gets_1009() {
+    let agent = FakeAgent::start().await;
+    let server = Server::start(&agent, &[]).await;
+    let mut ws = server.connect().await;
+    next_text(&mut ws).await;
+    // 64 KiB is the largest message accepted.
+    ws.send(Message::text("x".repeat(64 * 1024))).await.unwrap();
+    ws.send(Message::text("ping")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "pong");
+    ws.send(Message::text("x".repeat(64 * 1024 + 1)))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut ws).await, CloseCode::Size);
+    server.wait_for_connections(0).await;
+    wait_released(&agent).await;
+}
+
+#[tokio::test]
+async fn websocket_max_connections_gets_503() {
+    let agent = FakeAgent::start().await;
+    let server = Server::start(&agent, &[("MAX_CONNECTIONS", "3".to_owned())]).await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut ws = server.connect().await;
+        next_text(&mut ws).await;
+        open.push(ws);
+    }
+    match connect_async(format!("ws://127.0.0.1:{}/", server.port)).await {
+        Err(WsError::Http(response)) => assert_eq!(response.status().as_u16(), 503),
+        Err(other) => panic!("expected HTTP 503, got {other}"),
+        Ok(_) => panic!("a fourth client was admitted past MAX_CONNECTIONS=3"),
+    }
+    // The page and /healthz still answer at the limit.
+    let health = reqwest::get(server.url("/healthz")).await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    // A client that leaves makes room.
+    let mut first = open.remove(0);
+    first.close(None).await.unwrap();
+    server.wait_for_connections(2).await;
+    let mut again = server.connect().await;
+    assert_eq!(
+        next_text(&mut again).await,
+        "Welcome! There are 3 connections"
+    );
+}
+
+#[tokio::test]
+async fn websocket_sigterm_closes_every_client_with_1001_and_exits_0() {
+    let agent = FakeAgent::start().await;
+    let mut server = Server::start(&agent, &[("SHUTDOWN_GRACE_SECONDS", "3".to_owned())]).await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let mut ws = server.connect().await;
+        next_text(&mut ws).await;
+        clients.push(ws);
+    }
+    // One more never reads, so never answers the close: the grace period bounds it.
+    let mut deaf = server.connect().await;
+    next_text(&mut deaf).await;
+    wait_protected(&agent).await;
+
+    let asked = std::time::Instant::now();
+    server.service.terminate();
+    let goodbyes = join_all(clients.iter_mut().map(|ws| async move {
+        let text = next_text(ws).await;
+        let code = close_code(ws).await;
+        // Answer the close, as browsers do.
+        while let Some(Ok(_)) = ws.next().await {}
+        (text, code)
+    }))
+    .await;
+    for (text, code) in goodbyes {
+        assert_eq!(text, "server shutting down");
+        assert_eq!(code, CloseCode::Away);
+    }
+    let status = server.service.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        asked.elapsed()
+    );
+    assert!(agent.released(), "protection released at shutdown");
+    assert!(server.service.count("Task protection released") >= 1);
+    drop(deaf);
+}
+
+#[tokio::test]
+async fn websocket_rejection_is_broadcast_to_every_client() {
+    let agent = FakeAgent::start().await;
+    agent.always(Answer::Failure("DEPLOYMENT_BLOCKED"));
+    // Retry a refused protection after 1 s instead of 10, so every client connected
+    // by then hears the next refusal.
+    let server = Server::start(
+        &agent,
+        &[("PROTECTION_CHECK_INTERVAL_MS", "1000".to_owned())],
+    )
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut ws = server.connect().await;
+        assert!(next_text(&mut ws).await.starts_with("Welcome!"));
+        clients.push(ws);
+    }
+    for ws in &mut clients {
+        assert_eq!(next_text(ws).await, "server shutting down soon");
+    }
+    server
+        .service
+        .wait_for_line("Task protection rejected", STEP)
+        .await;
+    let status = server.status().await;
+    let rejection = status["protection"]["last_rejection"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(rejection.contains("DEPLOYMENT_BLOCKED"), "{status}");
+    assert_eq!(status["protection"]["protected"], false);
+    assert_eq!(status["connections"], 3, "a refusal does not drop clients");
+}
+
+#[tokio::test]
+async fn websocket_healthz_status_page_and_healthcheck() {
+    let agent = FakeAgent::start().await;
+    let mut server = Server::start(&agent, &[]).await;
+
+    let health = reqwest::get(server.url("/healthz")).await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    assert_eq!(health.text().await.unwrap(), "Healthy");
+
+    let page = reqwest::get(server.url("/")).await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    let content_type = page.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(content_type.starts_with("text/html"), "{content_type}");
+    let html = page.text().await.unwrap();
+    assert!(html.contains("Attempting to connect..."));
+    assert!(html.contains("wss:"));
+
+    let idle = server.status().await;
+    assert_eq!(idle["connections"], 0);
+    assert_eq!(idle["max_connections"], 10_000);
+    assert_eq!(idle["protection"]["phase"], "idle");
+    assert_eq!(idle["protection"]["protected"], false);
+    assert_eq!(idle["protection"]["simulated"], false);
+
+    let mut ws = server.connect().await;
+    next_text(&mut ws).await;
+    let busy = wait_for("/status to show protection", STEP, || async {
+        let s = server.status().await;
+        (s["protection"]["protected"] == true).then_some(s)
+    })
+    .await;
+    assert_eq!(busy["connections"], 1);
+    assert_eq!(busy["protection"]["phase"], "protected");
+    assert_eq!(busy["protection"]["task_arn"], TASK_ARN);
+    let expires = busy["protection"]["expires_at"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(expires.ends_with('Z') && expires.contains('T'), "{busy}");
+    // 30 minutes by default.
+    assert_eq!(agent.puts()[0].body["ExpiresInMinutes"], 30);
+
+    let port = [("PORT", server.port.to_string())];
+    let (ok, _, _) = run_to_exit("websocket", &["healthcheck"], &port).await;
+    assert_eq!(ok.code(), Some(0));
+    ws.close(None).await.unwrap();
+    server.service.terminate();
+    server.service.wait_exit(STEP).await;
+    let (down, _, stderr) = run_to_exit("websocket", &["healthcheck"], &port).await;
+    assert_eq!(down.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("unhealthy"), "{stderr}");
+}
+
+#[tokio::test]
+async fn websocket_bad_setting_exits_2_with_one_line() {
+    let (status, _, stderr) = run_to_exit(
+        "websocket",
+        &[],
+        &[("WS_PING_INTERVAL_SECONDS", "0".to_owned())],
+    )
+    .await;
+    assert_eq!(status.code(), Some(2));
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("WS_PING_INTERVAL_SECONDS=0"), "{stderr}");
+
+    let (status, stdout, _) = run_to_exit("websocket", &["--help"], &[]).await;
+    assert_eq!(status.code(), Some(0));
+    for variable in [
+        "PORT",
+        "WS_PING_INTERVAL_SECONDS",
+        "MAX_CONNECTIONS",
+        "SHUTDOWN_GRACE_SECONDS",
+        "LOG_FORMAT",
+        "PROTECTION_DURATION_MINUTES",
+        "TASK_PROTECTION_BACKEND",
+    ] {
+        assert!(
+            stdout.contains(&format!("[env: {variable}=")),
+            "{variable} missing"
+        );
+    }
+}
