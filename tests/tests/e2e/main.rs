@@ -1,5 +1,5 @@
 //! The end-to-end suite: one test binary, so the harness links once.
 //! Each module drives one real binary; see `e2e` (tests/src) for the harness.
-mod deploy;
 mod browser;
+mod deploy;
 mod websocket;
