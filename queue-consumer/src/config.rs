@@ -1,0 +1,336 @@
+//! The worker's settings: command-line arguments, each also read from its environment
+//! variable, parsed once at the edge into [`WorkerSettings`].
+//!
+//! Copilot configures a Worker Service through environment variables
+//! (`COPILOT_QUEUE_URI` among them), so every setting has one; the flags exist for
+//! running it by hand. Each value is checked against the range SQS accepts, so a bad
+//! value stops the worker at start-up with one line that names the variable.
+
+use std::time::Duration;
+
+use clap::Parser;
+use task_protection::ProtectionSettings;
+use task_protection::cli::{LogFormat, ProtectionArgs};
+
+/// SQS's limit on `WaitTimeSeconds`.
+pub const MAX_WAIT_SECONDS: u64 = 20;
+/// SQS's limit on a visibility timeout, and on a message's total time in flight: 12 h.
+pub const MAX_VISIBILITY_SECONDS: u64 = 43_200;
+/// The longest job accepted: SQS cannot keep a message in flight longer than 12 h.
+pub const MAX_JOB_MS_LIMIT: u64 = MAX_VISIBILITY_SECONDS * 1000;
+/// Most jobs one worker runs at once.
+pub const MAX_CONCURRENCY: u64 = 1000;
+/// The longest shutdown grace period accepted.
+pub const MAX_GRACE_SECONDS: u64 = 3600;
+
+/// The settings of `queue-consumer`.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "queue-consumer",
+    version,
+    about = "Works jobs from an SQS queue, protecting its ECS task from scale-in only while it holds work",
+    long_about = None,
+)]
+pub struct Config {
+    /// URL of the SQS queue to work; Copilot sets it for a Worker Service
+    #[arg(long, env = "COPILOT_QUEUE_URI", value_name = "URL", value_parser = parse_queue_url)]
+    pub queue_url: String,
+
+    /// AWS Region of the queue [default: the standard AWS variables, then the queue URL]
+    #[arg(long, env = "QUEUE_REGION", value_name = "REGION")]
+    pub queue_region: Option<String>,
+
+    /// How many jobs run at once (1..=1000)
+    #[arg(long, env = "WORKER_CONCURRENCY", value_name = "N", default_value = "1",
+          value_parser = ranged("WORKER_CONCURRENCY", 1, MAX_CONCURRENCY, ""))]
+    pub worker_concurrency: u64,
+
+    /// Long-poll wait of each receive, in seconds (0..=20)
+    #[arg(long, env = "QUEUE_WAIT_SECONDS", value_name = "SECONDS", default_value = "20",
+          value_parser = ranged("QUEUE_WAIT_SECONDS", 0, MAX_WAIT_SECONDS, "seconds"))]
+    pub queue_wait_seconds: u64,
+
+    /// How long a received message stays invisible to other workers, in seconds; a
+    /// running job's message is extended before it lapses (1..=43200)
+    #[arg(long, env = "VISIBILITY_TIMEOUT_SECONDS", value_name = "SECONDS", default_value = "30",
+          value_parser = ranged("VISIBILITY_TIMEOUT_SECONDS", 1, MAX_VISIBILITY_SECONDS, "seconds"))]
+    pub visibility_timeout_seconds: u64,
+
+    /// Longest job accepted, in ms; a longer body is rejected as bad input (0..=43200000)
+    #[arg(long, env = "MAX_JOB_MS", value_name = "MS", default_value = "3600000",
+          value_parser = ranged("MAX_JOB_MS", 0, MAX_JOB_MS_LIMIT, "ms"))]
+    pub max_job_ms: u64,
+
+    /// After SIGTERM, how long running jobs may still take before their messages are
+    /// handed back, in seconds; keep it below the task's stop timeout (0..=3600)
+    #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", value_name = "SECONDS", default_value = "25",
+          value_parser = ranged("SHUTDOWN_GRACE_SECONDS", 0, MAX_GRACE_SECONDS, "seconds"))]
+    pub shutdown_grace_seconds: u64,
+
+    /// Log output: text or json
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Task protection settings.
+    #[command(flatten)]
+    pub protection: ProtectionArgs,
+}
+
+/// This service's protection defaults, the seed worker's: protect for 1 minute, keep
+/// it 10 % (6 s) after the last job so a steady stream costs no PUT pair per job,
+/// refresh at 80 %, and wait at most 10 s between attempts.
+#[must_use]
+pub fn protection_defaults() -> ProtectionSettings {
+    ProtectionSettings::builder()
+        .duration_minutes(1)
+        .maintain_percent(10)
+        .refresh_percent(80)
+        .check_interval(Duration::from_secs(10))
+        .build()
+        .unwrap_or_default()
+}
+
+/// The worker's own settings, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerSettings {
+    /// The queue's URL.
+    pub queue_url: String,
+    /// Jobs run at once.
+    pub concurrency: usize,
+    /// Long-poll wait of a receive.
+    pub wait: Duration,
+    /// Visibility timeout given to received messages and renewed by the heartbeat.
+    pub visibility: Duration,
+    /// Longest job accepted.
+    pub max_job: Duration,
+    /// Time running jobs get after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+impl WorkerSettings {
+    /// Settings for `queue_url` with the defaults of `--help`.
+    #[must_use]
+    pub fn new(queue_url: impl Into<String>) -> Self {
+        Self {
+            queue_url: queue_url.into(),
+            concurrency: 1,
+            wait: Duration::from_secs(20),
+            visibility: Duration::from_secs(30),
+            max_job: Duration::from_millis(3_600_000),
+            shutdown_grace: Duration::from_secs(25),
+        }
+    }
+}
+
+impl Config {
+    /// The worker settings these arguments describe.
+    #[must_use]
+    pub fn worker_settings(&self) -> WorkerSettings {
+        WorkerSettings {
+            queue_url: self.queue_url.clone(),
+            concurrency: usize::try_from(self.worker_concurrency).unwrap_or(1),
+            wait: Duration::from_secs(self.queue_wait_seconds),
+            visibility: Duration::from_secs(self.visibility_timeout_seconds),
+            max_job: Duration::from_millis(self.max_job_ms),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+        }
+    }
+}
+
+/// A setting whose value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// Not a whole number.
+    #[error("{variable}={value:?} is not a whole number")]
+    NotANumber {
+        /// The variable that carries the setting.
+        variable: &'static str,
+        /// The value given.
+        value: String,
+    },
+    /// A number outside the range allowed.
+    #[error("{variable}={value} is out of range: allowed {lo}..={hi}{unit}")]
+    OutOfRange {
+        /// The variable that carries the setting.
+        variable: &'static str,
+        /// The value given.
+        value: String,
+        /// Smallest allowed.
+        lo: u64,
+        /// Largest allowed.
+        hi: u64,
+        /// The unit, with a leading space, or empty.
+        unit: String,
+    },
+    /// Not an SQS queue URL.
+    #[error("COPILOT_QUEUE_URI={value:?} is not a queue URL: {reason}")]
+    QueueUrl {
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+/// A parser for a whole number in `lo..=hi`, whose errors name `variable`.
+fn ranged(
+    variable: &'static str,
+    lo: u64,
+    hi: u64,
+    unit: &'static str,
+) -> impl Fn(&str) -> Result<u64, ConfigError> + Clone + Send + Sync + 'static {
+    move |raw| parse_ranged(variable, raw, lo, hi, unit)
+}
+
+/// Parses a whole number in `lo..=hi`; `variable` names the setting in the error.
+///
+/// # Errors
+/// When the text is not a whole number or is out of range.
+pub fn parse_ranged(
+    variable: &'static str,
+    raw: &str,
+    lo: u64,
+    hi: u64,
+    unit: &str,
+) -> Result<u64, ConfigError> {
+    let text = raw.trim();
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ConfigError::NotANumber {
+            variable,
+            value: raw.to_owned(),
+        });
+    }
+    let out_of_range = || ConfigError::OutOfRange {
+        variable,
+        value: text.to_owned(),
+        lo,
+        hi,
+        unit: if unit.is_empty() {
+            String::new()
+        } else {
+            format!(" {unit}")
+        },
+    };
+    let value: u64 = text.parse().map_err(|_| out_of_range())?;
+    if (lo..=hi).contains(&value) {
+        Ok(value)
+    } else {
+        Err(out_of_range())
+    }
+}
+
+/// Checks that `raw` looks like a queue URL: `http(s)://host/...`.
+///
+/// # Errors
+/// When it does not.
+pub fn parse_queue_url(raw: &str) -> Result<String, ConfigError> {
+    let url = raw.trim();
+    let err = |reason| ConfigError::QueueUrl {
+        value: raw.to_owned(),
+        reason,
+    };
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| err("expected an http or https URL"))?;
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty() {
+        return Err(err("the URL has no host"));
+    }
+    if url.chars().any(char::is_whitespace) {
+        return Err(err("the URL contains whitespace"));
+    }
+    Ok(url.to_owned())
+}
+
+/// The Region named in an AWS queue URL, such as `us-east-1` in
+/// `https://sqs.us-east-1.amazonaws.com/123456789012/jobs`.
+#[must_use]
+pub fn region_from_queue_url(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))?;
+    let host = rest.split('/').next()?;
+    let labels: Vec<&str> = host.split('.').collect();
+    match labels.as_slice() {
+        ["sqs", region, "amazonaws", ..] | [region, "queue", "amazonaws", ..] => {
+            Some((*region).to_owned())
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn numbers_are_range_checked_and_named() {
+        assert_eq!(parse_ranged("W", " 7 ", 1, 10, ""), Ok(7));
+        assert_eq!(
+            parse_ranged("WORKER_CONCURRENCY", "0", 1, 1000, "")
+                .unwrap_err()
+                .to_string(),
+            "WORKER_CONCURRENCY=0 is out of range: allowed 1..=1000"
+        );
+        assert_eq!(
+            parse_ranged("QUEUE_WAIT_SECONDS", "21", 0, 20, "seconds")
+                .unwrap_err()
+                .to_string(),
+            "QUEUE_WAIT_SECONDS=21 is out of range: allowed 0..=20 seconds"
+        );
+        for junk in ["", "abc", "-1", "1.5", "1e3", "+3"] {
+            assert!(matches!(
+                parse_ranged("X", junk, 0, 10, ""),
+                Err(ConfigError::NotANumber { .. })
+            ));
+        }
+        assert!(matches!(
+            parse_ranged("X", "99999999999999999999999999", 0, 10, ""),
+            Err(ConfigError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn queue_urls() {
+        let url = "https://sqs.eu-west-3.amazonaws.com/123456789012/app-env-worker-EventsQueue";
+        assert_eq!(parse_queue_url(url).as_deref(), Ok(url));
+        assert!(parse_queue_url("http://127.0.0.1:4566/000000000000/jobs").is_ok());
+        assert!(parse_queue_url("sqs.amazonaws.com/jobs").is_err());
+        assert!(parse_queue_url("https:///jobs").is_err());
+        assert_eq!(region_from_queue_url(url).as_deref(), Some("eu-west-3"));
+        assert_eq!(
+            region_from_queue_url("https://us-east-2.queue.amazonaws.com/1/q").as_deref(),
+            Some("us-east-2")
+        );
+        assert_eq!(region_from_queue_url("http://127.0.0.1:5000/1/q"), None);
+    }
+
+    #[test]
+    fn defaults_match_the_settings_defaults() {
+        let cmd = task_protection::cli::ProtectionArgs::with_defaults(
+            Config::command(),
+            &protection_defaults(),
+        );
+        let matches = cmd
+            .try_get_matches_from(["queue-consumer", "--queue-url", "http://localhost/1/q"])
+            .unwrap();
+        let config = <Config as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
+        assert_eq!(
+            config.worker_settings(),
+            WorkerSettings::new("http://localhost/1/q")
+        );
+        assert_eq!(config.protection.settings().unwrap(), protection_defaults());
+        let p = protection_defaults();
+        assert_eq!(p.duration_minutes(), 1);
+        assert_eq!(p.maintain_percent(), 10);
+        assert_eq!(p.refresh_percent(), 80);
+        assert_eq!(p.check_interval(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_command_is_well_formed() {
+        Config::command().debug_assert();
+    }
+}

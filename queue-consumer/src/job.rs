@@ -1,0 +1,225 @@
+//! The job: what a message asks for, and the work itself.
+//!
+//! A message body is parsed into a [`JobDuration`] at the edge, so the worker never
+//! handles an unchecked string. [`work`] is the one function that does the job; to
+//! turn this template into a real worker, change [`JobDuration`] into your own job
+//! type and [`work`] into your processing. Nothing else needs to change.
+
+use std::fmt;
+use std::time::Duration;
+
+/// How much of a rejected body is quoted in logs; bodies can be up to 1 MiB.
+const EXCERPT_CHARS: usize = 32;
+
+/// One job: the message it came from and what it asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    /// The SQS message id, for logs.
+    pub id: String,
+    /// How long to work.
+    pub duration: JobDuration,
+}
+
+/// A job's duration: a whole number of milliseconds in `0..=MAX_JOB_MS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct JobDuration(Duration);
+
+impl JobDuration {
+    /// Parses a message body: ASCII digits, optionally surrounded by whitespace, at
+    /// most `max`.
+    ///
+    /// # Errors
+    /// [`BadBody`] saying why; the body is quoted only in part.
+    pub fn parse(body: &str, max: Duration) -> Result<Self, BadBody> {
+        let text = body.trim();
+        if text.is_empty() {
+            return Err(BadBody::Empty);
+        }
+        if !text.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(BadBody::NotANumber {
+                excerpt: excerpt(text),
+            });
+        }
+        let max_ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+        let too_long = || BadBody::TooLong {
+            excerpt: excerpt(text),
+            digits: text.len(),
+            max_ms,
+        };
+        // Leading zeros aside, more than 20 digits overflow u64: no need to read 10 MB.
+        let significant = text.trim_start_matches('0');
+        if significant.len() > 20 {
+            return Err(too_long());
+        }
+        let ms: u64 = if significant.is_empty() {
+            0
+        } else {
+            significant.parse().map_err(|_| too_long())?
+        };
+        if ms > max_ms {
+            return Err(too_long());
+        }
+        Ok(Self(Duration::from_millis(ms)))
+    }
+
+    /// The duration.
+    #[must_use]
+    pub fn get(self) -> Duration {
+        self.0
+    }
+
+    /// The duration in whole milliseconds.
+    #[must_use]
+    pub fn as_millis(self) -> u64 {
+        u64::try_from(self.0.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+impl fmt::Display for JobDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} milliseconds", self.as_millis())
+    }
+}
+
+/// Why a message body is not a job. Such a message is never worked: retrying cannot
+/// fix it, so it is left for the queue's redrive policy to move to the dead-letter
+/// queue.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadBody {
+    /// No body, or only whitespace.
+    #[error("the body is empty")]
+    Empty,
+    /// Something other than digits.
+    #[error("the body {excerpt:?} is not a whole number of milliseconds")]
+    NotANumber {
+        /// The start of the body.
+        excerpt: String,
+    },
+    /// A number larger than `MAX_JOB_MS`.
+    #[error("the body {excerpt:?} ({digits} digits) is more than MAX_JOB_MS={max_ms}")]
+    TooLong {
+        /// The start of the body.
+        excerpt: String,
+        /// How many digits it has.
+        digits: usize,
+        /// The limit.
+        max_ms: u64,
+    },
+}
+
+fn excerpt(text: &str) -> String {
+    let mut out: String = text.chars().take(EXCERPT_CHARS).collect();
+    if text.chars().nth(EXCERPT_CHARS).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+/// The work failed; the message is delivered again later.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobError {
+    /// A failure that may pass: the message is retried after a backoff.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Does the job. Here: waits for its duration, without blocking a thread, standing in
+/// for real work.
+///
+/// Keep it cancel-safe or idempotent: at the end of the shutdown grace period the
+/// future is dropped and the message handed back, so another worker does the job
+/// again.
+///
+/// # Errors
+/// Never, here. Real work returns [`JobError`] to have the message retried.
+pub async fn work(job: &Job) -> Result<(), JobError> {
+    tokio::time::sleep(job.duration.get()).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: Duration = Duration::from_secs(3600);
+
+    fn ms(body: &str) -> Result<u64, BadBody> {
+        JobDuration::parse(body, MAX).map(JobDuration::as_millis)
+    }
+
+    #[test]
+    fn whole_milliseconds_parse() {
+        assert_eq!(ms("10000"), Ok(10_000));
+        assert_eq!(ms("0"), Ok(0));
+        assert_eq!(ms(" 250\n"), Ok(250));
+        assert_eq!(ms("000042"), Ok(42));
+        assert_eq!(ms("3600000"), Ok(3_600_000));
+        let d = JobDuration::parse("1500", MAX).unwrap();
+        assert_eq!(d.to_string(), "1500 milliseconds");
+        assert_eq!(d.get(), Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn junk_is_rejected_with_a_reason() {
+        assert_eq!(ms(""), Err(BadBody::Empty));
+        assert_eq!(ms("  \n"), Err(BadBody::Empty));
+        for junk in ["abc", "-5", "+5", "1e9", "1.5", "12 34", "١٢", "0x10"] {
+            assert!(
+                matches!(ms(junk), Err(BadBody::NotANumber { .. })),
+                "{junk}: {:?}",
+                ms(junk)
+            );
+        }
+        assert_eq!(
+            ms("abc").unwrap_err().to_string(),
+            "the body \"abc\" is not a whole number of milliseconds"
+        );
+    }
+
+    #[test]
+    fn too_long_is_rejected_without_reading_it_all() {
+        assert!(matches!(
+            ms("3600001"),
+            Err(BadBody::TooLong {
+                max_ms: 3_600_000,
+                ..
+            })
+        ));
+        assert!(matches!(
+            ms("18446744073709551616"),
+            Err(BadBody::TooLong { .. })
+        ));
+        let huge = "9".repeat(10 * 1024 * 1024);
+        let err = ms(&huge).unwrap_err();
+        assert!(matches!(
+            err,
+            BadBody::TooLong {
+                digits: 10_485_760,
+                ..
+            }
+        ));
+        // The log line quotes only the start.
+        assert!(err.to_string().len() < 120, "{err}");
+        // Leading zeros do not make a small number too long.
+        assert_eq!(ms(&format!("{}7", "0".repeat(100))), Ok(7));
+    }
+
+    #[test]
+    fn the_limit_is_inclusive() {
+        let max = Duration::from_millis(5);
+        assert!(JobDuration::parse("5", max).is_ok());
+        assert!(JobDuration::parse("6", max).is_err());
+        assert!(JobDuration::parse("0", Duration::ZERO).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn work_takes_the_duration() {
+        let job = Job {
+            id: "m".to_owned(),
+            duration: JobDuration::parse("90000", MAX).unwrap(),
+        };
+        let start = tokio::time::Instant::now();
+        work(&job).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(90));
+    }
+}

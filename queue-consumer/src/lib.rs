@@ -1,0 +1,113 @@
+//! `queue-consumer`: an SQS worker for a Copilot Worker Service, protected from ECS
+//! scale-in only while it holds work.
+//!
+//! It long-polls the queue Copilot gives it (`COPILOT_QUEUE_URI`), runs each
+//! message's job ([`job::work`]), and deletes the message. Polling is unprotected: a
+//! job takes task protection before it starts and keeps it until its message is
+//! deleted or handed back, so an idle worker can always be scaled in, and a busy one
+//! never loses a job to a scale-in or a deployment.
+//!
+//! The binary only parses its settings and calls [`run`] with the shutdown signal;
+//! tests can call [`run`] (or [`Worker::run`]) with a future of their own.
+//!
+//! - [`config`]: settings, from flags or environment variables;
+//! - [`job`]: the job type, its parsing, and the work;
+//! - [`worker`]: receiving, concurrency, protection, shutdown;
+//! - [`heartbeat`]: keeping a running job's message invisible;
+//! - `settle`: batched deletes and hand-backs;
+//! - [`queue`]: the SQS calls.
+
+pub mod backoff;
+pub mod config;
+pub mod heartbeat;
+pub mod job;
+pub mod queue;
+mod settle;
+pub mod stats;
+pub mod worker;
+
+use std::future::Future;
+
+use aws_config::BehaviorVersion;
+use aws_config::meta::region::RegionProviderChain;
+use aws_sdk_sqs::config::Region;
+use task_protection::cli::Signal;
+use task_protection::{BackendConfigError, SettingsError, TaskProtection};
+
+pub use config::{Config, WorkerSettings};
+pub use queue::Queue;
+pub use worker::{Outcome, Worker};
+
+/// The worker could not start: a configuration problem, reported with exit code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A protection setting is out of range.
+    #[error(transparent)]
+    Protection(#[from] SettingsError),
+    /// The protection backend cannot be set up.
+    #[error(transparent)]
+    Backend(#[from] BackendConfigError),
+    /// No Region is configured and the queue URL names none.
+    #[error("no AWS Region for the queue: set QUEUE_REGION or AWS_REGION, or use an AWS queue URL")]
+    NoRegion,
+    /// The Region is not a Region name.
+    #[error("the AWS Region {0:?} is not valid (set QUEUE_REGION or AWS_REGION)")]
+    BadRegion(String),
+}
+
+/// Runs the worker with `config` until `shutdown` resolves (or ECS refuses protection),
+/// then drains and releases task protection.
+///
+/// # Errors
+/// [`StartError`] when the configuration cannot work; nothing has been received then.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = Signal>,
+) -> Result<Outcome, StartError> {
+    let settings = config.worker_settings();
+    let protection_settings = config.protection.settings()?;
+    let client = sqs_client(&settings.queue_url, config.queue_region.as_deref()).await?;
+    let protection =
+        TaskProtection::connect(&config.protection.backend_config(), protection_settings).await?;
+    tracing::info!(
+        queue = %settings.queue_url,
+        concurrency = settings.concurrency,
+        "Working {} with up to {} job(s) at once",
+        settings.queue_url,
+        settings.concurrency
+    );
+    let queue = Queue::new(client, settings.queue_url.clone());
+    let outcome = Worker::new(queue, protection.clone(), settings)
+        .run(shutdown)
+        .await;
+    // A draining task must not stay protected: release now rather than at expiry.
+    let report = protection.shutdown().await;
+    tracing::debug!("Task protection at exit: {report}");
+    Ok(outcome)
+}
+
+/// An SQS client from the standard AWS configuration (including `AWS_ENDPOINT_URL`),
+/// in `region` when given, else the configured Region, else the queue URL's.
+///
+/// # Errors
+/// [`StartError::NoRegion`] when none of them names a Region.
+pub async fn sqs_client(
+    queue_url: &str,
+    region: Option<&str>,
+) -> Result<aws_sdk_sqs::Client, StartError> {
+    let chain = RegionProviderChain::first_try(region.map(|r| Region::new(r.to_owned())))
+        .or_default_provider()
+        .or_else(config::region_from_queue_url(queue_url).map(Region::new));
+    let shared = aws_config::defaults(BehaviorVersion::latest())
+        .region(chain)
+        .load()
+        .await;
+    match shared.region().map(Region::as_ref) {
+        None | Some("") => return Err(StartError::NoRegion),
+        Some(r) if !r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') => {
+            return Err(StartError::BadRegion(r.to_owned()));
+        }
+        Some(_) => {}
+    }
+    Ok(aws_sdk_sqs::Client::new(&shared))
+}
