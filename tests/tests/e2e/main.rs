@@ -2,4 +2,5 @@
 //! Each module drives one real binary; see `e2e` (tests/src) for the harness.
 mod browser;
 mod deploy;
+mod queue_consumer;
 mod websocket;
