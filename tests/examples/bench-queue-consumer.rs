@@ -1,0 +1,318 @@
+//! Throughput and request counts of `queue-consumer` against moto, beside moto's own
+//! ceiling measured in the same run. Not part of the test command; see BENCHMARKS.md.
+//!
+//! ```text
+//! cargo build --release --bin queue-consumer
+//! cargo run --release -p e2e --example bench-queue-consumer -- [--jobs 2000] [--idle-seconds 120]
+//! ```
+//!
+//! For each run: a fresh queue holding `--jobs` zero-millisecond jobs, SQS requests
+//! counted by a proxy that reads each request's `x-amz-target`, and protection PUTs
+//! recorded by a fake ECS agent. After the runs the workers stay up, idle, for
+//! `--idle-seconds` once their maintain window has passed, and the PUTs made
+//! meanwhile are reported.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequestEntry};
+use e2e::agent::FakeAgent;
+use e2e::counting::CountingProxy;
+use e2e::moto::{Moto, aws_env, client_for};
+use e2e::process::binary;
+use e2e::wait_for;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::Notify;
+
+/// How long the protection is kept after the last job: 10 % of 1 minute.
+const MAINTAIN_WINDOW: Duration = Duration::from_secs(6);
+
+struct Args {
+    jobs: usize,
+    idle: Duration,
+}
+
+fn args() -> Args {
+    let mut args = Args {
+        jobs: 2000,
+        idle: Duration::from_secs(120),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value: u64 = it
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{flag} needs a whole number"));
+        match flag.as_str() {
+            "--jobs" => args.jobs = usize::try_from(value).unwrap_or(2000),
+            "--idle-seconds" => args.idle = Duration::from_secs(value),
+            other => panic!("unknown flag {other}; use --jobs N --idle-seconds N"),
+        }
+    }
+    args
+}
+
+/// Puts `jobs` zero-millisecond jobs on `queue`, ten per call.
+async fn fill(client: &Client, queue: &str, jobs: usize) {
+    let mut left = jobs;
+    while left > 0 {
+        let n = left.min(10);
+        let entries = (0..n)
+            .map(|i| {
+                SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body("0")
+                    .build()
+                    .expect("entry")
+            })
+            .collect();
+        client
+            .send_message_batch()
+            .queue_url(queue)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .expect("send_message_batch");
+        left -= n;
+    }
+}
+
+/// A plain client: receive up to `max`, delete what came (one call per message, or
+/// one batch), until `jobs` are gone.
+async fn plain(client: &Client, queue: &str, jobs: usize, max: i32) {
+    let mut done = 0;
+    while done < jobs {
+        let out = client
+            .receive_message()
+            .queue_url(queue)
+            .max_number_of_messages(max)
+            .wait_time_seconds(1)
+            .send()
+            .await
+            .expect("receive");
+        let messages = out.messages.unwrap_or_default();
+        if max == 1 {
+            for m in &messages {
+                client
+                    .delete_message()
+                    .queue_url(queue)
+                    .receipt_handle(m.receipt_handle().unwrap_or_default())
+                    .send()
+                    .await
+                    .expect("delete");
+            }
+        } else if !messages.is_empty() {
+            let entries = messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(m.receipt_handle().unwrap_or_default())
+                        .build()
+                        .expect("entry")
+                })
+                .collect();
+            let out = client
+                .delete_message_batch()
+                .queue_url(queue)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .expect("delete batch");
+            assert!(out.failed().is_empty(), "{:?}", out.failed());
+        }
+        done += messages.len();
+    }
+}
+
+struct Row {
+    what: String,
+    secs: f64,
+    jobs: usize,
+    requests: u64,
+    detail: String,
+}
+
+impl Row {
+    fn print(&self) {
+        #[allow(clippy::cast_precision_loss)]
+        let (jobs, requests) = (self.jobs as f64, self.requests as f64);
+        println!(
+            "| {} | {:.1} | {:.0} | {} | {:.3} | {} |",
+            self.what,
+            self.secs,
+            jobs / self.secs,
+            self.requests,
+            requests / jobs,
+            self.detail
+        );
+    }
+}
+
+async fn baseline(moto: &Moto, jobs: usize, max: i32) -> Row {
+    let queue = moto.create_queue(&format!("baseline-{max}"), 30).await;
+    fill(&moto.client(), &queue, jobs).await;
+    let proxy = CountingProxy::start(([127, 0, 0, 1], moto.port()).into()).await;
+    let client = client_for(&proxy.endpoint());
+    let start = Instant::now();
+    plain(&client, &queue, jobs, max).await;
+    Row {
+        what: format!(
+            "plain client, receive {max} + delete{}",
+            if max == 1 { "" } else { " batch" }
+        ),
+        secs: start.elapsed().as_secs_f64(),
+        jobs,
+        requests: proxy.total(),
+        detail: format!("{:?}", proxy.counts()),
+    }
+}
+
+/// A worker under test, with its own queue, proxy and agent.
+struct Run {
+    concurrency: usize,
+    child: tokio::process::Child,
+    agent: FakeAgent,
+    proxy: CountingProxy,
+    row: Row,
+    puts_in_run: usize,
+    idle_from: usize,
+}
+
+async fn run_worker(moto: &Moto, jobs: usize, concurrency: usize) -> Run {
+    let queue = moto.create_queue(&format!("jobs-c{concurrency}"), 30).await;
+    fill(&moto.client(), &queue, jobs).await;
+    let agent = FakeAgent::start().await;
+    let proxy = CountingProxy::start(([127, 0, 0, 1], moto.port()).into()).await;
+    let mut cmd = tokio::process::Command::new(binary("queue-consumer"));
+    cmd.env_clear()
+        .envs(aws_env(&proxy.endpoint()))
+        .env("COPILOT_QUEUE_URI", &queue)
+        .env("WORKER_CONCURRENCY", concurrency.to_string())
+        .env("ECS_AGENT_URI", agent.uri())
+        .env("TASK_PROTECTION_BACKEND", "agent")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let start = Instant::now();
+    let mut child = cmd.spawn().expect("spawn queue-consumer");
+    let done = Arc::new(AtomicUsize::new(0));
+    let changed = Arc::new(Notify::new());
+    if let Some(out) = child.stdout.take() {
+        let (done, changed) = (Arc::clone(&done), Arc::clone(&changed));
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains(" - Done") {
+                    done.fetch_add(1, Ordering::SeqCst);
+                    changed.notify_one();
+                } else if line.contains("WARN") || line.contains("ERROR") {
+                    eprintln!("[c{concurrency}] {line}");
+                }
+            }
+        });
+    }
+    while done.load(Ordering::SeqCst) < jobs {
+        tokio::time::timeout(Duration::from_secs(300), changed.notified())
+            .await
+            .expect("the worker stalled");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let requests = proxy.total();
+    let detail = format!("{:?}", proxy.counts());
+    Run {
+        concurrency,
+        child,
+        puts_in_run: agent.puts().len(),
+        idle_from: 0,
+        agent,
+        proxy,
+        row: Row {
+            what: format!("queue-consumer, WORKER_CONCURRENCY={concurrency}"),
+            secs,
+            jobs,
+            requests,
+            detail,
+        },
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = args();
+    let moto = Moto::start().await;
+    println!(
+        "{} zero-ms jobs per run, moto_server on loopback, {} cores",
+        args.jobs,
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
+    );
+    let mut rows = vec![
+        baseline(&moto, args.jobs, 1).await,
+        baseline(&moto, args.jobs, 10).await,
+    ];
+    let mut runs = Vec::new();
+    for concurrency in [1, 10] {
+        let run = run_worker(&moto, args.jobs, concurrency).await;
+        runs.push(run);
+    }
+    // Idle: once each worker has released protection after its maintain window.
+    for run in &mut runs {
+        wait_for(
+            "protection to be released after the run",
+            MAINTAIN_WINDOW * 4,
+            || async {
+                (run.agent.puts().len() > run.puts_in_run || run.agent.released()).then_some(())
+            },
+        )
+        .await;
+        run.idle_from = run.agent.puts().len();
+    }
+    let idle_start = Instant::now();
+    tokio::time::sleep(args.idle).await;
+    println!();
+    println!("| run | seconds | jobs/s | SQS requests | requests/job | by operation |");
+    println!("|---|---:|---:|---:|---:|---|");
+    for row in &rows {
+        row.print();
+    }
+    rows.clear();
+    for run in &runs {
+        run.row.print();
+    }
+    println!();
+    println!(
+        "| run | PUTs during the run (acquire, release) | PUTs idle, {:.0} s after release | SQS requests while idle |",
+        idle_start.elapsed().as_secs_f64()
+    );
+    println!("|---|---:|---:|---:|");
+    for run in &mut runs {
+        let puts = run.agent.puts();
+        let kinds: Vec<&str> = puts[..run.idle_from]
+            .iter()
+            .map(|p| if p.enabled() { "enable" } else { "disable" })
+            .collect();
+        println!(
+            "| WORKER_CONCURRENCY={} | {} ({}) | {} | {} |",
+            run.concurrency,
+            run.idle_from,
+            kinds.join(", "),
+            puts.len() - run.idle_from,
+            run.proxy.total() - run.row.requests,
+        );
+        if let Some(pid) = run.child.id().and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let status = tokio::time::timeout(Duration::from_secs(30), run.child.wait())
+            .await
+            .expect("the worker did not stop");
+        assert!(status.is_ok_and(|s| s.success()), "the worker failed");
+    }
+}
