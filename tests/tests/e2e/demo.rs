@@ -1,0 +1,120 @@
+//! `scripts/demo`, run briefly as a newcomer would: a job goes through, the page
+//! answers, and Ctrl-C leaves nothing running.
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use e2e::{free_port, wait_for, workspace_root};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+async fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    Some(response)
+}
+
+fn alive(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None).is_ok()
+}
+
+#[tokio::test]
+async fn the_demo_runs_a_job_serves_the_page_and_stops_cleanly() {
+    let dir = std::env::temp_dir().join(format!("task-protection-demo-{}", std::process::id()));
+    let port = free_port();
+    let mut child = tokio::process::Command::new("bash")
+        .arg(workspace_root().join("scripts/demo"))
+        .current_dir(workspace_root())
+        .env("DEMO_DIR", &dir)
+        .env("DEMO_PORT", port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        // Its own process group, so Ctrl-C can be played as a terminal does it.
+        .process_group(0)
+        .spawn()
+        .expect("bash runs scripts/demo");
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    for stream in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let lines = Arc::clone(&lines);
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                eprintln!("[demo] {line}");
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+    let seen = |needle: &'static str| {
+        let lines = Arc::clone(&lines);
+        move || {
+            let found = lines.lock().unwrap().iter().any(|l| l.contains(needle));
+            async move { found.then_some(()) }
+        }
+    };
+
+    // The 500 ms sample job goes through the worker.
+    wait_for(
+        "a sample job to be done",
+        Duration::from_secs(180),
+        seen(" - Done"),
+    )
+    .await;
+    // The page answers on the chosen port.
+    let page = wait_for("the page", Duration::from_secs(30), || http_get(port, "/")).await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.to_lowercase().contains("<html"), "{page}");
+    let health = http_get(port, "/healthz").await.unwrap_or_default();
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+
+    // Every process the demo started, as it recorded them.
+    let pids: Vec<i32> = std::fs::read_to_string(dir.join("pids"))
+        .expect("the demo records its processes")
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 3, "moto, queue-consumer, websocket: {pids:?}");
+    assert!(pids.iter().all(|p| alive(*p)));
+
+    // Ctrl-C: the terminal sends SIGINT to the whole foreground process group.
+    let group = i32::try_from(child.id().unwrap()).unwrap();
+    kill(Pid::from_raw(-group), Signal::SIGINT).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("the demo stops within a minute")
+        .unwrap();
+    assert!(!status.success() || status.code() == Some(0), "{status}");
+    for pid in pids {
+        assert!(!alive(pid), "process {pid} left running");
+    }
+    // Nothing lost on the way out: the 10 s job was handed back to SQS, which the
+    // demo stops last.
+    let out = lines.lock().unwrap().join("\n");
+    assert!(!out.contains("Could not be settled"), "{out}");
+    assert!(
+        http_get(port, "/").await.is_none(),
+        "port {port} still answers"
+    );
+    assert!(!dir.join("env").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
