@@ -4,4 +4,5 @@ mod browser;
 mod demo;
 mod deploy;
 mod queue_consumer;
+mod readme;
 mod websocket;

@@ -1,0 +1,89 @@
+//! The README's configuration tables agree with what the binaries' `--help` says.
+
+use std::collections::BTreeMap;
+
+use e2e::process::run_to_exit;
+use e2e::workspace_root;
+
+/// Every `[env: NAME=]` in `--help`, with its `[default: ...]` when there is one.
+fn settings_from_help(help: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in help.lines().map(str::trim) {
+        if line.starts_with('-') {
+            current = None;
+        }
+        if let Some(rest) = line.strip_prefix("[env: ") {
+            let name = rest.split('=').next().unwrap_or_default().to_owned();
+            out.insert(name.clone(), "—".to_owned());
+            current = Some(name);
+        } else if let (Some(rest), Some(name)) = (line.strip_prefix("[default: "), &current) {
+            out.insert(name.clone(), rest.trim_end_matches(']').to_owned());
+        }
+    }
+    out
+}
+
+/// Rows of the README tables under `heading`, as cells without backticks.
+fn table(readme: &str, heading: &str) -> Vec<Vec<String>> {
+    let start = readme
+        .find(heading)
+        .unwrap_or_else(|| panic!("README has no {heading:?}"));
+    readme[start..]
+        .lines()
+        .skip(1)
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+        .map(|row| {
+            row.trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().trim_matches('`').to_owned())
+                .collect()
+        })
+        .collect()
+}
+
+fn readme_settings(readme: &str, service: &str, column: usize) -> BTreeMap<String, String> {
+    let mut out: BTreeMap<String, String> = table(readme, &format!("### {service}\n"))
+        .into_iter()
+        .map(|row| {
+            let default = if row[1] == "required" {
+                "—".to_owned()
+            } else {
+                row[1].clone()
+            };
+            (row[0].clone(), default)
+        })
+        .collect();
+    for row in table(readme, "### Task protection (both services)") {
+        out.insert(row[0].clone(), row[column].clone());
+    }
+    out
+}
+
+async fn check(service: &str, column: usize) {
+    let (status, help, stderr) = run_to_exit(service, &["--help"], &[]).await;
+    assert!(status.success(), "{service} --help: {stderr}");
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
+    let documented = readme_settings(&readme, service, column);
+    let actual = settings_from_help(&help);
+    assert!(
+        actual.len() >= 10,
+        "too few settings parsed from --help: {actual:?}"
+    );
+    assert_eq!(
+        documented, actual,
+        "README's configuration for {service} (left) differs from `{service} --help` (right)"
+    );
+}
+
+#[tokio::test]
+async fn readme_configuration_matches_queue_consumer_help() {
+    check("queue-consumer", 1).await;
+}
+
+#[tokio::test]
+async fn readme_configuration_matches_websocket_help() {
+    check("websocket", 2).await;
+}
