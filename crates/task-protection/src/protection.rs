@@ -152,7 +152,7 @@ impl TaskProtection {
             events,
             counters: AtomicCounters::default(),
         });
-        tracing::info!(backend = %backend.describe(), "Task protection managed through {}", backend.describe());
+        tracing::info!("Task protection through {}", backend.describe());
         let driver = tokio::spawn(drive(Arc::clone(&shared), backend));
         Self {
             handle: Arc::new(Handle {
