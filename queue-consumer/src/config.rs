@@ -45,7 +45,8 @@ pub struct Config {
           value_parser = ranged("WORKER_CONCURRENCY", 1, MAX_CONCURRENCY, ""))]
     pub worker_concurrency: u64,
 
-    /// Long-poll wait of each receive, in seconds (0..=20)
+    /// Long-poll wait of each receive, in seconds; 0 polls briefly, once a second
+    /// while the queue is empty (0..=20)
     #[arg(long, env = "QUEUE_WAIT_SECONDS", value_name = "SECONDS", default_value = "20",
           value_parser = ranged("QUEUE_WAIT_SECONDS", 0, MAX_WAIT_SECONDS, "seconds"))]
     pub queue_wait_seconds: u64,

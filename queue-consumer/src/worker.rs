@@ -29,6 +29,8 @@ use crate::queue::{MAX_BATCH, Message, Queue};
 use crate::settle::{Action, Settlement, Settler};
 use crate::stats::Stats;
 
+/// Pause after an empty short poll (`QUEUE_WAIT_SECONDS=0`).
+const SHORT_POLL_PAUSE: Duration = Duration::from_secs(1);
 /// How long the last settle calls may take once every job has ended.
 const SETTLE_BUDGET: Duration = Duration::from_secs(3);
 
@@ -223,6 +225,16 @@ async fn receive_loop(shared: &Arc<Shared>, tracker: &TaskTracker) {
         match received {
             Ok(messages) => {
                 backoff.reset();
+                if messages.is_empty() && shared.settings.wait.is_zero() {
+                    // Short polling returns at once on an empty queue: pace it, or the
+                    // worker would call SQS in a hot loop.
+                    drop(permits);
+                    tokio::select! {
+                        () = shared.stop_receiving.cancelled() => return,
+                        () = tokio::time::sleep(SHORT_POLL_PAUSE) => {}
+                    }
+                    continue;
+                }
                 for message in messages {
                     let Some(permit) = permits.pop() else {
                         tracing::warn!(
