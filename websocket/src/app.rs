@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use task_protection::{ProtectionEvent, ShutdownReport, TaskProtection};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
@@ -23,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ServerSettings;
-use crate::connection::SHUTTING_DOWN_SOON;
+use crate::connection::{Notice, SHUTTING_DOWN_SOON};
 use crate::connections::Connections;
 use crate::routes::{Shared, router};
 
@@ -37,6 +38,7 @@ pub struct App {
     local_addr: SocketAddr,
     shared: Arc<Shared>,
     grace: Duration,
+    ping_interval: Duration,
 }
 
 impl App {
@@ -53,13 +55,13 @@ impl App {
             notices,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
-            settings: settings.connection,
         });
         Ok(Self {
             listener,
             local_addr,
             shared,
             grace: settings.shutdown_grace,
+            ping_interval: settings.ping_interval,
         })
     }
 
@@ -94,6 +96,7 @@ impl App {
             listener,
             shared,
             grace,
+            ping_interval,
             ..
         } = self;
         let protection = shared.connections.protection().clone();
@@ -101,7 +104,15 @@ impl App {
             protection.clone(),
             shared.notices.clone(),
         ));
+        let heartbeat = tokio::spawn(heartbeat(shared.notices.clone(), ping_interval));
         let stop = shared.shutdown.clone();
+        // Small messages such as a pong go out at once instead of waiting for Nagle's
+        // algorithm to batch them.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!("cannot set TCP_NODELAY: {error}");
+            }
+        });
         let server = axum::serve(listener, router(Arc::clone(&shared)))
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .into_future();
@@ -124,6 +135,7 @@ impl App {
             "Shutting down: no new clients; telling {clients} clients to leave"
         );
         shared.shutdown.cancel();
+        let _ = shared.notices.send(Notice::ShuttingDown);
         shared.tracker.close();
         if tokio::time::timeout_at(deadline, shared.tracker.wait())
             .await
@@ -140,6 +152,7 @@ impl App {
         let _ = tokio::time::timeout(HTTP_DRAIN, &mut server).await;
         server.abort();
         rejections.abort();
+        heartbeat.abort();
 
         let report = protection.shutdown().await;
         tracing::info!("Shutdown complete: {report}");
@@ -149,10 +162,7 @@ impl App {
 
 /// Tells every client `server shutting down soon` whenever ECS refuses protection,
 /// as the original sample did: the task is probably about to be replaced.
-async fn announce_rejections(
-    protection: TaskProtection,
-    notices: broadcast::Sender<axum::extract::ws::Utf8Bytes>,
-) {
+async fn announce_rejections(protection: TaskProtection, notices: broadcast::Sender<Notice>) {
     let mut events = protection.events();
     drop(protection);
     while let Some(event) = events.recv().await {
@@ -161,7 +171,19 @@ async fn announce_rejections(
                 reason = %rejection,
                 "Telling every client: {SHUTTING_DOWN_SOON}"
             );
-            let _ = notices.send(SHUTTING_DOWN_SOON.into());
+            let _ = notices.send(Notice::Say(SHUTTING_DOWN_SOON.into()));
         }
+    }
+}
+
+/// One timer for every connection: each heartbeat makes every client get a ping, and
+/// drops those that missed two. The ALB cuts a connection idle for 60 s, so the
+/// interval stays below that.
+async fn heartbeat(notices: broadcast::Sender<Notice>, every: Duration) {
+    let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let _ = notices.send(Notice::Heartbeat);
     }
 }

@@ -12,8 +12,6 @@ use clap::{Parser, Subcommand};
 use task_protection::ProtectionSettings;
 use task_protection::cli::{LogFormat, ProtectionArgs};
 
-use crate::connection::ConnectionSettings;
-
 /// The longest ping interval accepted. The ALB cuts a websocket that carries nothing
 /// for its idle timeout (60 s by default, at most 4000 s), so longer makes no sense.
 pub const MAX_PING_INTERVAL_SECONDS: u64 = 3600;
@@ -113,8 +111,8 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// Time clients get to leave after SIGTERM.
     pub shutdown_grace: Duration,
-    /// Per-connection settings.
-    pub connection: ConnectionSettings,
+    /// Time between the server's pings to each client.
+    pub ping_interval: Duration,
 }
 
 impl Default for ServerSettings {
@@ -124,7 +122,7 @@ impl Default for ServerSettings {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(20),
-            connection: ConnectionSettings::default(),
+            ping_interval: Duration::from_secs(25),
         }
     }
 }
@@ -138,10 +136,7 @@ impl Config {
             listen: SocketAddr::new(self.bind_address, port),
             max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
-            connection: ConnectionSettings {
-                ping_interval: Duration::from_secs(self.ws_ping_interval_seconds),
-                ..ConnectionSettings::default()
-            },
+            ping_interval: Duration::from_secs(self.ws_ping_interval_seconds),
         }
     }
 }
@@ -192,7 +187,7 @@ mod tests {
         assert_eq!(s.listen.port(), 3000);
         assert_eq!(s.max_connections, 10_000);
         assert_eq!(s.shutdown_grace, Duration::from_secs(20));
-        assert_eq!(s.connection.ping_interval, Duration::from_secs(25));
+        assert_eq!(s.ping_interval, Duration::from_secs(25));
         let p = config.protection.settings().unwrap();
         assert_eq!(p.duration_minutes(), 30);
         assert_eq!(p.maintain_percent(), 0);

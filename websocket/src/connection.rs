@@ -6,12 +6,16 @@
 //!
 //! The rest keeps a server with thousands of clients healthy behind an ALB:
 //! - The ALB cuts a websocket that carries nothing for 60 s, and a peer that vanished
-//!   without a FIN looks connected forever, so the server pings every
-//!   `ping_interval` and drops a client that misses two pongs.
+//!   without a FIN looks connected forever, so the server pings on every
+//!   [`Notice::Heartbeat`] and drops a client that misses two pongs.
 //! - Writes never block reads: outgoing messages wait in a small per-connection queue
 //!   that is flushed while reading goes on. A client that stops reading fills it and
 //!   is dropped, instead of growing its queue without limit.
 //! - An oversized message is answered with close code 1009, as RFC 6455 asks.
+//!
+//! An idle connection must cost little memory (10,000 of them per task is the
+//! default limit), so a connection owns no timer of its own: one heartbeat and the
+//! shutdown reach every connection through the same broadcast channel.
 //!
 //! [`serve`] is generic over the socket (any `Sink` + `Stream` of messages), so the
 //! protocol is tested with channels, no network needed.
@@ -19,15 +23,12 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::poll_fn;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, close_code};
-use futures_util::{Sink, Stream, StreamExt};
-use tokio::sync::broadcast;
-use tokio::time::{Instant, MissedTickBehavior};
-use tokio_stream::wrappers::BroadcastStream;
+use futures_util::{Sink, Stream};
+use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 
 /// What a client sends to check the connection.
@@ -39,6 +40,9 @@ pub const SHUTTING_DOWN: &str = "server shutting down";
 /// Sent to every client when ECS refuses protection: the task is probably about to be
 /// replaced.
 pub const SHUTTING_DOWN_SOON: &str = "server shutting down soon";
+/// Most messages waiting to be written to one client before it is dropped as a slow
+/// reader. A client that reads gets each answer long before this many pile up.
+pub const OUTBOUND_QUEUE: usize = 32;
 
 /// The greeting a client gets on connect, as the original sample worded it.
 #[must_use]
@@ -46,37 +50,26 @@ pub fn welcome(connections: usize) -> String {
     format!("Welcome! There are {connections} connections")
 }
 
-/// How each connection behaves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnectionSettings {
-    /// Time between the server's pings.
-    pub ping_interval: Duration,
-    /// Most messages waiting to be written to one client before it is dropped as a
-    /// slow reader.
-    pub outbound_queue: usize,
-    /// How long a closing handshake may take.
-    pub close_timeout: Duration,
-}
-
-impl Default for ConnectionSettings {
-    fn default() -> Self {
-        Self {
-            ping_interval: Duration::from_secs(25),
-            outbound_queue: 32,
-            close_timeout: Duration::from_secs(5),
-        }
-    }
+/// What the server tells every connection at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Send this text to the client.
+    Say(Utf8Bytes),
+    /// Time to ping: a client that missed the two previous pings is dropped.
+    Heartbeat,
+    /// Say goodbye: `server shutting down`, then close with 1001.
+    ShuttingDown,
 }
 
 /// Why a connection ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Ended {
     /// The client closed: a close frame, or the end of the stream.
     ClientClosed,
     /// The connection failed, e.g. a TCP reset.
-    Broken(String),
-    /// The client missed two pongs.
+    Broken,
+    /// The client missed two pongs, or never answered a close.
     Silent,
     /// The client did not read what it was sent.
     SlowReader,
@@ -117,14 +110,14 @@ impl SocketError for axum::Error {
 
 /// Serves one client until it leaves, is dropped, or the server shuts down.
 ///
-/// `connections` is the count to welcome it with; `notices` carries messages for every
-/// client; `shutdown` starts the goodbye.
+/// `connections` is the count to welcome it with; `notices` carries the heartbeat,
+/// the shutdown and messages for every client; `shutdown` is checked in case a
+/// notice was missed.
 pub async fn serve<S, E>(
     socket: S,
     connections: usize,
-    notices: broadcast::Receiver<Utf8Bytes>,
+    mut notices: broadcast::Receiver<Notice>,
     shutdown: CancellationToken,
-    settings: ConnectionSettings,
 ) -> Ended
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message, Error = E> + Unpin,
@@ -132,89 +125,45 @@ where
 {
     let mut link = Link {
         socket,
+        head: None,
         queue: VecDeque::new(),
         unflushed: false,
-        limit: settings.outbound_queue.max(2),
+        reading: true,
+        unanswered: 0,
+        closing: None,
     };
-    let mut notices = BroadcastStream::new(notices);
-    let mut cancelled = pin!(shutdown.cancelled());
-    let mut pings = tokio::time::interval_at(
-        Instant::now() + settings.ping_interval,
-        settings.ping_interval,
-    );
-    pings.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut unanswered: u8 = 0;
-    // Set once a goodbye has started: the reason, and when to stop waiting for it.
-    let mut closing: Option<(Ended, Instant)> = None;
-
     link.push(Message::Text(welcome(connections).into()));
+    if shutdown.is_cancelled() {
+        link.on_notice(Notice::ShuttingDown);
+    }
+    let mut listening = true;
     loop {
-        let deadline = closing.as_ref().map(|(_, at)| *at);
-        tokio::select! {
-            biased;
-            () = &mut cancelled, if closing.is_none() => {
-                link.push(Message::Text(SHUTTING_DOWN.into()));
-                link.push(close(close_code::AWAY, SHUTTING_DOWN));
-                closing = Some((Ended::ShuttingDown, Instant::now() + settings.close_timeout));
-            }
-            () = sleep_until(deadline) => {
-                return closing.map_or(Ended::ClientClosed, |(why, _)| why);
-            }
-            event = link.next_event() => match event {
-                Event::Received(Some(Ok(message))) => match message {
-                    Message::Text(text) => {
-                        if text.as_str() == PING {
-                            link.push(Message::Text(PONG.into()));
-                        }
-                        tracing::debug!("received: {}", excerpt(text.as_str()));
-                    }
-                    Message::Binary(data) => {
-                        tracing::debug!(bytes = data.len(), "received a binary message");
-                    }
-                    Message::Pong(_) => unanswered = 0,
-                    // tungstenite answers pings, and answers a close frame with its
-                    // own; reading on until the stream ends sends that answer.
-                    Message::Ping(_) => {}
-                    Message::Close(_) => {
-                        if closing.is_none() {
-                            closing = Some((Ended::ClientClosed, Instant::now() + settings.close_timeout));
-                        }
-                    }
-                },
-                Event::Received(Some(Err(error))) => {
-                    let Some(code) = error.close_code() else {
-                        return closing.map_or_else(|| Ended::Broken(error.to_string()), |(why, _)| why);
-                    };
-                    tracing::debug!(code, "closing a websocket that broke the protocol: {error}");
-                    // The rest of the offending frame is still unread, so nothing more
-                    // can be read: say why, then hang up.
-                    if closing.is_none() {
-                        link.push(close(code, &error.to_string()));
-                        let _ = tokio::time::timeout(settings.close_timeout, link.flush()).await;
-                    }
-                    return closing.map_or(Ended::Refused(code), |(why, _)| why);
-                }
-                Event::Received(None) => return closing.map_or(Ended::ClientClosed, |(why, _)| why),
-                Event::WriteFailed(error) => {
-                    return closing.map_or_else(|| Ended::Broken(error.to_string()), |(why, _)| why);
-                }
-            },
-            Some(notice) = notices.next(), if closing.is_none() => {
-                // A subscriber that lagged skips what it missed.
-                if let Ok(text) = notice {
-                    link.push(Message::Text(text));
-                }
-            }
-            _ = pings.tick(), if closing.is_none() => {
-                if unanswered >= 2 {
-                    return Ended::Silent;
-                }
-                unanswered += 1;
-                link.push(Message::Ping(Default::default()));
-            }
-        }
         if link.overflowed() {
             return Ended::SlowReader;
+        }
+        tokio::select! {
+            biased;
+            event = link.next_event() => {
+                if let Some(ended) = link.on_event(event) {
+                    return ended;
+                }
+            }
+            notice = notices.recv(), if listening => {
+                let notice = match notice {
+                    Ok(notice) => notice,
+                    // A connection that lagged behind skips what it missed, but never
+                    // the shutdown.
+                    Err(RecvError::Lagged(_)) if shutdown.is_cancelled() => Notice::ShuttingDown,
+                    Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => {
+                        listening = false;
+                        continue;
+                    }
+                };
+                if let Some(ended) = link.on_notice(notice) {
+                    return ended;
+                }
+            }
         }
     }
 }
@@ -240,54 +189,155 @@ fn excerpt(text: &str) -> &str {
     &text[..end]
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 enum Event<E> {
     Received(Option<Result<Message, E>>),
+    /// Everything queued is written, and reading has stopped.
+    Flushed,
     WriteFailed(E),
 }
 
 /// The socket and its bounded outbound queue.
+///
+/// The queue's head lives inline, so the usual traffic (one pong, one ping at a
+/// time) never allocates; only a backlog spills into the `VecDeque`.
 struct Link<S> {
     socket: S,
+    head: Option<Message>,
+    /// The rest of the queue, after `head`; empty while `head` is `None`.
     queue: VecDeque<Message>,
     /// Messages handed to the socket but not yet flushed.
     unflushed: bool,
-    limit: usize,
+    /// False once nothing more may be read.
+    reading: bool,
+    /// Heartbeats without a pong; or, once closing, heartbeats since the goodbye.
+    unanswered: u8,
+    /// Set once a goodbye has started: why the connection is ending.
+    closing: Option<Ended>,
 }
 
 impl<S, E> Link<S>
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message, Error = E> + Unpin,
+    E: SocketError,
 {
+    /// Handles what the socket did; `Some` when the connection is over.
+    fn on_event(&mut self, event: Event<E>) -> Option<Ended> {
+        match event {
+            Event::Received(Some(Ok(message))) => {
+                match message {
+                    Message::Text(text) => {
+                        if text.as_str() == PING {
+                            self.push(Message::Text(PONG.into()));
+                        }
+                        tracing::debug!("received: {}", excerpt(text.as_str()));
+                    }
+                    Message::Binary(data) => {
+                        tracing::debug!(bytes = data.len(), "received a binary message");
+                    }
+                    Message::Pong(_) => {
+                        if self.closing.is_none() {
+                            self.unanswered = 0;
+                        }
+                    }
+                    // tungstenite answers pings, and answers a close frame with its
+                    // own; reading on until the stream ends sends that answer.
+                    Message::Ping(_) => {}
+                    Message::Close(_) => self.start_closing(Ended::ClientClosed),
+                }
+                None
+            }
+            Event::Received(Some(Err(error))) => {
+                if self.closing.is_some() {
+                    return self.closing;
+                }
+                let Some(code) = error.close_code() else {
+                    tracing::debug!("websocket broken: {error}");
+                    return Some(Ended::Broken);
+                };
+                tracing::debug!(code, "closing a websocket that broke the protocol: {error}");
+                // The rest of the offending frame is still unread, so nothing more can
+                // be read: say why, and hang up once that is written.
+                self.reading = false;
+                self.push(close(code, &error.to_string()));
+                self.start_closing(Ended::Refused(code));
+                None
+            }
+            Event::Received(None) | Event::Flushed => {
+                Some(self.closing.unwrap_or(Ended::ClientClosed))
+            }
+            Event::WriteFailed(error) => {
+                tracing::debug!("websocket write failed: {error}");
+                Some(self.closing.unwrap_or(Ended::Broken))
+            }
+        }
+    }
+
+    /// Handles what the server tells every client; `Some` when the connection is over.
+    fn on_notice(&mut self, notice: Notice) -> Option<Ended> {
+        match (notice, self.closing) {
+            (Notice::Say(text), None) => self.push(Message::Text(text)),
+            (Notice::Heartbeat, None) => {
+                if self.unanswered >= 2 {
+                    return Some(Ended::Silent);
+                }
+                self.unanswered += 1;
+                self.push(Message::Ping(axum::body::Bytes::new()));
+            }
+            (Notice::Heartbeat, Some(why)) => {
+                // A client that does not answer a close within two heartbeats is gone.
+                self.unanswered += 1;
+                if self.unanswered >= 2 {
+                    return Some(why);
+                }
+            }
+            (Notice::ShuttingDown, None) => {
+                self.push(Message::Text(SHUTTING_DOWN.into()));
+                self.push(close(close_code::AWAY, SHUTTING_DOWN));
+                self.start_closing(Ended::ShuttingDown);
+            }
+            (Notice::Say(_) | Notice::ShuttingDown, Some(_)) => {}
+        }
+        None
+    }
+
+    fn start_closing(&mut self, why: Ended) {
+        if self.closing.is_none() {
+            self.closing = Some(why);
+            self.unanswered = 0;
+        }
+    }
+
     fn push(&mut self, message: Message) {
-        // One past the limit marks the overflow; the connection is dropped right after.
-        if self.queue.len() <= self.limit {
+        if self.head.is_none() {
+            self.head = Some(message);
+        } else if self.queue.len() < OUTBOUND_QUEUE {
+            // One past the limit (head included) marks the overflow; the connection is
+            // dropped right after.
             self.queue.push_back(message);
         }
     }
 
     fn overflowed(&self) -> bool {
-        self.queue.len() > self.limit
+        self.queue.len() >= OUTBOUND_QUEUE
     }
 
     /// Moves queued messages into the socket and flushes them; ready once all are out.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), E>> {
-        while !self.queue.is_empty() {
+        while self.head.is_some() {
             ready!(Pin::new(&mut self.socket).poll_ready(cx))?;
-            if let Some(message) = self.queue.pop_front() {
+            if let Some(message) = self.head.take() {
                 Pin::new(&mut self.socket).start_send(message)?;
                 self.unflushed = true;
             }
+            self.head = self.queue.pop_front();
         }
         if self.unflushed {
             ready!(Pin::new(&mut self.socket).poll_flush(cx))?;
             self.unflushed = false;
+            if self.queue.capacity() > 0 {
+                // A backlog has cleared: an idle connection keeps no queue allocated.
+                self.queue = VecDeque::new();
+            }
         }
         Poll::Ready(Ok(()))
     }
@@ -296,19 +346,15 @@ where
     ///
     /// Cancel-safe: all progress lives in `self`, so `select!` may drop it freely.
     async fn next_event(&mut self) -> Event<E> {
-        poll_fn(|cx| {
-            if let Poll::Ready(Err(error)) = self.poll_write(cx) {
-                return Poll::Ready(Event::WriteFailed(error));
-            }
-            Pin::new(&mut self.socket)
+        poll_fn(|cx| match self.poll_write(cx) {
+            Poll::Ready(Err(error)) => Poll::Ready(Event::WriteFailed(error)),
+            Poll::Ready(Ok(())) if !self.reading => Poll::Ready(Event::Flushed),
+            _ if self.reading => Pin::new(&mut self.socket)
                 .poll_next(cx)
-                .map(Event::Received)
+                .map(Event::Received),
+            _ => Poll::Pending,
         })
         .await
-    }
-
-    async fn flush(&mut self) -> Result<(), E> {
-        poll_fn(|cx| self.poll_write(cx)).await
     }
 }
 
@@ -316,8 +362,9 @@ where
 mod tests {
     use std::pin::Pin;
     use std::task::{Context, Poll};
+    use std::time::Duration;
 
-    use axum::extract::ws::{Message, Utf8Bytes, close_code};
+    use axum::extract::ws::{Message, close_code};
     use futures_util::{Sink, Stream};
     use tokio::sync::{broadcast, mpsc};
     use tokio::task::JoinHandle;
@@ -383,12 +430,12 @@ mod tests {
     struct Client {
         to_server: mpsc::Sender<Result<Message, FakeError>>,
         from_server: mpsc::Receiver<Message>,
-        notices: broadcast::Sender<Utf8Bytes>,
+        notices: broadcast::Sender<Notice>,
         shutdown: CancellationToken,
         server: JoinHandle<Ended>,
     }
 
-    const INTERVAL: Duration = Duration::from_secs(25);
+    const WAIT: Duration = Duration::from_secs(1);
 
     fn start(outgoing_capacity: usize) -> Client {
         let (to_server, incoming) = mpsc::channel(64);
@@ -399,18 +446,7 @@ mod tests {
             incoming,
             outgoing: PollSender::new(outgoing),
         };
-        let settings = ConnectionSettings {
-            ping_interval: INTERVAL,
-            outbound_queue: 4,
-            close_timeout: Duration::from_secs(5),
-        };
-        let server = tokio::spawn(serve(
-            socket,
-            7,
-            notices.subscribe(),
-            shutdown.clone(),
-            settings,
-        ));
+        let server = tokio::spawn(serve(socket, 7, notices.subscribe(), shutdown.clone()));
         Client {
             to_server,
             from_server,
@@ -424,20 +460,28 @@ mod tests {
         async fn send(&self, message: Message) {
             self.to_server.send(Ok(message)).await.unwrap();
         }
+
+        fn notify(&self, notice: Notice) {
+            self.notices.send(notice).unwrap();
+        }
+
         async fn recv(&mut self) -> Message {
-            tokio::time::timeout(Duration::from_secs(1), self.from_server.recv())
+            tokio::time::timeout(WAIT, self.from_server.recv())
                 .await
                 .expect("a message from the server")
                 .expect("the server is still writing")
         }
+
         async fn recv_text(&mut self) -> String {
             match self.recv().await {
                 Message::Text(t) => t.as_str().to_owned(),
                 other => panic!("expected text, got {other:?}"),
             }
         }
-        async fn ended(self) -> Ended {
-            tokio::time::timeout(Duration::from_secs(120), self.server)
+
+        /// How the connection ended; the client keeps its end open meanwhile.
+        async fn ended(&mut self) -> Ended {
+            tokio::time::timeout(WAIT, &mut self.server)
                 .await
                 .expect("the connection ends")
                 .unwrap()
@@ -451,7 +495,7 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn welcomes_with_the_count_and_answers_ping_with_pong() {
         let mut client = start(16);
         assert_eq!(client.recv_text().await, "Welcome! There are 7 connections");
@@ -465,54 +509,40 @@ mod tests {
             "other text gets no answer"
         );
         client.send(Message::Close(None)).await;
-        drop(client.to_server);
-        let ended = tokio::time::timeout(Duration::from_secs(1), client.server).await;
-        assert_eq!(ended.unwrap().unwrap(), Ended::ClientClosed);
+        assert!(!client.server.is_finished(), "waits for the stream to end");
+        let (closed, _) = mpsc::channel(1);
+        client.to_server = closed;
+        assert_eq!(client.ended().await, Ended::ClientClosed);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_silent_client_is_dropped_after_two_missed_pongs() {
+    #[tokio::test]
+    async fn a_silent_client_is_dropped_at_the_third_heartbeat_without_a_pong() {
         let mut client = start(16);
         client.recv_text().await;
-        let started = Instant::now();
-        assert!(matches!(
-            client.recv_after(INTERVAL).await,
-            Message::Ping(_)
-        ));
-        assert!(matches!(
-            client.recv_after(INTERVAL).await,
-            Message::Ping(_)
-        ));
-        let to_server = client.to_server.clone();
+        client.notify(Notice::Heartbeat);
+        assert!(matches!(client.recv().await, Message::Ping(_)));
+        client.notify(Notice::Heartbeat);
+        assert!(matches!(client.recv().await, Message::Ping(_)));
+        assert!(!client.server.is_finished());
+        client.notify(Notice::Heartbeat);
         assert_eq!(client.ended().await, Ended::Silent);
-        assert_eq!(started.elapsed(), INTERVAL * 3);
-        drop(to_server);
     }
 
-    impl Client {
-        async fn recv_after(&mut self, wait: Duration) -> Message {
-            tokio::time::timeout(wait + Duration::from_millis(1), self.from_server.recv())
-                .await
-                .expect("a message from the server")
-                .expect("the server is still writing")
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_client_that_answers_pings_stays() {
         let mut client = start(16);
         client.recv_text().await;
         for _ in 0..10 {
-            assert!(matches!(
-                client.recv_after(INTERVAL).await,
-                Message::Ping(_)
-            ));
-            client.send(Message::Pong(Default::default())).await;
+            client.notify(Notice::Heartbeat);
+            assert!(matches!(client.recv().await, Message::Ping(_)));
+            client.send(Message::Pong(axum::body::Bytes::new())).await;
         }
+        client.send(Message::Text("ping".into())).await;
+        assert_eq!(client.recv_text().await, "pong");
         assert!(!client.server.is_finished());
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn an_oversized_message_is_answered_with_1009() {
         let mut client = start(16);
         client.recv_text().await;
@@ -525,53 +555,78 @@ mod tests {
         assert_eq!(client.ended().await, Ended::Refused(close_code::SIZE));
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_broken_connection_ends_at_once() {
         let mut client = start(16);
         client.recv_text().await;
         client.to_server.send(Err(FakeError(None))).await.unwrap();
-        assert!(matches!(client.ended().await, Ended::Broken(_)));
+        assert_eq!(client.ended().await, Ended::Broken);
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn shutdown_says_goodbye_with_1001_and_waits_for_the_close_reply() {
         let mut client = start(16);
         client.recv_text().await;
         client.shutdown.cancel();
+        client.notify(Notice::ShuttingDown);
         assert_eq!(client.recv_text().await, SHUTTING_DOWN);
         assert_eq!(close_code_of(&client.recv().await), Some(close_code::AWAY));
         assert!(!client.server.is_finished());
         client.send(Message::Close(None)).await;
-        drop(client.to_server);
-        let ended = tokio::time::timeout(Duration::from_secs(1), client.server).await;
-        assert_eq!(ended.unwrap().unwrap(), Ended::ShuttingDown);
+        let (closed, _) = mpsc::channel(1);
+        client.to_server = closed;
+        assert_eq!(client.ended().await, Ended::ShuttingDown);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn shutdown_gives_up_on_a_client_that_never_answers() {
+    #[tokio::test]
+    async fn shutdown_gives_up_on_a_client_that_never_answers_within_two_heartbeats() {
         let mut client = start(16);
         client.recv_text().await;
-        client.shutdown.cancel();
+        client.notify(Notice::ShuttingDown);
         client.recv_text().await;
         client.recv().await;
-        let to_server = client.to_server.clone();
+        client.notify(Notice::Heartbeat);
+        client.notify(Notice::Heartbeat);
         assert_eq!(client.ended().await, Ended::ShuttingDown);
-        drop(to_server);
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
+    async fn a_client_arriving_after_shutdown_is_told_to_leave() {
+        let (to_server, incoming) = mpsc::channel(1);
+        let (outgoing, mut from_server) = mpsc::channel(4);
+        let (notices, _) = broadcast::channel(4);
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        let socket = FakeSocket {
+            incoming,
+            outgoing: PollSender::new(outgoing),
+        };
+        let server = tokio::spawn(serve(socket, 1, notices.subscribe(), shutdown));
+        assert!(matches!(from_server.recv().await, Some(Message::Text(_))));
+        assert!(
+            matches!(from_server.recv().await, Some(Message::Text(t)) if t.as_str() == SHUTTING_DOWN)
+        );
+        assert_eq!(
+            close_code_of(&from_server.recv().await.unwrap()),
+            Some(close_code::AWAY)
+        );
+        drop(to_server);
+        assert_eq!(server.await.unwrap(), Ended::ShuttingDown);
+    }
+
+    #[tokio::test]
     async fn notices_reach_the_client() {
         let mut client = start(16);
         client.recv_text().await;
-        client.notices.send(SHUTTING_DOWN_SOON.into()).unwrap();
+        client.notify(Notice::Say(SHUTTING_DOWN_SOON.into()));
         assert_eq!(client.recv_text().await, SHUTTING_DOWN_SOON);
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_client_that_does_not_read_is_dropped() {
         // Room for the welcome only; the client never reads.
-        let client = start(1);
-        for _ in 0..10 {
+        let mut client = start(1);
+        for _ in 0..=OUTBOUND_QUEUE + 1 {
             if client.server.is_finished() {
                 break;
             }
@@ -580,9 +635,6 @@ mod tests {
                 .send(Ok(Message::Text("ping".into())))
                 .await;
         }
-        let keep = (client.from_server, client.to_server.clone());
-        let ended = tokio::time::timeout(Duration::from_secs(1), client.server).await;
-        assert_eq!(ended.unwrap().unwrap(), Ended::SlowReader);
-        drop(keep);
+        assert_eq!(client.ended().await, Ended::SlowReader);
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::extract::ws::{Utf8Bytes, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -15,16 +15,18 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::connection::{self, ConnectionSettings};
+use crate::connection::{self, Notice};
 use crate::connections::Connections;
 
 /// The page, compiled in so the binary needs no files at run time.
 pub const PAGE: &str = include_str!("../static/index.html");
 
 /// The read buffer of each websocket. tungstenite's default is 128 KiB per
-/// connection, which makes 10,000 idle clients cost 1.3 GB; this protocol's messages
-/// are a few bytes, and a larger message still arrives, in more reads.
-pub const READ_BUFFER_BYTES: usize = 2 * 1024;
+/// connection, which makes 10,000 idle clients cost 1.3 GB, and tungstenite fills
+/// the whole buffer on every read, so each idle connection pays for all of it. This
+/// protocol's messages are a few bytes; a larger one (up to [`MAX_MESSAGE_BYTES`])
+/// still arrives, the buffer growing for it.
+pub const READ_BUFFER_BYTES: usize = 1024;
 /// The largest message (and frame) accepted; a larger one is answered with 1009.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// The most bytes tungstenite may hold unsent for one client. Past it the client is
@@ -35,14 +37,13 @@ pub const MAX_WRITE_BUFFER_BYTES: usize = 2 * MAX_MESSAGE_BYTES;
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) connections: Arc<Connections>,
-    /// Messages for every client.
-    pub(crate) notices: broadcast::Sender<Utf8Bytes>,
+    /// The heartbeat, the shutdown, and messages for every client.
+    pub(crate) notices: broadcast::Sender<Notice>,
     /// Cancelled at shutdown: stop accepting, say goodbye.
     pub(crate) shutdown: CancellationToken,
     /// Every upgraded websocket, so shutdown can wait for them; axum's graceful
     /// shutdown does not.
     pub(crate) tracker: TaskTracker,
-    pub(crate) settings: ConnectionSettings,
 }
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
@@ -101,7 +102,6 @@ fn accept(shared: &Arc<Shared>, upgrade: WebSocketUpgrade) -> Response {
     };
     let notices = shared.notices.subscribe();
     let shutdown = shared.shutdown.clone();
-    let settings = shared.settings;
     // Counted from here, so shutdown also waits for a websocket still upgrading.
     let tracked = shared.tracker.token();
     upgrade
@@ -114,7 +114,7 @@ fn accept(shared: &Arc<Shared>, upgrade: WebSocketUpgrade) -> Response {
         .on_upgrade(move |socket| async move {
             slot.opened();
             let count = slot.count_when_opened();
-            let ended = connection::serve(socket, count, notices, shutdown, settings).await;
+            let ended = connection::serve(socket, count, notices, shutdown).await;
             tracing::debug!(?ended, "websocket ended");
             drop(slot);
             drop(tracked);

@@ -1,0 +1,294 @@
+//! Benchmarks the `websocket` server against `ws-baseline`, side by side in one run,
+//! on loopback only, and stops by itself (about a minute and a half).
+//!
+//! Figures, for each server:
+//! - base RSS: `VmRSS` of the idle process after start-up;
+//! - closed-loop round trips per second: 50 clients, each sending `ping` and waiting
+//!   for `pong` before the next, over several alternating rounds;
+//! - RSS growth per idle connection: `VmRSS` before and after 5,000 clients have
+//!   connected and been welcomed, divided by 5,000 (1 KB = 1,000 bytes).
+//!
+//! Build both in release mode first, from the workspace root:
+//!
+//! ```text
+//! cargo build --release -p websocket -p e2e --bins
+//! ulimit -n 20000 && target/release/bench-websocket
+//! ```
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async_with_config};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const CLIENTS: usize = 50;
+const IDLE_CLIENTS: usize = 5_000;
+const ROUNDS: usize = 5;
+const WARM_UP: Duration = Duration::from_secs(1);
+const MEASURE: Duration = Duration::from_secs(5);
+/// No single step may take longer than this; the benchmark then fails instead of
+/// hanging.
+const STEP: Duration = Duration::from_secs(60);
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+struct Server {
+    name: &'static str,
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    async fn start(name: &'static str, env: &[(&str, &str)]) -> Result<Self, Error> {
+        let dir = std::env::current_exe()?
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_default();
+        let binary = dir.join(name);
+        if !binary.exists() {
+            return Err(format!(
+                "{} is missing: cargo build --release -p websocket -p e2e --bins",
+                binary.display()
+            )
+            .into());
+        }
+        let mut child = Command::new(&binary)
+            .env_clear()
+            .env("PORT", "0")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let port = tokio::time::timeout(STEP, async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.split("Listening on ").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or_default();
+                    let port = addr.rsplit(':').next().unwrap_or_default().parse()?;
+                    return Ok::<u16, Error>(port);
+                }
+            }
+            Err(format!("{name} exited before listening").into())
+        })
+        .await??;
+        // Keep draining its output so its logging never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self { name, child, port })
+    }
+
+    fn rss_kb(&self) -> Result<u64, Error> {
+        let pid = self.child.id().ok_or("the server exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| "no VmRSS".into())
+    }
+
+    /// Samples RSS until two readings 300 ms apart agree, at most 5 s.
+    async fn settled_rss_kb(&self) -> Result<u64, Error> {
+        let mut last = self.rss_kb()?;
+        for _ in 0..16 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = self.rss_kb()?;
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        Ok(last)
+    }
+
+    async fn connect(&self) -> Result<Ws, Error> {
+        // A small client read buffer: 5,000 clients at tungstenite's default 128 KiB
+        // would cost the load client 640 MB.
+        let config = WebSocketConfig::default().read_buffer_size(4096);
+        let url = format!("ws://127.0.0.1:{}/", self.port);
+        let (mut ws, _) =
+            tokio::time::timeout(STEP, connect_async_with_config(url, Some(config), true))
+                .await??;
+        let welcome = next_text(&mut ws).await?;
+        if !welcome.starts_with("Welcome!") {
+            return Err(format!("{}: unexpected greeting {welcome:?}", self.name).into());
+        }
+        Ok(ws)
+    }
+}
+
+async fn next_text(ws: &mut Ws) -> Result<String, Error> {
+    loop {
+        match tokio::time::timeout(STEP, ws.next()).await? {
+            Some(Ok(Message::Text(t))) => return Ok(t.as_str().to_owned()),
+            Some(Ok(Message::Close(_))) | None => return Err("closed".into()),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+        }
+    }
+}
+
+/// Round trips per second with `CLIENTS` closed-loop clients.
+async fn round_trips(server: &Server) -> Result<f64, Error> {
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for _ in 0..CLIENTS {
+        clients.push(server.connect().await?);
+    }
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            let done = Arc::clone(&done);
+            let stop = Arc::clone(&stop);
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    ws.send(Message::text("ping")).await?;
+                    if next_text(&mut ws).await? != "pong" {
+                        return Err::<(), Error>("expected pong".into());
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = ws.close(None).await;
+                Ok(())
+            })
+        })
+        .collect();
+    tokio::time::sleep(WARM_UP).await;
+    let (start, before) = (Instant::now(), done.load(Ordering::Relaxed));
+    tokio::time::sleep(MEASURE).await;
+    let (elapsed, after) = (start.elapsed(), done.load(Ordering::Relaxed));
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        tokio::time::timeout(STEP, task).await???;
+    }
+    #[allow(clippy::cast_precision_loss)]
+    Ok((after - before) as f64 / elapsed.as_secs_f64())
+}
+
+/// RSS growth per idle connection, in bytes, at `IDLE_CLIENTS` clients.
+async fn idle_growth(server: &Server) -> Result<(u64, u64, f64), Error> {
+    let before = server.settled_rss_kb().await?;
+    let mut clients = Vec::with_capacity(IDLE_CLIENTS);
+    // Connect in batches, within the listen backlog.
+    for _ in 0..IDLE_CLIENTS / 100 {
+        let batch = futures_util::future::try_join_all((0..100).map(|_| server.connect())).await?;
+        clients.extend(batch);
+    }
+    let after = server.settled_rss_kb().await?;
+    drop(clients);
+    // Let the server finish closing them before the next measurement.
+    server.settled_rss_kb().await?;
+    #[allow(clippy::cast_precision_loss)]
+    let per_connection = (after.saturating_sub(before) * 1024) as f64 / IDLE_CLIENTS as f64;
+    Ok((before, after, per_connection))
+}
+
+fn fd_limit() -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            limits
+                .lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    if fd_limit() < (IDLE_CLIENTS as u64) + 1000 {
+        return Err(format!(
+            "the open-file limit is {}; run with `ulimit -n 20000` first",
+            fd_limit()
+        )
+        .into());
+    }
+    let baseline = Server::start("ws-baseline", &[]).await?;
+    let websocket = Server::start(
+        "websocket",
+        &[
+            ("BIND_ADDRESS", "127.0.0.1"),
+            ("TASK_PROTECTION_BACKEND", "local"),
+            ("RUST_LOG", "info"),
+        ],
+    )
+    .await?;
+    let servers = [&baseline, &websocket];
+
+    let mut base = Vec::new();
+    for server in servers {
+        base.push(server.settled_rss_kb().await?);
+    }
+
+    // Idle connections first, on fresh processes: within the first seconds, before
+    // the load rounds have churned the allocator.
+    let mut idle = Vec::new();
+    for server in servers {
+        let figures = idle_growth(server).await?;
+        eprintln!(
+            "{}: {} kB before, {} kB with {IDLE_CLIENTS} idle clients",
+            server.name, figures.0, figures.1
+        );
+        idle.push(figures);
+    }
+
+    let mut rates = vec![Vec::new(); servers.len()];
+    for round in 0..ROUNDS {
+        for (i, server) in servers.iter().enumerate() {
+            let rate = round_trips(server).await?;
+            eprintln!(
+                "round {}: {} {rate:.0} round trips/s",
+                round + 1,
+                server.name
+            );
+            rates[i].push(rate);
+        }
+    }
+
+    #[allow(clippy::cast_precision_loss)]
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    println!("| Figure | ws-baseline | websocket | Ratio | Target |");
+    println!("|---|---|---|---|---|");
+    let (b, w) = (mean(&rates[0]), mean(&rates[1]));
+    println!(
+        "| Round trips/s, {CLIENTS} clients, mean of {ROUNDS} rounds ({}; {}) | {b:.0} | {w:.0} | {:.2} × | ≥ 0.9 × |",
+        rates[0]
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        rates[1]
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        w / b
+    );
+    println!(
+        "| RSS growth per idle connection, {IDLE_CLIENTS} clients | {:.2} KB | {:.2} KB | | ≤ 3.5 KB |",
+        idle[0].2 / 1000.0,
+        idle[1].2 / 1000.0
+    );
+    #[allow(clippy::cast_precision_loss)]
+    let mb = |kb: u64| kb as f64 / 1024.0;
+    println!(
+        "| Base RSS | {:.1} MB | {:.1} MB | | ≤ 16 MB |",
+        mb(base[0]),
+        mb(base[1])
+    );
+    Ok(())
+}
