@@ -114,15 +114,17 @@ impl SocketError for axum::Error {
 /// the shutdown and messages for every client; `shutdown` is checked in case a
 /// notice was missed.
 pub async fn serve<S, E>(
-    socket: S,
+    socket: &mut S,
     connections: usize,
-    mut notices: broadcast::Receiver<Notice>,
-    shutdown: CancellationToken,
+    notices: &mut broadcast::Receiver<Notice>,
+    shutdown: &CancellationToken,
 ) -> Ended
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message, Error = E> + Unpin,
     E: SocketError,
 {
+    // The socket is borrowed, not moved: a future keeps its arguments for its whole
+    // life, so a moved copy would cost every idle connection the socket's size twice.
     let mut link = Link {
         socket,
         head: None,
@@ -200,8 +202,8 @@ enum Event<E> {
 ///
 /// The queue's head lives inline, so the usual traffic (one pong, one ping at a
 /// time) never allocates; only a backlog spills into the `VecDeque`.
-struct Link<S> {
-    socket: S,
+struct Link<'a, S> {
+    socket: &'a mut S,
     head: Option<Message>,
     /// The rest of the queue, after `head`; empty while `head` is `None`.
     queue: VecDeque<Message>,
@@ -215,7 +217,7 @@ struct Link<S> {
     closing: Option<Ended>,
 }
 
-impl<S, E> Link<S>
+impl<S, E> Link<'_, S>
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message, Error = E> + Unpin,
     E: SocketError,
@@ -324,15 +326,15 @@ where
     /// Moves queued messages into the socket and flushes them; ready once all are out.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), E>> {
         while self.head.is_some() {
-            ready!(Pin::new(&mut self.socket).poll_ready(cx))?;
+            ready!(Pin::new(&mut *self.socket).poll_ready(cx))?;
             if let Some(message) = self.head.take() {
-                Pin::new(&mut self.socket).start_send(message)?;
+                Pin::new(&mut *self.socket).start_send(message)?;
                 self.unflushed = true;
             }
             self.head = self.queue.pop_front();
         }
         if self.unflushed {
-            ready!(Pin::new(&mut self.socket).poll_flush(cx))?;
+            ready!(Pin::new(&mut *self.socket).poll_flush(cx))?;
             self.unflushed = false;
             if self.queue.capacity() > 0 {
                 // A backlog has cleared: an idle connection keeps no queue allocated.
@@ -349,7 +351,7 @@ where
         poll_fn(|cx| match self.poll_write(cx) {
             Poll::Ready(Err(error)) => Poll::Ready(Event::WriteFailed(error)),
             Poll::Ready(Ok(())) if !self.reading => Poll::Ready(Event::Flushed),
-            _ if self.reading => Pin::new(&mut self.socket)
+            _ if self.reading => Pin::new(&mut *self.socket)
                 .poll_next(cx)
                 .map(Event::Received),
             _ => Poll::Pending,
@@ -446,7 +448,11 @@ mod tests {
             incoming,
             outgoing: PollSender::new(outgoing),
         };
-        let server = tokio::spawn(serve(socket, 7, notices.subscribe(), shutdown.clone()));
+        let (mut rx, token) = (notices.subscribe(), shutdown.clone());
+        let server = tokio::spawn(async move {
+            let mut socket = socket;
+            serve(&mut socket, 7, &mut rx, &token).await
+        });
         Client {
             to_server,
             from_server,
@@ -601,7 +607,11 @@ mod tests {
             incoming,
             outgoing: PollSender::new(outgoing),
         };
-        let server = tokio::spawn(serve(socket, 1, notices.subscribe(), shutdown));
+        let mut rx = notices.subscribe();
+        let server = tokio::spawn(async move {
+            let mut socket = socket;
+            serve(&mut socket, 1, &mut rx, &shutdown).await
+        });
         assert!(matches!(from_server.recv().await, Some(Message::Text(_))));
         assert!(
             matches!(from_server.recv().await, Some(Message::Text(t)) if t.as_str() == SHUTTING_DOWN)

@@ -100,7 +100,7 @@ fn accept(shared: &Arc<Shared>, upgrade: WebSocketUpgrade) -> Response {
         );
         return unavailable("too many connections");
     };
-    let notices = shared.notices.subscribe();
+    let mut notices = shared.notices.subscribe();
     let shutdown = shared.shutdown.clone();
     // Counted from here, so shutdown also waits for a websocket still upgrading.
     let tracked = shared.tracker.token();
@@ -111,10 +111,10 @@ fn accept(shared: &Arc<Shared>, upgrade: WebSocketUpgrade) -> Response {
         .write_buffer_size(0)
         .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
         .on_failed_upgrade(|error| tracing::debug!("websocket upgrade failed: {error}"))
-        .on_upgrade(move |socket| async move {
+        .on_upgrade(move |mut socket| async move {
             slot.opened();
             let count = slot.count_when_opened();
-            let ended = connection::serve(socket, count, notices, shutdown).await;
+            let ended = connection::serve(&mut socket, count, &mut notices, &shutdown).await;
             tracing::debug!(?ended, "websocket ended");
             drop(slot);
             drop(tracked);
