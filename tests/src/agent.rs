@@ -108,7 +108,10 @@ impl Respond for Responder {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let body: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
         let answer = {
-            let mut inner = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut inner = self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             inner.puts.push(Recorded {
                 body: body.clone(),
                 at: std::time::Instant::now(),
@@ -123,9 +126,8 @@ impl Respond for Responder {
             Answer::Ok => {
                 let enabled = body["ProtectionEnabled"].as_bool().unwrap_or(false);
                 let minutes = body["ExpiresInMinutes"].as_u64().unwrap_or(120);
-                let expiry = enabled.then(|| {
-                    rfc3339(SystemTime::now() + Duration::from_secs(minutes * 60))
-                });
+                let expiry =
+                    enabled.then(|| rfc3339(SystemTime::now() + Duration::from_secs(minutes * 60)));
                 ResponseTemplate::new(200).set_body_json(json!({
                     "protection": {
                         "ExpirationDate": expiry,
@@ -200,10 +202,7 @@ impl FakeAgent {
 
     /// Every request of any method and path, as wiremock saw them.
     pub async fn all_requests(&self) -> usize {
-        self.server
-            .received_requests()
-            .await
-            .map_or(0, |r| r.len())
+        self.server.received_requests().await.map_or(0, |r| r.len())
     }
 
     /// Whether the last PUT disabled protection (or there was none).
@@ -219,6 +218,9 @@ mod tests {
     fn rfc3339_formats_known_instants() {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_665_023_356);
         assert_eq!(super::rfc3339(t), "2022-10-06T02:29:16Z");
-        assert_eq!(super::rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            super::rfc3339(std::time::UNIX_EPOCH),
+            "1970-01-01T00:00:00Z"
+        );
     }
 }

@@ -165,7 +165,10 @@ impl TcpProxy {
 
     /// Closes the port and every open connection.
     pub fn cut(&self) {
-        let mut tasks = self.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut tasks = self
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for t in tasks.drain(..) {
             t.abort();
         }
@@ -174,12 +177,16 @@ impl TcpProxy {
     /// Listens on the same port again.
     pub async fn restore(&self) {
         let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
-        let listener = wait_for("the proxy port to bind", Duration::from_secs(10), || async {
-            let socket = TcpSocket::new_v4().ok()?;
-            socket.set_reuseaddr(true).ok()?;
-            socket.bind(addr).ok()?;
-            socket.listen(1024).ok()
-        })
+        let listener = wait_for(
+            "the proxy port to bind",
+            Duration::from_secs(10),
+            || async {
+                let socket = TcpSocket::new_v4().ok()?;
+                socket.set_reuseaddr(true).ok()?;
+                socket.bind(addr).ok()?;
+                socket.listen(1024).ok()
+            },
+        )
         .await;
         let upstream = self.upstream;
         let tasks = Arc::clone(&self.tasks);

@@ -97,10 +97,20 @@ impl Service {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let changed = Arc::new(Notify::new());
         if let Some(out) = child.stdout.take() {
-            pump(name.to_owned(), out, Arc::clone(&lines), Arc::clone(&changed));
+            pump(
+                name.to_owned(),
+                out,
+                Arc::clone(&lines),
+                Arc::clone(&changed),
+            );
         }
         if let Some(err) = child.stderr.take() {
-            pump(name.to_owned(), err, Arc::clone(&lines), Arc::clone(&changed));
+            pump(
+                name.to_owned(),
+                err,
+                Arc::clone(&lines),
+                Arc::clone(&changed),
+            );
         }
         Self {
             name: name.to_owned(),
@@ -183,7 +193,11 @@ impl Service {
 
 /// Runs binary `name` to completion with `args` and `env`; returns its status and
 /// its stderr.
-pub async fn run_to_exit(name: &str, args: &[&str], env: &[(&str, String)]) -> (ExitStatus, String, String) {
+pub async fn run_to_exit(
+    name: &str,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> (ExitStatus, String, String) {
     let mut cmd = tokio::process::Command::new(binary(name));
     for var in SCRUBBED {
         cmd.env_remove(var);
