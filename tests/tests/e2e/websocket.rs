@@ -247,7 +247,10 @@ async fn websocket_connect_storm_costs_a_handful_of_puts_and_ends_released() {
     server.wait_for_connections(0).await;
     wait_released(&agent).await;
     let puts = agent.puts();
-    eprintln!("{CLIENTS} clients came and went in {took:?}: {} PUTs", puts.len());
+    eprintln!(
+        "{CLIENTS} clients came and went in {took:?}: {} PUTs",
+        puts.len()
+    );
     assert!(
         puts.len() <= 6,
         "{CLIENTS} clients in {took:?} cost {} PUTs: {puts:?}",
