@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use task_protection::ProtectionSettings;
-use task_protection::cli::{LogFormat, ProtectionArgs};
+use task_protection::cli::{LogFormat, ProtectionArgs, ranged};
 
 /// SQS's limit on `WaitTimeSeconds`.
 pub const MAX_WAIT_SECONDS: u64 = 20;
@@ -141,28 +141,6 @@ impl Config {
 /// A setting whose value was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    /// Not a whole number.
-    #[error("{variable}={value:?} is not a whole number")]
-    NotANumber {
-        /// The variable that carries the setting.
-        variable: &'static str,
-        /// The value given.
-        value: String,
-    },
-    /// A number outside the range allowed.
-    #[error("{variable}={value} is out of range: allowed {lo}..={hi}{unit}")]
-    OutOfRange {
-        /// The variable that carries the setting.
-        variable: &'static str,
-        /// The value given.
-        value: String,
-        /// Smallest allowed.
-        lo: u64,
-        /// Largest allowed.
-        hi: u64,
-        /// The unit, with a leading space, or empty.
-        unit: String,
-    },
     /// Not an SQS queue URL.
     #[error("COPILOT_QUEUE_URI={value:?} is not a queue URL: {reason}")]
     QueueUrl {
@@ -171,53 +149,6 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: &'static str,
     },
-}
-
-/// A parser for a whole number in `lo..=hi`, whose errors name `variable`.
-fn ranged(
-    variable: &'static str,
-    lo: u64,
-    hi: u64,
-    unit: &'static str,
-) -> impl Fn(&str) -> Result<u64, ConfigError> + Clone + Send + Sync + 'static {
-    move |raw| parse_ranged(variable, raw, lo, hi, unit)
-}
-
-/// Parses a whole number in `lo..=hi`; `variable` names the setting in the error.
-///
-/// # Errors
-/// When the text is not a whole number or is out of range.
-pub fn parse_ranged(
-    variable: &'static str,
-    raw: &str,
-    lo: u64,
-    hi: u64,
-    unit: &str,
-) -> Result<u64, ConfigError> {
-    let text = raw.trim();
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(ConfigError::NotANumber {
-            variable,
-            value: raw.to_owned(),
-        });
-    }
-    let out_of_range = || ConfigError::OutOfRange {
-        variable,
-        value: text.to_owned(),
-        lo,
-        hi,
-        unit: if unit.is_empty() {
-            String::new()
-        } else {
-            format!(" {unit}")
-        },
-    };
-    let value: u64 = text.parse().map_err(|_| out_of_range())?;
-    if (lo..=hi).contains(&value) {
-        Ok(value)
-    } else {
-        Err(out_of_range())
-    }
 }
 
 /// Checks that `raw` looks like a queue URL: `http(s)://host/...`.
@@ -268,29 +199,26 @@ mod tests {
 
     #[test]
     fn numbers_are_range_checked_and_named() {
-        assert_eq!(parse_ranged("W", " 7 ", 1, 10, ""), Ok(7));
-        assert_eq!(
-            parse_ranged("WORKER_CONCURRENCY", "0", 1, 1000, "")
-                .unwrap_err()
-                .to_string(),
-            "WORKER_CONCURRENCY=0 is out of range: allowed 1..=1000"
+        let parse = |args: &[&str]| {
+            let base = ["queue-consumer", "--queue-url", "http://localhost/1/q"];
+            Config::try_parse_from(base.iter().chain(args))
+        };
+        let err = parse(&["--worker-concurrency", "0"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("WORKER_CONCURRENCY=0 is out of range: allowed 1..=1000"),
+            "{err}"
         );
-        assert_eq!(
-            parse_ranged("QUEUE_WAIT_SECONDS", "21", 0, 20, "seconds")
-                .unwrap_err()
-                .to_string(),
-            "QUEUE_WAIT_SECONDS=21 is out of range: allowed 0..=20 seconds"
+        let err = parse(&["--queue-wait-seconds", "21"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("QUEUE_WAIT_SECONDS=21 is out of range: allowed 0..=20 seconds"),
+            "{err}"
         );
-        for junk in ["", "abc", "-1", "1.5", "1e3", "+3"] {
-            assert!(matches!(
-                parse_ranged("X", junk, 0, 10, ""),
-                Err(ConfigError::NotANumber { .. })
-            ));
+        for junk in ["abc", "-1", "1.5", "1e3", "+3"] {
+            let err = parse(&[&format!("--max-job-ms={junk}")]).unwrap_err();
+            assert!(err.to_string().contains("MAX_JOB_MS="), "{junk}: {err}");
         }
-        assert!(matches!(
-            parse_ranged("X", "99999999999999999999999999", 0, 10, ""),
-            Err(ConfigError::OutOfRange { .. })
-        ));
     }
 
     #[test]

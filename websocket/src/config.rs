@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use task_protection::ProtectionSettings;
-use task_protection::cli::{LogFormat, ProtectionArgs};
+use task_protection::cli::{LogFormat, ProtectionArgs, ranged};
 
 /// The longest ping interval accepted. The ALB cuts a websocket that carries nothing
 /// for its idle timeout (60 s by default, at most 4000 s), so longer makes no sense.
@@ -138,31 +138,6 @@ impl Config {
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
             ping_interval: Duration::from_secs(self.ws_ping_interval_seconds),
         }
-    }
-}
-
-/// A clap value parser for a whole number in `lo..=hi` whose error names `variable`.
-fn ranged(
-    variable: &'static str,
-    lo: u64,
-    hi: u64,
-    unit: &'static str,
-) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync + 'static {
-    move |raw| {
-        let value: u64 = raw.trim().parse().map_err(|e| {
-            format!("{variable}={raw:?} is not valid: expected a whole number ({e})")
-        })?;
-        if !(lo..=hi).contains(&value) {
-            let unit = if unit.is_empty() {
-                String::new()
-            } else {
-                format!(" {unit}")
-            };
-            return Err(format!(
-                "{variable}={value} is out of range: allowed {lo}..={hi}{unit}"
-            ));
-        }
-        Ok(value)
     }
 }
 

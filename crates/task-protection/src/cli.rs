@@ -12,16 +12,25 @@ use crate::backend::{BackendConfig, BackendKind};
 use crate::settings::{
     ACQUIRE_TIMEOUT_MS_RANGE, CHECK_INTERVAL_MS_RANGE, MIN_PUT_INTERVAL_MS_RANGE,
     ProtectionSettings, REQUEST_TIMEOUT_MS_RANGE, SettingsError, env, parse_duration_minutes,
-    parse_maintain_percent, parse_millis, parse_refresh_percent,
+    parse_in_range, parse_maintain_percent, parse_refresh_percent,
 };
+
+/// A clap value parser for a whole number in `lo..=hi` whose error names `variable`
+/// (the environment variable) and the range, with `unit` (may be empty) after it.
+pub fn ranged(
+    variable: &'static str,
+    lo: u64,
+    hi: u64,
+    unit: &'static str,
+) -> impl Fn(&str) -> Result<u64, SettingsError> + Clone + Send + Sync + 'static {
+    move |raw| parse_in_range(variable, raw, (lo, hi), unit)
+}
 
 fn millis(
     variable: &'static str,
-    range: (u64, u64),
-) -> impl Fn(&str) -> Result<u64, SettingsError> + Clone {
-    move |raw| {
-        parse_millis(variable, raw, range).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
+    (lo, hi): (u64, u64),
+) -> impl Fn(&str) -> Result<u64, SettingsError> + Clone + Send + Sync + 'static {
+    ranged(variable, lo, hi, "ms")
 }
 
 /// The protection settings as command-line arguments, each also read from its

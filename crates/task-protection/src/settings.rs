@@ -65,17 +65,6 @@ pub enum SettingsError {
     },
 }
 
-fn parse_number<T: std::str::FromStr>(variable: &'static str, raw: &str) -> Result<T, SettingsError>
-where
-    T::Err: fmt::Display,
-{
-    raw.trim().parse::<T>().map_err(|e| SettingsError::Invalid {
-        variable,
-        value: raw.to_owned(),
-        reason: format!("expected a whole number ({e})"),
-    })
-}
-
 fn check_range<T: PartialOrd + fmt::Display + Copy>(
     variable: &'static str,
     value: T,
@@ -83,10 +72,15 @@ fn check_range<T: PartialOrd + fmt::Display + Copy>(
     unit: &str,
 ) -> Result<T, SettingsError> {
     if value < lo || value > hi {
+        let unit = if unit.is_empty() {
+            String::new()
+        } else {
+            format!(" {unit}")
+        };
         return Err(SettingsError::OutOfRange {
             variable,
             value: value.to_string(),
-            allowed: format!("{lo}..={hi} {unit}"),
+            allowed: format!("{lo}..={hi}{unit}"),
         });
     }
     Ok(value)
@@ -97,11 +91,10 @@ fn check_range<T: PartialOrd + fmt::Display + Copy>(
 /// # Errors
 /// When the text is not a whole number or is out of range.
 pub fn parse_duration_minutes(raw: &str) -> Result<u16, SettingsError> {
-    let v: u64 = parse_number(env::DURATION_MINUTES, raw)?;
     let (lo, hi) = DURATION_MINUTES_RANGE;
-    let v = check_range(
+    let v = parse_in_range(
         env::DURATION_MINUTES,
-        v,
+        raw,
         (u64::from(lo), u64::from(hi)),
         "minutes",
     )?;
@@ -125,9 +118,44 @@ pub fn parse_refresh_percent(raw: &str) -> Result<u8, SettingsError> {
 }
 
 fn parse_percent(variable: &'static str, raw: &str, lo: u64) -> Result<u8, SettingsError> {
-    let v: u64 = parse_number(variable, raw)?;
-    let v = check_range(variable, v, (lo, 100), "percent")?;
+    let v = parse_in_range(variable, raw, (lo, 100), "percent")?;
     Ok(u8::try_from(v).unwrap_or(100))
+}
+
+/// Parses a whole number and checks it against `range` (inclusive); errors name
+/// `variable`, and `unit` (may be empty) follows the range in the message.
+///
+/// Only plain decimal digits are accepted (no sign, no exponent); a number too large
+/// for any range is out of range rather than unreadable.
+///
+/// # Errors
+/// When the text is not a whole number or is out of range.
+pub fn parse_in_range(
+    variable: &'static str,
+    raw: &str,
+    range: (u64, u64),
+    unit: &str,
+) -> Result<u64, SettingsError> {
+    let text = raw.trim();
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(SettingsError::Invalid {
+            variable,
+            value: raw.to_owned(),
+            reason: "expected a whole number".to_owned(),
+        });
+    }
+    // All digits: parsing fails only on overflow, which is past any range.
+    let value = text.parse::<u64>().unwrap_or(u64::MAX);
+    check_range(variable, value, range, unit).map_err(|e| match e {
+        SettingsError::OutOfRange {
+            variable, allowed, ..
+        } => SettingsError::OutOfRange {
+            variable,
+            value: text.to_owned(),
+            allowed,
+        },
+        other => other,
+    })
 }
 
 /// Parses a millisecond setting and checks it against `range`.
@@ -139,10 +167,7 @@ pub fn parse_millis(
     raw: &str,
     range: (u64, u64),
 ) -> Result<Duration, SettingsError> {
-    let v: u64 = parse_number(variable, raw)?;
-    Ok(Duration::from_millis(check_range(
-        variable, v, range, "ms",
-    )?))
+    parse_in_range(variable, raw, range, "ms").map(Duration::from_millis)
 }
 
 /// How protection is acquired, refreshed and released.
@@ -422,10 +447,20 @@ mod tests {
 
     #[test]
     fn junk_is_invalid_not_a_panic() {
-        for raw in ["", "abc", "-5", "1e3", "99999999999999999999999"] {
+        for raw in ["", "abc", "-5", "+5", "1e3", "1.5", " "] {
             let err = parse_duration_minutes(raw).unwrap_err();
+            assert!(
+                matches!(err, SettingsError::Invalid { .. }),
+                "{raw:?}: {err}"
+            );
             assert!(err.to_string().contains(env::DURATION_MINUTES), "{err}");
         }
+        let err = parse_in_range("X", " 99999999999999999999999 ", (0, 10), "").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "X=99999999999999999999999 is out of range: allowed 0..=10"
+        );
+        assert_eq!(parse_in_range("X", " 7 ", (1, 10), ""), Ok(7));
     }
 
     #[test]
