@@ -13,6 +13,7 @@ use std::future::{Future, IntoFuture};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
@@ -55,6 +56,7 @@ impl App {
             notices,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            refused: AtomicBool::new(false),
         });
         Ok(Self {
             listener,
@@ -100,10 +102,7 @@ impl App {
             ..
         } = self;
         let protection = shared.connections.protection().clone();
-        let rejections = tokio::spawn(announce_rejections(
-            protection.clone(),
-            shared.notices.clone(),
-        ));
+        let rejections = tokio::spawn(announce_rejections(protection.clone(), Arc::clone(&shared)));
         let heartbeat = tokio::spawn(heartbeat(shared.notices.clone(), ping_interval));
         let stop = shared.shutdown.clone();
         // Small messages such as a pong go out at once instead of waiting for Nagle's
@@ -160,18 +159,27 @@ impl App {
     }
 }
 
-/// Tells every client `server shutting down soon` whenever ECS refuses protection,
-/// as the original sample did: the task is probably about to be replaced.
-async fn announce_rejections(protection: TaskProtection, notices: broadcast::Sender<Notice>) {
+/// Tells every client `server shutting down soon` when ECS refuses protection, as the
+/// original sample did: the task is probably about to be replaced. While holders
+/// remain the library asks again every check interval; the clients are told once per
+/// refusal, not at every retry, until protection is confirmed again; clients that
+/// arrive meanwhile hear it after their welcome.
+async fn announce_rejections(protection: TaskProtection, shared: Arc<Shared>) {
     let mut events = protection.events();
     drop(protection);
     while let Some(event) = events.recv().await {
-        if let ProtectionEvent::Rejected(rejection) = event {
-            tracing::info!(
-                reason = %rejection,
-                "Telling every client: {SHUTTING_DOWN_SOON}"
-            );
-            let _ = notices.send(Notice::Say(SHUTTING_DOWN_SOON.into()));
+        match event {
+            ProtectionEvent::Rejected(rejection)
+                if !shared.refused.swap(true, Ordering::Relaxed) =>
+            {
+                tracing::info!(
+                    reason = %rejection,
+                    "Telling every client: {SHUTTING_DOWN_SOON}"
+                );
+                let _ = shared.notices.send(Notice::Say(SHUTTING_DOWN_SOON.into()));
+            }
+            ProtectionEvent::Protected { .. } => shared.refused.store(false, Ordering::Relaxed),
+            _ => {}
         }
     }
 }

@@ -108,14 +108,23 @@ impl SocketError for axum::Error {
     }
 }
 
+/// What a client is told as it arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Greeting {
+    /// The count to welcome it with.
+    pub connections: usize,
+    /// ECS has refused protection: it also hears `server shutting down soon`.
+    pub refused: bool,
+}
+
 /// Serves one client until it leaves, is dropped, or the server shuts down.
 ///
-/// `connections` is the count to welcome it with; `notices` carries the heartbeat,
-/// the shutdown and messages for every client; `shutdown` is checked in case a
-/// notice was missed.
+/// `greeting` says what to tell it first; `notices` carries the heartbeat, the
+/// shutdown and messages for every client; `shutdown` is checked in case a notice
+/// was missed.
 pub async fn serve<S, E>(
     socket: &mut S,
-    connections: usize,
+    greeting: Greeting,
     notices: &mut broadcast::Receiver<Notice>,
     shutdown: &CancellationToken,
 ) -> Ended
@@ -134,7 +143,10 @@ where
         unanswered: 0,
         closing: None,
     };
-    link.push(Message::Text(welcome(connections).into()));
+    link.push(Message::Text(welcome(greeting.connections).into()));
+    if greeting.refused {
+        link.push(Message::Text(SHUTTING_DOWN_SOON.into()));
+    }
     if shutdown.is_cancelled() {
         link.on_notice(Notice::ShuttingDown);
     }
@@ -440,6 +452,14 @@ mod tests {
     const WAIT: Duration = Duration::from_secs(1);
 
     fn start(outgoing_capacity: usize) -> Client {
+        let greeting = Greeting {
+            connections: 7,
+            refused: false,
+        };
+        start_greeted(outgoing_capacity, greeting)
+    }
+
+    fn start_greeted(outgoing_capacity: usize, greeting: Greeting) -> Client {
         let (to_server, incoming) = mpsc::channel(64);
         let (outgoing, from_server) = mpsc::channel(outgoing_capacity);
         let (notices, _) = broadcast::channel(4);
@@ -451,7 +471,7 @@ mod tests {
         let (mut rx, token) = (notices.subscribe(), shutdown.clone());
         let server = tokio::spawn(async move {
             let mut socket = socket;
-            serve(&mut socket, 7, &mut rx, &token).await
+            serve(&mut socket, greeting, &mut rx, &token).await
         });
         Client {
             to_server,
@@ -597,6 +617,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_client_arriving_after_a_refusal_hears_it_after_the_welcome() {
+        let greeting = Greeting {
+            connections: 2,
+            refused: true,
+        };
+        let mut client = start_greeted(16, greeting);
+        assert_eq!(client.recv_text().await, "Welcome! There are 2 connections");
+        assert_eq!(client.recv_text().await, SHUTTING_DOWN_SOON);
+        client.send(Message::Text("ping".into())).await;
+        assert_eq!(client.recv_text().await, "pong");
+    }
+
+    #[tokio::test]
     async fn a_client_arriving_after_shutdown_is_told_to_leave() {
         let (to_server, incoming) = mpsc::channel(1);
         let (outgoing, mut from_server) = mpsc::channel(4);
@@ -610,7 +643,11 @@ mod tests {
         let mut rx = notices.subscribe();
         let server = tokio::spawn(async move {
             let mut socket = socket;
-            serve(&mut socket, 1, &mut rx, &shutdown).await
+            let greeting = Greeting {
+                connections: 1,
+                refused: false,
+            };
+            serve(&mut socket, greeting, &mut rx, &shutdown).await
         });
         assert!(matches!(from_server.recv().await, Some(Message::Text(_))));
         assert!(

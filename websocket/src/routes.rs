@@ -2,6 +2,7 @@
 //! balancer, `/status` for people and the page.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -44,6 +45,9 @@ pub(crate) struct Shared {
     /// Every upgraded websocket, so shutdown can wait for them; axum's graceful
     /// shutdown does not.
     pub(crate) tracker: TaskTracker,
+    /// ECS has refused protection and not confirmed it since: clients that arrive now
+    /// are told `server shutting down soon` after their welcome.
+    pub(crate) refused: AtomicBool,
 }
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
@@ -102,6 +106,7 @@ fn accept(shared: &Arc<Shared>, upgrade: WebSocketUpgrade) -> Response {
     };
     let mut notices = shared.notices.subscribe();
     let shutdown = shared.shutdown.clone();
+    let refused = shared.refused.load(Ordering::Relaxed);
     // Counted from here, so shutdown also waits for a websocket still upgrading.
     let tracked = shared.tracker.token();
     upgrade
@@ -114,7 +119,11 @@ fn accept(shared: &Arc<Shared>, upgrade: WebSocketUpgrade) -> Response {
         .on_upgrade(move |mut socket| async move {
             slot.opened();
             let count = slot.count_when_opened();
-            let ended = connection::serve(&mut socket, count, &mut notices, &shutdown).await;
+            let greeting = connection::Greeting {
+                connections: count,
+                refused,
+            };
+            let ended = connection::serve(&mut socket, greeting, &mut notices, &shutdown).await;
             tracing::debug!(?ended, "websocket ended");
             drop(slot);
             drop(tracked);

@@ -394,8 +394,8 @@ async fn websocket_sigterm_closes_every_client_with_1001_and_exits_0() {
 async fn websocket_rejection_is_broadcast_to_every_client() {
     let agent = FakeAgent::start().await;
     agent.always(Answer::Failure("DEPLOYMENT_BLOCKED"));
-    // Retry a refused protection after 1 s instead of 10, so every client connected
-    // by then hears the next refusal.
+    // ECS is asked again every second while clients remain, so the test can see that
+    // the clients are told once, not at every refusal.
     let server = Server::start(
         &agent,
         &[("PROTECTION_CHECK_INTERVAL_MS", "1000".to_owned())],
@@ -407,13 +407,19 @@ async fn websocket_rejection_is_broadcast_to_every_client() {
         assert!(next_text(&mut ws).await.starts_with("Welcome!"));
         clients.push(ws);
     }
+    // Each hears it once: by broadcast if it was there at the refusal, after its
+    // welcome if it came later.
     for ws in &mut clients {
         assert_eq!(next_text(ws).await, "server shutting down soon");
     }
     server
         .service
-        .wait_for_line("Task protection rejected", STEP)
+        .wait_for_count("Task protection rejected", 3, STEP)
         .await;
+    for ws in &mut clients {
+        let more = tokio::time::timeout(Duration::from_millis(200), next_text(ws)).await;
+        assert!(more.is_err(), "told again: {more:?}");
+    }
     let status = server.status().await;
     let rejection = status["protection"]["last_rejection"]
         .as_str()
