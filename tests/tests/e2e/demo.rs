@@ -34,6 +34,9 @@ async fn the_demo_runs_a_job_serves_the_page_and_stops_cleanly() {
         .current_dir(workspace_root())
         .env("DEMO_DIR", &dir)
         .env("DEMO_PORT", port.to_string())
+        // The suite has built the binaries; a build here with the demo's smaller
+        // feature set would rewrite them under the tests running beside this one.
+        .env("DEMO_NO_BUILD", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
