@@ -114,6 +114,8 @@ async fn the_demo_runs_a_job_serves_the_page_and_stops_cleanly() {
     // demo stops last.
     let out = lines.lock().unwrap().join("\n");
     assert!(!out.contains("Could not be settled"), "{out}");
+    assert!(!out.contains("exited unexpectedly"), "{out}");
+    assert!(out.contains("demo: stopped"), "{out}");
     assert!(
         http_get(port, "/").await.is_none(),
         "port {port} still answers"
