@@ -110,12 +110,18 @@ async fn the_demo_runs_a_job_serves_the_page_and_stops_cleanly() {
     for pid in pids {
         assert!(!alive(pid), "process {pid} left running");
     }
+    // Its last words, once the pipes have been read to the end.
+    wait_for(
+        "the demo's last line",
+        Duration::from_secs(10),
+        seen("demo: stopped"),
+    )
+    .await;
     // Nothing lost on the way out: the 10 s job was handed back to SQS, which the
     // demo stops last.
     let out = lines.lock().unwrap().join("\n");
     assert!(!out.contains("Could not be settled"), "{out}");
     assert!(!out.contains("exited unexpectedly"), "{out}");
-    assert!(out.contains("demo: stopped"), "{out}");
     assert!(
         http_get(port, "/").await.is_none(),
         "port {port} still answers"
