@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use e2e::{free_port, wait_for, workspace_root};
+use e2e::{wait_for, workspace_root};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -25,15 +25,27 @@ fn alive(pid: i32) -> bool {
     kill(Pid::from_raw(pid), None).is_ok()
 }
 
+/// The port in the demo's `page  http://localhost:<port>` line.
+fn page_port(lines: &[String]) -> Option<u16> {
+    lines.iter().find_map(|l| {
+        let rest = l.trim().strip_prefix("page")?.trim();
+        let rest = rest.strip_prefix("http://localhost:")?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
 #[tokio::test]
 async fn the_demo_runs_a_job_serves_the_page_and_stops_cleanly() {
     let dir = std::env::temp_dir().join(format!("task-protection-demo-{}", std::process::id()));
-    let port = free_port();
+    // The port asked for is taken, as 3000 often is on a developer's machine: the
+    // demo must say so and use another.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let asked = taken.local_addr().unwrap().port();
     let mut child = tokio::process::Command::new("bash")
         .arg(workspace_root().join("scripts/demo"))
         .current_dir(workspace_root())
         .env("DEMO_DIR", &dir)
-        .env("DEMO_PORT", port.to_string())
+        .env("DEMO_PORT", asked.to_string())
         // The suite has built the binaries; a build here with the demo's smaller
         // feature set would rewrite them under the tests running beside this one.
         .env("DEMO_NO_BUILD", "1")
@@ -83,6 +95,14 @@ async fn the_demo_runs_a_job_serves_the_page_and_stops_cleanly() {
         seen(" - Done"),
     )
     .await;
+    let said = lines.lock().unwrap().clone();
+    assert!(
+        said.iter()
+            .any(|l| l.contains(&format!("port {asked} is taken"))),
+        "{said:?}"
+    );
+    let port = page_port(&said).expect("the demo prints the page's address");
+    assert_ne!(port, asked);
     // The page answers on the chosen port.
     let page = wait_for("the page", Duration::from_secs(30), || http_get(port, "/")).await;
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
