@@ -95,6 +95,14 @@ async fn the_demo_runs_a_job_serves_the_page_and_stops_cleanly() {
         seen(" - Done"),
     )
     .await;
+    // The summary with the page's address comes after the sample jobs are sent,
+    // so it may follow the first job's Done.
+    wait_for(
+        "the demo's summary",
+        Duration::from_secs(30),
+        seen("http://localhost:"),
+    )
+    .await;
     let said = lines.lock().unwrap().clone();
     assert!(
         said.iter()
