@@ -25,6 +25,37 @@ fn alive(pid: i32) -> bool {
     kill(Pid::from_raw(pid), None).is_ok()
 }
 
+/// Stops a demo that a failed assertion left running: Ctrl-C to its group first, so
+/// its own cleanup runs, then SIGKILL to whatever it recorded (SQS runs in a session
+/// of its own, outside the group).
+struct Leftovers {
+    group: i32,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let pids_file = self.dir.join("pids");
+        let recorded: Vec<i32> = std::fs::read_to_string(&pids_file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        let _ = kill(Pid::from_raw(-self.group), Signal::SIGINT);
+        for _ in 0..100 {
+            if recorded.iter().all(|p| !alive(*p)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for pid in recorded {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        let _ = kill(Pid::from_raw(-self.group), Signal::SIGKILL);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The port in the demo's `page  http://localhost:<port>` line.
 fn page_port(lines: &[String]) -> Option<u16> {
     lines.iter().find_map(|l| {
@@ -57,6 +88,10 @@ async fn the_demo_runs_a_job_serves_the_page_and_stops_cleanly() {
         .process_group(0)
         .spawn()
         .expect("bash runs scripts/demo");
+    let _leftovers = Leftovers {
+        group: i32::try_from(child.id().unwrap()).unwrap(),
+        dir: dir.clone(),
+    };
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     for stream in [
         child
@@ -155,5 +190,4 @@ async fn the_demo_runs_a_job_serves_the_page_and_stops_cleanly() {
         "port {port} still answers"
     );
     assert!(!dir.join("env").exists());
-    let _ = std::fs::remove_dir_all(&dir);
 }
