@@ -114,11 +114,11 @@ where
         SdkError::DispatchFailure(e) => ProtectionError::Transport(format!("{e:?}")),
         SdkError::ResponseError(e) => {
             let status = e.raw().status_code();
-            ProtectionError::Malformed {
+            ProtectionError::malformed(
                 status,
-                reason: "the ECS answer could not be read".to_owned(),
-                excerpt: format!("{e:?}").chars().take(200).collect(),
-            }
+                "the ECS answer could not be read",
+                format!("{e:?}").as_bytes(),
+            )
         }
         other => ProtectionError::Transport(other.to_string()),
     }
@@ -155,11 +155,11 @@ impl Backend for EcsApiBackend {
             }));
         }
         let Some(task) = output.protected_tasks().first() else {
-            return Err(ProtectionError::Malformed {
-                status: 200,
-                reason: "neither protectedTasks nor failures in answer".to_owned(),
-                excerpt: format!("{output:?}").chars().take(200).collect(),
-            });
+            return Err(ProtectionError::malformed(
+                200,
+                "neither protectedTasks nor failures in answer",
+                format!("{output:?}").as_bytes(),
+            ));
         };
         let expires_at = task
             .expiration_date()
