@@ -49,6 +49,15 @@ const SCRUBBED: &[&str] = &[
     "PORT",
 ];
 
+/// A command for binary `name`, without the scrubbed variables.
+fn command(name: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(binary(name));
+    for var in SCRUBBED {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
 /// A running service whose stdout and stderr lines are collected.
 #[derive(Debug)]
 pub struct Service {
@@ -81,10 +90,7 @@ impl Service {
     /// Starts binary `name` with `args` and `env` (on top of a scrubbed environment).
     #[must_use]
     pub fn spawn(name: &str, args: &[&str], env: &[(&str, String)]) -> Self {
-        let mut cmd = tokio::process::Command::new(binary(name));
-        for var in SCRUBBED {
-            cmd.env_remove(var);
-        }
+        let mut cmd = command(name);
         cmd.args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -198,11 +204,7 @@ pub async fn run_to_exit(
     args: &[&str],
     env: &[(&str, String)],
 ) -> (ExitStatus, String, String) {
-    let mut cmd = tokio::process::Command::new(binary(name));
-    for var in SCRUBBED {
-        cmd.env_remove(var);
-    }
-    let out = cmd
+    let out = command(name)
         .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
