@@ -476,9 +476,17 @@ async fn websocket_healthz_status_page_and_healthcheck() {
     ws.close(None).await.unwrap();
     server.service.terminate();
     server.service.wait_exit(STEP).await;
+    // Hold the freed port, bound but not listening, so that no server started by a
+    // test running beside this one can take it: the check must find nothing there.
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.set_reuseaddr(true).unwrap();
+    reserved
+        .bind(([127, 0, 0, 1], server.port).into())
+        .unwrap_or_else(|e| panic!("port {} was taken again at once: {e}", server.port));
     let (down, _, stderr) = run_to_exit("websocket", &["healthcheck"], &port).await;
     assert_eq!(down.code(), Some(1), "{stderr}");
     assert!(stderr.contains("unhealthy"), "{stderr}");
+    drop(reserved);
 }
 
 #[tokio::test]
