@@ -50,9 +50,9 @@ pub(crate) enum Effect {
     Released,
     /// Protection ran out without a refresh.
     Lapsed,
-    /// ECS refused.
+    /// ECS refused an enable.
     Rejected(Rejection),
-    /// A transient failure; the next attempt waits `retry_in`.
+    /// The request failed; the next attempt of its kind waits `retry_in`.
     Failed {
         error: ProtectionError,
         retry_in: Duration,
@@ -69,6 +69,60 @@ pub(crate) enum Phase {
     Rejected,
 }
 
+/// What ECS may hold for this task, as far as its answers tell.
+///
+/// Only a confirmed answer says what ECS did; a timeout, a 5xx or an unreadable
+/// answer leaves ECS's state unknown, after a disable as much as after an enable.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Ecs {
+    /// Confirmed off, or never turned on by this process.
+    Off,
+    /// Confirmed on. It lasts at least until `until` (counted from when the PUT left,
+    /// so a clock ahead of ECS's cannot stretch it) and ends by itself by `at_most`.
+    On {
+        until: Instant,
+        at_most: Instant,
+        reported: SystemTime,
+    },
+    /// A change whose outcome is unknown: ECS may hold protection, at the latest
+    /// until `at_most`. Nothing can be promised to a holder.
+    Unknown { at_most: Instant },
+}
+
+impl Ecs {
+    /// The latest ECS may still hold protection, if it may at all.
+    fn at_most(self) -> Option<Instant> {
+        match self {
+            Self::Off => None,
+            Self::On { at_most, .. } | Self::Unknown { at_most } => Some(at_most),
+        }
+    }
+
+    /// This state with its time bounds applied at `now`, and whether a confirmed
+    /// protection ran out in the process.
+    fn aged(self, now: Instant) -> (Self, bool) {
+        match self {
+            Self::On { until, at_most, .. } if until <= now => {
+                if at_most > now {
+                    (Self::Unknown { at_most }, true)
+                } else {
+                    (Self::Off, true)
+                }
+            }
+            Self::Unknown { at_most } if at_most <= now => (Self::Off, false),
+            other => (other, false),
+        }
+    }
+}
+
+/// A PUT on the wire: what it asked, when it left, and ECS's state before it.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    request: ProtectionRequest,
+    sent_at: Instant,
+    before: Ecs,
+}
+
 #[derive(Debug)]
 pub(crate) struct Machine {
     minutes: u16,
@@ -77,20 +131,21 @@ pub(crate) struct Machine {
     refresh_lead: Duration,
     min_put_interval: Duration,
     check_interval: Duration,
+    request_timeout: Duration,
 
     wanted: bool,
-    /// When ECS's confirmed protection runs out, by our clock.
-    expires_at: Option<Instant>,
-    /// An enable went out and its fate is unknown: ECS may have applied it.
-    in_doubt: bool,
+    ecs: Ecs,
+    in_flight: Option<InFlight>,
     /// Start of the maintain window: the last successful enable.
     last_enable_ok: Option<Instant>,
     /// Start of the last PUT, for the rate limit.
     last_put_at: Option<Instant>,
-    /// Transient failures in a row, and when the next attempt may go.
+    /// Failures in a row, and when the next request of the failed kind (enable or
+    /// disable) may go. A request of the other kind only waits for the spacing: a
+    /// holder arriving after a failed release must not wait out the release's backoff.
     failures: u32,
-    retry_at: Option<Instant>,
-    /// After a rejection, no new attempt before this.
+    retry: Option<(bool, Instant)>,
+    /// After ECS refused an enable, no new enable before this. Never gates a release.
     rejected_until: Option<Instant>,
     /// When the last holder was last seen leaving.
     last_release: Option<Instant>,
@@ -98,6 +153,13 @@ pub(crate) struct Machine {
 
 fn later(a: Option<Instant>, b: Instant) -> Instant {
     a.map_or(b, |a| a.max(b))
+}
+
+fn sooner(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 impl Machine {
@@ -109,13 +171,14 @@ impl Machine {
             refresh_lead: settings.refresh_lead(),
             min_put_interval: settings.min_put_interval(),
             check_interval: settings.check_interval(),
+            request_timeout: settings.request_timeout(),
             wanted: false,
-            expires_at: None,
-            in_doubt: false,
+            ecs: Ecs::Off,
+            in_flight: None,
             last_enable_ok: None,
             last_put_at: None,
             failures: 0,
-            retry_at: None,
+            retry: None,
             rejected_until: None,
             last_release: None,
         }
@@ -130,140 +193,217 @@ impl Machine {
         self.last_release = Some(now);
     }
 
-    pub(crate) fn is_protected(&self) -> bool {
-        self.expires_at.is_some()
+    /// Whether ECS has confirmed protection that lasts past `now`: the only state in
+    /// which a holder may be told it is protected.
+    pub(crate) fn is_protected(&self, now: Instant) -> bool {
+        matches!(self.ecs, Ecs::On { until, .. } if until > now)
     }
 
     /// Whether ECS may hold protection for this task right now.
-    pub(crate) fn might_be_protected(&self) -> bool {
-        self.expires_at.is_some() || self.in_doubt
+    pub(crate) fn might_be_protected(&self, now: Instant) -> bool {
+        self.ecs.at_most().is_some_and(|t| t > now)
+    }
+
+    /// The expiry ECS reported for the protection it confirmed, while it lasts.
+    pub(crate) fn reported_expiry(&self, now: Instant) -> Option<SystemTime> {
+        match self.ecs {
+            Ecs::On {
+                until, reported, ..
+            } if until > now => Some(reported),
+            _ => None,
+        }
     }
 
     pub(crate) fn phase(&self, now: Instant) -> Phase {
-        if self.rejected_until.is_some_and(|t| t > now) && !self.is_protected() {
+        let protected = self.is_protected(now);
+        if self.rejected_until.is_some_and(|t| t > now) && !protected {
             Phase::Rejected
-        } else if self.is_protected() {
-            if self.wanted {
+        } else if self.wanted {
+            if protected {
                 Phase::Protected
             } else {
-                Phase::Releasing
+                Phase::Acquiring
             }
-        } else if self.wanted {
-            Phase::Acquiring
+        } else if self.might_be_protected(now) || self.in_flight.is_some() {
+            Phase::Releasing
         } else {
             Phase::Idle
         }
     }
 
-    /// Protection confirmed earlier ran out at `now` without a refresh.
+    /// Applies the clock to what ECS may hold: a confirmed protection runs out at its
+    /// expiry whatever is on the wire, and doubt ends at its bound.
     pub(crate) fn take_lapse(&mut self, now: Instant) -> Option<Effect> {
-        match self.expires_at {
-            Some(t) if t <= now => {
-                self.expires_at = None;
-                Some(Effect::Lapsed)
-            }
-            _ => None,
+        let (ecs, lapsed) = self.ecs.aged(now);
+        self.ecs = ecs;
+        lapsed.then_some(Effect::Lapsed)
+    }
+
+    /// When the clock next changes what ECS may hold.
+    pub(crate) fn lapse_deadline(&self) -> Option<Instant> {
+        match self.ecs {
+            Ecs::Off => None,
+            Ecs::On { until, .. } => Some(until),
+            Ecs::Unknown { at_most } => Some(at_most),
         }
     }
 
-    /// The earliest a PUT may start: the rate limit and any retry backoff.
-    fn earliest_put(&self, now: Instant) -> Instant {
-        let rate = self.last_put_at.map(|t| t + self.min_put_interval);
-        later(self.retry_at, later(rate, now))
+    /// The earliest the next PUT may start for the 1 s spacing alone.
+    pub(crate) fn spacing_end(&self, now: Instant) -> Instant {
+        later(self.last_put_at.map(|t| t + self.min_put_interval), now)
     }
 
     /// The next PUT and when. Call [`take_lapse`](Self::take_lapse) first.
     pub(crate) fn poll(&self, now: Instant) -> Next {
-        let earliest = self.earliest_put(now);
+        let cool_down = self.rejected_until.filter(|t| *t > now);
+        // Wake for whatever changes the published state even when no PUT is due.
+        let wake = sooner(self.lapse_deadline(), cool_down);
+        if self.in_flight.is_some() {
+            return Next::Wait(wake);
+        }
+        let backoff = |enabled: bool| {
+            self.retry
+                .filter(|(kind, _)| *kind == enabled)
+                .map(|(_, at)| at)
+        };
+        let spacing = self.spacing_end(now);
         let (request, due) = if self.wanted {
-            if let Some(until) = self.rejected_until.filter(|t| *t > now) {
+            if cool_down.is_some() {
                 // ECS refused; wait out the cool-down before asking again. Any
                 // protection still held runs out on its own.
-                return Next::Wait(Some(self.expires_at.map_or(until, |e| e.min(until))));
+                return Next::Wait(wake);
             }
-            let due = self
-                .expires_at
-                .map_or(now, |e| e.checked_sub(self.refresh_lead).unwrap_or(now));
-            (ProtectionRequest::enable(self.minutes), due.max(earliest))
-        } else if let Some(expires) = self.expires_at {
-            let window_end = self.last_enable_ok.map_or(now, |t| t + self.maintain);
-            let quiet_end = self.last_release.map(|t| t + self.min_put_interval);
-            let due = later(quiet_end, window_end.max(earliest));
-            let due = later(self.rejected_until, due);
-            if due >= expires {
-                // It runs out before a disable could go: let it lapse, save the call.
-                return Next::Wait(Some(expires));
-            }
-            (ProtectionRequest::disable(), due)
-        } else if self.in_doubt {
-            // An enable may have been applied after all: make sure it is off.
+            let due = match self.ecs {
+                Ecs::On { until, .. } => until.checked_sub(self.refresh_lead).unwrap_or(now),
+                // Wanted and unknown: only a confirmed enable ends the doubt.
+                Ecs::Off | Ecs::Unknown { .. } => now,
+            };
             (
-                ProtectionRequest::disable(),
-                later(self.rejected_until, earliest),
+                ProtectionRequest::enable(self.minutes),
+                later(backoff(true), due.max(spacing)),
             )
         } else {
-            return Next::Wait(None);
+            let Some(bound) = self.ecs.at_most() else {
+                return Next::Wait(wake);
+            };
+            let window_end = self.last_enable_ok.map_or(now, |t| t + self.maintain);
+            let quiet_end = self.last_release.map(|t| t + self.min_put_interval);
+            let due = later(backoff(false), later(quiet_end, window_end.max(spacing)));
+            if due >= bound {
+                // It runs out before a disable could go: let it lapse, save the call.
+                return Next::Wait(wake);
+            }
+            (ProtectionRequest::disable(), due)
         };
         if due <= now {
             Next::Put(request)
         } else {
-            Next::Wait(Some(self.expires_at.map_or(due, |e| e.min(due))))
+            Next::Wait(sooner(Some(due), wake))
         }
     }
 
-    /// Records that `request` starts now.
-    pub(crate) fn on_sent(&mut self, now: Instant) {
+    /// Records that `request` leaves now. Until its answer, a disable leaves ECS's
+    /// state unknown; an enable cannot shorten a confirmed protection.
+    pub(crate) fn on_sent(&mut self, now: Instant, request: ProtectionRequest) {
         self.last_put_at = Some(now);
+        let before = self.ecs;
+        self.ecs = match (request.enabled, before) {
+            (true, Ecs::On { .. }) | (false, Ecs::Off) => before,
+            (true, _) => Ecs::Unknown {
+                at_most: later(before.at_most(), now + self.request_timeout + self.duration),
+            },
+            (false, Ecs::On { at_most, .. } | Ecs::Unknown { at_most }) => Ecs::Unknown { at_most },
+        };
+        self.in_flight = Some(InFlight {
+            request,
+            sent_at: now,
+            before,
+        });
     }
 
-    /// Whether the next PUT would be a retry after a transient failure.
+    /// Whether the next PUT would be a retry after a failure.
     pub(crate) fn retrying(&self) -> bool {
         self.failures > 0
     }
 
-    /// Applies the answer to a PUT that started at `sent_at`.
+    /// Applies the answer to the PUT in flight.
     pub(crate) fn on_answer(
         &mut self,
         now: Instant,
-        sent_at: Instant,
-        request: ProtectionRequest,
         answer: Result<Grant, ProtectionError>,
     ) -> Effect {
+        let flight = self.in_flight.take().unwrap_or(InFlight {
+            request: ProtectionRequest::disable(),
+            sent_at: now,
+            before: self.ecs,
+        });
+        let request = flight.request;
         let answer = answer.and_then(|grant| self.check_grant(request, grant));
         match answer {
-            Ok(expiry) => {
+            Ok(Some((reported, remaining))) => {
                 self.failures = 0;
-                self.retry_at = None;
+                self.retry = None;
                 self.rejected_until = None;
-                self.in_doubt = false;
-                if let Some((expires_at, remaining)) = expiry {
-                    let refreshed = self.expires_at.is_some();
-                    // Never trust an expiry past what was asked for, counted from when
-                    // the request left: clocks can differ.
-                    self.expires_at = Some((now + remaining).min(sent_at + self.duration));
-                    self.last_enable_ok = Some(now);
-                    Effect::Protected {
-                        expires_at,
-                        refreshed,
-                    }
-                } else {
-                    self.expires_at = None;
-                    Effect::Released
+                let refreshed = matches!(self.ecs, Ecs::On { .. });
+                // ECS applied the enable somewhere between sending and now: its
+                // protection lasts at least from the send, at most from now.
+                let until = (now + remaining).min(flight.sent_at + self.duration);
+                self.ecs = Ecs::On {
+                    until,
+                    at_most: (now + remaining).max(until),
+                    reported,
+                };
+                self.last_enable_ok = Some(now);
+                Effect::Protected {
+                    expires_at: reported,
+                    refreshed,
                 }
             }
-            Err(ProtectionError::Rejected(rejection)) => {
+            Ok(None) => {
                 self.failures = 0;
-                self.retry_at = None;
+                self.retry = None;
+                self.ecs = Ecs::Off;
+                Effect::Released
+            }
+            Err(ProtectionError::Rejected(rejection)) if request.enabled => {
+                // ECS refused before acting: its state is what it was.
+                self.ecs = flight.before.aged(now).0;
+                self.failures = 0;
+                self.retry = None;
                 self.rejected_until = Some(now + self.check_interval);
                 Effect::Rejected(rejection)
             }
             Err(error) => {
-                if request.enabled && error.maybe_applied() {
-                    self.in_doubt = true;
+                if error.maybe_applied() {
+                    // ECS may have acted: an enable may have extended protection (to at
+                    // most now + duration); a disable leaves it unknown, as on the wire.
+                    if request.enabled {
+                        self.ecs = match self.ecs {
+                            Ecs::On {
+                                until,
+                                at_most,
+                                reported,
+                            } => Ecs::On {
+                                until,
+                                at_most: at_most.max(now + self.duration),
+                                reported,
+                            },
+                            other => Ecs::Unknown {
+                                at_most: later(other.at_most(), now + self.duration),
+                            },
+                        };
+                    }
+                } else {
+                    self.ecs = flight.before.aged(now).0;
                 }
                 self.failures = self.failures.saturating_add(1);
-                let retry_in = self.backoff();
-                self.retry_at = Some(now + retry_in);
+                // A refused disable (say, access denied) is not worth a fast retry.
+                let retry_in = if matches!(error, ProtectionError::Rejected(_)) {
+                    self.check_interval
+                } else {
+                    self.backoff()
+                };
+                self.retry = Some((request.enabled, now + retry_in));
                 Effect::Failed { error, retry_in }
             }
         }
@@ -346,8 +486,8 @@ mod tests {
         let mut m = Machine::new(&settings());
         m.set_wanted(true);
         assert_eq!(m.poll(t0), Next::Put(ProtectionRequest::enable(1)));
-        m.on_sent(t0);
-        let e = m.on_answer(t0, t0, ProtectionRequest::enable(1), ok(true));
+        m.on_sent(t0, ProtectionRequest::enable(1));
+        let e = m.on_answer(t0, ok(true));
         assert!(matches!(
             e,
             Effect::Protected {
@@ -374,31 +514,27 @@ mod tests {
         let t0 = Instant::now();
         let mut m = Machine::new(&settings());
         m.set_wanted(true);
-        m.on_sent(t0);
+        m.on_sent(t0, ProtectionRequest::enable(1));
         let rejected = Err(ProtectionError::Rejected(Rejection {
             reason: "DEPLOYMENT_BLOCKED".into(),
             detail: None,
             status: Some(200),
         }));
-        m.on_answer(t0, t0, ProtectionRequest::enable(1), rejected);
+        m.on_answer(t0, rejected);
         assert_eq!(m.phase(t0), Phase::Rejected);
         assert_eq!(m.poll(t0), Next::Wait(Some(t0 + Duration::from_secs(10))));
         let t1 = t0 + Duration::from_secs(10);
-        m.on_sent(t1);
-        let e = m.on_answer(
-            t1,
-            t1,
-            ProtectionRequest::enable(1),
-            Err(ProtectionError::Timeout(Duration::from_secs(8))),
-        );
+        m.on_sent(t1, ProtectionRequest::enable(1));
+        let e = m.on_answer(t1, Err(ProtectionError::Timeout(Duration::from_secs(8))));
         let Effect::Failed { retry_in, .. } = e else {
             panic!("{e:?}")
         };
         assert!(retry_in >= Duration::from_millis(100) && retry_in <= Duration::from_millis(200));
         assert!(
-            m.might_be_protected(),
+            m.might_be_protected(t1),
             "a timed-out enable may have been applied"
         );
+        assert!(!m.is_protected(t1), "but it is no promise");
         m.set_wanted(false);
         assert!(matches!(m.poll(t1 + Duration::from_secs(1)), Next::Put(r) if !r.enabled));
     }

@@ -6,7 +6,7 @@
 //! holder changes that happen meanwhile simply shape the next decision.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, OnceCell, broadcast, watch};
@@ -25,8 +25,9 @@ use crate::state::{
 
 /// How long a request already in flight at shutdown may still take.
 const IN_FLIGHT_GRACE: Duration = Duration::from_millis(500);
-/// How long the disable PUT at shutdown may take.
-const SHUTDOWN_BUDGET: Duration = Duration::from_secs(2);
+/// How long the final disable at shutdown may take, including the wait for the
+/// 1 s spacing after the previous PUT.
+const SHUTDOWN_BUDGET: Duration = Duration::from_secs(3);
 
 /// An awaited acquire did not end in protection.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -73,9 +74,10 @@ impl std::fmt::Display for ShutdownReport {
 #[derive(Debug)]
 struct Shared {
     settings: ProtectionSettings,
-    holders: AtomicUsize,
-    /// Bumped each time the holder count falls to zero.
-    releases: AtomicU64,
+    /// The holder count (low 32 bits) and how many times it fell to zero (high 32
+    /// bits), in one word: the driver never sees zero holders without also seeing
+    /// the release that made it zero, so the quiet second always starts in time.
+    holders: AtomicU64,
     /// Wakes the driver when the holder count crosses zero.
     wake: Notify,
     stop: watch::Sender<bool>,
@@ -118,15 +120,38 @@ pub struct ProtectionGuard {
 impl std::fmt::Debug for ProtectionGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProtectionGuard")
-            .field("holders", &self.shared.holders.load(Ordering::Relaxed))
+            .field("holders", &self.shared.holder_count())
             .finish()
     }
 }
 
+const COUNT_MASK: u64 = 0xFFFF_FFFF;
+
+/// The holder count in a holders word.
+fn count(word: u64) -> u64 {
+    word & COUNT_MASK
+}
+
+/// How many times the count fell to zero, in a holders word.
+fn epoch(word: u64) -> u64 {
+    word >> 32
+}
+
 impl Drop for ProtectionGuard {
     fn drop(&mut self) {
-        if self.shared.holders.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.shared.releases.fetch_add(1, Ordering::SeqCst);
+        let last = self
+            .shared
+            .holders
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |word| {
+                Some(if count(word) == 1 {
+                    // The last holder: count 0 and the next epoch, in one step.
+                    (epoch(word).wrapping_add(1) & COUNT_MASK) << 32
+                } else {
+                    word.saturating_sub(1)
+                })
+            })
+            .is_ok_and(|word| count(word) == 1);
+        if last {
             self.shared.wake.notify_one();
         }
     }
@@ -144,8 +169,7 @@ impl TaskProtection {
         let (events, _) = broadcast::channel(64);
         let shared = Arc::new(Shared {
             settings,
-            holders: AtomicUsize::new(0),
-            releases: AtomicU64::new(0),
+            holders: AtomicU64::new(0),
             wake: Notify::new(),
             stop,
             state,
@@ -183,7 +207,7 @@ impl TaskProtection {
     /// Use it where work must not wait for ECS, such as greeting a websocket client.
     pub fn hold(&self) -> ProtectionGuard {
         let shared = self.shared();
-        if shared.holders.fetch_add(1, Ordering::SeqCst) == 0 {
+        if count(shared.holders.fetch_add(1, Ordering::SeqCst)) == 0 {
             shared.wake.notify_one();
         }
         ProtectionGuard {
@@ -247,7 +271,7 @@ impl TaskProtection {
     /// The number of live guards.
     #[must_use]
     pub fn holders(&self) -> usize {
-        self.shared().holders.load(Ordering::SeqCst)
+        usize::try_from(self.shared().holder_count()).unwrap_or(usize::MAX)
     }
 
     /// A live view of the state, for status pages and tests.
@@ -281,7 +305,8 @@ impl TaskProtection {
     }
 
     /// Stops managing protection and disables it at once, best effort, within
-    /// about 2 s. A draining task must not stay protected. Holders that remain are
+    /// about 3.5 s: a request already in flight gets 0.5 s, and the disable 3 s,
+    /// including the 1 s spacing after the previous PUT. A draining task must not stay protected. Holders that remain are
     /// ignored from now on; later calls return the same report.
     pub async fn shutdown(&self) -> ShutdownReport {
         self.handle
@@ -322,24 +347,33 @@ async fn sleep_until(until: Option<Instant>) {
 async fn drive<B: Backend>(shared: Arc<Shared>, backend: B) -> ShutdownReport {
     let mut machine = Machine::new(&shared.settings);
     let mut stop = shared.stop.subscribe();
-    let mut releases_seen = 0;
+    let mut epoch_seen = 0;
     loop {
         if *stop.borrow_and_update() {
             break;
         }
         let now = Instant::now();
-        let releases = shared.releases.load(Ordering::SeqCst);
-        if releases != releases_seen {
-            releases_seen = releases;
+        let word = shared.holders.load(Ordering::SeqCst);
+        if epoch(word) != epoch_seen {
+            epoch_seen = epoch(word);
             machine.note_release(now);
         }
-        machine.set_wanted(shared.holders.load(Ordering::SeqCst) > 0);
+        machine.set_wanted(count(word) > 0);
         if let Some(effect) = machine.take_lapse(now) {
-            shared.apply(&machine, effect, None);
+            shared.apply(effect, None);
         }
-        shared.publish_phase(&machine, now);
+        shared.publish(&machine, now);
         match machine.poll(now) {
             Next::Put(request) => {
+                if !request.enabled {
+                    // Withdraw the promise before the disable can leave, then look at
+                    // the holders once more: a holder arriving now either sees "not
+                    // protected" (and waits for a new enable) or is seen here.
+                    shared.withdraw();
+                    if shared.holder_count() > 0 {
+                        continue;
+                    }
+                }
                 send(&shared, &backend, &mut machine, request, &mut stop).await;
             }
             Next::Wait(until) => {
@@ -354,15 +388,11 @@ async fn drive<B: Backend>(shared: Arc<Shared>, backend: B) -> ShutdownReport {
     shut_down(&shared, &backend, &mut machine).await
 }
 
-async fn send<B: Backend>(
-    shared: &Shared,
-    backend: &B,
-    machine: &mut Machine,
-    request: ProtectionRequest,
-    stop: &mut watch::Receiver<bool>,
-) {
+/// Counts the PUT by kind and records that it leaves now.
+fn start_put(shared: &Shared, machine: &mut Machine, request: ProtectionRequest) -> Instant {
     let counters = &shared.counters;
-    let kind = match (request.enabled, machine.is_protected()) {
+    let now = Instant::now();
+    let kind = match (request.enabled, machine.is_protected(now)) {
         (false, _) => &counters.release_puts,
         (true, true) => &counters.refresh_puts,
         (true, false) => &counters.acquire_puts,
@@ -371,25 +401,51 @@ async fn send<B: Backend>(
     if machine.retrying() {
         AtomicCounters::bump(&counters.retries);
     }
-    let sent_at = Instant::now();
-    machine.on_sent(sent_at);
-    let timeout = shared.settings.request_timeout();
-    let call = tokio::time::timeout(timeout, backend.update(request));
+    machine.on_sent(now, request);
+    shared.publish(machine, now);
+    now
+}
+
+/// Sends one PUT and applies its answer. While it is on the wire the clock still
+/// rules: a confirmed protection that runs out meanwhile is published as lapsed.
+async fn send<B: Backend>(
+    shared: &Shared,
+    backend: &B,
+    machine: &mut Machine,
+    request: ProtectionRequest,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let sent_at = start_put(shared, machine, request);
+    let mut timeout = shared.settings.request_timeout();
+    let call = backend.update(request);
     tokio::pin!(call);
-    let result = tokio::select! {
-        r = &mut call => r,
-        () = stopped(stop) => {
-            // Shutting down mid-request: let it land if it is quick, then move on to
-            // the final disable.
-            tokio::time::timeout(IN_FLIGHT_GRACE, &mut call)
-                .await
-                .unwrap_or(Ok(Err(ProtectionError::Timeout(IN_FLIGHT_GRACE))))
+    let mut stopping = false;
+    let result = loop {
+        tokio::select! {
+            r = &mut call => break r,
+            () = tokio::time::sleep_until(sent_at + timeout) => {
+                break Err(ProtectionError::Timeout(timeout));
+            }
+            () = sleep_until(machine.lapse_deadline()) => {
+                let now = Instant::now();
+                if let Some(effect) = machine.take_lapse(now) {
+                    shared.apply(effect, None);
+                }
+                shared.publish(machine, now);
+            }
+            () = stopped(stop), if !stopping => {
+                // Shutting down mid-request: let it land if it is quick, then move on
+                // to the final disable.
+                stopping = true;
+                timeout = timeout.min(sent_at.elapsed() + IN_FLIGHT_GRACE);
+            }
         }
     };
-    let result = result.unwrap_or(Err(ProtectionError::Timeout(timeout)));
     let task_arn = result.as_ref().ok().and_then(|g| g.task_arn.clone());
-    let effect = machine.on_answer(Instant::now(), sent_at, request, result);
-    shared.apply(machine, effect, task_arn);
+    let now = Instant::now();
+    let effect = machine.on_answer(now, result);
+    shared.apply(effect, task_arn);
+    shared.publish(machine, now);
 }
 
 async fn shut_down<B: Backend>(
@@ -397,22 +453,36 @@ async fn shut_down<B: Backend>(
     backend: &B,
     machine: &mut Machine,
 ) -> ShutdownReport {
-    let report = if machine.might_be_protected() {
-        AtomicCounters::bump(&shared.counters.release_puts);
-        match tokio::time::timeout(
-            SHUTDOWN_BUDGET,
-            backend.update(ProtectionRequest::disable()),
-        )
-        .await
-        {
-            Ok(Ok(grant)) if !grant.enabled => ShutdownReport::Released,
-            Ok(Ok(_)) => ShutdownReport::Failed(ProtectionError::Malformed {
-                status: 200,
-                reason: "protection still enabled after a disable".to_owned(),
-                excerpt: String::new(),
-            }),
-            Ok(Err(e)) => ShutdownReport::Failed(e),
-            Err(_) => ShutdownReport::Failed(ProtectionError::Timeout(SHUTDOWN_BUDGET)),
+    machine.set_wanted(false);
+    let start = Instant::now();
+    if let Some(effect) = machine.take_lapse(start) {
+        shared.apply(effect, None);
+    }
+    let report = if machine.might_be_protected(start) {
+        // Keep the 1 s spacing when the budget allows it; a draining task that stays
+        // protected blocks the deployment, so past that the disable goes anyway.
+        let budget_end = start + SHUTDOWN_BUDGET;
+        let spaced = machine.spacing_end(start);
+        if spaced < budget_end {
+            tokio::time::sleep_until(spaced).await;
+        }
+        let sent_at = start_put(shared, machine, ProtectionRequest::disable());
+        let left = budget_end.saturating_duration_since(sent_at);
+        let result = tokio::time::timeout(left, backend.update(ProtectionRequest::disable()))
+            .await
+            .unwrap_or(Err(ProtectionError::Timeout(left)));
+        // The same answer handling as every other request.
+        match machine.on_answer(Instant::now(), result) {
+            Effect::Released => ShutdownReport::Released,
+            Effect::Failed { error, .. } => ShutdownReport::Failed(error),
+            Effect::Rejected(r) => ShutdownReport::Failed(ProtectionError::Rejected(r)),
+            Effect::Protected { .. } | Effect::Lapsed => {
+                ShutdownReport::Failed(ProtectionError::Malformed {
+                    status: 200,
+                    reason: "protection still enabled after a disable".to_owned(),
+                    excerpt: String::new(),
+                })
+            }
         }
     } else {
         ShutdownReport::NotProtected
@@ -430,19 +500,25 @@ async fn shut_down<B: Backend>(
             tracing::warn!("Task protection release at shutdown failed: {e}");
         }
     }
-    let released = !matches!(report, ShutdownReport::Failed(_));
+    let now = Instant::now();
+    let protected = machine.is_protected(now);
+    let expires_at = machine.reported_expiry(now);
     shared.state.send_modify(|s| {
         s.phase = Phase::Stopped;
-        if released {
-            s.protected = false;
-            s.expires_at = None;
-        }
+        s.protected = protected;
+        s.expires_at = expires_at;
     });
     report
 }
 
 impl Shared {
-    fn publish_phase(&self, machine: &Machine, now: Instant) {
+    fn holder_count(&self) -> u64 {
+        count(self.holders.load(Ordering::SeqCst))
+    }
+
+    /// Publishes what the machine says now: the phase, and protection only while
+    /// ECS has confirmed it and it has not run out.
+    fn publish(&self, machine: &Machine, now: Instant) {
         let phase = match machine.phase(now) {
             crate::machine::Phase::Idle => Phase::Idle,
             crate::machine::Phase::Acquiring => Phase::Acquiring,
@@ -450,14 +526,32 @@ impl Shared {
             crate::machine::Phase::Releasing => Phase::Releasing,
             crate::machine::Phase::Rejected => Phase::Rejected,
         };
+        let protected = machine.is_protected(now);
+        let expires_at = machine.reported_expiry(now);
         self.state.send_if_modified(|s| {
-            let changed = s.phase != phase;
+            let changed =
+                s.phase != phase || s.protected != protected || s.expires_at != expires_at;
             s.phase = phase;
+            s.protected = protected;
+            s.expires_at = expires_at;
             changed
         });
     }
 
-    fn apply(&self, machine: &Machine, effect: Effect, task_arn: Option<String>) {
+    /// No longer promises protection: a disable is about to leave.
+    fn withdraw(&self) {
+        self.state.send_if_modified(|s| {
+            let changed = s.protected || s.phase != Phase::Releasing;
+            s.protected = false;
+            s.expires_at = None;
+            s.phase = Phase::Releasing;
+            changed
+        });
+    }
+
+    /// Logs an effect, counts it and sends its event. [`publish`](Self::publish)
+    /// then shows the state it left.
+    fn apply(&self, effect: Effect, task_arn: Option<String>) {
         let counters = &self.counters;
         let event = match effect {
             Effect::Protected {
@@ -471,8 +565,6 @@ impl Shared {
                     tracing::info!(expires_at = %at, "Task protection acquired");
                 }
                 self.state.send_modify(|s| {
-                    s.protected = true;
-                    s.expires_at = Some(expires_at);
                     s.last_error = None;
                     if task_arn.is_some() {
                         s.task_arn = task_arn;
@@ -487,18 +579,14 @@ impl Shared {
                 let lapsed = effect == Effect::Lapsed;
                 if !lapsed {
                     tracing::info!("Task protection released");
-                } else if self.holders.load(Ordering::SeqCst) > 0 {
+                } else if self.holder_count() > 0 {
                     tracing::warn!("Task protection lapsed before it could be refreshed");
                 } else {
                     tracing::info!("Task protection released (expired)");
                 }
-                self.state.send_modify(|s| {
-                    s.protected = false;
-                    s.expires_at = None;
-                    if !lapsed {
-                        s.last_error = None;
-                    }
-                });
+                if !lapsed {
+                    self.state.send_modify(|s| s.last_error = None);
+                }
                 Some(ProtectionEvent::Unprotected { lapsed })
             }
             Effect::Rejected(rejection) => {
@@ -507,7 +595,6 @@ impl Shared {
                 self.state.send_modify(|s| {
                     s.last_rejection = Some(rejection.clone());
                     s.rejections += 1;
-                    s.protected = machine.is_protected();
                 });
                 Some(ProtectionEvent::Rejected(rejection))
             }

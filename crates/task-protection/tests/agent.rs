@@ -259,7 +259,7 @@ async fn request_canceled_504_is_retried() {
 }
 
 #[tokio::test]
-async fn connection_refused_is_transient() {
+async fn connection_refused_is_transient_and_cannot_have_been_applied() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -271,7 +271,7 @@ async fn connection_refused_is_transient() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, ProtectionError::Transport(m) if !m.is_empty()),
+        matches!(&err, ProtectionError::Unreachable(m) if !m.is_empty()),
         "{err:?}"
     );
     assert!(err.is_transient());

@@ -81,7 +81,10 @@ impl AgentBackend {
             });
         }
         // Timeouts are the state machine's; a pooled connection to the agent is reused.
+        // The agent is link-local: never send it through HTTP_PROXY/HTTPS_PROXY, which
+        // task definitions set for outbound traffic.
         let client = reqwest::Client::builder()
+            .no_proxy()
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .build()
             .map_err(|e| super::BackendConfigError::Invalid {
@@ -112,7 +115,14 @@ impl AgentBackend {
             .json(&body)
             .send()
             .await
-            .map_err(|e| ProtectionError::Transport(error_chain(&e)))?;
+            .map_err(|e| {
+                if e.is_connect() {
+                    // Nothing reached the agent, so ECS cannot have acted.
+                    ProtectionError::Unreachable(error_chain(&e))
+                } else {
+                    ProtectionError::Transport(error_chain(&e))
+                }
+            })?;
         let status = response.status().as_u16();
         let mut bytes = Vec::new();
         while let Some(chunk) = response
@@ -213,11 +223,50 @@ pub(crate) fn classify(status: u16, body: &[u8]) -> Result<Grant, ProtectionErro
     }
 }
 
-fn parse_rfc3339(text: &str) -> Option<std::time::SystemTime> {
+/// Reads any RFC 3339 date-time: `Z` or a numeric offset (`+00:00`, `-08:00`, as
+/// an agent on a host outside UTC may send), `T`, `t` or a space between date and
+/// time, and any number of fractional digits.
+pub(crate) fn parse_rfc3339(text: &str) -> Option<std::time::SystemTime> {
+    let text = text.trim();
+    let (local, offset_secs) = if let Some(local) = text.strip_suffix(['Z', 'z']) {
+        (local, 0_i64)
+    } else {
+        // A numeric offset is the last six characters: ±HH:MM.
+        let split = text.len().checked_sub(6)?;
+        let (local, offset) = (text.get(..split)?, text.get(split..)?);
+        let sign = match offset.as_bytes().first()? {
+            b'+' => 1,
+            b'-' => -1,
+            _ => return None,
+        };
+        let (hours, minutes) = offset.get(1..)?.split_once(':')?;
+        let field = |f: &str, max: i64| {
+            (f.len() == 2 && f.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| f.parse::<i64>().ok())
+                .flatten()
+                .filter(|v| *v <= max)
+        };
+        (
+            local,
+            sign * (field(hours, 23)? * 3600 + field(minutes, 59)? * 60),
+        )
+    };
+    let mut local = local.to_owned();
+    if matches!(local.as_bytes().get(10), Some(b't' | b' ')) {
+        local.replace_range(10..11, "T");
+    }
+    local.push('Z');
     let dt =
-        aws_smithy_types::DateTime::from_str(text, aws_smithy_types::date_time::Format::DateTime)
+        aws_smithy_types::DateTime::from_str(&local, aws_smithy_types::date_time::Format::DateTime)
             .ok()?;
-    std::time::SystemTime::try_from(dt).ok()
+    let utc = std::time::SystemTime::try_from(dt).ok()?;
+    // Local time = UTC + offset, so UTC = local - offset.
+    let shift = std::time::Duration::from_secs(offset_secs.unsigned_abs());
+    if offset_secs >= 0 {
+        utc.checked_sub(shift)
+    } else {
+        utc.checked_add(shift)
+    }
 }
 
 impl Backend for AgentBackend {
@@ -271,6 +320,47 @@ mod tests {
         )
         .unwrap();
         assert!(!g.enabled && g.expires_at.is_none());
+    }
+
+    #[test]
+    fn expiration_dates_in_every_rfc3339_form() {
+        let epoch = |t: &str| {
+            parse_rfc3339(t)
+                .unwrap_or_else(|| panic!("{t} refused"))
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64()
+        };
+        let z = epoch("2022-10-06T02:29:16Z");
+        assert_eq!(z, 1_665_023_356.0);
+        assert_eq!(epoch("2022-10-06T02:29:16+00:00"), z);
+        assert_eq!(epoch("2022-10-05T18:29:16-08:00"), z);
+        assert_eq!(epoch("2022-10-06T08:29:16+06:00"), z);
+        assert_eq!(epoch("2022-10-06t02:29:16z"), z);
+        assert_eq!(epoch("2022-10-06 02:29:16Z"), z);
+        assert!((epoch("2022-10-06T02:29:16.250+00:00") - (z + 0.25)).abs() < 1e-6);
+        assert!((epoch("2022-10-06T02:29:16.123456789Z") - (z + 0.123_456_789)).abs() < 1e-6);
+        for bad in [
+            "",
+            "yesterday",
+            "2022-10-06T02:29:16",
+            "2022-10-06T02:29:16+0000",
+            "2022-10-06T02:29:16+24:00",
+            "2022-10-06T02:29:16+05:60",
+            "2022-10-06T02:29:16*05:00",
+            "2022-10-06X02:29:16Z",
+            "2022-13-06T02:29:16Z",
+            "\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}",
+        ] {
+            assert!(parse_rfc3339(bad).is_none(), "{bad:?} accepted");
+        }
+        // Through the whole answer, as the agent sends it.
+        let g = classify(
+            200,
+            br#"{"protection":{"ExpirationDate":"2022-10-05T18:29:16-08:00","ProtectionEnabled":true,"TaskArn":"arn"}}"#,
+        )
+        .unwrap();
+        assert_eq!(g.expires_at, parse_rfc3339("2022-10-06T02:29:16Z"));
     }
 
     #[test]

@@ -42,7 +42,9 @@ impl TaskIdentity {
             url: url.clone(),
             reason,
         };
+        // The metadata endpoint is link-local, like the agent: never through a proxy.
         let client = reqwest::Client::builder()
+            .no_proxy()
             .timeout(std::time::Duration::from_secs(5))
             .build()
             .map_err(|e| fail(e.to_string()))?;

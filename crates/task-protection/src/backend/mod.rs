@@ -119,7 +119,12 @@ pub enum ProtectionError {
         /// Error message.
         message: String,
     },
-    /// The request did not complete: connection refused or reset, DNS, TLS.
+    /// The request could not be sent: connection refused, DNS. ECS cannot have
+    /// acted on it.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// The request went out but did not complete: connection reset, TLS, a broken
+    /// answer. ECS may have acted on it.
     #[error("request failed: {0}")]
     Transport(String),
     /// No answer within the request timeout.

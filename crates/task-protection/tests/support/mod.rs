@@ -23,6 +23,15 @@ pub enum Reply {
     Failure(&'static str),
     /// Applies the request but never answers (the client times out).
     Hang,
+    /// Never applies and never answers (the client times out).
+    HangUnapplied,
+    /// Applies the request, then answers 504 `RequestCanceled`, as the agent does when
+    /// its own ECS call outlived its budget.
+    AppliedThen504,
+    /// Answers 500 without applying the request.
+    Unapplied500,
+    /// The connection is refused: nothing was sent.
+    Refused,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -151,6 +160,21 @@ impl Backend for FakeEcs {
                 apply(&mut self.lock());
                 std::future::pending().await
             }
+            Reply::HangUnapplied => std::future::pending().await,
+            Reply::AppliedThen504 => {
+                apply(&mut self.lock());
+                Err(ProtectionError::Server {
+                    status: 504,
+                    code: "RequestCanceled".into(),
+                    message: "request canceled".into(),
+                })
+            }
+            Reply::Unapplied500 => Err(ProtectionError::Server {
+                status: 500,
+                code: "ServerException".into(),
+                message: "internal error".into(),
+            }),
+            Reply::Refused => Err(ProtectionError::Unreachable("connection refused".into())),
         }
     }
 
