@@ -283,16 +283,14 @@ impl Machine {
                 later(backoff(true), due.max(spacing)),
             )
         } else {
-            let Some(bound) = self.ecs.at_most() else {
+            if self.ecs.at_most().is_none() {
                 return Next::Wait(wake);
-            };
+            }
             let window_end = self.last_enable_ok.map_or(now, |t| t + self.maintain);
             let quiet_end = self.last_release.map(|t| t + self.min_put_interval);
             let due = later(backoff(false), later(quiet_end, window_end.max(spacing)));
-            if due >= bound {
-                // It runs out before a disable could go: let it lapse, save the call.
-                return Next::Wait(wake);
-            }
+            // A disable due at or after `bound` never goes: the bound passes first
+            // and the protection lapses by itself, which saves the call.
             (ProtectionRequest::disable(), due)
         };
         if due <= now {

@@ -291,3 +291,48 @@ async fn an_enable_refused_at_the_connection_is_not_in_doubt() {
     assert_eq!(ecs.disables(), 0, "{:?}", ecs.calls());
     assert_eq!(p.current().phase, Phase::Idle);
 }
+
+/// The release edge under real threads: a holder that `acquire()` told "protected"
+/// never sees a disable reach ECS while it holds.
+#[test]
+fn no_disable_reaches_ecs_while_an_acquired_guard_is_held() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let settings = ProtectionSettings::builder()
+            .duration_minutes(1)
+            .maintain_percent(0)
+            .min_put_interval(Duration::ZERO)
+            .build()
+            .unwrap();
+        let ecs = FakeEcs::new();
+        let p = TaskProtection::start(ecs.clone(), settings);
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut rounds = 0;
+        while std::time::Instant::now() < deadline {
+            let guard = p.acquire().await.unwrap();
+            let disables = ecs.disables();
+            for _ in 0..(rounds % 7) {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(
+                ecs.disables(),
+                disables,
+                "a disable went out while a guard was held (round {rounds})"
+            );
+            assert!(ecs.ecs_protected(Instant::now()));
+            drop(guard);
+            for _ in 0..(rounds % 5) {
+                tokio::task::yield_now().await;
+            }
+            rounds += 1;
+        }
+        assert!(
+            ecs.disables() > 10,
+            "the edge was not exercised: {rounds} rounds"
+        );
+    });
+}

@@ -52,6 +52,11 @@ pub struct Inner {
     pub latency: Duration,
     /// Enables that found an earlier protection already run out: ECS saw a gap.
     pub lapses: usize,
+    /// The expiry of the last enable that was answered with a confirmation: the most
+    /// a client can know.
+    pub confirmed_expiry: Option<Instant>,
+    /// The request on the wire, if any.
+    pub on_wire: Option<ProtectionRequest>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -65,6 +70,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let mut inner = self.0.lock().unwrap();
         inner.in_flight -= 1;
+        inner.on_wire = None;
     }
 }
 
@@ -114,6 +120,7 @@ impl Backend for FakeEcs {
             let now = Instant::now();
             inner.calls.push(Call { at: now, request });
             inner.in_flight += 1;
+            inner.on_wire = Some(request);
             inner.max_in_flight = inner.max_in_flight.max(inner.in_flight);
             let reply = inner
                 .script
@@ -123,9 +130,6 @@ impl Backend for FakeEcs {
             (reply, inner.latency)
         };
         let _guard = InFlight(Arc::clone(&self.inner));
-        if !latency.is_zero() {
-            tokio::time::sleep(latency).await;
-        }
         let apply = |inner: &mut Inner| {
             if request.enabled && inner.ecs_expiry.is_some_and(|e| e <= Instant::now()) {
                 inner.lapses += 1;
@@ -135,15 +139,27 @@ impl Backend for FakeEcs {
                 .enabled
                 .then(|| Instant::now() + Duration::from_secs(minutes * 60));
         };
+        // ECS acts when the request arrives; the answer takes `latency` to come back.
+        let applies = matches!(reply, Reply::Ok | Reply::Hang | Reply::AppliedThen504);
+        if applies {
+            apply(&mut self.lock());
+        }
+        let minutes = u64::from(request.expires_in_minutes.unwrap_or(120));
+        let reported = SystemTime::now() + Duration::from_secs(minutes * 60);
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
         match reply {
             Reply::Ok => {
-                apply(&mut self.lock());
-                let minutes = u64::from(request.expires_in_minutes.unwrap_or(120));
+                {
+                    let mut inner = self.lock();
+                    if request.enabled {
+                        inner.confirmed_expiry = inner.ecs_expiry;
+                    }
+                }
                 Ok(Grant {
                     enabled: request.enabled,
-                    expires_at: request
-                        .enabled
-                        .then(|| SystemTime::now() + Duration::from_secs(minutes * 60)),
+                    expires_at: request.enabled.then_some(reported),
                     task_arn: Some("arn:aws:ecs:us-east-1:1:task/c/t".into()),
                 })
             }
@@ -156,19 +172,12 @@ impl Backend for FakeEcs {
                 detail: None,
                 status: Some(200),
             })),
-            Reply::Hang => {
-                apply(&mut self.lock());
-                std::future::pending().await
-            }
-            Reply::HangUnapplied => std::future::pending().await,
-            Reply::AppliedThen504 => {
-                apply(&mut self.lock());
-                Err(ProtectionError::Server {
-                    status: 504,
-                    code: "RequestCanceled".into(),
-                    message: "request canceled".into(),
-                })
-            }
+            Reply::Hang | Reply::HangUnapplied => std::future::pending().await,
+            Reply::AppliedThen504 => Err(ProtectionError::Server {
+                status: 504,
+                code: "RequestCanceled".into(),
+                message: "request canceled".into(),
+            }),
             Reply::Unapplied500 => Err(ProtectionError::Server {
                 status: 500,
                 code: "ServerException".into(),
