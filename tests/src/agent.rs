@@ -4,6 +4,10 @@
 //! `protection` and an RFC 3339 `ExpirationDate` of now + `ExpiresInMinutes`, a 200
 //! with `failure` for a refusal, ECS errors with their own status, and the agent's
 //! own 429 with a plain-text body. Every request is recorded.
+//!
+//! It also keeps ECS's own side apart from what it answers: a PUT that ECS accepts
+//! is applied when it arrives, and the answer leaves after the latency, so tests can
+//! check what ECS held at any moment, not what the program believed.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -30,8 +34,10 @@ pub enum Answer {
     AgentLimit,
     /// 403 `AccessDeniedException`.
     AccessDenied,
-    /// 504 `RequestCanceled`: the agent timed out calling ECS.
+    /// 504 `RequestCanceled`: the agent timed out calling ECS, before ECS acted.
     RequestCanceled,
+    /// 504 `RequestCanceled` although ECS applied the change.
+    AppliedThenRequestCanceled,
     /// 500 `ServerException`.
     ServerError,
     /// No answer for this long.
@@ -60,6 +66,20 @@ struct Inner {
     script: Vec<Answer>,
     fallback: Option<Answer>,
     puts: Vec<Recorded>,
+    /// Added to every answer.
+    latency: Duration,
+    /// Every change ECS applied: when, and protected until when (`None`: off).
+    changes: Vec<(std::time::Instant, Option<std::time::Instant>)>,
+}
+
+impl Inner {
+    fn apply(&mut self, body: &Value) {
+        let enabled = body["ProtectionEnabled"].as_bool().unwrap_or(false);
+        let minutes = body["ExpiresInMinutes"].as_u64().unwrap_or(120);
+        let now = std::time::Instant::now();
+        let until = enabled.then(|| now + Duration::from_secs(minutes * 60));
+        self.changes.push((now, until));
+    }
 }
 
 /// The fake agent.
@@ -116,13 +136,18 @@ impl Respond for Responder {
                 body: body.clone(),
                 at: std::time::Instant::now(),
             });
-            if inner.script.is_empty() {
+            let answer = if inner.script.is_empty() {
                 inner.fallback.clone().unwrap_or(Answer::Ok)
             } else {
                 inner.script.remove(0)
+            };
+            if matches!(answer, Answer::Ok | Answer::AppliedThenRequestCanceled) {
+                inner.apply(&body);
             }
+            (answer, inner.latency)
         };
-        match answer {
+        let (answer, latency) = answer;
+        let template = match answer {
             Answer::Ok => {
                 let enabled = body["ProtectionEnabled"].as_bool().unwrap_or(false);
                 let minutes = body["ExpiresInMinutes"].as_u64().unwrap_or(120);
@@ -148,14 +173,15 @@ impl Respond for Responder {
                 "AccessDeniedException",
                 "User is not authorized to perform: ecs:UpdateTaskProtection",
             ),
-            Answer::RequestCanceled => error(
+            Answer::RequestCanceled | Answer::AppliedThenRequestCanceled => error(
                 504,
                 "RequestCanceled",
                 "Timed out calling ECS Task Protection API",
             ),
             Answer::ServerError => error(500, "ServerException", "Internal error"),
-            Answer::Delay(d) => ResponseTemplate::new(200).set_delay(d),
-        }
+            Answer::Delay(d) => return ResponseTemplate::new(200).set_delay(d + latency),
+        };
+        template.set_delay(latency)
     }
 }
 
@@ -192,6 +218,45 @@ impl FakeAgent {
     /// Answers every PUT with `answer` once the script is used up.
     pub fn always(&self, answer: Answer) {
         self.lock().fallback = Some(answer);
+    }
+
+    /// Every answer takes this long from now on; ECS acts when the request arrives.
+    pub fn latency(&self, latency: Duration) {
+        self.lock().latency = latency;
+    }
+
+    /// Whether ECS held protection for the task at `at`.
+    #[must_use]
+    pub fn ecs_protected_at(&self, at: std::time::Instant) -> bool {
+        let inner = self.lock();
+        inner
+            .changes
+            .iter()
+            .rev()
+            .find(|(t, _)| *t <= at)
+            .and_then(|(_, until)| *until)
+            .is_some_and(|until| until > at)
+    }
+
+    /// Whether ECS held protection throughout `from..=to`.
+    #[must_use]
+    pub fn ecs_protected_throughout(
+        &self,
+        from: std::time::Instant,
+        to: std::time::Instant,
+    ) -> bool {
+        let changed_within = self
+            .lock()
+            .changes
+            .iter()
+            .any(|(t, until)| *t > from && *t <= to && until.is_none_or(|u| u <= to));
+        self.ecs_protected_at(from) && self.ecs_protected_at(to) && !changed_within
+    }
+
+    /// The changes ECS applied, in order: when, and protected until when.
+    #[must_use]
+    pub fn ecs_changes(&self) -> Vec<(std::time::Instant, Option<std::time::Instant>)> {
+        self.lock().changes.clone()
     }
 
     /// Every PUT so far.

@@ -3,6 +3,7 @@
 mod browser;
 mod demo;
 mod deploy;
+mod protection_faults;
 mod queue_consumer;
 mod readme;
 mod websocket;
