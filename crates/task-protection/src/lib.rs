@@ -43,6 +43,7 @@
 pub mod backend;
 #[cfg(feature = "cli")]
 pub mod cli;
+mod driver;
 mod machine;
 mod protection;
 pub mod settings;

@@ -1,0 +1,299 @@
+//! The background driver: the one task that owns the state machine and calls the
+//! backend, so there is never more than one request in flight; holder changes that
+//! happen meanwhile simply shape the next decision.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::backend::{Backend, ProtectionError, ProtectionRequest};
+use crate::machine::{Effect, Machine, Next};
+use crate::protection::{Shared, ShutdownReport, count, epoch};
+use crate::state::{AtomicCounters, Phase, ProtectionEvent, rfc3339};
+
+/// How long a request already in flight at shutdown may still take.
+const IN_FLIGHT_GRACE: Duration = Duration::from_millis(500);
+/// How long the final disable at shutdown may take, including the wait for the
+/// 1 s spacing after the previous PUT.
+const SHUTDOWN_BUDGET: Duration = Duration::from_secs(3);
+
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn sleep_until(until: Option<Instant>) {
+    match until {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+pub(crate) async fn drive<B: Backend>(shared: Arc<Shared>, backend: B) -> ShutdownReport {
+    let mut machine = Machine::new(&shared.settings);
+    let mut stop = shared.stop.subscribe();
+    let mut epoch_seen = 0;
+    loop {
+        if *stop.borrow_and_update() {
+            break;
+        }
+        let now = Instant::now();
+        let word = shared.holders.load(Ordering::SeqCst);
+        if epoch(word) != epoch_seen {
+            epoch_seen = epoch(word);
+            machine.note_release(now);
+        }
+        machine.set_wanted(count(word) > 0);
+        if let Some(effect) = machine.take_lapse(now) {
+            shared.apply(effect, None);
+        }
+        shared.publish(&machine, now);
+        match machine.poll(now) {
+            Next::Put(request) => {
+                if !request.enabled {
+                    // Withdraw the promise before the disable can leave, then look at
+                    // the holders once more: a holder arriving now either sees "not
+                    // protected" (and waits for a new enable) or is seen here.
+                    shared.withdraw();
+                    if shared.holder_count() > 0 {
+                        continue;
+                    }
+                }
+                send(&shared, &backend, &mut machine, request, &mut stop).await;
+            }
+            Next::Wait(until) => {
+                tokio::select! {
+                    () = sleep_until(until) => {}
+                    () = shared.wake.notified() => {}
+                    () = stopped(&mut stop) => {}
+                }
+            }
+        }
+    }
+    shut_down(&shared, &backend, &mut machine).await
+}
+
+/// Counts the PUT by kind and records that it leaves now.
+fn start_put(shared: &Shared, machine: &mut Machine, request: ProtectionRequest) -> Instant {
+    let counters = &shared.counters;
+    let now = Instant::now();
+    let kind = match (request.enabled, machine.is_protected(now)) {
+        (false, _) => &counters.release_puts,
+        (true, true) => &counters.refresh_puts,
+        (true, false) => &counters.acquire_puts,
+    };
+    AtomicCounters::bump(kind);
+    if machine.retrying() {
+        AtomicCounters::bump(&counters.retries);
+    }
+    machine.on_sent(now, request);
+    shared.publish(machine, now);
+    now
+}
+
+/// Sends one PUT and applies its answer. While it is on the wire the clock still
+/// rules: a confirmed protection that runs out meanwhile is published as lapsed.
+async fn send<B: Backend>(
+    shared: &Shared,
+    backend: &B,
+    machine: &mut Machine,
+    request: ProtectionRequest,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let sent_at = start_put(shared, machine, request);
+    let mut timeout = shared.settings.request_timeout();
+    let call = backend.update(request);
+    tokio::pin!(call);
+    let mut stopping = false;
+    let result = loop {
+        tokio::select! {
+            r = &mut call => break r,
+            () = tokio::time::sleep_until(sent_at + timeout) => {
+                break Err(ProtectionError::Timeout(timeout));
+            }
+            () = sleep_until(machine.lapse_deadline()) => {
+                let now = Instant::now();
+                if let Some(effect) = machine.take_lapse(now) {
+                    shared.apply(effect, None);
+                }
+                shared.publish(machine, now);
+            }
+            () = stopped(stop), if !stopping => {
+                // Shutting down mid-request: let it land if it is quick, then move on
+                // to the final disable.
+                stopping = true;
+                timeout = timeout.min(sent_at.elapsed() + IN_FLIGHT_GRACE);
+            }
+        }
+    };
+    let task_arn = result.as_ref().ok().and_then(|g| g.task_arn.clone());
+    let now = Instant::now();
+    let effect = machine.on_answer(now, result);
+    shared.apply(effect, task_arn);
+    shared.publish(machine, now);
+}
+
+async fn shut_down<B: Backend>(
+    shared: &Shared,
+    backend: &B,
+    machine: &mut Machine,
+) -> ShutdownReport {
+    machine.set_wanted(false);
+    let start = Instant::now();
+    if let Some(effect) = machine.take_lapse(start) {
+        shared.apply(effect, None);
+    }
+    let report = if machine.might_be_protected(start) {
+        // Keep the 1 s spacing when the budget allows it; a draining task that stays
+        // protected blocks the deployment, so past that the disable goes anyway.
+        let budget_end = start + SHUTDOWN_BUDGET;
+        let spaced = machine.spacing_end(start);
+        if spaced < budget_end {
+            tokio::time::sleep_until(spaced).await;
+        }
+        let sent_at = start_put(shared, machine, ProtectionRequest::disable());
+        let left = budget_end.saturating_duration_since(sent_at);
+        let result = tokio::time::timeout(left, backend.update(ProtectionRequest::disable()))
+            .await
+            .unwrap_or(Err(ProtectionError::Timeout(left)));
+        // The same answer handling as every other request.
+        match machine.on_answer(Instant::now(), result) {
+            Effect::Released => ShutdownReport::Released,
+            Effect::Failed { error, .. } => ShutdownReport::Failed(error),
+            Effect::Rejected(r) => ShutdownReport::Failed(ProtectionError::Rejected(r)),
+            Effect::Protected { .. } | Effect::Lapsed => {
+                ShutdownReport::Failed(ProtectionError::Malformed {
+                    status: 200,
+                    reason: "protection still enabled after a disable".to_owned(),
+                    excerpt: String::new(),
+                })
+            }
+        }
+    } else {
+        ShutdownReport::NotProtected
+    };
+    match &report {
+        ShutdownReport::Released => {
+            tracing::info!("Task protection released");
+            let _ = shared
+                .events
+                .send(ProtectionEvent::Unprotected { lapsed: false });
+        }
+        ShutdownReport::NotProtected => tracing::debug!("Task protection shut down; not protected"),
+        ShutdownReport::Failed(e) => {
+            AtomicCounters::bump(&shared.counters.failures);
+            tracing::warn!("Task protection release at shutdown failed: {e}");
+        }
+    }
+    let now = Instant::now();
+    let protected = machine.is_protected(now);
+    let expires_at = machine.reported_expiry(now);
+    shared.state.send_modify(|s| {
+        s.phase = Phase::Stopped;
+        s.protected = protected;
+        s.expires_at = expires_at;
+    });
+    report
+}
+
+impl Shared {
+    pub(crate) fn holder_count(&self) -> u64 {
+        count(self.holders.load(Ordering::SeqCst))
+    }
+
+    /// Publishes what the machine says now: the phase, and protection only while
+    /// ECS has confirmed it and it has not run out.
+    fn publish(&self, machine: &Machine, now: Instant) {
+        let phase = match machine.phase(now) {
+            crate::machine::Phase::Idle => Phase::Idle,
+            crate::machine::Phase::Acquiring => Phase::Acquiring,
+            crate::machine::Phase::Protected => Phase::Protected,
+            crate::machine::Phase::Releasing => Phase::Releasing,
+            crate::machine::Phase::Rejected => Phase::Rejected,
+        };
+        let protected = machine.is_protected(now);
+        let expires_at = machine.reported_expiry(now);
+        self.state.send_if_modified(|s| {
+            let changed =
+                s.phase != phase || s.protected != protected || s.expires_at != expires_at;
+            s.phase = phase;
+            s.protected = protected;
+            s.expires_at = expires_at;
+            changed
+        });
+    }
+
+    /// No longer promises protection: a disable is about to leave.
+    fn withdraw(&self) {
+        self.state.send_if_modified(|s| {
+            let changed = s.protected || s.phase != Phase::Releasing;
+            s.protected = false;
+            s.expires_at = None;
+            s.phase = Phase::Releasing;
+            changed
+        });
+    }
+
+    /// Logs an effect, counts it and sends its event. [`publish`](Self::publish)
+    /// then shows the state it left.
+    fn apply(&self, effect: Effect, task_arn: Option<String>) {
+        let counters = &self.counters;
+        let event = match effect {
+            Effect::Protected {
+                expires_at,
+                refreshed,
+            } => {
+                let at = rfc3339(expires_at);
+                if refreshed {
+                    tracing::info!(expires_at = %at, "Task protection refreshed");
+                } else {
+                    tracing::info!(expires_at = %at, "Task protection acquired");
+                }
+                self.state.send_modify(|s| {
+                    s.last_error = None;
+                    if task_arn.is_some() {
+                        s.task_arn = task_arn;
+                    }
+                });
+                Some(ProtectionEvent::Protected {
+                    expires_at,
+                    refreshed,
+                })
+            }
+            Effect::Released | Effect::Lapsed => {
+                let lapsed = effect == Effect::Lapsed;
+                if !lapsed {
+                    tracing::info!("Task protection released");
+                } else if self.holder_count() > 0 {
+                    tracing::warn!("Task protection lapsed before it could be refreshed");
+                } else {
+                    tracing::info!("Task protection released (expired)");
+                }
+                if !lapsed {
+                    self.state.send_modify(|s| s.last_error = None);
+                }
+                Some(ProtectionEvent::Unprotected { lapsed })
+            }
+            Effect::Rejected(rejection) => {
+                AtomicCounters::bump(&counters.rejections);
+                tracing::warn!("Task protection rejected: {rejection}");
+                self.state.send_modify(|s| {
+                    s.last_rejection = Some(rejection.clone());
+                    s.rejections += 1;
+                });
+                Some(ProtectionEvent::Rejected(rejection))
+            }
+            Effect::Failed { error, retry_in } => {
+                AtomicCounters::bump(&counters.failures);
+                tracing::warn!("Task protection request failed, retrying in {retry_in:?}: {error}");
+                self.state.send_modify(|s| s.last_error = Some(error));
+                None
+            }
+        };
+        if let Some(event) = event {
+            let _ = self.events.send(event);
+        }
+    }
+}
