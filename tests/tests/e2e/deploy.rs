@@ -28,6 +28,13 @@ const STOP_TIMEOUT_PATH: &str = "ContainerDefinitions[0].StopTimeout";
 const MAX_STOP_TIMEOUT_SECONDS: u64 = 120;
 /// The ALB's idle timeout; the manifests keep the default.
 const ALB_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The `platform` values Copilot accepts that Fargate runs. Without the field Copilot
+/// passes no `--platform` to `docker build`, so an image built on an ARM machine
+/// would not start on Fargate's default X86_64.
+const FARGATE_PLATFORMS: [&str; 3] = ["linux/x86_64", "linux/amd64", "linux/arm64"];
+/// The parameters Copilot passes to every workload addon; its loader rejects an
+/// addon that lacks one, and an addons.parameters.yml may not set them.
+const ADDON_PARAMETERS: [&str; 3] = ["App", "Env", "Name"];
 
 // --- reading the files -----------------------------------------------------------
 
@@ -250,6 +257,15 @@ fn check_image(manifest: &Value, binary: &str, problems: &mut Vec<String>) -> Op
     Some(content)
 }
 
+fn check_platform(manifest: &Value, problems: &mut Vec<String>) {
+    match text_at(manifest, "platform") {
+        Some(p) if FARGATE_PLATFORMS.contains(&p.as_str()) => {}
+        other => problems.push(format!(
+            "platform is {other:?}; set it to one of {FARGATE_PLATFORMS:?}, or Copilot builds for the machine it runs on"
+        )),
+    }
+}
+
 fn check_stop_timeout(
     manifest: &Value,
     read: &BTreeMap<String, Setting>,
@@ -349,6 +365,7 @@ async fn the_worker_manifest_matches_queue_consumer() {
         ));
     }
     check_image(&manifest, "queue-consumer", &mut problems);
+    check_platform(&manifest, &mut problems);
 
     let read = settings("queue-consumer").await;
     let vars = variables(&manifest, &mut problems);
@@ -415,6 +432,7 @@ async fn the_web_manifest_matches_the_websocket_server() {
         ));
     }
     let dockerfile = check_image(&manifest, "websocket", &mut problems);
+    check_platform(&manifest, &mut problems);
 
     let read = settings("websocket").await;
     let vars = variables(&manifest, &mut problems);
@@ -512,17 +530,8 @@ fn the_addons_grant_only_task_protection_in_the_environment_cluster() {
         let statements = at(policy, "Properties.PolicyDocument.Statement")
             .and_then(Value::as_sequence)
             .unwrap_or_else(|| panic!("{relative}: the policy has no statements"));
-        let mut actions: Vec<String> = statements
-            .iter()
-            .flat_map(|s| match s.get("Action") {
-                Some(Value::Sequence(list)) => list.iter().filter_map(text).collect(),
-                Some(one) => text(one).into_iter().collect(),
-                None => Vec::new(),
-            })
-            .collect();
-        actions.sort();
         assert_eq!(
-            actions,
+            allowed_actions(statements),
             ["ecs:GetTaskProtection", "ecs:UpdateTaskProtection"],
             "{relative}: the policy must allow exactly the two task protection actions"
         );
@@ -544,6 +553,169 @@ fn the_addons_grant_only_task_protection_in_the_environment_cluster() {
             outputs.contains(&id),
             "{relative}: no output holds the policy ARN (Ref {id}), so Copilot would not attach it"
         );
+    }
+}
+
+/// The actions a policy statement list allows, sorted.
+fn allowed_actions(statements: &[Value]) -> Vec<String> {
+    let mut actions: Vec<String> = statements
+        .iter()
+        .flat_map(|s| match s.get("Action") {
+            Some(Value::Sequence(list)) => list.iter().filter_map(text).collect(),
+            Some(one) => text(one).into_iter().collect(),
+            None => Vec::new(),
+        })
+        .collect();
+    actions.sort();
+    actions
+}
+
+/// A CloudFormation short-form function such as `!Ref X`, as (tag, argument).
+fn function(value: &Value) -> Option<(String, String)> {
+    match value {
+        Value::Tagged(tagged) => Some((tagged.tag.to_string(), text(&tagged.value)?)),
+        _ => None,
+    }
+}
+
+#[test]
+fn the_worker_addon_lets_it_change_visibility_on_its_own_queue_only() {
+    // Copilot's queue policy gives the task role sqs:ReceiveMessage and
+    // sqs:DeleteMessage only (aws/copilot-cli#4216). The worker also extends and
+    // hands back messages, which needs sqs:ChangeMessageVisibility on its queue.
+    let relative = "copilot/queue-consumer/addons/queue-visibility.yml";
+    let path = workspace_root().join(relative);
+    assert!(
+        path.is_file(),
+        "{relative} is missing: without it every heartbeat and hand-back is AccessDenied"
+    );
+    let template = yaml(relative);
+    let resources = at(&template, "Resources")
+        .and_then(Value::as_mapping)
+        .unwrap_or_else(|| panic!("{relative} has no Resources"));
+    let policies: Vec<(&Value, &Value)> = resources
+        .iter()
+        .filter(|(_, r)| text_at(r, "Type").as_deref() == Some("AWS::IAM::ManagedPolicy"))
+        .collect();
+    assert_eq!(policies.len(), 1, "{relative}: expected one managed policy");
+    let (id, policy) = policies[0];
+    let statements = at(policy, "Properties.PolicyDocument.Statement")
+        .and_then(Value::as_sequence)
+        .unwrap_or_else(|| panic!("{relative}: the policy has no statements"));
+    assert_eq!(
+        allowed_actions(statements),
+        ["sqs:ChangeMessageVisibility"],
+        "{relative}: the policy must allow exactly sqs:ChangeMessageVisibility"
+    );
+    for statement in statements {
+        let resource = statement
+            .get("Resource")
+            .and_then(function)
+            .unwrap_or_else(|| panic!("{relative}: Resource must be !Ref of a parameter"));
+        assert_eq!(
+            resource,
+            ("!Ref".to_owned(), "EventsQueueArn".to_owned()),
+            "{relative}: Resource must be the service's own queue"
+        );
+    }
+    assert!(
+        at(&template, "Parameters.EventsQueueArn").is_some(),
+        "{relative}: no EventsQueueArn parameter"
+    );
+    // Copilot's worker stack names the queue EventsQueue; addons.parameters.yml
+    // hands its ARN to the addon.
+    let params = yaml("copilot/queue-consumer/addons/addons.parameters.yml");
+    assert_eq!(
+        at(&params, "Parameters.EventsQueueArn").and_then(function),
+        Some(("!GetAtt".to_owned(), "EventsQueue.Arn".to_owned())),
+        "addons.parameters.yml must pass EventsQueueArn: !GetAtt EventsQueue.Arn"
+    );
+    let outputs = format!("{:?}", at(&template, "Outputs"));
+    let id = text(id).unwrap_or_default();
+    assert!(
+        outputs.contains(&id),
+        "{relative}: no output holds the policy ARN (Ref {id}), so Copilot would not attach it"
+    );
+}
+
+#[test]
+fn each_services_addons_merge_as_copilot_merges_them() {
+    // Copilot merges every template under addons/ into one nested stack: a
+    // parameter declared in two files must be declared identically, every
+    // template must declare App, Env and Name, and addons.parameters.yml must set
+    // exactly the other parameters that have no default.
+    for service in ["queue-consumer", "websocket"] {
+        let dir = workspace_root().join(format!("copilot/{service}/addons"));
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .filter(|name| name.ends_with(".yml") || name.ends_with(".yaml"))
+            .collect();
+        files.sort();
+        let (param_files, templates): (Vec<String>, Vec<String>) = files
+            .into_iter()
+            .partition(|name| name.starts_with("addons.parameters."));
+        let mut declared: BTreeMap<String, (String, Value)> = BTreeMap::new();
+        for file in &templates {
+            let relative = format!("copilot/{service}/addons/{file}");
+            let template = yaml(&relative);
+            let params = at(&template, "Parameters")
+                .and_then(Value::as_mapping)
+                .unwrap_or_else(|| panic!("{relative} has no Parameters"));
+            for reserved in ADDON_PARAMETERS {
+                assert!(
+                    params.contains_key(reserved),
+                    "{relative}: Copilot rejects an addon without the {reserved} parameter"
+                );
+            }
+            for (name, definition) in params {
+                let name = text(name).unwrap_or_default();
+                if let Some((first, earlier)) = declared.get(&name) {
+                    assert_eq!(
+                        earlier, definition,
+                        "{relative} declares parameter {name} differently from {first}; Copilot refuses to merge them"
+                    );
+                } else {
+                    declared.insert(name, (relative.clone(), definition.clone()));
+                }
+            }
+        }
+        let needed: Vec<&String> = declared
+            .iter()
+            .filter(|(name, (_, d))| {
+                !ADDON_PARAMETERS.contains(&name.as_str()) && d.get("Default").is_none()
+            })
+            .map(|(name, _)| name)
+            .collect();
+        let given: Vec<String> = match param_files.as_slice() {
+            [] => Vec::new(),
+            [one] => {
+                let params = yaml(&format!("copilot/{service}/addons/{one}"));
+                at(&params, "Parameters")
+                    .and_then(Value::as_mapping)
+                    .unwrap_or_else(|| panic!("{one} has no Parameters"))
+                    .keys()
+                    .filter_map(text)
+                    .collect()
+            }
+            more => panic!("copilot/{service}/addons has several parameter files: {more:?}"),
+        };
+        for name in &given {
+            assert!(
+                !ADDON_PARAMETERS.contains(&name.as_str()),
+                "copilot/{service}/addons: the parameters file may not set {name}"
+            );
+            assert!(
+                declared.contains_key(name),
+                "copilot/{service}/addons: the parameters file sets {name}, which no template declares"
+            );
+        }
+        for name in needed {
+            assert!(
+                given.contains(name),
+                "copilot/{service}/addons: parameter {name} has no default and addons.parameters.yml does not set it"
+            );
+        }
     }
 }
 
