@@ -254,7 +254,55 @@ fn check_image(manifest: &Value, binary: &str, problems: &mut Vec<String>) -> Op
     if !content.contains(&build) {
         problems.push(format!("{dockerfile} does not run `{build}`"));
     }
+    check_base_images(&dockerfile, &content, problems);
+    check_dependency_layer(&dockerfile, &content, binary, problems);
     Some(content)
+}
+
+/// Every `FROM` names a registry host that CI and CodeBuild pull from without
+/// Docker Hub's anonymous rate limit (a bare `rust:...` is Docker Hub).
+fn check_base_images(dockerfile: &str, content: &str, problems: &mut Vec<String>) {
+    let stages: Vec<&str> = content
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("FROM "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    let names: Vec<&str> = content
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("FROM "))
+        .filter_map(|rest| rest.split_whitespace().nth(2))
+        .collect();
+    for image in stages {
+        if names.contains(&image) {
+            continue; // an earlier stage of this file
+        }
+        let host = image.split('/').next().unwrap_or_default();
+        let named_host = image.contains('/') && (host.contains('.') || host.contains(':'));
+        if !named_host || host == "docker.io" || host.ends_with(".docker.io") {
+            problems.push(format!(
+                "{dockerfile}: FROM {image} pulls from Docker Hub, which rate-limits anonymous pulls; use public.ecr.aws/docker/library/..."
+            ));
+        }
+    }
+}
+
+/// The dependencies compile in a layer of their own, from the lock file and the
+/// manifests only, before the project's sources are copied in: a change to the
+/// project's code then rebuilds only the project's crates.
+fn check_dependency_layer(
+    dockerfile: &str,
+    content: &str,
+    binary: &str,
+    problems: &mut Vec<String>,
+) {
+    let cook = format!("cargo chef cook --release --locked -p {binary}");
+    let position = |needle: &str| content.find(needle);
+    match (position(&cook), position("COPY . .")) {
+        (Some(c), _) if content[c..].contains("COPY . .") => {}
+        _ => problems.push(format!(
+            "{dockerfile}: no `{cook}` before the sources are copied (`COPY . .`); every build would compile all dependencies"
+        )),
+    }
 }
 
 fn check_platform(manifest: &Value, problems: &mut Vec<String>) {
