@@ -21,11 +21,11 @@ use tokio::net::TcpStream;
 
 /// The variable whose manifest value deliberately differs from the binary's default:
 /// `auto` would fall back to a simulation in a task without the agent endpoint.
-const BACKEND: &str = "TASK_PROTECTION_BACKEND";
+pub(super) const BACKEND: &str = "TASK_PROTECTION_BACKEND";
 /// Where taskdef_overrides sets the main container's stop timeout.
 const STOP_TIMEOUT_PATH: &str = "ContainerDefinitions[0].StopTimeout";
 /// Fargate's largest stop timeout, in seconds.
-const MAX_STOP_TIMEOUT_SECONDS: u64 = 120;
+pub(super) const MAX_STOP_TIMEOUT_SECONDS: u64 = 120;
 /// The ALB's idle timeout; the manifests keep the default.
 const ALB_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The `platform` values Copilot accepts that Fargate runs. Without the field Copilot
@@ -42,19 +42,19 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
-fn yaml(relative: &str) -> Value {
+pub(super) fn yaml(relative: &str) -> Value {
     let path = workspace_root().join(relative);
     serde_norway::from_str(&read(&path))
         .unwrap_or_else(|e| panic!("{relative} is not valid YAML: {e}"))
 }
 
 /// The value at a dotted path of mapping keys, such as `subscribe.queue.timeout`.
-fn at<'a>(doc: &'a Value, path: &str) -> Option<&'a Value> {
+pub(super) fn at<'a>(doc: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(doc, |node, key| node.get(key))
 }
 
 /// A scalar as text: Copilot reads `30` and `"30"` alike.
-fn text(value: &Value) -> Option<String> {
+pub(super) fn text(value: &Value) -> Option<String> {
     match value {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
@@ -63,7 +63,7 @@ fn text(value: &Value) -> Option<String> {
     }
 }
 
-fn text_at(doc: &Value, path: &str) -> Option<String> {
+pub(super) fn text_at(doc: &Value, path: &str) -> Option<String> {
     at(doc, path).and_then(text)
 }
 
@@ -131,16 +131,16 @@ fn variables(manifest: &Value, problems: &mut Vec<String>) -> BTreeMap<String, S
 
 /// What `--help` says about one setting.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Setting {
+pub(super) struct Setting {
     /// The value used when the variable is unset, if any.
-    default: Option<String>,
+    pub(super) default: Option<String>,
 }
 
 /// The settings a binary reads, by environment variable, from its `--help`.
 ///
 /// clap prints each argument as a block that starts with its flag and carries
 /// `[env: NAME=]` and `[default: VALUE]`, possibly wrapped over several lines.
-async fn settings(binary: &str) -> BTreeMap<String, Setting> {
+pub(super) async fn settings(binary: &str) -> BTreeMap<String, Setting> {
     let (status, stdout, stderr) = run_to_exit(binary, &["--help"], &[]).await;
     assert!(
         status.success(),
@@ -182,7 +182,7 @@ async fn settings(binary: &str) -> BTreeMap<String, Setting> {
 }
 
 /// Compares the manifest's variables with the settings the binary reads.
-fn check_variables(
+pub(super) fn check_variables(
     binary: &str,
     vars: &BTreeMap<String, String>,
     read: &BTreeMap<String, Setting>,
@@ -224,7 +224,7 @@ fn check_variables(
 }
 
 /// A default from `--help` as whole seconds or milliseconds.
-fn default_number(read: &BTreeMap<String, Setting>, name: &str) -> Option<u64> {
+pub(super) fn default_number(read: &BTreeMap<String, Setting>, name: &str) -> Option<u64> {
     read.get(name)?.default.as_deref()?.parse().ok()
 }
 
@@ -360,7 +360,7 @@ fn report(service: &str, problems: &[String]) {
 // --- HTTP ---------------------------------------------------------------------------
 
 /// The status code of `GET path` on 127.0.0.1:`port`, or `None` when nothing answers.
-async fn get_status(port: u16, path: &str) -> Option<u16> {
+pub(super) async fn get_status(port: u16, path: &str) -> Option<u16> {
     let exchange = async {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
         let request =
@@ -605,7 +605,7 @@ fn the_addons_grant_only_task_protection_in_the_environment_cluster() {
 }
 
 /// The actions a policy statement list allows, sorted.
-fn allowed_actions(statements: &[Value]) -> Vec<String> {
+pub(super) fn allowed_actions(statements: &[Value]) -> Vec<String> {
     let mut actions: Vec<String> = statements
         .iter()
         .flat_map(|s| match s.get("Action") {
@@ -619,7 +619,7 @@ fn allowed_actions(statements: &[Value]) -> Vec<String> {
 }
 
 /// A CloudFormation short-form function such as `!Ref X`, as (tag, argument).
-fn function(value: &Value) -> Option<(String, String)> {
+pub(super) fn function(value: &Value) -> Option<(String, String)> {
     match value {
         Value::Tagged(tagged) => Some((tagged.tag.to_string(), text(&tagged.value)?)),
         _ => None,
