@@ -12,7 +12,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use e2e::moto::Moto;
+use e2e::agent::FakeAgent;
+use e2e::moto::{Moto, aws_env};
 use e2e::process::Service;
 use e2e::{free_port, wait_for, workspace_root};
 use serde_json::json;
@@ -759,6 +760,7 @@ async fn the_stack_creates_in_motos_cloudformation() {
 
     // The task definitions: every variable, stop timeouts, port, logs.
     let web = settings("websocket").await;
+    let mut worker_env = BTreeMap::new();
     for (logical, binary, read, log_group) in [
         (
             "QueueConsumerTaskDefinition",
@@ -784,6 +786,7 @@ async fn the_stack_creates_in_motos_cloudformation() {
         let mut env = ecs_environment(c);
         let mut problems = Vec::new();
         if binary == "queue-consumer" {
+            worker_env = env.clone();
             assert_eq!(
                 env.remove(QUEUE_URL_VARIABLE),
                 Some(queue_url.clone()),
@@ -815,6 +818,53 @@ async fn the_stack_creates_in_motos_cloudformation() {
             );
         }
     }
+
+    // The real worker, with the task definition's environment as ECS would give it,
+    // works a job from the stack's queue under protection and deletes it.
+    let agent = FakeAgent::start().await;
+    let mut env: Vec<(&str, String)> = worker_env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    env.extend(aws_env(&moto.endpoint()));
+    env.push(("ECS_AGENT_URI", agent.uri()));
+    env.push(("RUST_LOG", "info".to_owned()));
+    let running = Service::spawn("queue-consumer", &[], &env);
+    running
+        .wait_for_line("Long polling for messages", Duration::from_secs(30))
+        .await;
+    let sent = sqs
+        .send_message()
+        .queue_url(&queue_url)
+        .message_body("50")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("send_message: {e:?}"))
+        .message_id
+        .unwrap_or_default();
+    running
+        .wait_for_line(&format!("{sent} - Done"), Duration::from_secs(30))
+        .await;
+    running
+        .wait_for_line("Task protection released", Duration::from_secs(30))
+        .await;
+    assert!(
+        agent.puts().first().is_some_and(|put| put.enabled()),
+        "the worker did not protect its task through the agent: {:?}",
+        agent.puts()
+    );
+    let left = attributes(queue_url.clone()).await;
+    for count in [
+        "ApproximateNumberOfMessages",
+        "ApproximateNumberOfMessagesNotVisible",
+    ] {
+        assert_eq!(
+            left.get(count).map(String::as_str),
+            Some("0"),
+            "{count} after the job"
+        );
+    }
+    drop(running);
 
     // The services run their task definitions in the stack's cluster.
     let cluster = id_of("Cluster");
