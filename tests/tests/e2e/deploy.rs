@@ -21,13 +21,20 @@ use tokio::net::TcpStream;
 
 /// The variable whose manifest value deliberately differs from the binary's default:
 /// `auto` would fall back to a simulation in a task without the agent endpoint.
-const BACKEND: &str = "TASK_PROTECTION_BACKEND";
+pub(super) const BACKEND: &str = "TASK_PROTECTION_BACKEND";
 /// Where taskdef_overrides sets the main container's stop timeout.
 const STOP_TIMEOUT_PATH: &str = "ContainerDefinitions[0].StopTimeout";
 /// Fargate's largest stop timeout, in seconds.
-const MAX_STOP_TIMEOUT_SECONDS: u64 = 120;
+pub(super) const MAX_STOP_TIMEOUT_SECONDS: u64 = 120;
 /// The ALB's idle timeout; the manifests keep the default.
 const ALB_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The `platform` values Copilot accepts that Fargate runs. Without the field Copilot
+/// passes no `--platform` to `docker build`, so an image built on an ARM machine
+/// would not start on Fargate's default X86_64.
+const FARGATE_PLATFORMS: [&str; 3] = ["linux/x86_64", "linux/amd64", "linux/arm64"];
+/// The parameters Copilot passes to every workload addon; its loader rejects an
+/// addon that lacks one, and an addons.parameters.yml may not set them.
+const ADDON_PARAMETERS: [&str; 3] = ["App", "Env", "Name"];
 
 // --- reading the files -----------------------------------------------------------
 
@@ -35,19 +42,19 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
-fn yaml(relative: &str) -> Value {
+pub(super) fn yaml(relative: &str) -> Value {
     let path = workspace_root().join(relative);
     serde_norway::from_str(&read(&path))
         .unwrap_or_else(|e| panic!("{relative} is not valid YAML: {e}"))
 }
 
 /// The value at a dotted path of mapping keys, such as `subscribe.queue.timeout`.
-fn at<'a>(doc: &'a Value, path: &str) -> Option<&'a Value> {
+pub(super) fn at<'a>(doc: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(doc, |node, key| node.get(key))
 }
 
 /// A scalar as text: Copilot reads `30` and `"30"` alike.
-fn text(value: &Value) -> Option<String> {
+pub(super) fn text(value: &Value) -> Option<String> {
     match value {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
@@ -56,7 +63,7 @@ fn text(value: &Value) -> Option<String> {
     }
 }
 
-fn text_at(doc: &Value, path: &str) -> Option<String> {
+pub(super) fn text_at(doc: &Value, path: &str) -> Option<String> {
     at(doc, path).and_then(text)
 }
 
@@ -124,16 +131,16 @@ fn variables(manifest: &Value, problems: &mut Vec<String>) -> BTreeMap<String, S
 
 /// What `--help` says about one setting.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Setting {
+pub(super) struct Setting {
     /// The value used when the variable is unset, if any.
-    default: Option<String>,
+    pub(super) default: Option<String>,
 }
 
 /// The settings a binary reads, by environment variable, from its `--help`.
 ///
 /// clap prints each argument as a block that starts with its flag and carries
 /// `[env: NAME=]` and `[default: VALUE]`, possibly wrapped over several lines.
-async fn settings(binary: &str) -> BTreeMap<String, Setting> {
+pub(super) async fn settings(binary: &str) -> BTreeMap<String, Setting> {
     let (status, stdout, stderr) = run_to_exit(binary, &["--help"], &[]).await;
     assert!(
         status.success(),
@@ -175,7 +182,7 @@ async fn settings(binary: &str) -> BTreeMap<String, Setting> {
 }
 
 /// Compares the manifest's variables with the settings the binary reads.
-fn check_variables(
+pub(super) fn check_variables(
     binary: &str,
     vars: &BTreeMap<String, String>,
     read: &BTreeMap<String, Setting>,
@@ -217,7 +224,7 @@ fn check_variables(
 }
 
 /// A default from `--help` as whole seconds or milliseconds.
-fn default_number(read: &BTreeMap<String, Setting>, name: &str) -> Option<u64> {
+pub(super) fn default_number(read: &BTreeMap<String, Setting>, name: &str) -> Option<u64> {
     read.get(name)?.default.as_deref()?.parse().ok()
 }
 
@@ -247,7 +254,64 @@ fn check_image(manifest: &Value, binary: &str, problems: &mut Vec<String>) -> Op
     if !content.contains(&build) {
         problems.push(format!("{dockerfile} does not run `{build}`"));
     }
+    check_base_images(&dockerfile, &content, problems);
+    check_dependency_layer(&dockerfile, &content, binary, problems);
     Some(content)
+}
+
+/// Every `FROM` names a registry host that CI and CodeBuild pull from without
+/// Docker Hub's anonymous rate limit (a bare `rust:...` is Docker Hub).
+fn check_base_images(dockerfile: &str, content: &str, problems: &mut Vec<String>) {
+    let stages: Vec<&str> = content
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("FROM "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    let names: Vec<&str> = content
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("FROM "))
+        .filter_map(|rest| rest.split_whitespace().nth(2))
+        .collect();
+    for image in stages {
+        if names.contains(&image) {
+            continue; // an earlier stage of this file
+        }
+        let host = image.split('/').next().unwrap_or_default();
+        let named_host = image.contains('/') && (host.contains('.') || host.contains(':'));
+        if !named_host || host == "docker.io" || host.ends_with(".docker.io") {
+            problems.push(format!(
+                "{dockerfile}: FROM {image} pulls from Docker Hub, which rate-limits anonymous pulls; use public.ecr.aws/docker/library/..."
+            ));
+        }
+    }
+}
+
+/// The dependencies compile in a layer of their own, from the lock file and the
+/// manifests only, before the project's sources are copied in: a change to the
+/// project's code then rebuilds only the project's crates.
+fn check_dependency_layer(
+    dockerfile: &str,
+    content: &str,
+    binary: &str,
+    problems: &mut Vec<String>,
+) {
+    let cook = format!("cargo chef cook --release --locked -p {binary}");
+    let position = |needle: &str| content.find(needle);
+    match (position(&cook), position("COPY . .")) {
+        (Some(c), _) if content[c..].contains("COPY . .") => {}
+        _ => problems.push(format!(
+            "{dockerfile}: no `{cook}` before the sources are copied (`COPY . .`); every build would compile all dependencies"
+        )),
+    }
+}
+
+fn check_platform(manifest: &Value, problems: &mut Vec<String>) {
+    match text_at(manifest, "platform") {
+        Some(p) if FARGATE_PLATFORMS.contains(&p.as_str()) => {}
+        other => problems.push(format!(
+            "platform is {other:?}; set it to one of {FARGATE_PLATFORMS:?}, or Copilot builds for the machine it runs on"
+        )),
+    }
 }
 
 fn check_stop_timeout(
@@ -296,7 +360,7 @@ fn report(service: &str, problems: &[String]) {
 // --- HTTP ---------------------------------------------------------------------------
 
 /// The status code of `GET path` on 127.0.0.1:`port`, or `None` when nothing answers.
-async fn get_status(port: u16, path: &str) -> Option<u16> {
+pub(super) async fn get_status(port: u16, path: &str) -> Option<u16> {
     let exchange = async {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
         let request =
@@ -349,6 +413,7 @@ async fn the_worker_manifest_matches_queue_consumer() {
         ));
     }
     check_image(&manifest, "queue-consumer", &mut problems);
+    check_platform(&manifest, &mut problems);
 
     let read = settings("queue-consumer").await;
     let vars = variables(&manifest, &mut problems);
@@ -415,6 +480,7 @@ async fn the_web_manifest_matches_the_websocket_server() {
         ));
     }
     let dockerfile = check_image(&manifest, "websocket", &mut problems);
+    check_platform(&manifest, &mut problems);
 
     let read = settings("websocket").await;
     let vars = variables(&manifest, &mut problems);
@@ -512,17 +578,8 @@ fn the_addons_grant_only_task_protection_in_the_environment_cluster() {
         let statements = at(policy, "Properties.PolicyDocument.Statement")
             .and_then(Value::as_sequence)
             .unwrap_or_else(|| panic!("{relative}: the policy has no statements"));
-        let mut actions: Vec<String> = statements
-            .iter()
-            .flat_map(|s| match s.get("Action") {
-                Some(Value::Sequence(list)) => list.iter().filter_map(text).collect(),
-                Some(one) => text(one).into_iter().collect(),
-                None => Vec::new(),
-            })
-            .collect();
-        actions.sort();
         assert_eq!(
-            actions,
+            allowed_actions(statements),
             ["ecs:GetTaskProtection", "ecs:UpdateTaskProtection"],
             "{relative}: the policy must allow exactly the two task protection actions"
         );
@@ -544,6 +601,169 @@ fn the_addons_grant_only_task_protection_in_the_environment_cluster() {
             outputs.contains(&id),
             "{relative}: no output holds the policy ARN (Ref {id}), so Copilot would not attach it"
         );
+    }
+}
+
+/// The actions a policy statement list allows, sorted.
+pub(super) fn allowed_actions(statements: &[Value]) -> Vec<String> {
+    let mut actions: Vec<String> = statements
+        .iter()
+        .flat_map(|s| match s.get("Action") {
+            Some(Value::Sequence(list)) => list.iter().filter_map(text).collect(),
+            Some(one) => text(one).into_iter().collect(),
+            None => Vec::new(),
+        })
+        .collect();
+    actions.sort();
+    actions
+}
+
+/// A CloudFormation short-form function such as `!Ref X`, as (tag, argument).
+pub(super) fn function(value: &Value) -> Option<(String, String)> {
+    match value {
+        Value::Tagged(tagged) => Some((tagged.tag.to_string(), text(&tagged.value)?)),
+        _ => None,
+    }
+}
+
+#[test]
+fn the_worker_addon_lets_it_change_visibility_on_its_own_queue_only() {
+    // Copilot's queue policy gives the task role sqs:ReceiveMessage and
+    // sqs:DeleteMessage only (aws/copilot-cli#4216). The worker also extends and
+    // hands back messages, which needs sqs:ChangeMessageVisibility on its queue.
+    let relative = "copilot/queue-consumer/addons/queue-visibility.yml";
+    let path = workspace_root().join(relative);
+    assert!(
+        path.is_file(),
+        "{relative} is missing: without it every heartbeat and hand-back is AccessDenied"
+    );
+    let template = yaml(relative);
+    let resources = at(&template, "Resources")
+        .and_then(Value::as_mapping)
+        .unwrap_or_else(|| panic!("{relative} has no Resources"));
+    let policies: Vec<(&Value, &Value)> = resources
+        .iter()
+        .filter(|(_, r)| text_at(r, "Type").as_deref() == Some("AWS::IAM::ManagedPolicy"))
+        .collect();
+    assert_eq!(policies.len(), 1, "{relative}: expected one managed policy");
+    let (id, policy) = policies[0];
+    let statements = at(policy, "Properties.PolicyDocument.Statement")
+        .and_then(Value::as_sequence)
+        .unwrap_or_else(|| panic!("{relative}: the policy has no statements"));
+    assert_eq!(
+        allowed_actions(statements),
+        ["sqs:ChangeMessageVisibility"],
+        "{relative}: the policy must allow exactly sqs:ChangeMessageVisibility"
+    );
+    for statement in statements {
+        let resource = statement
+            .get("Resource")
+            .and_then(function)
+            .unwrap_or_else(|| panic!("{relative}: Resource must be !Ref of a parameter"));
+        assert_eq!(
+            resource,
+            ("!Ref".to_owned(), "EventsQueueArn".to_owned()),
+            "{relative}: Resource must be the service's own queue"
+        );
+    }
+    assert!(
+        at(&template, "Parameters.EventsQueueArn").is_some(),
+        "{relative}: no EventsQueueArn parameter"
+    );
+    // Copilot's worker stack names the queue EventsQueue; addons.parameters.yml
+    // hands its ARN to the addon.
+    let params = yaml("copilot/queue-consumer/addons/addons.parameters.yml");
+    assert_eq!(
+        at(&params, "Parameters.EventsQueueArn").and_then(function),
+        Some(("!GetAtt".to_owned(), "EventsQueue.Arn".to_owned())),
+        "addons.parameters.yml must pass EventsQueueArn: !GetAtt EventsQueue.Arn"
+    );
+    let outputs = format!("{:?}", at(&template, "Outputs"));
+    let id = text(id).unwrap_or_default();
+    assert!(
+        outputs.contains(&id),
+        "{relative}: no output holds the policy ARN (Ref {id}), so Copilot would not attach it"
+    );
+}
+
+#[test]
+fn each_services_addons_merge_as_copilot_merges_them() {
+    // Copilot merges every template under addons/ into one nested stack: a
+    // parameter declared in two files must be declared identically, every
+    // template must declare App, Env and Name, and addons.parameters.yml must set
+    // exactly the other parameters that have no default.
+    for service in ["queue-consumer", "websocket"] {
+        let dir = workspace_root().join(format!("copilot/{service}/addons"));
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .filter(|name| name.ends_with(".yml") || name.ends_with(".yaml"))
+            .collect();
+        files.sort();
+        let (param_files, templates): (Vec<String>, Vec<String>) = files
+            .into_iter()
+            .partition(|name| name.starts_with("addons.parameters."));
+        let mut declared: BTreeMap<String, (String, Value)> = BTreeMap::new();
+        for file in &templates {
+            let relative = format!("copilot/{service}/addons/{file}");
+            let template = yaml(&relative);
+            let params = at(&template, "Parameters")
+                .and_then(Value::as_mapping)
+                .unwrap_or_else(|| panic!("{relative} has no Parameters"));
+            for reserved in ADDON_PARAMETERS {
+                assert!(
+                    params.contains_key(reserved),
+                    "{relative}: Copilot rejects an addon without the {reserved} parameter"
+                );
+            }
+            for (name, definition) in params {
+                let name = text(name).unwrap_or_default();
+                if let Some((first, earlier)) = declared.get(&name) {
+                    assert_eq!(
+                        earlier, definition,
+                        "{relative} declares parameter {name} differently from {first}; Copilot refuses to merge them"
+                    );
+                } else {
+                    declared.insert(name, (relative.clone(), definition.clone()));
+                }
+            }
+        }
+        let needed: Vec<&String> = declared
+            .iter()
+            .filter(|(name, (_, d))| {
+                !ADDON_PARAMETERS.contains(&name.as_str()) && d.get("Default").is_none()
+            })
+            .map(|(name, _)| name)
+            .collect();
+        let given: Vec<String> = match param_files.as_slice() {
+            [] => Vec::new(),
+            [one] => {
+                let params = yaml(&format!("copilot/{service}/addons/{one}"));
+                at(&params, "Parameters")
+                    .and_then(Value::as_mapping)
+                    .unwrap_or_else(|| panic!("{one} has no Parameters"))
+                    .keys()
+                    .filter_map(text)
+                    .collect()
+            }
+            more => panic!("copilot/{service}/addons has several parameter files: {more:?}"),
+        };
+        for name in &given {
+            assert!(
+                !ADDON_PARAMETERS.contains(&name.as_str()),
+                "copilot/{service}/addons: the parameters file may not set {name}"
+            );
+            assert!(
+                declared.contains_key(name),
+                "copilot/{service}/addons: the parameters file sets {name}, which no template declares"
+            );
+        }
+        for name in needed {
+            assert!(
+                given.contains(name),
+                "copilot/{service}/addons: parameter {name} has no default and addons.parameters.yml does not set it"
+            );
+        }
     }
 }
 

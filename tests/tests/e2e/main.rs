@@ -1,6 +1,7 @@
 //! The end-to-end suite: one test binary, so the harness links once.
 //! Each module drives one real binary; see `e2e` (tests/src) for the harness.
 mod browser;
+mod cloudformation;
 mod demo;
 mod deploy;
 mod protection_faults;

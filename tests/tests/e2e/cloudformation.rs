@@ -1,0 +1,984 @@
+//! The plain CloudFormation template (`cloudformation/task-protection.yml`) against
+//! the binaries it deploys, and the stack it creates.
+//!
+//! The first test reads the template as the manifest tests read the manifests:
+//! every container variable is a setting the binary reads, with the binary's
+//! default; ports, the health-check path, stop timeouts, the queue's visibility
+//! timeout and the ALB's idle timeout fit the code. The second creates the stack in
+//! moto's CloudFormation and reads the resources back through each service's own
+//! API. moto does not sign-check, so plain HTTP requests with a dummy
+//! `Authorization` header (which tells moto the service and Region) are enough.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use e2e::agent::FakeAgent;
+use e2e::moto::{Moto, aws_env};
+use e2e::process::Service;
+use e2e::{free_port, wait_for, workspace_root};
+use serde_json::json;
+use serde_norway::Value;
+
+use crate::deploy::{
+    BACKEND, MAX_STOP_TIMEOUT_SECONDS, Setting, allowed_actions, at, check_variables,
+    default_number, function, get_status, settings, text, text_at, yaml,
+};
+
+const TEMPLATE: &str = "cloudformation/task-protection.yml";
+/// The variable the worker reads its queue URL from (Copilot's name for it).
+const QUEUE_URL_VARIABLE: &str = "COPILOT_QUEUE_URI";
+/// Resource types moto's CloudFormation accepts but does not create: they appear
+/// in no API and not in DescribeStackResources.
+const UNMODELLED_BY_MOTO: [&str; 2] = [
+    "AWS::ApplicationAutoScaling::ScalableTarget",
+    "AWS::ApplicationAutoScaling::ScalingPolicy",
+];
+
+// --- reading the template ------------------------------------------------------------
+
+/// The template's resources: logical id → resource.
+fn resources(template: &Value) -> BTreeMap<String, Value> {
+    at(template, "Resources")
+        .and_then(Value::as_mapping)
+        .unwrap_or_else(|| panic!("{TEMPLATE} has no Resources"))
+        .iter()
+        .filter_map(|(k, v)| Some((text(k)?, v.clone())))
+        .collect()
+}
+
+/// The one resource of this type whose logical id contains `hint`.
+fn one<'a>(resources: &'a BTreeMap<String, Value>, kind: &str, hint: &str) -> (&'a str, &'a Value) {
+    let found: Vec<(&str, &Value)> = resources
+        .iter()
+        .filter(|(id, r)| text_at(r, "Type").as_deref() == Some(kind) && id.contains(hint))
+        .map(|(id, r)| (id.as_str(), r))
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "{TEMPLATE}: expected one {kind} named *{hint}*, found {:?}",
+        found.iter().map(|(id, _)| id).collect::<Vec<_>>()
+    );
+    found[0]
+}
+
+/// A number written as `30` or `'30'`.
+fn number(value: Option<&Value>) -> Option<u64> {
+    text(value?)?.parse().ok()
+}
+
+/// The value of a `Key`/`Value` attribute list entry.
+fn attribute(list: Option<&Value>, key: &str) -> Option<String> {
+    list?
+        .as_sequence()?
+        .iter()
+        .find(|a| text_at(a, "Key").as_deref() == Some(key))
+        .and_then(|a| text_at(a, "Value"))
+}
+
+/// The only container of a task definition.
+fn container(task_definition: &Value) -> &Value {
+    let containers = at(task_definition, "Properties.ContainerDefinitions")
+        .and_then(Value::as_sequence)
+        .unwrap_or_else(|| panic!("a task definition has no ContainerDefinitions"));
+    assert_eq!(containers.len(), 1, "expected one container per task");
+    &containers[0]
+}
+
+/// The container's plain variables; a variable set by a function goes to `computed`.
+fn environment(
+    container: &Value,
+    computed: &mut BTreeMap<String, (String, String)>,
+    problems: &mut Vec<String>,
+) -> BTreeMap<String, String> {
+    let mut vars = BTreeMap::new();
+    for entry in container
+        .get("Environment")
+        .and_then(Value::as_sequence)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let Some(name) = text_at(entry, "Name") else {
+            problems.push(format!("an Environment entry has no Name: {entry:?}"));
+            continue;
+        };
+        match entry.get("Value") {
+            Some(v) if text(v).is_some() => {
+                vars.insert(name, text(v).unwrap_or_default());
+            }
+            Some(v) => match function(v) {
+                Some(f) => {
+                    computed.insert(name, f);
+                }
+                None => problems.push(format!(
+                    "{name} has a value that is neither text nor a function"
+                )),
+            },
+            None => problems.push(format!("{name} has no Value")),
+        }
+    }
+    vars
+}
+
+/// Stop timeout above the grace plus the protection release request, within Fargate's limit.
+fn check_stop(container: &Value, read: &BTreeMap<String, Setting>, problems: &mut Vec<String>) {
+    let grace = default_number(read, "SHUTDOWN_GRACE_SECONDS").unwrap_or(u64::MAX);
+    let request = default_number(read, "PROTECTION_REQUEST_TIMEOUT_MS").unwrap_or(0);
+    match number(container.get("StopTimeout")) {
+        Some(stop) if stop > grace + request.div_ceil(1000) && stop <= MAX_STOP_TIMEOUT_SECONDS => {}
+        other => problems.push(format!(
+            "StopTimeout is {other:?}; it must be above SHUTDOWN_GRACE_SECONDS ({grace} s) plus the release request ({request} ms), and at most {MAX_STOP_TIMEOUT_SECONDS}"
+        )),
+    }
+}
+
+/// The statements of a role's inline policies, by policy name.
+fn role_statements(role: &Value) -> BTreeMap<String, Vec<Value>> {
+    at(role, "Properties.Policies")
+        .and_then(Value::as_sequence)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| {
+            let name = text_at(p, "PolicyName")?;
+            let statements = at(p, "PolicyDocument.Statement")?.as_sequence()?.clone();
+            Some((name, statements))
+        })
+        .collect()
+}
+
+/// A function reference, such as `!Ref Queue`, as text for comparison.
+fn rendered(value: Option<&Value>) -> String {
+    match value {
+        Some(v) => match function(v) {
+            Some((tag, arg)) => format!("{tag} {arg}"),
+            None => text(v).unwrap_or_else(|| format!("{v:?}")),
+        },
+        None => "nothing".to_owned(),
+    }
+}
+
+// --- the static test ---------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_template_matches_the_binaries() {
+    let template = yaml(TEMPLATE);
+    let res = resources(&template);
+    let mut problems: Vec<String> = Vec::new();
+
+    // Parameters: the image URIs and the CPU architecture, X86_64 by default.
+    for name in [
+        "VpcId",
+        "LoadBalancerSubnetIds",
+        "TaskSubnetIds",
+        "QueueConsumerImage",
+        "WebsocketImage",
+    ] {
+        if at(&template, &format!("Parameters.{name}")).is_none() {
+            problems.push(format!("no {name} parameter"));
+        }
+    }
+    if text_at(&template, "Parameters.CpuArchitecture.Default").as_deref() != Some("X86_64") {
+        problems.push("CpuArchitecture must default to X86_64, Fargate's default".into());
+    }
+
+    // The queue and its dead-letter queue.
+    let worker = settings("queue-consumer").await;
+    // The worker's queue is the one with a redrive policy.
+    let queues: Vec<(&str, &Value)> = res
+        .iter()
+        .filter(|(_, r)| {
+            text_at(r, "Type").as_deref() == Some("AWS::SQS::Queue")
+                && at(r, "Properties.RedrivePolicy").is_some()
+        })
+        .map(|(id, r)| (id.as_str(), r))
+        .collect();
+    assert_eq!(
+        queues.len(),
+        1,
+        "{TEMPLATE}: expected one queue with a RedrivePolicy"
+    );
+    let (queue_id, queue) = queues[0];
+    let visibility = default_number(&worker, "VISIBILITY_TIMEOUT_SECONDS");
+    if number(at(queue, "Properties.VisibilityTimeout")) != visibility {
+        problems.push(format!(
+            "the queue's VisibilityTimeout is {:?} but VISIBILITY_TIMEOUT_SECONDS defaults to {visibility:?}",
+            at(queue, "Properties.VisibilityTimeout")
+        ));
+    }
+    let (dlq_id, _) = one(&res, "AWS::SQS::Queue", "DeadLetter");
+    let target = rendered(at(queue, "Properties.RedrivePolicy.deadLetterTargetArn"));
+    if target != format!("!GetAtt {dlq_id}.Arn") {
+        problems.push(format!("the redrive policy targets {target}, not {dlq_id}"));
+    }
+    match number(at(queue, "Properties.RedrivePolicy.maxReceiveCount")) {
+        Some(1..=1000) => {}
+        other => problems.push(format!("maxReceiveCount is {other:?}, expected 1..=1000")),
+    }
+
+    // The worker's task definition.
+    let (_, worker_td) = one(&res, "AWS::ECS::TaskDefinition", "QueueConsumer");
+    let worker_container = container(worker_td);
+    let mut computed = BTreeMap::new();
+    let vars = environment(worker_container, &mut computed, &mut problems);
+    check_variables("queue-consumer", &vars, &worker, &mut problems);
+    match computed.get(QUEUE_URL_VARIABLE) {
+        Some((tag, arg)) if tag == "!Ref" && arg == queue_id => {}
+        other => problems.push(format!(
+            "{QUEUE_URL_VARIABLE} must be !Ref {queue_id} (its URL), is {other:?}"
+        )),
+    }
+    if !worker.contains_key(QUEUE_URL_VARIABLE) {
+        problems.push(format!(
+            "`queue-consumer` does not read {QUEUE_URL_VARIABLE}"
+        ));
+    }
+    check_stop(worker_container, &worker, &mut problems);
+
+    // The websocket task definition, target group, listener and load balancer.
+    let web = settings("websocket").await;
+    let (_, web_td) = one(&res, "AWS::ECS::TaskDefinition", "Websocket");
+    let web_container = container(web_td);
+    let mut computed = BTreeMap::new();
+    let vars = environment(web_container, &mut computed, &mut problems);
+    check_variables("websocket", &vars, &web, &mut problems);
+    if !computed.is_empty() {
+        problems.push(format!(
+            "websocket variables set by functions: {computed:?}"
+        ));
+    }
+    check_stop(web_container, &web, &mut problems);
+    let port = default_number(&web, "PORT");
+    let container_port = web_container
+        .get("PortMappings")
+        .and_then(Value::as_sequence)
+        .and_then(|m| number(m.first()?.get("ContainerPort")));
+    let (tg_id, tg) = one(
+        &res,
+        "AWS::ElasticLoadBalancingV2::TargetGroup",
+        "Websocket",
+    );
+    let tg_port = number(at(tg, "Properties.Port"));
+    if port.is_none() || container_port != port || tg_port != port {
+        problems.push(format!(
+            "ports: the server listens on {port:?}, the container maps {container_port:?}, the target group sends to {tg_port:?}"
+        ));
+    }
+    let health = text_at(tg, "Properties.HealthCheckPath");
+    if health.as_deref() != Some("/healthz")
+        || text_at(tg, "Properties.Matcher.HttpCode").as_deref() != Some("200")
+    {
+        problems.push(format!(
+            "the health check is {health:?}, expected GET /healthz → 200"
+        ));
+    }
+    let grace = default_number(&web, "SHUTDOWN_GRACE_SECONDS");
+    let delay = attribute(
+        at(tg, "Properties.TargetGroupAttributes"),
+        "deregistration_delay.timeout_seconds",
+    )
+    .and_then(|d| d.parse::<u64>().ok());
+    match (delay, grace) {
+        (Some(d), Some(g)) if d <= g => {}
+        _ => problems.push(format!(
+            "deregistration_delay.timeout_seconds is {delay:?}; set it, at most SHUTDOWN_GRACE_SECONDS ({grace:?})"
+        )),
+    }
+    let (_, lb) = one(&res, "AWS::ElasticLoadBalancingV2::LoadBalancer", "");
+    let idle = attribute(
+        at(lb, "Properties.LoadBalancerAttributes"),
+        "idle_timeout.timeout_seconds",
+    )
+    .and_then(|d| d.parse::<u64>().ok());
+    let ping = default_number(&web, "WS_PING_INTERVAL_SECONDS");
+    match (idle, ping) {
+        (Some(i), Some(p)) if p < i => {}
+        _ => problems.push(format!(
+            "the ALB idle timeout is {idle:?}; set it explicitly, above WS_PING_INTERVAL_SECONDS ({ping:?})"
+        )),
+    }
+    let (_, listener) = one(&res, "AWS::ElasticLoadBalancingV2::Listener", "");
+    let forward = at(listener, "Properties.DefaultActions")
+        .and_then(Value::as_sequence)
+        .and_then(|a| a.first())
+        .map(|a| rendered(a.get("TargetGroupArn")));
+    if forward != Some(format!("!Ref {tg_id}")) {
+        problems.push(format!("the listener forwards to {forward:?}, not {tg_id}"));
+    }
+
+    // Both task definitions: Fargate, the architecture parameter.
+    for td in [worker_td, web_td] {
+        if rendered(at(td, "Properties.RuntimePlatform.CpuArchitecture")) != "!Ref CpuArchitecture"
+        {
+            problems.push("RuntimePlatform.CpuArchitecture must be !Ref CpuArchitecture".into());
+        }
+    }
+
+    // The services: the circuit breaker, and the load balancer for the websocket.
+    for hint in ["QueueConsumer", "Websocket"] {
+        let (_, service) = one(&res, "AWS::ECS::Service", hint);
+        let breaker = at(
+            service,
+            "Properties.DeploymentConfiguration.DeploymentCircuitBreaker.Enable",
+        );
+        if breaker.and_then(Value::as_bool) != Some(true) {
+            problems.push(format!(
+                "the {hint} service has no deployment circuit breaker"
+            ));
+        }
+    }
+    let (_, web_service) = one(&res, "AWS::ECS::Service", "Websocket");
+    let lb_port = at(web_service, "Properties.LoadBalancers")
+        .and_then(Value::as_sequence)
+        .and_then(|l| number(l.first()?.get("ContainerPort")));
+    if lb_port != port {
+        problems.push(format!(
+            "the websocket service registers port {lb_port:?}, not {port:?}"
+        ));
+    }
+
+    // Least privilege: protection on this cluster's tasks, the worker's queue actions
+    // on its queue only.
+    let protection = ["ecs:GetTaskProtection", "ecs:UpdateTaskProtection"];
+    let queue_actions = [
+        "sqs:ChangeMessageVisibility",
+        "sqs:DeleteMessage",
+        "sqs:ReceiveMessage",
+    ];
+    for (hint, wants_queue) in [
+        ("QueueConsumerTaskRole", true),
+        ("WebsocketTaskRole", false),
+    ] {
+        let (_, role) = one(&res, "AWS::IAM::Role", hint);
+        let mut actions: Vec<String> = Vec::new();
+        for statement in role_statements(role).values().flatten() {
+            let allowed = allowed_actions(std::slice::from_ref(statement));
+            let resource = rendered(statement.get("Resource"));
+            if allowed.iter().any(|a| a.starts_with("ecs:"))
+                && !resource.contains(":task/${Cluster}/*")
+            {
+                problems.push(format!(
+                    "{hint}: task protection on {resource}, not this cluster's tasks"
+                ));
+            }
+            if allowed.iter().any(|a| a.starts_with("sqs:"))
+                && resource != format!("!GetAtt {queue_id}.Arn")
+            {
+                problems.push(format!(
+                    "{hint}: queue actions on {resource}, not the worker's queue"
+                ));
+            }
+            actions.extend(allowed);
+        }
+        actions.sort();
+        let mut expected: Vec<&str> = protection.to_vec();
+        if wants_queue {
+            expected.extend(queue_actions);
+        }
+        expected.sort_unstable();
+        if actions != expected {
+            problems.push(format!(
+                "{hint} allows {actions:?}, expected exactly {expected:?}"
+            ));
+        }
+    }
+
+    // Backlog-per-task scaling of the worker, on a metric Container Insights gives.
+    let (_, policy) = one(
+        &res,
+        "AWS::ApplicationAutoScaling::ScalingPolicy",
+        "QueueConsumer",
+    );
+    let spec = format!(
+        "{:?}",
+        at(
+            policy,
+            "Properties.TargetTrackingScalingPolicyConfiguration"
+        )
+    );
+    for needed in [
+        "ApproximateNumberOfMessagesVisible",
+        "RunningTaskCount",
+        "visible / tasks",
+    ] {
+        if !spec.contains(needed) {
+            problems.push(format!("the worker's scaling policy does not use {needed}"));
+        }
+    }
+    let (_, cluster) = one(&res, "AWS::ECS::Cluster", "");
+    if attribute_named(
+        at(cluster, "Properties.ClusterSettings"),
+        "containerInsights",
+    )
+    .as_deref()
+        != Some("enabled")
+    {
+        problems.push("RunningTaskCount needs containerInsights enabled on the cluster".into());
+    }
+
+    // The health-check path answers 200 on the real server.
+    let listen = free_port();
+    let server = Service::spawn(
+        "websocket",
+        &[],
+        &[
+            ("PORT", listen.to_string()),
+            ("BIND_ADDRESS", "127.0.0.1".to_owned()),
+            (BACKEND, "local".to_owned()),
+        ],
+    );
+    wait_for(
+        "the websocket server to answer HTTP",
+        Duration::from_secs(30),
+        || get_status(listen, "/healthz"),
+    )
+    .await;
+    if let Some(path) = &health {
+        let status = get_status(listen, path).await;
+        if status != Some(200) {
+            problems.push(format!("GET {path} on the real server answered {status:?}"));
+        }
+    }
+    drop(server);
+
+    assert!(
+        problems.is_empty(),
+        "{TEMPLATE} does not match the code:\n  - {}",
+        problems.join("\n  - ")
+    );
+}
+
+/// The value of a `Name`/`Value` settings list entry.
+fn attribute_named(list: Option<&Value>, name: &str) -> Option<String> {
+    list?
+        .as_sequence()?
+        .iter()
+        .find(|a| text_at(a, "Name").as_deref() == Some(name))
+        .and_then(|a| text_at(a, "Value"))
+}
+
+// --- moto ----------------------------------------------------------------------------
+
+/// Plain AWS API calls to moto: query (form in, XML out) and JSON 1.1 protocols.
+struct Api {
+    http: reqwest::Client,
+    endpoint: String,
+}
+
+impl Api {
+    fn new(moto: &Moto) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            endpoint: moto.endpoint(),
+        }
+    }
+
+    /// moto reads the service and Region from the credential scope; it does not
+    /// check the signature.
+    fn auth(service: &str) -> String {
+        format!(
+            "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/{service}/aws4_request, SignedHeaders=host, Signature=0"
+        )
+    }
+
+    async fn query(
+        &self,
+        service: &str,
+        version: &str,
+        action: &str,
+        params: &[(String, String)],
+    ) -> String {
+        let mut form: Vec<(String, String)> = vec![
+            ("Action".into(), action.into()),
+            ("Version".into(), version.into()),
+        ];
+        form.extend_from_slice(params);
+        let answer = self
+            .http
+            .post(&self.endpoint)
+            .header("Authorization", Self::auth(service))
+            .form(&form)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{service} {action}: {e}"));
+        let status = answer.status();
+        let body = answer.text().await.unwrap_or_default();
+        assert!(
+            status.is_success(),
+            "{service} {action} answered {status}: {body}"
+        );
+        body
+    }
+
+    async fn json(
+        &self,
+        service: &str,
+        target: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        let answer = self
+            .http
+            .post(&self.endpoint)
+            .header("Authorization", Self::auth(service))
+            .header("X-Amz-Target", target)
+            .header("Content-Type", "application/x-amz-json-1.1")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{target}: {e}"));
+        let status = answer.status();
+        let text = answer.text().await.unwrap_or_default();
+        assert!(status.is_success(), "{target} answered {status}: {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{target}: not JSON ({e}): {text}"))
+    }
+}
+
+/// The text of every element named `name`, in document order.
+fn xml_all(xml: &str, name: &str) -> Vec<String> {
+    let doc = roxmltree::Document::parse(xml).unwrap_or_else(|e| panic!("not XML ({e}): {xml}"));
+    doc.descendants()
+        .filter(|n| n.tag_name().name() == name)
+        .map(|n| n.text().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn xml_one(xml: &str, name: &str) -> String {
+    xml_all(xml, name)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("no <{name}> in {xml}"))
+}
+
+/// Each `member` element under a list, as a map of its direct children's text.
+fn xml_members(xml: &str, list: &str) -> Vec<BTreeMap<String, String>> {
+    let doc = roxmltree::Document::parse(xml).unwrap_or_else(|e| panic!("not XML ({e}): {xml}"));
+    doc.descendants()
+        .filter(|n| n.tag_name().name() == list)
+        .flat_map(|l| l.children().filter(|c| c.tag_name().name() == "member"))
+        .map(|m| {
+            m.children()
+                .filter(roxmltree::Node::is_element)
+                .map(|c| {
+                    (
+                        c.tag_name().name().to_owned(),
+                        c.text().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The `Name`/`Value` pairs of an ECS container's environment.
+fn ecs_environment(container: &serde_json::Value) -> BTreeMap<String, String> {
+    container["environment"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e["name"].as_str()?.to_owned(),
+                e["value"].as_str()?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_stack_creates_in_motos_cloudformation() {
+    let moto = Moto::start().await;
+    let api = Api::new(&moto);
+    let template = yaml(TEMPLATE);
+    let declared = resources(&template);
+
+    // An existing VPC with two subnets in two Availability Zones.
+    let ec2 = |action: &'static str, params: Vec<(String, String)>| {
+        let api = &api;
+        async move { api.query("ec2", "2016-11-15", action, &params).await }
+    };
+    let vpc = xml_one(
+        &ec2(
+            "CreateVpc",
+            vec![("CidrBlock".into(), "10.0.0.0/16".into())],
+        )
+        .await,
+        "vpcId",
+    );
+    let mut subnets = Vec::new();
+    for (cidr, zone) in [("10.0.1.0/24", "us-east-1a"), ("10.0.2.0/24", "us-east-1b")] {
+        let answer = ec2(
+            "CreateSubnet",
+            vec![
+                ("VpcId".into(), vpc.clone()),
+                ("CidrBlock".into(), cidr.into()),
+                ("AvailabilityZone".into(), zone.into()),
+            ],
+        )
+        .await;
+        subnets.push(xml_one(&answer, "subnetId"));
+    }
+
+    let body = std::fs::read_to_string(workspace_root().join(TEMPLATE))
+        .unwrap_or_else(|e| panic!("cannot read {TEMPLATE}: {e}"));
+    let parameters = [
+        ("VpcId", vpc.clone()),
+        ("LoadBalancerSubnetIds", subnets.join(",")),
+        ("TaskSubnetIds", subnets.join(",")),
+        (
+            "QueueConsumerImage",
+            "123456789012.dkr.ecr.us-east-1.amazonaws.com/queue-consumer:1".to_owned(),
+        ),
+        (
+            "WebsocketImage",
+            "123456789012.dkr.ecr.us-east-1.amazonaws.com/websocket:1".to_owned(),
+        ),
+    ];
+    let mut params: Vec<(String, String)> = vec![
+        ("StackName".into(), "task-protection".into()),
+        ("TemplateBody".into(), body),
+        ("Capabilities.member.1".into(), "CAPABILITY_IAM".into()),
+    ];
+    for (i, (key, value)) in parameters.iter().enumerate() {
+        params.push((
+            format!("Parameters.member.{}.ParameterKey", i + 1),
+            (*key).to_owned(),
+        ));
+        params.push((
+            format!("Parameters.member.{}.ParameterValue", i + 1),
+            value.clone(),
+        ));
+    }
+    let cfn = "2010-05-15";
+    api.query("cloudformation", cfn, "CreateStack", &params)
+        .await;
+    let stack = [("StackName".to_owned(), "task-protection".to_owned())];
+    let described = wait_for(
+        "the stack to finish creating",
+        Duration::from_secs(60),
+        || async {
+            let answer = api
+                .query("cloudformation", cfn, "DescribeStacks", &stack)
+                .await;
+            let status = xml_one(&answer, "StackStatus");
+            (!status.ends_with("IN_PROGRESS")).then_some((status, answer))
+        },
+    )
+    .await;
+    assert_eq!(
+        described.0, "CREATE_COMPLETE",
+        "the stack did not create: {}",
+        described.1
+    );
+    let outputs: BTreeMap<String, String> = xml_members(&described.1, "Outputs")
+        .into_iter()
+        .filter_map(|m| Some((m.get("OutputKey")?.clone(), m.get("OutputValue")?.clone())))
+        .collect();
+
+    // Every resource moto can model was created; the rest are the known gaps.
+    let listed = api
+        .query("cloudformation", cfn, "DescribeStackResources", &stack)
+        .await;
+    let physical: BTreeMap<String, (String, String)> = xml_members(&listed, "StackResources")
+        .into_iter()
+        .filter_map(|m| {
+            let id = m.get("LogicalResourceId")?.clone();
+            Some((
+                id,
+                (
+                    m.get("ResourceType")?.clone(),
+                    m.get("PhysicalResourceId")?.clone(),
+                ),
+            ))
+        })
+        .collect();
+    for (id, resource) in &declared {
+        let kind = text_at(resource, "Type").unwrap_or_default();
+        match physical.get(id) {
+            Some((listed_kind, _)) => assert_eq!(listed_kind, &kind, "{id}"),
+            None => assert!(
+                UNMODELLED_BY_MOTO.contains(&kind.as_str()),
+                "{id} ({kind}) was not created in moto"
+            ),
+        }
+    }
+    let id_of = |logical: &str| -> String {
+        physical
+            .get(logical)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| panic!("{logical} was not created"))
+    };
+
+    // The queue: visibility equal to the worker's default, redrive to the DLQ.
+    let sqs = moto.client();
+    let queue_url = id_of("Queue");
+    assert_eq!(
+        outputs.get("QueueUrl"),
+        Some(&queue_url),
+        "the QueueUrl output"
+    );
+    let attributes = |url: String| {
+        let sqs = sqs.clone();
+        async move {
+            sqs.get_queue_attributes()
+                .queue_url(url)
+                .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("get_queue_attributes: {e:?}"))
+                .attributes
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k.as_str().to_owned(), v))
+                .collect::<BTreeMap<String, String>>()
+        }
+    };
+    let queue = attributes(queue_url.clone()).await;
+    let dlq = attributes(id_of("DeadLetterQueue")).await;
+    let worker = settings("queue-consumer").await;
+    assert_eq!(
+        queue.get("VisibilityTimeout").and_then(|v| v.parse().ok()),
+        default_number(&worker, "VISIBILITY_TIMEOUT_SECONDS"),
+        "the queue's visibility timeout is the worker's"
+    );
+    let redrive: serde_json::Value =
+        serde_json::from_str(queue.get("RedrivePolicy").map_or("{}", String::as_str))
+            .unwrap_or_else(|e| panic!("RedrivePolicy is not JSON: {e}"));
+    assert_eq!(
+        redrive["deadLetterTargetArn"].as_str(),
+        dlq.get("QueueArn").map(String::as_str)
+    );
+    assert_eq!(redrive["maxReceiveCount"].as_u64(), Some(5));
+    assert_eq!(
+        dlq.get("MessageRetentionPeriod").map(String::as_str),
+        Some("1209600")
+    );
+    assert_eq!(
+        queue.get("SqsManagedSseEnabled").map(String::as_str),
+        Some("true")
+    );
+
+    // The task definitions: every variable, stop timeouts, port, logs.
+    let web = settings("websocket").await;
+    let mut worker_env = BTreeMap::new();
+    for (logical, binary, read, log_group) in [
+        (
+            "QueueConsumerTaskDefinition",
+            "queue-consumer",
+            &worker,
+            "QueueConsumerLogGroup",
+        ),
+        (
+            "WebsocketTaskDefinition",
+            "websocket",
+            &web,
+            "WebsocketLogGroup",
+        ),
+    ] {
+        let answer = api
+            .json(
+                "ecs",
+                "AmazonEC2ContainerServiceV20141113.DescribeTaskDefinition",
+                json!({"taskDefinition": id_of(logical)}),
+            )
+            .await;
+        let c = &answer["taskDefinition"]["containerDefinitions"][0];
+        let mut env = ecs_environment(c);
+        let mut problems = Vec::new();
+        if binary == "queue-consumer" {
+            worker_env = env.clone();
+            assert_eq!(
+                env.remove(QUEUE_URL_VARIABLE),
+                Some(queue_url.clone()),
+                "{QUEUE_URL_VARIABLE}"
+            );
+        }
+        check_variables(binary, &env, read, &mut problems);
+        assert!(
+            problems.is_empty(),
+            "{logical} in moto:\n  - {}",
+            problems.join("\n  - ")
+        );
+        let grace = default_number(read, "SHUTDOWN_GRACE_SECONDS").unwrap_or(u64::MAX);
+        assert!(
+            c["stopTimeout"].as_u64().is_some_and(|s| s > grace),
+            "{logical}: stopTimeout {}",
+            c["stopTimeout"]
+        );
+        assert_eq!(c["logConfiguration"]["logDriver"], "awslogs");
+        assert_eq!(
+            c["logConfiguration"]["options"]["awslogs-group"].as_str(),
+            Some(id_of(log_group).as_str())
+        );
+        if binary == "websocket" {
+            assert_eq!(
+                c["portMappings"][0]["containerPort"].as_u64(),
+                default_number(read, "PORT"),
+                "the websocket container port"
+            );
+        }
+    }
+
+    // The real worker, with the task definition's environment as ECS would give it,
+    // works a job from the stack's queue under protection and deletes it.
+    let agent = FakeAgent::start().await;
+    let mut env: Vec<(&str, String)> = worker_env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    env.extend(aws_env(&moto.endpoint()));
+    env.push(("ECS_AGENT_URI", agent.uri()));
+    env.push(("RUST_LOG", "info".to_owned()));
+    let running = Service::spawn("queue-consumer", &[], &env);
+    running
+        .wait_for_line("Long polling for messages", Duration::from_secs(30))
+        .await;
+    let sent = sqs
+        .send_message()
+        .queue_url(&queue_url)
+        .message_body("50")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("send_message: {e:?}"))
+        .message_id
+        .unwrap_or_default();
+    running
+        .wait_for_line(&format!("{sent} - Done"), Duration::from_secs(30))
+        .await;
+    running
+        .wait_for_line("Task protection released", Duration::from_secs(30))
+        .await;
+    assert!(
+        agent.puts().first().is_some_and(|put| put.enabled()),
+        "the worker did not protect its task through the agent: {:?}",
+        agent.puts()
+    );
+    let left = attributes(queue_url.clone()).await;
+    for count in [
+        "ApproximateNumberOfMessages",
+        "ApproximateNumberOfMessagesNotVisible",
+    ] {
+        assert_eq!(
+            left.get(count).map(String::as_str),
+            Some("0"),
+            "{count} after the job"
+        );
+    }
+    drop(running);
+
+    // The services run their task definitions in the stack's cluster.
+    let cluster = id_of("Cluster");
+    let answer = api
+        .json(
+            "ecs",
+            "AmazonEC2ContainerServiceV20141113.DescribeServices",
+            json!({"cluster": cluster, "services": [id_of("QueueConsumerService"), id_of("WebsocketService")]}),
+        )
+        .await;
+    let services = answer["services"].as_array().cloned().unwrap_or_default();
+    assert_eq!(services.len(), 2, "both services exist: {answer}");
+    for (service, td) in services
+        .iter()
+        .zip(["QueueConsumerTaskDefinition", "WebsocketTaskDefinition"])
+    {
+        assert_eq!(service["taskDefinition"].as_str(), Some(id_of(td).as_str()));
+        assert_eq!(service["desiredCount"].as_u64(), Some(1));
+    }
+
+    // The load balancer, its listener and the target group's health check.
+    let elb = "2015-12-01";
+    let lb_arn = id_of("LoadBalancer");
+    let lbs = api
+        .query(
+            "elasticloadbalancing",
+            elb,
+            "DescribeLoadBalancers",
+            &[("LoadBalancerArns.member.1".into(), lb_arn.clone())],
+        )
+        .await;
+    assert_eq!(xml_one(&lbs, "Scheme"), "internet-facing");
+    assert!(
+        outputs
+            .get("ServiceUrl")
+            .is_some_and(|u| u == &format!("http://{}", xml_one(&lbs, "DNSName"))),
+        "the ServiceUrl output is the ALB's address: {outputs:?}"
+    );
+    let listeners = api
+        .query(
+            "elasticloadbalancing",
+            elb,
+            "DescribeListeners",
+            &[("LoadBalancerArn".into(), lb_arn)],
+        )
+        .await;
+    assert_eq!(xml_one(&listeners, "Port"), "80");
+    assert_eq!(
+        xml_one(&listeners, "TargetGroupArn"),
+        id_of("WebsocketTargetGroup")
+    );
+    let groups = api
+        .query(
+            "elasticloadbalancing",
+            elb,
+            "DescribeTargetGroups",
+            &[(
+                "TargetGroupArns.member.1".into(),
+                id_of("WebsocketTargetGroup"),
+            )],
+        )
+        .await;
+    assert_eq!(xml_one(&groups, "HealthCheckPath"), "/healthz");
+    assert_eq!(xml_one(&groups, "HttpCode"), "200");
+    assert_eq!(xml_one(&groups, "TargetType"), "ip");
+    assert_eq!(
+        Some(xml_one(&groups, "Port").parse().unwrap_or(0)),
+        default_number(&web, "PORT")
+    );
+
+    // The task roles: protection on this cluster's tasks, queue actions on the queue.
+    let iam = "2010-05-08";
+    let policy = |role: String, name: &'static str| {
+        let api = &api;
+        async move {
+            let answer = api
+                .query(
+                    "iam",
+                    iam,
+                    "GetRolePolicy",
+                    &[
+                        ("RoleName".into(), role),
+                        ("PolicyName".into(), name.into()),
+                    ],
+                )
+                .await;
+            xml_one(&answer, "PolicyDocument")
+        }
+    };
+    let queue_arn = queue.get("QueueArn").cloned().unwrap_or_default();
+    for role in ["QueueConsumerTaskRole", "WebsocketTaskRole"] {
+        let document = policy(id_of(role), "task-protection").await;
+        assert!(
+            document.contains(&format!(":task/{cluster}/*"))
+                && document.contains("ecs:UpdateTaskProtection"),
+            "{role}: {document}"
+        );
+    }
+    let document = policy(id_of("QueueConsumerTaskRole"), "work-the-queue").await;
+    assert!(
+        document.contains("sqs:ChangeMessageVisibility") && document.contains(&queue_arn),
+        "the worker's queue policy: {document}"
+    );
+
+    // The log groups keep 30 days.
+    let groups = api
+        .json("logs", "Logs_20140328.DescribeLogGroups", json!({}))
+        .await;
+    for logical in ["QueueConsumerLogGroup", "WebsocketLogGroup"] {
+        let name = id_of(logical);
+        let group = groups["logGroups"]
+            .as_array()
+            .and_then(|g| g.iter().find(|g| g["logGroupName"] == name.as_str()))
+            .unwrap_or_else(|| panic!("no log group {name}: {groups}"));
+        assert_eq!(group["retentionInDays"].as_u64(), Some(30), "{logical}");
+    }
+}
