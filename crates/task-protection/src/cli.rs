@@ -294,3 +294,123 @@ pub async fn shutdown_signal() -> Signal {
         () = term => Signal::Term,
     }
 }
+
+/// Where metrics go: the value of `METRICS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum MetricsMode {
+    /// `emf` inside ECS (where `ECS_CONTAINER_METADATA_URI_V4` or `ECS_AGENT_URI` is
+    /// set), `off` elsewhere.
+    #[default]
+    Auto,
+    /// One CloudWatch Embedded Metric Format line per interval on stdout.
+    Emf,
+    /// No metrics.
+    Off,
+}
+
+fn namespace(raw: &str) -> Result<String, SettingsError> {
+    metrics_emf::check_namespace(raw)
+        .map(|()| raw.to_owned())
+        .map_err(|reason| SettingsError::Invalid {
+            variable: "METRICS_NAMESPACE",
+            value: raw.to_owned(),
+            reason,
+        })
+}
+
+fn dimension(variable: &'static str) -> impl Fn(&str) -> Result<String, SettingsError> + Clone {
+    move |raw| {
+        if raw.trim().is_empty() || raw.len() > 1024 {
+            Err(SettingsError::Invalid {
+                variable,
+                value: raw.to_owned(),
+                reason: "must be 1 to 1024 characters".to_owned(),
+            })
+        } else {
+            Ok(raw.to_owned())
+        }
+    }
+}
+
+/// The metrics settings as command-line arguments, shared by every service.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Metrics")]
+pub struct MetricsArgs {
+    /// Where metrics go: auto (emf inside ECS, off elsewhere), emf (CloudWatch
+    /// Embedded Metric Format lines on stdout, one per interval), or off
+    #[arg(long, env = "METRICS", value_enum, default_value_t = MetricsMode::Auto)]
+    pub metrics: MetricsMode,
+
+    /// Seconds between two metrics lines (1..=3600)
+    #[arg(long, env = "METRICS_INTERVAL_SECONDS", value_name = "SECONDS", default_value = "60",
+          value_parser = ranged("METRICS_INTERVAL_SECONDS", 1, 3600, "seconds"))]
+    pub metrics_interval_seconds: u64,
+
+    /// CloudWatch namespace of the metrics
+    #[arg(long, env = "METRICS_NAMESPACE", value_name = "NAMESPACE",
+          default_value = "ECSTaskProtection", value_parser = namespace)]
+    pub metrics_namespace: String,
+
+    /// The Service dimension; unset: COPILOT_SERVICE_NAME, else the program's name
+    #[arg(long, env = "METRICS_SERVICE", value_name = "NAME",
+          value_parser = dimension("METRICS_SERVICE"))]
+    pub metrics_service: Option<String>,
+
+    /// The Environment dimension; unset: COPILOT_ENVIRONMENT_NAME, else none
+    #[arg(long, env = "METRICS_ENVIRONMENT", value_name = "NAME",
+          value_parser = dimension("METRICS_ENVIRONMENT"))]
+    pub metrics_environment: Option<String>,
+}
+
+impl MetricsArgs {
+    /// The EMF configuration, or `None` when metrics are off. `program` names the
+    /// service when neither `METRICS_SERVICE` nor `COPILOT_SERVICE_NAME` does.
+    #[must_use]
+    pub fn emf_config(&self, program: &str) -> Option<metrics_emf::EmfConfig> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let on = match self.metrics {
+            MetricsMode::Emf => true,
+            MetricsMode::Off => false,
+            MetricsMode::Auto => {
+                var("ECS_CONTAINER_METADATA_URI_V4").is_some() || var("ECS_AGENT_URI").is_some()
+            }
+        };
+        if !on {
+            return None;
+        }
+        let service = self
+            .metrics_service
+            .clone()
+            .or_else(|| var("COPILOT_SERVICE_NAME"))
+            .unwrap_or_else(|| program.to_owned());
+        let environment = self
+            .metrics_environment
+            .clone()
+            .or_else(|| var("COPILOT_ENVIRONMENT_NAME"))
+            .unwrap_or_default();
+        Some(
+            metrics_emf::EmfConfig::new(
+                self.metrics_namespace.clone(),
+                Duration::from_secs(self.metrics_interval_seconds),
+            )
+            .dimension("Service", service)
+            .dimension("Environment", environment),
+        )
+    }
+
+    /// Installs the EMF recorder as the process's `metrics` recorder and starts
+    /// writing a line every interval. Returns the handle to write the last line at
+    /// exit, or `None` when metrics are off (or another recorder is installed).
+    #[must_use]
+    pub fn install(&self, program: &str) -> Option<metrics_emf::EmfHandle> {
+        let config = self.emf_config(program)?;
+        let recorder = metrics_emf::EmfRecorder::new(config);
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder is already installed; EMF metrics are off");
+            return None;
+        }
+        tokio::spawn(handle.clone().run(std::future::pending()));
+        Some(handle)
+    }
+}

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use crate::backend::{Backend, ProtectionError, ProtectionRequest};
 use crate::machine::{Effect, Machine, Next};
 use crate::protection::{Shared, ShutdownReport, count, epoch};
-use crate::state::{AtomicCounters, Phase, ProtectionEvent, rfc3339};
+use crate::state::{Count, Phase, ProtectionEvent, rfc3339};
 
 /// How long a request already in flight at shutdown may still take.
 const IN_FLIGHT_GRACE: Duration = Duration::from_millis(500);
@@ -35,6 +35,9 @@ pub(crate) async fn drive<B: Backend>(shared: Arc<Shared>, backend: B) -> Shutdo
     let mut machine = Machine::new(&shared.settings);
     let mut stop = shared.stop.subscribe();
     let mut epoch_seen = 0;
+    // When protection became wanted and was not held: the start of a holder's wait.
+    let mut wanted_since: Option<Instant> = None;
+    crate::metrics::describe();
     loop {
         if *stop.borrow_and_update() {
             break;
@@ -50,6 +53,16 @@ pub(crate) async fn drive<B: Backend>(shared: Arc<Shared>, backend: B) -> Shutdo
             shared.apply(effect, None);
         }
         shared.publish(&machine, now);
+        wanted_since = match (count(word) > 0, machine.is_protected(now), wanted_since) {
+            (false, _, _) => None,
+            (true, false, None) => Some(now),
+            (true, true, Some(since)) => {
+                ::metrics::histogram!(crate::metrics::ACQUIRE_LATENCY)
+                    .record(now.duration_since(since).as_secs_f64() * 1000.0);
+                None
+            }
+            (true, _, since) => since,
+        };
         match machine.poll(now) {
             Next::Put(request) => {
                 if !request.enabled {
@@ -80,13 +93,13 @@ fn start_put(shared: &Shared, machine: &mut Machine, request: ProtectionRequest)
     let counters = &shared.counters;
     let now = Instant::now();
     let kind = match (request.enabled, machine.is_protected(now)) {
-        (false, _) => &counters.release_puts,
-        (true, true) => &counters.refresh_puts,
-        (true, false) => &counters.acquire_puts,
+        (false, _) => Count::ReleasePut,
+        (true, true) => Count::RefreshPut,
+        (true, false) => Count::AcquirePut,
     };
-    AtomicCounters::bump(kind);
+    counters.bump(kind);
     if machine.retrying() {
-        AtomicCounters::bump(&counters.retries);
+        counters.bump(Count::Retry);
     }
     machine.on_sent(now, request);
     shared.publish(machine, now);
@@ -183,7 +196,7 @@ async fn shut_down<B: Backend>(
         }
         ShutdownReport::NotProtected => tracing::debug!("Task protection shut down; not protected"),
         ShutdownReport::Failed(e) => {
-            AtomicCounters::bump(&shared.counters.failures);
+            shared.counters.bump(Count::Failure);
             tracing::warn!("Task protection release at shutdown failed: {e}");
         }
     }
@@ -215,6 +228,7 @@ impl Shared {
         };
         let protected = machine.is_protected(now);
         let expires_at = machine.reported_expiry(now);
+        ::metrics::gauge!(crate::metrics::PROTECTED).set(if protected { 1.0 } else { 0.0 });
         self.state.send_if_modified(|s| {
             let changed =
                 s.phase != phase || s.protected != protected || s.expires_at != expires_at;
@@ -227,6 +241,7 @@ impl Shared {
 
     /// No longer promises protection: a disable is about to leave.
     fn withdraw(&self) {
+        ::metrics::gauge!(crate::metrics::PROTECTED).set(0.0);
         self.state.send_if_modified(|s| {
             let changed = s.protected || s.phase != Phase::Releasing;
             s.protected = false;
@@ -277,7 +292,7 @@ impl Shared {
                 Some(ProtectionEvent::Unprotected { lapsed })
             }
             Effect::Rejected(rejection) => {
-                AtomicCounters::bump(&counters.rejections);
+                counters.bump(Count::Rejection);
                 tracing::warn!("Task protection rejected: {rejection}");
                 self.state.send_modify(|s| {
                     s.last_rejection = Some(rejection.clone());
@@ -286,7 +301,7 @@ impl Shared {
                 Some(ProtectionEvent::Rejected(rejection))
             }
             Effect::Failed { error, retry_in } => {
-                AtomicCounters::bump(&counters.failures);
+                counters.bump(Count::Failure);
                 tracing::warn!("Task protection request failed, retrying in {retry_in:?}: {error}");
                 self.state.send_modify(|s| s.last_error = Some(error));
                 None

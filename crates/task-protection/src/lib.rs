@@ -45,6 +45,7 @@ pub mod backend;
 pub mod cli;
 mod driver;
 mod machine;
+pub mod metrics;
 mod protection;
 pub mod settings;
 mod state;

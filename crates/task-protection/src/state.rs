@@ -193,9 +193,31 @@ pub(crate) struct AtomicCounters {
     pub(crate) rejections: AtomicU64,
 }
 
+/// One of the things [`Counters`] counts, each also a metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Count {
+    AcquirePut,
+    RefreshPut,
+    ReleasePut,
+    Retry,
+    Failure,
+    Rejection,
+}
+
 impl AtomicCounters {
-    pub(crate) fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    /// Counts one, in [`Counters`] and in the `metrics` facade (see [`crate::metrics`]).
+    pub(crate) fn bump(&self, count: Count) {
+        use crate::metrics as m;
+        let (cell, name) = match count {
+            Count::AcquirePut => (&self.acquire_puts, m::ENABLE_PUTS),
+            Count::RefreshPut => (&self.refresh_puts, m::REFRESH_PUTS),
+            Count::ReleasePut => (&self.release_puts, m::RELEASE_PUTS),
+            Count::Retry => (&self.retries, m::RETRIES),
+            Count::Failure => (&self.failures, m::FAILURES),
+            Count::Rejection => (&self.rejections, m::REJECTIONS),
+        };
+        cell.fetch_add(1, Ordering::Relaxed);
+        ::metrics::counter!(name).increment(1);
     }
 
     pub(crate) fn snapshot(&self) -> Counters {
