@@ -16,8 +16,14 @@ use task_protection::cli::{LogFormat, ProtectionArgs, ranged};
 pub const MAX_WAIT_SECONDS: u64 = 20;
 /// SQS's limit on a visibility timeout, and on a message's total time in flight: 12 h.
 pub const MAX_VISIBILITY_SECONDS: u64 = 43_200;
-/// The longest job accepted: SQS cannot keep a message in flight longer than 12 h.
-pub const MAX_JOB_MS_LIMIT: u64 = MAX_VISIBILITY_SECONDS * 1000;
+/// Kept back from SQS's 12 h in-flight limit when bounding `MAX_JOB_MS`: the time to
+/// receive, protect and settle the message, and the heartbeat's own margin, with room
+/// to spare.
+pub const MAX_JOB_MARGIN_SECONDS: u64 = 15 * 60;
+/// The longest job accepted: 11 h 45 min. SQS cannot keep a message in flight longer
+/// than 12 h after its receipt; a job that ran past that would be delivered again
+/// while still running.
+pub const MAX_JOB_MS_LIMIT: u64 = (MAX_VISIBILITY_SECONDS - MAX_JOB_MARGIN_SECONDS) * 1000;
 /// Most jobs one worker runs at once.
 pub const MAX_CONCURRENCY: u64 = 1000;
 /// The longest shutdown grace period accepted.
@@ -57,7 +63,9 @@ pub struct Config {
           value_parser = ranged("VISIBILITY_TIMEOUT_SECONDS", 1, MAX_VISIBILITY_SECONDS, "seconds"))]
     pub visibility_timeout_seconds: u64,
 
-    /// Longest job accepted, in ms; a longer body is rejected as bad input (0..=43200000)
+    /// Longest job accepted, in ms; a longer body is rejected as bad input. At most
+    /// 11 h 45 min: SQS keeps a message in flight at most 12 h from its receipt, and
+    /// 15 min are kept for protection, the delete and margin (0..=42300000)
     #[arg(long, env = "MAX_JOB_MS", value_name = "MS", default_value = "3600000",
           value_parser = ranged("MAX_JOB_MS", 0, MAX_JOB_MS_LIMIT, "ms"))]
     pub max_job_ms: u64,
