@@ -42,7 +42,8 @@ pub struct Config {
     #[arg(long, env = "COPILOT_QUEUE_URI", value_name = "URL", value_parser = parse_queue_url)]
     pub queue_url: String,
 
-    /// AWS Region of the queue [default: the standard AWS variables, then the queue URL]
+    /// AWS Region of the queue [default: the Region in the queue URL, then the
+    /// standard AWS variables]
     #[arg(long, env = "QUEUE_REGION", value_name = "REGION")]
     pub queue_region: Option<String>,
 
@@ -71,7 +72,9 @@ pub struct Config {
     pub max_job_ms: u64,
 
     /// After SIGTERM, how long running jobs may still take before their messages are
-    /// handed back, in seconds; keep it below the task's stop timeout (0..=3600)
+    /// handed back, in seconds; a second SIGTERM or ctrl-c ends it at once. Keep it 6 s
+    /// below the task's stop timeout: 3 s for the last deletes and hand-backs, and
+    /// about 2.5 s to release protection (0..=3600)
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", value_name = "SECONDS", default_value = "25",
           value_parser = ranged("SHUTDOWN_GRACE_SECONDS", 0, MAX_GRACE_SECONDS, "seconds"))]
     pub shutdown_grace_seconds: u64,
