@@ -567,7 +567,9 @@ async fn time_to_exit(worker: &mut Service, within: Duration) -> Duration {
     worker.terminate();
     let status = worker.wait_exit(within).await;
     assert!(status.success(), "exit status {status:?}");
-    started.elapsed()
+    let took = started.elapsed();
+    eprintln!("SIGTERM to exit: {took:?}");
+    took
 }
 
 #[tokio::test]
@@ -704,9 +706,21 @@ async fn queue_consumer_failing_deletes_neither_redo_jobs_nor_block_other_slots(
     proxy.fault("DeleteMessageBatch", Fault::server_error());
     let ids = s.send(&["100", "100", "100"]).await;
     // Deletes fail for three visibility timeouts and more.
-    wait_for("failing deletes", STEP, || async {
-        (proxy.count("DeleteMessageBatch") >= 5).then_some(())
+    wait_for("a failing delete", STEP, || async {
+        (proxy.count("DeleteMessageBatch") >= 1).then_some(())
     })
+    .await;
+    let failing_since = std::time::Instant::now();
+    let failed = proxy.count("DeleteMessageBatch");
+    wait_for(
+        "deletes failing for three visibility timeouts",
+        STEP,
+        || async {
+            (failing_since.elapsed() >= Duration::from_secs(6)
+                && proxy.count("DeleteMessageBatch") > failed)
+                .then_some(())
+        },
+    )
     .await;
     // Meanwhile another job is received into the free slot and done once SQS works.
     proxy.clear("DeleteMessageBatch");
@@ -734,6 +748,10 @@ async fn queue_consumer_failing_deletes_neither_redo_jobs_nor_block_other_slots(
     worker
         .wait_for_line(&format!("{} - Done", first[0]), STEP)
         .await;
+    for id in [&first[0], &second[0]] {
+        assert_eq!(runs(&worker, id), 1, "{id} worked more than once");
+        assert_eq!(worker.count(&format!("{id} - Received")), 1, "{id}");
+    }
     s.wait_counts("the queue to be empty", (0, 0)).await;
     stop(&mut worker, STEP).await;
 }
