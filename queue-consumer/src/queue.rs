@@ -96,6 +96,13 @@ impl fmt::Display for SqsError {
 
 impl std::error::Error for SqsError {}
 
+/// Errors are equal when they mean the same: same operation, kind and code.
+impl PartialEq for SqsError {
+    fn eq(&self, other: &Self) -> bool {
+        self.operation == other.operation && self.kind == other.kind && self.code == other.code
+    }
+}
+
 impl SqsError {
     fn new(operation: &'static str, kind: ErrorKind, message: impl Into<String>) -> Self {
         Self {
@@ -215,7 +222,7 @@ impl EntryFailure {
 }
 
 /// A received message, as the worker keeps it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     /// The message id, for logs.
     pub id: String,

@@ -47,7 +47,7 @@ pub const SETTLE_BUDGET: Duration = Duration::from_secs(3);
 pub const PERMANENT_RECEIVE_TRIES: u32 = 5;
 
 /// Why the worker stopped.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// A signal asked it to.
     Stopped(Signal),
@@ -72,18 +72,6 @@ pub enum AfterReceive {
     Retry(Duration, SqsError),
     /// Stop: this error will not pass.
     Exit(SqsError),
-}
-
-impl PartialEq for Message {
-    fn eq(&self, other: &Self) -> bool {
-        self.id == other.id && self.receipt_handle == other.receipt_handle
-    }
-}
-
-impl PartialEq for SqsError {
-    fn eq(&self, other: &Self) -> bool {
-        self.operation == other.operation && self.kind == other.kind && self.code == other.code
-    }
 }
 
 /// Decides what follows each receive: backoff after errors, a bounded number of
