@@ -152,6 +152,12 @@ impl SqsError {
     }
 }
 
+/// The IAM action an SQS operation needs: a batch call needs its single call's.
+fn iam_action(operation: &str) -> String {
+    let op = operation.strip_suffix("Batch").unwrap_or(operation);
+    format!("sqs:{op}")
+}
+
 /// The kind of an SDK error, decided in one place.
 pub fn classify<E>(operation: &'static str, err: &SdkError<E>) -> SqsError
 where
@@ -241,8 +247,9 @@ pub struct Message {
 pub struct Queue {
     client: Client,
     url: String,
-    /// Operations SQS denied, with when they may be tried again. Shared by clones.
-    denied: Arc<Mutex<HashMap<&'static str, Instant>>>,
+    /// IAM actions SQS denied (`sqs:ChangeMessageVisibility` covers the single and
+    /// the batch call), with when they may be tried again. Shared by clones.
+    denied: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
 impl Queue {
@@ -264,11 +271,13 @@ impl Queue {
         limit: Duration,
         call: impl Future<Output = Result<T, SqsError>>,
     ) -> Result<T, SqsError> {
+        // A receive is never paused: the receive loop gives up after a few tries.
         let pausable = operation != "ReceiveMessage";
+        let action = iam_action(operation);
         if pausable {
             let denied = self.denied.lock().unwrap_or_else(PoisonError::into_inner);
             if denied
-                .get(operation)
+                .get(&action)
                 .is_some_and(|until| Instant::now() < *until)
             {
                 return Err(SqsError::new(
@@ -286,18 +295,22 @@ impl Queue {
             && e.kind == ErrorKind::Denied
             && pausable
         {
-            self.denied
+            let now = Instant::now();
+            let earlier = self
+                .denied
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .insert(operation, Instant::now() + DENIED_PAUSE);
-            tracing::error!(
-                operation,
-                "SQS denied {operation} on {}: the task role lacks {}. Grant it on this queue (the worker's IAM addon in copilot/queue-consumer/addons does) and redeploy; not calling {operation} again for {}s ({})",
-                self.url,
-                e.action(),
-                DENIED_PAUSE.as_secs(),
-                e.message
-            );
+                .insert(action.clone(), now + DENIED_PAUSE);
+            // Calls already on their way when the first denial came are not news.
+            if earlier.is_none_or(|until| until <= now) {
+                tracing::error!(
+                    operation,
+                    "SQS denied {operation} on {}: the task role lacks {action}. Grant it on this queue (the worker's IAM addon in copilot/queue-consumer/addons does) and redeploy; not calling it again for {}s ({})",
+                    self.url,
+                    DENIED_PAUSE.as_secs(),
+                    e.message
+                );
+            }
         }
         result
     }

@@ -810,6 +810,16 @@ async fn queue_consumer_change_visibility_denied_is_said_once_and_not_retried() 
     worker
         .wait_for_line(&format!("{} - Done", more[0]), STEP)
         .await;
+    // The batch call needs the same permission: within the minute it is not sent.
+    proxy.fault(
+        "ChangeMessageVisibilityBatch",
+        Fault::access_denied("sqs:changemessagevisibility"),
+    );
+    let bad = s.send(&["abc"]).await;
+    worker
+        .wait_for_line(&format!("{} - Hand-back failed", bad[0]), STEP)
+        .await;
+    assert_eq!(proxy.count("ChangeMessageVisibilityBatch"), 0);
     let denied: Vec<String> = worker
         .lines()
         .into_iter()
@@ -826,7 +836,8 @@ async fn queue_consumer_change_visibility_denied_is_said_once_and_not_retried() 
         proxy.counts()
     );
     assert_eq!(runs(&worker, &ids[0]), 1);
-    s.wait_counts("the queue to be empty", (0, 0)).await;
+    // The two jobs are deleted; the bad body stays in flight until it lapses.
+    s.wait_counts("only the bad message left", (0, 1)).await;
     stop(&mut worker, STEP).await;
 }
 
