@@ -68,8 +68,9 @@ pub(crate) async fn handle(
         }
     };
     drop(job_phase);
+    let mut guard = guard;
     if let Some(action) = action {
-        settle(&shared, &mut keeper, &message, action).await;
+        settle(&shared, &mut keeper, &message, action, &mut guard).await;
     }
     // Settled (or given up): the slot and the protection hold go last.
     drop(guard);
@@ -212,13 +213,26 @@ async fn protect(
     }
 }
 
+/// How long a message whose settle keeps failing keeps the task protected. Its job
+/// has ended, so a stop now costs at most a second run of it, while protection held
+/// through a long SQS outage would block scale-in and deployments all along.
+const PROTECTED_SETTLE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Deletes the message or sets its visibility, trying again while that may work.
 ///
 /// The heartbeat goes on between tries, so a failing delete never lets the message
 /// lapse and its job run again elsewhere. During a delete it goes on even while the
 /// call is on its way (extending a message being deleted is harmless); a visibility
-/// change is only sent once no extension is in flight, which would undo it.
-async fn settle(shared: &Shared, keeper: &mut Keeper, message: &Message, action: Action) {
+/// change is only sent once no extension is in flight, which would undo it. The
+/// protection `guard` is dropped once tries have failed for [`PROTECTED_SETTLE`].
+async fn settle(
+    shared: &Shared,
+    keeper: &mut Keeper,
+    message: &Message,
+    action: Action,
+    guard: &mut Option<ProtectionGuard>,
+) {
+    let started = Instant::now();
     let id = &message.id;
     let what = if action == Action::Delete {
         "Delete"
@@ -273,6 +287,13 @@ async fn settle(shared: &Shared, keeper: &mut Keeper, message: &Message, action:
         }
         let wait = backoff.next_delay();
         tries += 1;
+        if started.elapsed() >= PROTECTED_SETTLE && guard.take().is_some() {
+            tracing::warn!(
+                message_id = %id,
+                "{id} - {what} still failing after {}s; trying on, but no longer keeping the task protected for it",
+                PROTECTED_SETTLE.as_secs()
+            );
+        }
         if tries == 1 {
             let state = if error.kind == ErrorKind::Timeout {
                 "outcome unknown"
