@@ -16,8 +16,14 @@ use task_protection::cli::{LogFormat, ProtectionArgs, ranged};
 pub const MAX_WAIT_SECONDS: u64 = 20;
 /// SQS's limit on a visibility timeout, and on a message's total time in flight: 12 h.
 pub const MAX_VISIBILITY_SECONDS: u64 = 43_200;
-/// The longest job accepted: SQS cannot keep a message in flight longer than 12 h.
-pub const MAX_JOB_MS_LIMIT: u64 = MAX_VISIBILITY_SECONDS * 1000;
+/// Kept back from SQS's 12 h in-flight limit when bounding `MAX_JOB_MS`: the time to
+/// receive, protect and settle the message, and the heartbeat's own margin, with room
+/// to spare.
+pub const MAX_JOB_MARGIN_SECONDS: u64 = 15 * 60;
+/// The longest job accepted: 11 h 45 min. SQS cannot keep a message in flight longer
+/// than 12 h after its receipt; a job that ran past that would be delivered again
+/// while still running.
+pub const MAX_JOB_MS_LIMIT: u64 = (MAX_VISIBILITY_SECONDS - MAX_JOB_MARGIN_SECONDS) * 1000;
 /// Most jobs one worker runs at once.
 pub const MAX_CONCURRENCY: u64 = 1000;
 /// The longest shutdown grace period accepted.
@@ -36,7 +42,8 @@ pub struct Config {
     #[arg(long, env = "COPILOT_QUEUE_URI", value_name = "URL", value_parser = parse_queue_url)]
     pub queue_url: String,
 
-    /// AWS Region of the queue [default: the standard AWS variables, then the queue URL]
+    /// AWS Region of the queue [default: the Region in the queue URL, then the
+    /// standard AWS variables]
     #[arg(long, env = "QUEUE_REGION", value_name = "REGION")]
     pub queue_region: Option<String>,
 
@@ -57,13 +64,17 @@ pub struct Config {
           value_parser = ranged("VISIBILITY_TIMEOUT_SECONDS", 1, MAX_VISIBILITY_SECONDS, "seconds"))]
     pub visibility_timeout_seconds: u64,
 
-    /// Longest job accepted, in ms; a longer body is rejected as bad input (0..=43200000)
+    /// Longest job accepted, in ms; a longer body is rejected as bad input. At most
+    /// 11 h 45 min: SQS keeps a message in flight at most 12 h from its receipt, and
+    /// 15 min are kept for protection, the delete and margin (0..=42300000)
     #[arg(long, env = "MAX_JOB_MS", value_name = "MS", default_value = "3600000",
           value_parser = ranged("MAX_JOB_MS", 0, MAX_JOB_MS_LIMIT, "ms"))]
     pub max_job_ms: u64,
 
     /// After SIGTERM, how long running jobs may still take before their messages are
-    /// handed back, in seconds; keep it below the task's stop timeout (0..=3600)
+    /// handed back, in seconds; a second SIGTERM or ctrl-c ends it at once. Keep it 6 s
+    /// below the task's stop timeout: 3 s for the last deletes and hand-backs, and
+    /// about 2.5 s to release protection (0..=3600)
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", value_name = "SECONDS", default_value = "25",
           value_parser = ranged("SHUTDOWN_GRACE_SECONDS", 0, MAX_GRACE_SECONDS, "seconds"))]
     pub shutdown_grace_seconds: u64,

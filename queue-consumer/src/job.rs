@@ -121,20 +121,39 @@ pub enum JobError {
     /// A failure that may pass: the message is retried after a backoff.
     #[error("{0}")]
     Failed(String),
+    /// The job stopped because the worker no longer holds its message
+    /// ([`JobContext::lost`]): it is neither deleted nor handed back.
+    #[error("the message is no longer held by this worker")]
+    Lost,
+}
+
+/// What a running job may want to know about its message.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    /// How many times SQS has delivered the message, this time included.
+    pub receive_count: u32,
+    /// Cancelled when the worker no longer holds the message: its receipt handle
+    /// became invalid (a purge, a delete elsewhere), or its visibility could not be
+    /// extended (denied, SQS's 12 h limit) and has run out. Another worker may then be
+    /// doing the same job; stop if that matters.
+    pub lost: tokio_util::sync::CancellationToken,
 }
 
 /// Does the job. Here: waits for its duration, without blocking a thread, standing in
-/// for real work.
+/// for real work, and stops when the message is no longer held.
 ///
 /// Keep it cancel-safe or idempotent: at the end of the shutdown grace period the
 /// future is dropped and the message handed back, so another worker does the job
 /// again.
 ///
 /// # Errors
-/// Never, here. Real work returns [`JobError`] to have the message retried.
-pub async fn work(job: &Job) -> Result<(), JobError> {
-    tokio::time::sleep(job.duration.get()).await;
-    Ok(())
+/// [`JobError::Lost`] when the message is lost. Real work returns
+/// [`JobError::Failed`] to have the message retried.
+pub async fn work(job: &Job, ctx: &JobContext) -> Result<(), JobError> {
+    tokio::select! {
+        () = tokio::time::sleep(job.duration.get()) => Ok(()),
+        () = ctx.lost.cancelled() => Err(JobError::Lost),
+    }
 }
 
 #[cfg(test)]
@@ -218,8 +237,19 @@ mod tests {
             id: "m".to_owned(),
             duration: JobDuration::parse("90000", MAX).unwrap(),
         };
+        let ctx = JobContext {
+            receive_count: 1,
+            lost: tokio_util::sync::CancellationToken::new(),
+        };
         let start = tokio::time::Instant::now();
-        work(&job).await.unwrap();
+        work(&job, &ctx).await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_secs(90));
+        let lost = ctx.lost.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            lost.cancel();
+        });
+        assert_eq!(work(&job, &ctx).await, Err(JobError::Lost));
+        assert_eq!(start.elapsed(), Duration::from_secs(95));
     }
 }

@@ -12,27 +12,31 @@
 //!
 //! - [`config`]: settings, from flags or environment variables;
 //! - [`job`]: the job type, its parsing, and the work;
-//! - [`worker`]: receiving, concurrency, protection, shutdown;
-//! - [`heartbeat`]: keeping a running job's message invisible;
+//! - [`worker`]: receiving, concurrency, shutdown;
+//! - `in_flight`: one message from receipt to settle, protection and job included;
+//! - [`heartbeat`]: keeping a held message invisible;
 //! - `settle`: batched deletes and hand-backs;
-//! - [`queue`]: the SQS calls.
+//! - [`queue`]: the SQS calls, their time limits, and what their errors mean;
+//! - [`signals`]: SIGTERM and ctrl-c, the first and any later.
 
 pub mod backoff;
 pub mod config;
 pub mod heartbeat;
+mod in_flight;
 pub mod job;
 pub mod queue;
 mod settle;
+pub mod signals;
 pub mod stats;
 pub mod worker;
 
-use std::future::Future;
-
 use aws_config::BehaviorVersion;
 use aws_config::meta::region::RegionProviderChain;
+use aws_config::retry::RetryConfig;
 use aws_sdk_sqs::config::Region;
 use task_protection::cli::Signal;
 use task_protection::{BackendConfigError, SettingsError, TaskProtection};
+use tokio::sync::mpsc;
 
 pub use config::{Config, WorkerSettings};
 pub use queue::Queue;
@@ -55,14 +59,15 @@ pub enum StartError {
     BadRegion(String),
 }
 
-/// Runs the worker with `config` until `shutdown` resolves (or ECS refuses protection),
-/// then drains and releases task protection.
+/// Runs the worker with `config` until a signal arrives on `signals` (or ECS refuses
+/// protection, or receiving fails for good), then drains and releases task protection.
+/// A second signal ends the shutdown grace period at once.
 ///
 /// # Errors
 /// [`StartError`] when the configuration cannot work; nothing has been received then.
 pub async fn run(
     config: Config,
-    shutdown: impl Future<Output = Signal>,
+    signals: mpsc::UnboundedReceiver<Signal>,
 ) -> Result<Outcome, StartError> {
     let settings = config.worker_settings();
     let protection_settings = config.protection.settings()?;
@@ -78,7 +83,7 @@ pub async fn run(
     );
     let queue = Queue::new(client, settings.queue_url.clone());
     let outcome = Worker::new(queue, protection.clone(), settings)
-        .run(shutdown)
+        .run(signals)
         .await;
     // A draining task must not stay protected: release now rather than at expiry.
     let report = protection.shutdown().await;
@@ -87,7 +92,11 @@ pub async fn run(
 }
 
 /// An SQS client from the standard AWS configuration (including `AWS_ENDPOINT_URL`),
-/// in `region` when given, else the configured Region, else the queue URL's.
+/// in `region` when given, else the queue URL's Region, else the configured one
+/// (`AWS_REGION`): a queue lives in the Region its URL names, wherever the task runs.
+///
+/// The SDK's own retries are off: the worker decides about every failed call by its
+/// kind, and bounds each call in time itself.
 ///
 /// # Errors
 /// [`StartError::NoRegion`] when none of them names a Region.
@@ -96,10 +105,11 @@ pub async fn sqs_client(
     region: Option<&str>,
 ) -> Result<aws_sdk_sqs::Client, StartError> {
     let chain = RegionProviderChain::first_try(region.map(|r| Region::new(r.to_owned())))
-        .or_default_provider()
-        .or_else(config::region_from_queue_url(queue_url).map(Region::new));
+        .or_else(config::region_from_queue_url(queue_url).map(Region::new))
+        .or_default_provider();
     let shared = aws_config::defaults(BehaviorVersion::latest())
         .region(chain)
+        .retry_config(RetryConfig::disabled())
         .load()
         .await;
     match shared.region().map(Region::as_ref) {

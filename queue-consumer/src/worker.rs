@@ -1,38 +1,50 @@
-//! The worker loop: receive while there are free slots, run each job under task
-//! protection, settle its message, and drain on shutdown.
+//! The worker loop: receive while there are free slots, hand each message to its own
+//! task ([`in_flight`](crate::in_flight)), and drain on shutdown.
 //!
 //! The task polls SQS unprotected. A received job takes a protection guard before it
 //! starts and keeps it until its message is deleted or handed back, so an idle worker
 //! makes no protection calls and ECS can scale it in, while a busy one is protected
 //! exactly while it holds work. Concurrency is a semaphore of slots: a receive asks for
 //! at most the free slots (and at most ten, SQS's limit), and a message holds its slot
-//! until it is settled.
+//! until it is settled. While a message waits for protection, no more are received.
+//!
+//! Shutdown has a fixed budget, whatever SQS and ECS do: after the first signal no
+//! new poll starts (one already on its way is let finish and its messages handed
+//! straight back); running jobs get the grace period, which a second signal ends at
+//! once; then the last deletes and hand-backs get [`SETTLE_BUDGET`].
 
-use std::future::Future;
-use std::pin::pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use task_protection::cli::Signal;
-use task_protection::{AcquireError, ProtectionGuard, Rejection, TaskProtection};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use task_protection::{Rejection, TaskProtection};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backoff::{Backoff, redelivery_delay};
+use crate::backoff::Backoff;
 use crate::config::WorkerSettings;
-use crate::heartbeat;
-use crate::job::{self, Job, JobDuration};
-use crate::queue::{MAX_BATCH, Message, Queue};
-use crate::settle::{Action, Settlement, Settler};
+use crate::in_flight;
+use crate::queue::{ErrorKind, MAX_BATCH, Message, Queue, SqsError};
+use crate::settle::{SettleQueue, Settler};
 use crate::stats::Stats;
 
+/// How long a long poll on its way at SIGTERM may still take. An answer already on
+/// the wire arrives within it, and its messages are handed straight back; a poll
+/// still waiting on an empty queue is dropped then, so an idle worker exits at once.
+/// The cost, bounded: messages SQS hands to a dropped poll wait out their visibility
+/// timeout.
+pub const POLL_DRAIN: Duration = Duration::from_secs(2);
 /// Pause after an empty short poll (`QUEUE_WAIT_SECONDS=0`).
 const SHORT_POLL_PAUSE: Duration = Duration::from_secs(1);
-/// How long the last settle calls may take once every job has ended.
-const SETTLE_BUDGET: Duration = Duration::from_secs(3);
+/// How long the last settle calls may take once every job has ended or been
+/// abandoned.
+pub const SETTLE_BUDGET: Duration = Duration::from_secs(3);
+/// Receives in a row that fail in a way retrying cannot fix (the queue does not
+/// exist, the role may not receive, no or unknown credentials) before the worker
+/// exits, so ECS restarts the task and a deployment's circuit breaker sees it.
+pub const PERMANENT_RECEIVE_TRIES: u32 = 5;
 
 /// Why the worker stopped.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +54,75 @@ pub enum Outcome {
     /// ECS refused protection: the task is being replaced, so the worker took no new
     /// work, finished what it had, and stopped.
     ProtectionRefused(Rejection),
+    /// Receiving failed [`PERMANENT_RECEIVE_TRIES`] times in a row in a way retrying
+    /// cannot fix.
+    ReceiveFailed(SqsError),
+}
+
+/// What the receive loop does after a receive: the decision, apart from the calls.
+#[derive(Debug, PartialEq)]
+pub enum AfterReceive {
+    /// Start these messages.
+    Dispatch(Vec<Message>),
+    /// Poll again at once (a long poll came back empty).
+    Poll,
+    /// Wait this long, then poll again.
+    Pause(Duration),
+    /// The receive failed: wait this long, then try again.
+    Retry(Duration, SqsError),
+    /// Stop: this error will not pass.
+    Exit(SqsError),
+}
+
+/// Decides what follows each receive: backoff after errors, a bounded number of
+/// tries for errors that will not pass, a paced short poll.
+#[derive(Debug, Clone)]
+pub struct ReceivePolicy {
+    backoff: Backoff,
+    short_poll: bool,
+    permanent_failures: u32,
+}
+
+impl ReceivePolicy {
+    /// The policy for a worker whose long poll waits `wait`.
+    #[must_use]
+    pub fn new(wait: Duration) -> Self {
+        Self {
+            backoff: Backoff::sqs(),
+            short_poll: wait.is_zero(),
+            permanent_failures: 0,
+        }
+    }
+
+    /// What to do after `result`.
+    pub fn after(&mut self, result: Result<Vec<Message>, SqsError>) -> AfterReceive {
+        match result {
+            Ok(messages) => {
+                self.backoff.reset();
+                self.permanent_failures = 0;
+                if !messages.is_empty() {
+                    AfterReceive::Dispatch(messages)
+                } else if self.short_poll {
+                    // Short polling returns at once on an empty queue: pace it, or the
+                    // worker would call SQS in a hot loop.
+                    AfterReceive::Pause(SHORT_POLL_PAUSE)
+                } else {
+                    AfterReceive::Poll
+                }
+            }
+            Err(e) => {
+                if matches!(e.kind, ErrorKind::Permanent | ErrorKind::Denied) {
+                    self.permanent_failures += 1;
+                    if self.permanent_failures >= PERMANENT_RECEIVE_TRIES {
+                        return AfterReceive::Exit(e);
+                    }
+                } else {
+                    self.permanent_failures = 0;
+                }
+                AfterReceive::Retry(self.backoff.next_delay(), e)
+            }
+        }
+    }
 }
 
 /// An SQS worker with task protection.
@@ -52,28 +133,32 @@ pub struct Worker {
     settings: WorkerSettings,
 }
 
+/// What every message task shares.
 #[derive(Debug)]
-struct Shared {
-    queue: Queue,
-    protection: TaskProtection,
-    settings: WorkerSettings,
-    /// No new receives and no new jobs: on a signal, or when protection is refused.
-    stop_receiving: CancellationToken,
+pub(crate) struct Shared {
+    pub(crate) queue: Queue,
+    pub(crate) protection: TaskProtection,
+    pub(crate) settings: WorkerSettings,
+    /// No new receives and no new jobs: on a signal, a refusal, or a fatal receive.
+    pub(crate) stop_receiving: CancellationToken,
     /// The grace period is over: hand back running jobs.
-    abandon: CancellationToken,
+    pub(crate) abandon: CancellationToken,
+    /// The settle budget is over: stop every SQS call and retry.
+    pub(crate) give_up: CancellationToken,
+    /// Messages waiting for protection; the receive loop waits while there are any.
+    pub(crate) awaiting_protection: watch::Sender<usize>,
+    pub(crate) settle: SettleQueue,
+    pub(crate) stats: Arc<Stats>,
+    /// Running jobs, for the settler and the drain.
+    jobs: TaskTracker,
     refusal: Mutex<Option<Rejection>>,
-    unsettled: Arc<AtomicUsize>,
-    settle_tx: mpsc::UnboundedSender<Settlement>,
-    stats: Arc<Stats>,
+    fatal: Mutex<Option<SqsError>>,
+    /// Cancelled when the receive loop has ended.
+    receiving_ended: CancellationToken,
 }
 
 impl Shared {
-    fn settle(&self, settlement: Settlement) {
-        // The settler lives until every sender is gone, so this cannot fail.
-        let _ = self.settle_tx.send(settlement);
-    }
-
-    fn refuse(&self, rejection: Rejection) {
+    pub(crate) fn refuse(&self, rejection: Rejection) {
         self.refusal
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -89,6 +174,14 @@ impl Shared {
     }
 }
 
+/// The next signal; never resolves once no more can come.
+async fn next_signal(signals: &mut mpsc::UnboundedReceiver<Signal>) -> Signal {
+    match signals.recv().await {
+        Some(s) => s,
+        None => std::future::pending().await,
+    }
+}
+
 impl Worker {
     /// A worker on `queue`, protecting its task through `protection`.
     #[must_use]
@@ -100,26 +193,17 @@ impl Worker {
         }
     }
 
-    /// Works the queue until `shutdown` resolves or ECS refuses protection, then
-    /// drains: running jobs get the grace period, and every message received is
-    /// either deleted after success or made visible again.
+    /// Works the queue until a signal arrives on `signals`, ECS refuses protection or
+    /// receiving fails for good, then drains: running jobs get the grace period (a
+    /// second signal ends it), and every message received is deleted after success or
+    /// made visible again, within [`SETTLE_BUDGET`].
     ///
     /// It does not release protection; the caller shuts [`TaskProtection`] down.
-    pub async fn run(self, shutdown: impl Future<Output = Signal>) -> Outcome {
-        let (settle_tx, settle_rx) = mpsc::unbounded_channel();
-        let unsettled = Arc::new(AtomicUsize::new(0));
+    pub async fn run(self, mut signals: mpsc::UnboundedReceiver<Signal>) -> Outcome {
+        let jobs = TaskTracker::new();
+        let (settler, settle) = Settler::new(self.queue.clone(), jobs.clone());
+        let settler = tokio::spawn(settler.run());
         let stats = Arc::new(Stats::default());
-        let give_up = CancellationToken::new();
-        let mut settler = tokio::spawn(
-            Settler {
-                queue: self.queue.clone(),
-                rx: settle_rx,
-                unsettled: Arc::clone(&unsettled),
-                give_up: give_up.clone(),
-                stats: Arc::clone(&stats),
-            }
-            .run(),
-        );
         let grace = self.settings.shutdown_grace;
         let shared = Arc::new(Shared {
             queue: self.queue,
@@ -127,35 +211,46 @@ impl Worker {
             settings: self.settings,
             stop_receiving: CancellationToken::new(),
             abandon: CancellationToken::new(),
-            refusal: Mutex::new(None),
-            unsettled,
-            settle_tx,
+            give_up: CancellationToken::new(),
+            awaiting_protection: watch::Sender::new(0),
+            settle,
             stats: Arc::clone(&stats),
+            jobs: jobs.clone(),
+            refusal: Mutex::new(None),
+            fatal: Mutex::new(None),
+            receiving_ended: CancellationToken::new(),
         });
-        let tracker = TaskTracker::new();
-        let mut shutdown = pin!(shutdown);
+        let messages = TaskTracker::new();
+        tokio::spawn(receive_loop(Arc::clone(&shared), messages.clone()));
 
         let mut signal = tokio::select! {
-            s = &mut shutdown => Some(s),
-            () = receive_loop(&shared, &tracker) => None,
+            s = next_signal(&mut signals) => Some(s),
+            () = shared.receiving_ended.cancelled() => None,
         };
-        // Dropping the receive future above aborts a long poll in progress. Should its
-        // answer have been on the wire, those messages come back after their
-        // visibility timeout, like those of a crashed worker.
         shared.stop_receiving.cancel();
-        tracker.close();
-
-        if signal.is_none() {
+        jobs.close();
+        messages.close();
+        let fatal = shared
+            .fatal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(e) = &fatal {
+            tracing::error!(
+                "Receiving messages failed {PERMANENT_RECEIVE_TRIES} times in a row ({e}); finishing {} running job(s), then exiting",
+                jobs.len()
+            );
+        } else if signal.is_none() {
             let why = shared
                 .refusal()
                 .map_or_else(String::new, |r| format!(" ({r})"));
             tracing::warn!(
                 "Task protection refused{why}: this task is being replaced. Taking no new work; finishing {} running job(s)",
-                tracker.len()
+                jobs.len()
             );
             tokio::select! {
-                () = tracker.wait() => {}
-                s = &mut shutdown => signal = Some(s),
+                () = jobs.wait() => {}
+                s = next_signal(&mut signals) => signal = Some(s),
             }
         }
         if let Some(s) = signal {
@@ -163,50 +258,75 @@ impl Worker {
                 "Received {} signal, will quit when all work is done",
                 s.name()
             );
+        }
+        if signal.is_some() || fatal.is_some() {
             let deadline = Instant::now() + grace;
+            let drained = async {
+                shared.receiving_ended.cancelled().await;
+                jobs.wait().await;
+            };
             tokio::select! {
-                () = tracker.wait() => {}
+                () = drained => {}
                 () = tokio::time::sleep_until(deadline) => {
                     tracing::warn!(
                         "The shutdown grace period of {}s is over; handing back {} running job(s)",
                         grace.as_secs(),
-                        tracker.len()
+                        jobs.len()
                     );
-                    shared.abandon.cancel();
-                    tracker.wait().await;
+                }
+                s = next_signal(&mut signals) => {
+                    tracing::warn!(
+                        "Received a second {} signal: ending the grace period now; handing back {} running job(s)",
+                        s.name(),
+                        jobs.len()
+                    );
                 }
             }
+            shared.abandon.cancel();
         }
-        let outcome = match (signal, shared.refusal()) {
-            (None, Some(r)) => Outcome::ProtectionRefused(r),
-            (Some(s), _) => Outcome::Stopped(s),
-            // The receive loop only ends on a refusal or a signal.
-            (None, None) => Outcome::Stopped(Signal::Term),
+        tokio::select! {
+            r = tokio::time::timeout(SETTLE_BUDGET, messages.wait()) => {
+                if r.is_err() {
+                    tracing::warn!(
+                        "The last deletes and hand-backs took more than {}s; leaving {} message(s) to SQS's visibility timeout",
+                        SETTLE_BUDGET.as_secs(),
+                        messages.len()
+                    );
+                }
+            }
+            _ = next_signal(&mut signals) => {}
+        }
+        shared.give_up.cancel();
+        messages.wait().await;
+        shared.receiving_ended.cancelled().await;
+        let outcome = match (signal, shared.refusal(), fatal) {
+            (_, _, Some(e)) => Outcome::ReceiveFailed(e),
+            (Some(s), _, None) => Outcome::Stopped(s),
+            (None, Some(r), None) => Outcome::ProtectionRefused(r),
+            // The receive loop only ends on a refusal, a fatal error or a signal.
+            (None, None, None) => Outcome::Stopped(Signal::Term),
         };
-        // Every job has ended; dropping the last sender lets the settler finish.
+        // Every message task has ended; dropping the last sender ends the settler.
         drop(shared);
-        if tokio::time::timeout(SETTLE_BUDGET, &mut settler)
-            .await
-            .is_err()
-        {
-            give_up.cancel();
-            let _ = settler.await;
-        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), settler).await;
         tracing::info!("Worker stopped: {stats}");
         outcome
     }
 }
 
-async fn receive_loop(shared: &Arc<Shared>, tracker: &TaskTracker) {
+/// Receives while there are free slots and no message waits for protection, until
+/// the worker stops receiving; stores a fatal error in `shared`.
+async fn receive_loop(shared: Arc<Shared>, messages: TaskTracker) {
     let slots = Arc::new(Semaphore::new(shared.settings.concurrency.max(1)));
-    let mut backoff = Backoff::sqs();
+    let mut policy = ReceivePolicy::new(shared.settings.wait);
+    let mut awaiting = shared.awaiting_protection.subscribe();
     loop {
         let first = tokio::select! {
             biased;
-            () = shared.stop_receiving.cancelled() => return,
+            () = shared.stop_receiving.cancelled() => break,
             p = Arc::clone(&slots).acquire_owned() => match p {
                 Ok(p) => p,
-                Err(_) => return,
+                Err(_) => break,
             },
         };
         let mut permits = vec![first];
@@ -216,26 +336,31 @@ async fn receive_loop(shared: &Arc<Shared>, tracker: &TaskTracker) {
                 Err(_) => break,
             }
         }
+        // A message waiting for protection could not be worked: take no more.
+        let clear = async {
+            let _ = awaiting.wait_for(|n| *n == 0).await.is_ok();
+        };
+        tokio::select! {
+            biased;
+            () = shared.stop_receiving.cancelled() => break,
+            () = clear => {}
+        }
         tracing::info!("Long polling for messages");
+        // A poll on its way at SIGTERM gets `POLL_DRAIN` to bring its answer: its
+        // messages are handed straight back instead of waiting out their visibility.
+        let stopped = async {
+            shared.stop_receiving.cancelled().await;
+            tokio::time::sleep(POLL_DRAIN).await;
+        };
         let received = tokio::select! {
             biased;
-            () = shared.stop_receiving.cancelled() => return,
+            () = shared.abandon.cancelled() => break,
+            () = stopped => break,
             r = shared.queue.receive(permits.len(), shared.settings.wait, shared.settings.visibility) => r,
         };
-        match received {
-            Ok(messages) => {
-                backoff.reset();
-                if messages.is_empty() && shared.settings.wait.is_zero() {
-                    // Short polling returns at once on an empty queue: pace it, or the
-                    // worker would call SQS in a hot loop.
-                    drop(permits);
-                    tokio::select! {
-                        () = shared.stop_receiving.cancelled() => return,
-                        () = tokio::time::sleep(SHORT_POLL_PAUSE) => {}
-                    }
-                    continue;
-                }
-                for message in messages {
+        match policy.after(received) {
+            AfterReceive::Dispatch(batch) => {
+                for message in batch {
                     let Some(permit) = permits.pop() else {
                         tracing::warn!(
                             "{} - Received more messages than asked for; it comes back after its visibility timeout",
@@ -243,129 +368,106 @@ async fn receive_loop(shared: &Arc<Shared>, tracker: &TaskTracker) {
                         );
                         continue;
                     };
-                    dispatch(shared, tracker, message, permit);
+                    shared
+                        .stats
+                        .received
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let id = &message.id;
+                    tracing::info!(message_id = %id, receive_count = message.receive_count, "{id} - Received");
+                    let token = shared.jobs.token();
+                    messages.spawn(in_flight::handle(
+                        Arc::clone(&shared),
+                        message,
+                        permit,
+                        token,
+                    ));
                 }
             }
-            Err(e) => {
-                drop(permits);
-                let wait = backoff.next_delay();
+            AfterReceive::Poll => {}
+            AfterReceive::Retry(wait, e) => {
                 tracing::warn!(
                     "Receiving messages failed, retrying in {:.1}s: {e}",
                     wait.as_secs_f64()
                 );
+                drop(permits);
                 tokio::select! {
-                    () = shared.stop_receiving.cancelled() => return,
+                    () = shared.stop_receiving.cancelled() => break,
                     () = tokio::time::sleep(wait) => {}
                 }
             }
-        }
-    }
-}
-
-/// Starts the job of a received message, or rejects its body.
-fn dispatch(
-    shared: &Arc<Shared>,
-    tracker: &TaskTracker,
-    message: Message,
-    permit: OwnedSemaphorePermit,
-) {
-    shared.unsettled.fetch_add(1, Ordering::SeqCst);
-    shared.stats.received.fetch_add(1, Ordering::Relaxed);
-    let id = message.id.clone();
-    tracing::info!(message_id = %id, receive_count = message.receive_count, "{id} - Received");
-    match JobDuration::parse(&message.body, shared.settings.max_job) {
-        Err(reason) => {
-            // Retrying cannot fix a bad body. Leaving it invisible for longer each time
-            // lets the queue's redrive policy move it to the dead-letter queue after
-            // `maxReceiveCount` deliveries, without a hot loop meanwhile.
-            shared.stats.bad.fetch_add(1, Ordering::Relaxed);
-            let delay = redelivery_delay(message.receive_count);
-            tracing::error!(
-                message_id = %id,
-                receive_count = message.receive_count,
-                "{id} - Rejected: {reason}; not worked, not deleted, visible again in {}s",
-                delay.as_secs()
-            );
-            shared.settle(Settlement {
-                message_id: message.id,
-                receipt_handle: message.receipt_handle,
-                action: Action::RetryAfter(delay),
-                permit,
-                guard: None,
-            });
-        }
-        Ok(duration) => {
-            let job = Job { id, duration };
-            tracker.spawn(run_job(Arc::clone(shared), job, message, permit));
-        }
-    }
-}
-
-async fn run_job(shared: Arc<Shared>, job: Job, message: Message, permit: OwnedSemaphorePermit) {
-    let (action, guard) = tokio::select! {
-        r = process(&shared, &job, &message) => r,
-        never = heartbeat::keep_invisible(&shared.queue, &message, shared.settings.visibility) => {
-            match never {}
-        }
-    };
-    shared.settle(Settlement {
-        message_id: message.id,
-        receipt_handle: message.receipt_handle,
-        action,
-        permit,
-        guard,
-    });
-}
-
-/// Protects the task, then works the job. Returns what to do with the message and
-/// the guard to hold until that is done.
-async fn process(
-    shared: &Shared,
-    job: &Job,
-    message: &Message,
-) -> (Action, Option<ProtectionGuard>) {
-    let id = &job.id;
-    let acquired = tokio::select! {
-        biased;
-        () = shared.stop_receiving.cancelled() => {
-            tracing::info!(message_id = %id, "{id} - Not started: the worker is stopping; handing it back");
-            return (Action::HandBack, None);
-        }
-        r = shared.protection.acquire() => r,
-    };
-    let guard = match acquired {
-        Ok(guard) => guard,
-        Err(AcquireError::Rejected(r)) => {
-            tracing::warn!(message_id = %id, "{id} - Not started: task protection refused ({r}); handing it back");
-            shared.refuse(r);
-            return (Action::HandBack, None);
-        }
-        Err(e) => {
-            tracing::warn!(message_id = %id, "{id} - Not started: {e}; handing it back");
-            return (Action::HandBack, None);
-        }
-    };
-    tracing::info!(message_id = %id, "{id} - Working for {}", job.duration);
-    tokio::select! {
-        r = job::work(job) => match r {
-            Ok(()) => (Action::Delete, Some(guard)),
-            Err(e) => {
-                shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-                let delay = redelivery_delay(message.receive_count);
-                tracing::error!(
-                    message_id = %id,
-                    "{id} - Failed: {e}; visible again in {}s",
-                    delay.as_secs()
-                );
-                (Action::RetryAfter(delay), Some(guard))
+            AfterReceive::Pause(wait) => {
+                drop(permits);
+                tokio::select! {
+                    () = shared.stop_receiving.cancelled() => break,
+                    () = tokio::time::sleep(wait) => {}
+                }
             }
-        },
-        () = shared.abandon.cancelled() => {
-            tracing::warn!(
-                message_id = %id,
-                "{id} - Still working at the end of the shutdown grace period; handing it back"
-            );
-            (Action::HandBack, Some(guard))
+            AfterReceive::Exit(e) => {
+                *shared.fatal.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+                break;
+            }
         }
+    }
+    shared.receiving_ended.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(kind: ErrorKind) -> Result<Vec<Message>, SqsError> {
+        Err(SqsError {
+            operation: "ReceiveMessage",
+            kind,
+            code: Some("X".to_owned()),
+            message: String::new(),
+        })
+    }
+
+    #[test]
+    fn permanent_errors_end_the_loop_after_a_bounded_number_of_tries() {
+        let mut p = ReceivePolicy::new(Duration::from_secs(20));
+        for _ in 1..PERMANENT_RECEIVE_TRIES {
+            assert!(matches!(
+                p.after(error(ErrorKind::Permanent)),
+                AfterReceive::Retry(..)
+            ));
+        }
+        assert!(matches!(
+            p.after(error(ErrorKind::Denied)),
+            AfterReceive::Exit(_)
+        ));
+    }
+
+    #[test]
+    fn errors_that_pass_never_end_the_loop_and_reset_the_count() {
+        let mut p = ReceivePolicy::new(Duration::from_secs(20));
+        for _ in 0..100 {
+            for kind in [
+                ErrorKind::Timeout,
+                ErrorKind::Throttled,
+                ErrorKind::Transient,
+            ] {
+                let AfterReceive::Retry(wait, _) = p.after(error(kind)) else {
+                    panic!("gave up on {kind:?}")
+                };
+                assert!(wait <= crate::backoff::SQS_RETRY_CAP);
+            }
+            assert!(matches!(
+                p.after(error(ErrorKind::Permanent)),
+                AfterReceive::Retry(..)
+            ));
+        }
+    }
+
+    #[test]
+    fn empty_polls() {
+        let mut long = ReceivePolicy::new(Duration::from_secs(20));
+        assert_eq!(long.after(Ok(Vec::new())), AfterReceive::Poll);
+        let mut short = ReceivePolicy::new(Duration::ZERO);
+        assert_eq!(
+            short.after(Ok(Vec::new())),
+            AfterReceive::Pause(SHORT_POLL_PAUSE)
+        );
     }
 }

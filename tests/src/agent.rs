@@ -210,6 +210,19 @@ impl FakeAgent {
         format!("{}/api/task", self.server.uri())
     }
 
+    /// The agent's loopback address, to put a [`TcpProxy`](crate::moto::TcpProxy) in
+    /// front of it and make it unreachable at will.
+    #[must_use]
+    pub fn address(&self) -> std::net::SocketAddr {
+        *self.server.address()
+    }
+
+    /// The value for `ECS_AGENT_URI` when the agent is reached through `endpoint`.
+    #[must_use]
+    pub fn uri_via(endpoint: &str) -> String {
+        format!("{endpoint}/api/task")
+    }
+
     /// Answers the next PUTs with `answers`, in order, then with the fallback.
     pub fn script(&self, answers: impl IntoIterator<Item = Answer>) {
         self.lock().script.extend(answers);

@@ -1,25 +1,90 @@
-//! A TCP proxy in front of moto that counts SQS requests by operation, read from the
-//! `x-amz-target: AmazonSQS.<Operation>` header of each request. It counts what a
-//! client really sends, whatever the client reports about itself.
+//! An HTTP proxy in front of moto that counts SQS requests by operation, read from the
+//! `x-amz-target: AmazonSQS.<Operation>` header of each request, and can make chosen
+//! operations misbehave: hang, lose their answer, be slow, or fail with an SQS error.
+//! It counts what a client really sends, whatever the client reports about itself.
+//!
+//! The AWS SDK sends one request at a time on a connection (HTTP/1.1 without
+//! pipelining), each with a `content-length` body, so the proxy reads whole requests
+//! and decides for each one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
-/// Header lines longer than this are bodies, not headers: skipped.
-const MAX_LINE: usize = 256;
+/// Largest request head read before giving up on a connection.
+const MAX_HEAD: usize = 64 * 1024;
 
-type Counts = Arc<Mutex<BTreeMap<String, u64>>>;
+/// What the proxy does with a request for a chosen operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Never forwarded and never answered: the connection stays open and silent.
+    Hang,
+    /// Forwarded, so SQS applies it, but its answer never reaches the client.
+    Unanswered,
+    /// Forwarded after this delay.
+    Delay(Duration),
+    /// Answered by the proxy with this SQS error, not forwarded.
+    Error {
+        /// HTTP status.
+        status: u16,
+        /// The SQS error code, e.g. `AccessDenied`, `AWS.SimpleQueueService.NonExistentQueue`.
+        code: &'static str,
+        /// SQS's message.
+        message: String,
+    },
+}
 
-/// A counting proxy on a loopback port; stops on drop.
+impl Fault {
+    /// SQS's `AccessDenied` for `action` (e.g. `sqs:changemessagevisibility`), as IAM
+    /// answers a role without that permission.
+    #[must_use]
+    pub fn access_denied(action: &str) -> Self {
+        Self::Error {
+            status: 403,
+            code: "AccessDenied",
+            message: format!(
+                "User: arn:aws:sts::123456789012:assumed-role/worker/task is not authorized to perform: {action} on resource: arn:aws:sqs:us-east-1:123456789012:jobs because no identity-based policy allows the {action} action"
+            ),
+        }
+    }
+
+    /// A 500 `InternalError`.
+    #[must_use]
+    pub fn server_error() -> Self {
+        Self::Error {
+            status: 500,
+            code: "InternalError",
+            message: "We encountered an internal error. Please try again.".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Rules {
+    counts: BTreeMap<String, u64>,
+    /// Requests passed on to SQS, by operation (a delayed one once its delay is over).
+    forwarded: BTreeMap<String, u64>,
+    /// Operation → (fault, how many more requests it applies to; None: until cleared).
+    faults: HashMap<String, (Fault, Option<u64>)>,
+}
+
+type Shared = Arc<Mutex<Rules>>;
+
+fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Rules> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A counting, fault-injecting proxy on a loopback port; stops accepting on drop.
 #[derive(Debug)]
 pub struct CountingProxy {
     port: u16,
-    counts: Counts,
+    shared: Shared,
     accept: AbortHandle,
 }
 
@@ -30,14 +95,14 @@ impl CountingProxy {
             .await
             .unwrap_or_else(|e| panic!("cannot bind the counting proxy: {e}"));
         let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
-        let counts: Counts = Arc::default();
-        let shared = Arc::clone(&counts);
+        let shared: Shared = Arc::default();
+        let rules = Arc::clone(&shared);
         let accept = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
-                let counts = Arc::clone(&shared);
+                let rules = Arc::clone(&rules);
                 tokio::spawn(async move {
                     if let Ok(outbound) = TcpStream::connect(upstream).await {
-                        forward(inbound, outbound, counts).await;
+                        forward(inbound, outbound, rules).await;
                     }
                 });
             }
@@ -45,7 +110,7 @@ impl CountingProxy {
         .abort_handle();
         Self {
             port,
-            counts,
+            shared,
             accept,
         }
     }
@@ -56,19 +121,56 @@ impl CountingProxy {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// Requests so far, by operation (`ReceiveMessage`, `DeleteMessageBatch`, ...).
+    /// Requests so far, by operation (`ReceiveMessage`, `DeleteMessageBatch`, ...),
+    /// faulted ones included.
     #[must_use]
     pub fn counts(&self) -> BTreeMap<String, u64> {
-        self.counts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        lock(&self.shared).counts.clone()
+    }
+
+    /// Requests so far for `operation`.
+    #[must_use]
+    pub fn count(&self, operation: &str) -> u64 {
+        lock(&self.shared)
+            .counts
+            .get(operation)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Requests for `operation` passed on to SQS so far.
+    #[must_use]
+    pub fn forwarded(&self, operation: &str) -> u64 {
+        lock(&self.shared)
+            .forwarded
+            .get(operation)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Requests so far.
     #[must_use]
     pub fn total(&self) -> u64 {
         self.counts().values().sum()
+    }
+
+    /// Applies `fault` to every request for `operation` until [`clear`](Self::clear).
+    pub fn fault(&self, operation: &str, fault: Fault) {
+        lock(&self.shared)
+            .faults
+            .insert(operation.to_owned(), (fault, None));
+    }
+
+    /// Applies `fault` to the next `times` requests for `operation`.
+    pub fn fault_times(&self, operation: &str, fault: Fault, times: u64) {
+        lock(&self.shared)
+            .faults
+            .insert(operation.to_owned(), (fault, Some(times)));
+    }
+
+    /// Requests for `operation` are forwarded normally again.
+    pub fn clear(&self, operation: &str) {
+        lock(&self.shared).faults.remove(operation);
     }
 }
 
@@ -78,89 +180,194 @@ impl Drop for CountingProxy {
     }
 }
 
-async fn forward(inbound: TcpStream, outbound: TcpStream, counts: Counts) {
-    let (mut client_read, mut client_write) = inbound.into_split();
-    let (mut server_read, mut server_write) = outbound.into_split();
-    let answers = tokio::spawn(async move {
-        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
-    });
-    let mut scanner = Scanner::default();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match client_read.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        for op in scanner.feed(&buf[..n]) {
-            *counts
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .entry(op)
-                .or_default() += 1;
+/// Counts the request and returns the fault to apply to it, if any.
+fn decide(shared: &Shared, operation: Option<&str>) -> Option<Fault> {
+    let mut rules = lock(shared);
+    let op = operation?;
+    *rules.counts.entry(op.to_owned()).or_default() += 1;
+    let (fault, left) = rules.faults.get_mut(op)?;
+    let fault = fault.clone();
+    if let Some(n) = left {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            rules.faults.remove(op);
         }
-        if server_write.write_all(&buf[..n]).await.is_err() {
-            break;
+    }
+    Some(fault)
+}
+
+async fn forward(inbound: TcpStream, outbound: TcpStream, shared: Shared) {
+    let (mut client_read, client_write) = inbound.into_split();
+    let (mut server_read, mut server_write) = outbound.into_split();
+    let client_write = Arc::new(tokio::sync::Mutex::new(client_write));
+    // Set once an answer must not reach the client: every later byte is dropped.
+    let mute = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answers = {
+        let client_write = Arc::clone(&client_write);
+        let mute = Arc::clone(&mute);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match server_read.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if mute.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                if client_write
+                    .lock()
+                    .await
+                    .write_all(&buf[..n])
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        })
+    };
+    let mut pending = Vec::new();
+    let forwarded = |op: Option<&str>| {
+        if let Some(op) = op {
+            *lock(&shared).forwarded.entry(op.to_owned()).or_default() += 1;
+        }
+    };
+    while let Some((request, operation)) = read_request(&mut client_read, &mut pending).await {
+        match decide(&shared, operation.as_deref()) {
+            None => {
+                let sent = server_write.write_all(&request).await;
+                forwarded(operation.as_deref());
+                if sent.is_err() {
+                    break;
+                }
+            }
+            Some(Fault::Delay(d)) => {
+                tokio::time::sleep(d).await;
+                let sent = server_write.write_all(&request).await;
+                forwarded(operation.as_deref());
+                if sent.is_err() {
+                    break;
+                }
+            }
+            Some(Fault::Error {
+                status,
+                code,
+                message,
+            }) => {
+                let answer = error_answer(status, code, &message);
+                if write_locked(&client_write, &answer).await.is_err() {
+                    break;
+                }
+            }
+            Some(Fault::Hang) => {
+                drain(&mut client_read).await;
+                break;
+            }
+            Some(Fault::Unanswered) => {
+                mute.store(true, std::sync::atomic::Ordering::SeqCst);
+                let _ = server_write.write_all(&request).await;
+                forwarded(operation.as_deref());
+                drain(&mut client_read).await;
+                break;
+            }
         }
     }
     let _ = server_write.shutdown().await;
-    let _ = answers.await;
+    answers.abort();
 }
 
-/// Finds `x-amz-target` header values in a byte stream cut anywhere.
-#[derive(Debug, Default)]
-struct Scanner {
-    line: Vec<u8>,
-    too_long: bool,
+async fn write_locked(
+    w: &Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    w.lock().await.write_all(bytes).await
 }
 
-impl Scanner {
-    fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
-        let mut found = Vec::new();
-        for &b in bytes {
-            if b == b'\n' {
-                if !self.too_long
-                    && let Some(op) = target(&self.line)
-                {
-                    found.push(op);
-                }
-                self.line.clear();
-                self.too_long = false;
-            } else if self.line.len() < MAX_LINE {
-                self.line.push(b);
-            } else {
-                self.too_long = true;
+/// Reads and discards until the client closes the connection.
+async fn drain(r: &mut (impl AsyncRead + Unpin)) {
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n) = r.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// Reads one whole request (head and `content-length` body); returns its bytes and
+/// its operation. `pending` carries bytes read past the end of a request.
+async fn read_request(
+    r: &mut (impl AsyncRead + Unpin),
+    pending: &mut Vec<u8>,
+) -> Option<(Vec<u8>, Option<String>)> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let head_end = loop {
+        if let Some(i) = find(pending, b"\r\n\r\n") {
+            break i + 4;
+        }
+        if pending.len() > MAX_HEAD {
+            return None;
+        }
+        let n = r.read(&mut buf).await.ok().filter(|n| *n > 0)?;
+        pending.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&pending[..head_end]).into_owned();
+    let mut length = 0usize;
+    let mut operation = None;
+    for line in head.lines() {
+        if let Some((name, value)) = line.split_once(':') {
+            let name = name.trim();
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.parse().unwrap_or(0);
+            } else if name.eq_ignore_ascii_case("x-amz-target") {
+                operation = Some(value.strip_prefix("AmazonSQS.").unwrap_or(value).to_owned());
             }
         }
-        found
     }
+    while pending.len() < head_end + length {
+        let n = r.read(&mut buf).await.ok().filter(|n| *n > 0)?;
+        pending.extend_from_slice(&buf[..n]);
+    }
+    let rest = pending.split_off(head_end + length);
+    let request = std::mem::replace(pending, rest);
+    Some((request, operation))
 }
 
-fn target(line: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(line).ok()?.trim();
-    let (name, value) = text.split_once(':')?;
-    if !name.trim().eq_ignore_ascii_case("x-amz-target") {
-        return None;
-    }
-    let value = value.trim();
-    Some(value.strip_prefix("AmazonSQS.").unwrap_or(value).to_owned())
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// An SQS error answer in the JSON protocol, with the query-compatible code header the
+/// SDK reads the error code from.
+fn error_answer(status: u16, code: &str, message: &str) -> Vec<u8> {
+    let fault = if status >= 500 { "Receiver" } else { "Sender" };
+    let body = serde_json::json!({
+        "__type": format!("com.amazonaws.sqs#{code}"),
+        "message": message,
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 {status} Error\r\ncontent-type: application/x-amz-json-1.0\r\nx-amzn-query-error: {code};{fault}\r\nx-amzn-requestid: 00000000-0000-0000-0000-000000000000\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Scanner;
+    use super::read_request;
 
-    #[test]
-    fn finds_targets_across_chunk_boundaries() {
-        let request = b"POST / HTTP/1.1\r\nhost: x\r\nx-amz-target: AmazonSQS.ReceiveMessage\r\n\r\n{\"QueueUrl\":\"q\"}POST / HTTP/1.1\r\nX-Amz-Target: AmazonSQS.DeleteMessageBatch\r\n\r\n";
-        for cut in 0..request.len() {
-            let mut s = Scanner::default();
-            let mut ops = s.feed(&request[..cut]);
-            ops.extend(s.feed(&request[cut..]));
-            assert_eq!(
-                ops,
-                ["ReceiveMessage", "DeleteMessageBatch"],
-                "cut at {cut}"
-            );
-        }
+    #[tokio::test]
+    async fn reads_requests_one_by_one() {
+        let bytes = b"POST / HTTP/1.1\r\nhost: x\r\nx-amz-target: AmazonSQS.ReceiveMessage\r\ncontent-length: 16\r\n\r\n{\"QueueUrl\":\"q\"}POST / HTTP/1.1\r\nX-Amz-Target: AmazonSQS.DeleteMessageBatch\r\n\r\n";
+        let mut reader = &bytes[..];
+        let mut pending = Vec::new();
+        let (first, op) = read_request(&mut reader, &mut pending).await.unwrap();
+        assert_eq!(op.as_deref(), Some("ReceiveMessage"));
+        assert!(first.ends_with(b"{\"QueueUrl\":\"q\"}"));
+        let (_, op) = read_request(&mut reader, &mut pending).await.unwrap();
+        assert_eq!(op.as_deref(), Some("DeleteMessageBatch"));
+        assert!(read_request(&mut reader, &mut pending).await.is_none());
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use e2e::agent::{Answer, FakeAgent};
+use e2e::counting::{CountingProxy, Fault};
 use e2e::moto::{Moto, TcpProxy, aws_env};
 use e2e::process::{Service, run_to_exit};
 use e2e::wait_for;
@@ -21,6 +22,8 @@ struct Setup {
     agent: FakeAgent,
     client: Client,
     queue_url: String,
+    /// The dead-letter queue, when the queue has a redrive policy.
+    dlq_url: Option<String>,
 }
 
 impl Setup {
@@ -34,7 +37,77 @@ impl Setup {
             agent,
             client,
             queue_url,
+            dlq_url: None,
         }
+    }
+
+    /// A queue whose messages move to a dead-letter queue after `max_receives`.
+    async fn with_dlq(visibility_secs: u32, max_receives: u32) -> Self {
+        let moto = Moto::start().await;
+        let agent = FakeAgent::start().await;
+        let client = moto.client();
+        let dlq_url = moto.create_queue("jobs-dlq", 30).await;
+        let dlq_arn = client
+            .get_queue_attributes()
+            .queue_url(&dlq_url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .ok()
+            .and_then(|o| o.attributes?.get(&QueueAttributeName::QueueArn).cloned())
+            .unwrap_or_else(|| panic!("no ARN for the dead-letter queue"));
+        let queue_url = client
+            .create_queue()
+            .queue_name("jobs")
+            .attributes(
+                QueueAttributeName::VisibilityTimeout,
+                visibility_secs.to_string(),
+            )
+            .attributes(
+                QueueAttributeName::RedrivePolicy,
+                format!(
+                    r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{max_receives}"}}"#
+                ),
+            )
+            .send()
+            .await
+            .ok()
+            .and_then(|o| o.queue_url)
+            .unwrap_or_else(|| panic!("cannot create the queue"));
+        Self {
+            moto,
+            agent,
+            client,
+            queue_url,
+            dlq_url: Some(dlq_url),
+        }
+    }
+
+    /// A proxy in front of moto that can make chosen SQS operations misbehave.
+    async fn sqs_proxy(&self) -> CountingProxy {
+        CountingProxy::start(([127, 0, 0, 1], self.moto.port()).into()).await
+    }
+
+    /// Messages in the dead-letter queue (visible and in flight).
+    async fn dead_letters(&self) -> u64 {
+        let Some(dlq) = &self.dlq_url else { return 0 };
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(dlq)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("dead-letter queue attributes: {e:?}"));
+        let attrs = out.attributes.unwrap_or_default();
+        [
+            QueueAttributeName::ApproximateNumberOfMessages,
+            QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+        ]
+        .iter()
+        .filter_map(|k| attrs.get(k)?.parse::<u64>().ok())
+        .sum()
     }
 
     /// The worker's environment, with SQS reached at `endpoint`.
@@ -438,6 +511,11 @@ async fn queue_consumer_bad_config_exits_2_with_one_line() {
             "xml",
         ),
         (
+            // SQS keeps a message in flight at most 12 h from its receipt.
+            with(&[("COPILOT_QUEUE_URI", url), ("MAX_JOB_MS", "43200000")]),
+            "MAX_JOB_MS=43200000 is out of range: allowed 0..=42300000",
+        ),
+        (
             with(&[
                 ("COPILOT_QUEUE_URI", url),
                 ("TASK_PROTECTION_BACKEND", "agent"),
@@ -474,4 +552,480 @@ async fn queue_consumer_bad_config_exits_2_with_one_line() {
             "{var} missing from --help"
         );
     }
+}
+
+// ---- SQS and the agent misbehaving -------------------------------------------------
+
+/// How many times the job of message `id` started.
+fn runs(worker: &Service, id: &str) -> usize {
+    worker.count(&format!("{id} - Working for"))
+}
+
+/// Sends SIGTERM and returns how long the worker took to exit 0.
+async fn time_to_exit(worker: &mut Service, within: Duration) -> Duration {
+    let started = std::time::Instant::now();
+    worker.terminate();
+    let status = worker.wait_exit(within).await;
+    assert!(status.success(), "exit status {status:?}");
+    let took = started.elapsed();
+    eprintln!("SIGTERM to exit: {took:?}");
+    took
+}
+
+#[tokio::test]
+async fn queue_consumer_unanswered_delete_neither_stalls_nor_outlasts_the_shutdown_budget() {
+    let s = Setup::start(30).await;
+    let proxy = s.sqs_proxy().await;
+    proxy.fault("DeleteMessageBatch", Fault::Hang);
+    let env = s.env_via(
+        &proxy.endpoint(),
+        &[("SHUTDOWN_GRACE_SECONDS", "2"), ("WORKER_CONCURRENCY", "2")],
+    );
+    let mut worker = Service::spawn(BIN, &[], &env);
+    let ids = s.send(&["100"]).await;
+    worker
+        .wait_for_line(&format!("{} - Working for", ids[0]), START)
+        .await;
+    // The delete gets no answer: the worker says it does not know what happened.
+    worker.wait_for_line("outcome unknown", STEP).await;
+    // The other slot still receives and works.
+    let more = s.send(&["50"]).await;
+    worker
+        .wait_for_line(&format!("{} - Working for", more[0]), STEP)
+        .await;
+    // Shutdown holds its budget whatever SQS does: grace, last settles, release.
+    let took = time_to_exit(&mut worker, Duration::from_secs(30)).await;
+    assert!(
+        took < Duration::from_secs(9),
+        "{took:?} from SIGTERM to exit"
+    );
+    assert_eq!(runs(&worker, &ids[0]), 1);
+    assert_eq!(runs(&worker, &more[0]), 1);
+    // Never deleted, never handed back (the job is done): in flight until it lapses.
+    assert_eq!(s.counts().await, Some((0, 2)));
+    assert!(s.agent.released(), "{:?}", s.agent.puts());
+}
+
+#[tokio::test]
+async fn queue_consumer_black_holed_long_poll_times_out_and_recovers() {
+    let s = Setup::start(30).await;
+    let proxy = s.sqs_proxy().await;
+    proxy.fault("ReceiveMessage", Fault::Hang);
+    let env = s.env_via(&proxy.endpoint(), &[("QUEUE_WAIT_SECONDS", "1")]);
+    let mut worker = Service::spawn(BIN, &[], &env);
+    let line = worker
+        .wait_for_line("Receiving messages failed", STEP)
+        .await;
+    assert!(line.contains("timed out"), "{line}");
+    proxy.clear("ReceiveMessage");
+    let ids = s.send(&["10"]).await;
+    worker
+        .wait_for_line(&format!("{} - Done", ids[0]), STEP)
+        .await;
+    s.wait_counts("the queue to be empty", (0, 0)).await;
+    let took = time_to_exit(&mut worker, STEP).await;
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[tokio::test]
+async fn queue_consumer_agent_outage_spends_no_receive_count() {
+    let s = Setup::with_dlq(2, 2).await;
+    let agent_proxy = TcpProxy::start(s.agent.address()).await;
+    agent_proxy.cut();
+    let agent_uri = FakeAgent::uri_via(&agent_proxy.endpoint());
+    let mut worker = s
+        .worker(&[
+            ("ECS_AGENT_URI", &agent_uri),
+            ("VISIBILITY_TIMEOUT_SECONDS", "2"),
+            ("WORKER_CONCURRENCY", "2"),
+            ("QUEUE_WAIT_SECONDS", "1"),
+            ("PROTECTION_ACQUIRE_TIMEOUT_MS", "1000"),
+            ("PROTECTION_REQUEST_TIMEOUT_MS", "1000"),
+            ("PROTECTION_CHECK_INTERVAL_MS", "1000"),
+        ])
+        .await;
+    let ids = s.send(&["100"]).await;
+    // Three acquire timeouts: well past the 2 s visibility, and past two receives'
+    // worth of hand-backs.
+    worker
+        .wait_for_count(
+            &format!("{} - Still waiting for task protection", ids[0]),
+            3,
+            STEP,
+        )
+        .await;
+    // A second message is not taken while protection does not work.
+    let later = s.send(&["100"]).await;
+    worker
+        .wait_for_count(
+            &format!("{} - Still waiting for task protection", ids[0]),
+            5,
+            STEP,
+        )
+        .await;
+    assert_eq!(
+        worker.count(" - Received"),
+        1,
+        "received more while unprotected"
+    );
+    assert_eq!(runs(&worker, &ids[0]), 0, "worked without protection");
+    assert_eq!(s.dead_letters().await, 0);
+    agent_proxy.restore().await;
+    for id in ids.iter().chain(&later) {
+        worker
+            .wait_for_line(&format!("{id} - Done"), Duration::from_secs(30))
+            .await;
+        assert_eq!(runs(&worker, id), 1, "{id}");
+        let received = worker
+            .wait_for_line(&format!("{id} - Received"), STEP)
+            .await;
+        assert!(received.contains("receive_count=1"), "{received}");
+    }
+    s.wait_counts("the queue to be empty", (0, 0)).await;
+    assert_eq!(s.dead_letters().await, 0);
+    let took = time_to_exit(&mut worker, STEP).await;
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[tokio::test]
+async fn queue_consumer_failing_deletes_neither_redo_jobs_nor_block_other_slots() {
+    let s = Setup::start(2).await;
+    let proxy = s.sqs_proxy().await;
+    let env = s.env_via(
+        &proxy.endpoint(),
+        &[
+            ("VISIBILITY_TIMEOUT_SECONDS", "2"),
+            ("WORKER_CONCURRENCY", "4"),
+            ("QUEUE_WAIT_SECONDS", "1"),
+        ],
+    );
+    let mut worker = Service::spawn(BIN, &[], &env);
+    worker
+        .wait_for_line("Long polling for messages", START)
+        .await;
+    proxy.fault("DeleteMessageBatch", Fault::server_error());
+    let ids = s.send(&["100", "100", "100"]).await;
+    // Deletes fail for three visibility timeouts and more.
+    wait_for("a failing delete", STEP, || async {
+        (proxy.count("DeleteMessageBatch") >= 1).then_some(())
+    })
+    .await;
+    let failing_since = std::time::Instant::now();
+    let failed = proxy.count("DeleteMessageBatch");
+    wait_for(
+        "deletes failing for three visibility timeouts",
+        STEP,
+        || async {
+            (failing_since.elapsed() >= Duration::from_secs(6)
+                && proxy.count("DeleteMessageBatch") > failed)
+                .then_some(())
+        },
+    )
+    .await;
+    // Meanwhile another job is received into the free slot and done once SQS works.
+    proxy.clear("DeleteMessageBatch");
+    for id in &ids {
+        worker.wait_for_line(&format!("{id} - Done"), STEP).await;
+        assert_eq!(runs(&worker, id), 1, "{id} worked more than once");
+        assert_eq!(worker.count(&format!("{id} - Received")), 1, "{id}");
+    }
+    s.wait_counts("the queue to be empty", (0, 0)).await;
+    // One delete that hangs holds back no other message's delete.
+    let before = proxy.count("DeleteMessageBatch");
+    proxy.fault_times("DeleteMessageBatch", Fault::Hang, 1);
+    let first = s.send(&["10"]).await;
+    worker
+        .wait_for_line(&format!("{} - Working for", first[0]), STEP)
+        .await;
+    wait_for("the hung delete", STEP, || async {
+        (proxy.count("DeleteMessageBatch") > before).then_some(())
+    })
+    .await;
+    let second = s.send(&["10"]).await;
+    worker
+        .wait_for_line(&format!("{} - Done", second[0]), Duration::from_secs(3))
+        .await;
+    worker
+        .wait_for_line(&format!("{} - Done", first[0]), STEP)
+        .await;
+    for id in [&first[0], &second[0]] {
+        assert_eq!(runs(&worker, id), 1, "{id} worked more than once");
+        assert_eq!(worker.count(&format!("{id} - Received")), 1, "{id}");
+    }
+    s.wait_counts("the queue to be empty", (0, 0)).await;
+    stop(&mut worker, STEP).await;
+}
+
+#[tokio::test]
+async fn queue_consumer_purged_message_stops_its_heartbeat_and_its_job() {
+    let s = Setup::start(2).await;
+    let proxy = s.sqs_proxy().await;
+    let env = s.env_via(&proxy.endpoint(), &[("VISIBILITY_TIMEOUT_SECONDS", "2")]);
+    let mut worker = Service::spawn(BIN, &[], &env);
+    let ids = s.send(&["8000"]).await;
+    let id = &ids[0];
+    worker
+        .wait_for_line(&format!("{id} - Working for"), START)
+        .await;
+    s.client
+        .purge_queue()
+        .queue_url(&s.queue_url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("purge: {e:?}"));
+    let line = worker
+        .wait_for_line(&format!("{id} - No longer held"), STEP)
+        .await;
+    assert!(line.contains("ChangeMessageVisibility"), "{line}");
+    worker.wait_for_line(&format!("{id} - Stopped"), STEP).await;
+    // Said once, asked once or twice, never again.
+    assert_eq!(worker.count(&format!("{id} - No longer held")), 1);
+    assert!(
+        proxy.count("ChangeMessageVisibility") <= 2,
+        "{:?}",
+        proxy.counts()
+    );
+    assert_eq!(worker.count(&format!("{id} - Done")), 0);
+    assert_eq!(worker.count("Extending visibility failed"), 0);
+    let took = time_to_exit(&mut worker, STEP).await;
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(s.agent.released(), "{:?}", s.agent.puts());
+}
+
+#[tokio::test]
+async fn queue_consumer_change_visibility_denied_is_said_once_and_not_retried() {
+    let s = Setup::start(3).await;
+    let proxy = s.sqs_proxy().await;
+    proxy.fault(
+        "ChangeMessageVisibility",
+        Fault::access_denied("sqs:changemessagevisibility"),
+    );
+    let env = s.env_via(&proxy.endpoint(), &[("VISIBILITY_TIMEOUT_SECONDS", "3")]);
+    let mut worker = Service::spawn(BIN, &[], &env);
+    let ids = s.send(&["2500"]).await;
+    worker
+        .wait_for_line(&format!("{} - Done", ids[0]), START)
+        .await;
+    let more = s.send(&["2500"]).await;
+    worker
+        .wait_for_line(&format!("{} - Done", more[0]), STEP)
+        .await;
+    // The batch call needs the same permission: within the minute it is not sent.
+    proxy.fault(
+        "ChangeMessageVisibilityBatch",
+        Fault::access_denied("sqs:changemessagevisibility"),
+    );
+    let bad = s.send(&["abc"]).await;
+    worker
+        .wait_for_line(&format!("{} - Hand-back failed", bad[0]), STEP)
+        .await;
+    assert_eq!(proxy.count("ChangeMessageVisibilityBatch"), 0);
+    let denied: Vec<String> = worker
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("sqs:ChangeMessageVisibility"))
+        .collect();
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert!(denied[0].contains("ERROR"), "{}", denied[0]);
+    assert!(denied[0].contains("task role"), "{}", denied[0]);
+    // One call, then none for a minute.
+    assert_eq!(
+        proxy.count("ChangeMessageVisibility"),
+        1,
+        "{:?}",
+        proxy.counts()
+    );
+    assert_eq!(runs(&worker, &ids[0]), 1);
+    // The two jobs are deleted; the bad body stays in flight until it lapses.
+    s.wait_counts("only the bad message left", (0, 1)).await;
+    stop(&mut worker, STEP).await;
+}
+
+/// Runs the worker against a queue it cannot use; returns its status, the time it
+/// took, and its stderr.
+async fn exits_on_a_permanent_receive_error(
+    env: &[(&str, String)],
+) -> (std::process::ExitStatus, Duration, Vec<String>) {
+    let started = std::time::Instant::now();
+    let mut worker = Service::spawn(BIN, &[], env);
+    let status = worker.wait_exit(Duration::from_secs(30)).await;
+    let errors = worker
+        .lines()
+        .into_iter()
+        .filter(|l| l.starts_with("queue-consumer: error: "))
+        .collect();
+    (status, started.elapsed(), errors)
+}
+
+#[tokio::test]
+async fn queue_consumer_permanent_receive_errors_exit_non_zero() {
+    let s = Setup::start(30).await;
+    // A queue that does not exist.
+    let mut env = s.env(&[]);
+    env.push((
+        "COPILOT_QUEUE_URI",
+        format!("{}/123456789012/missing", s.moto.endpoint()),
+    ));
+    let (status, took, errors) = exits_on_a_permanent_receive_error(&env).await;
+    assert_eq!(status.code(), Some(1), "{errors:?}");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("queue does not exist"), "{errors:?}");
+    assert!(errors[0].contains("COPILOT_QUEUE_URI"), "{errors:?}");
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    // The task role may not receive.
+    let proxy = s.sqs_proxy().await;
+    proxy.fault("ReceiveMessage", Fault::access_denied("sqs:receivemessage"));
+    let (status, _, errors) =
+        exits_on_a_permanent_receive_error(&s.env_via(&proxy.endpoint(), &[])).await;
+    assert_eq!(status.code(), Some(1), "{errors:?}");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("sqs:ReceiveMessage"), "{errors:?}");
+    let tries = proxy.count("ReceiveMessage");
+    assert!((2..=6).contains(&tries), "{tries} tries");
+    // Credentials SQS does not know.
+    proxy.fault(
+        "ReceiveMessage",
+        Fault::Error {
+            status: 403,
+            code: "InvalidClientTokenId",
+            message: "The security token included in the request is invalid.".to_owned(),
+        },
+    );
+    let (status, _, errors) =
+        exits_on_a_permanent_receive_error(&s.env_via(&proxy.endpoint(), &[])).await;
+    assert_eq!(status.code(), Some(1), "{errors:?}");
+    assert!(errors[0].contains("InvalidClientTokenId"), "{errors:?}");
+    // No credentials at all.
+    let no_creds: Vec<(&str, String)> = s
+        .env(&[])
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("AWS_ACCESS_KEY_ID") && !k.starts_with("AWS_SECRET"))
+        .collect();
+    let (status, _, errors) = exits_on_a_permanent_receive_error(&no_creds).await;
+    assert_eq!(status.code(), Some(1), "{errors:?}");
+    assert!(
+        errors[0].to_lowercase().contains("credentials"),
+        "{errors:?}"
+    );
+}
+
+#[tokio::test]
+async fn queue_consumer_queue_url_region_wins_over_aws_region() {
+    let s = Setup::start(30).await;
+    // The queue exists only in eu-west-1; the task runs with AWS_REGION=us-east-1.
+    let creds = aws_sdk_sqs::config::Credentials::new("test", "test", None, None, "e2e");
+    let eu = aws_sdk_sqs::Client::from_conf(
+        aws_sdk_sqs::Config::builder()
+            .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+            .region(aws_sdk_sqs::config::Region::new("eu-west-1"))
+            .credentials_provider(creds)
+            .endpoint_url(s.moto.endpoint())
+            .build(),
+    );
+    eu.create_queue()
+        .queue_name("eu-jobs")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("create: {e:?}"));
+    let url = "https://sqs.eu-west-1.amazonaws.com/123456789012/eu-jobs";
+    eu.send_message()
+        .queue_url(url)
+        .message_body("10")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("send: {e:?}"));
+    let mut env = s.env(&[]);
+    env.push(("COPILOT_QUEUE_URI", url.to_owned()));
+    let mut worker = Service::spawn(BIN, &[], &env);
+    worker.wait_for_line(" - Done", START).await;
+    stop(&mut worker, STEP).await;
+}
+
+#[tokio::test]
+async fn queue_consumer_heartbeat_in_flight_lands_before_the_hand_back() {
+    let s = Setup::start(4).await;
+    let proxy = s.sqs_proxy().await;
+    proxy.fault(
+        "ChangeMessageVisibility",
+        Fault::Delay(Duration::from_secs(2)),
+    );
+    let env = s.env_via(
+        &proxy.endpoint(),
+        &[
+            ("VISIBILITY_TIMEOUT_SECONDS", "4"),
+            ("SHUTDOWN_GRACE_SECONDS", "0"),
+        ],
+    );
+    let mut worker = Service::spawn(BIN, &[], &env);
+    let ids = s.send(&["60000"]).await;
+    worker
+        .wait_for_line(&format!("{} - Working for", ids[0]), START)
+        .await;
+    // The heartbeat is on its way (held 2 s by the proxy) when SIGTERM ends the job.
+    wait_for("a heartbeat in flight", STEP, || async {
+        (proxy.count("ChangeMessageVisibility") >= 1).then_some(())
+    })
+    .await;
+    let took = time_to_exit(&mut worker, STEP).await;
+    assert!(took < Duration::from_secs(8), "{took:?}");
+    wait_for("the heartbeat to reach SQS", STEP, || async {
+        (proxy.forwarded("ChangeMessageVisibility") >= proxy.count("ChangeMessageVisibility"))
+            .then_some(())
+    })
+    .await;
+    // Handed back after the heartbeat landed: visible now.
+    assert_eq!(s.counts().await, Some((1, 0)));
+    assert_eq!(worker.count(&format!("{} - Handed back", ids[0])), 1);
+}
+
+#[tokio::test]
+async fn queue_consumer_sigterm_during_a_long_poll_hands_its_messages_straight_back() {
+    let s = Setup::start(30).await;
+    let proxy = s.sqs_proxy().await;
+    let ids = s.send(&["10", "10"]).await;
+    // The receive reaches SQS 1 s late, its answer with both messages after SIGTERM.
+    proxy.fault("ReceiveMessage", Fault::Delay(Duration::from_secs(1)));
+    let env = s.env_via(&proxy.endpoint(), &[("WORKER_CONCURRENCY", "2")]);
+    let mut worker = Service::spawn(BIN, &[], &env);
+    worker
+        .wait_for_line("Long polling for messages", START)
+        .await;
+    wait_for("a receive on its way", STEP, || async {
+        (proxy.count("ReceiveMessage") >= 1).then_some(())
+    })
+    .await;
+    let took = time_to_exit(&mut worker, STEP).await;
+    assert!(took < Duration::from_secs(8), "{took:?}");
+    wait_for("the receive to reach SQS", STEP, || async {
+        (proxy.forwarded("ReceiveMessage") >= 1).then_some(())
+    })
+    .await;
+    // Visible again at once, not after the 30 s visibility timeout; not worked.
+    assert_eq!(s.counts().await, Some((2, 0)));
+    for id in &ids {
+        assert_eq!(runs(&worker, id), 0);
+    }
+}
+
+#[tokio::test]
+async fn queue_consumer_second_signal_ends_the_grace_period_at_once() {
+    let s = Setup::start(30).await;
+    let mut worker = s.worker(&[("SHUTDOWN_GRACE_SECONDS", "600")]).await;
+    let ids = s.send(&["600000"]).await;
+    let id = &ids[0];
+    worker
+        .wait_for_line(&format!("{id} - Working for"), STEP)
+        .await;
+    worker.terminate();
+    worker
+        .wait_for_line(
+            "Received SIGTERM signal, will quit when all work is done",
+            STEP,
+        )
+        .await;
+    let took = time_to_exit(&mut worker, Duration::from_secs(10)).await;
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(worker.count(&format!("{id} - Handed back")), 1);
+    assert_eq!(s.receive_now().await, vec![(id.clone(), 2)]);
+    assert!(s.agent.released(), "{:?}", s.agent.puts());
 }
