@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::extract::State;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -16,6 +16,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::connection::limits::{Limits, MAX_WRITE_BUFFER_BYTES, Meter};
 use crate::connection::{self, Notice};
 use crate::connections::Connections;
 
@@ -25,14 +26,9 @@ pub const PAGE: &str = include_str!("../static/index.html");
 /// The read buffer of each websocket. tungstenite's default is 128 KiB per
 /// connection, which makes 10,000 idle clients cost 1.3 GB, and tungstenite fills
 /// the whole buffer on every read, so each idle connection pays for all of it. This
-/// protocol's messages are a few bytes; a larger one (up to [`MAX_MESSAGE_BYTES`])
-/// still arrives, the buffer growing for it.
+/// protocol's messages are a few bytes; a larger one (up to `MAX_MESSAGE_BYTES`)
+/// still arrives, the buffer growing for it and keeping that size.
 pub const READ_BUFFER_BYTES: usize = 1024;
-/// The largest message (and frame) accepted; a larger one is answered with 1009.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
-/// The most bytes tungstenite may hold unsent for one client. Past it the client is
-/// dropped: its writes are not allowed to grow without limit.
-pub const MAX_WRITE_BUFFER_BYTES: usize = 2 * MAX_MESSAGE_BYTES;
 
 /// What every request handler shares.
 #[derive(Debug)]
@@ -48,6 +44,10 @@ pub(crate) struct Shared {
     /// ECS has refused protection and not confirmed it since: clients that arrive now
     /// are told `server shutting down soon` after their welcome.
     pub(crate) refused: AtomicBool,
+    /// What one client may make the server hold.
+    pub(crate) limits: Limits,
+    /// Origins whose pages may connect, lower case; empty: any.
+    pub(crate) allowed_origins: Vec<String>,
 }
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
@@ -62,11 +62,15 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 /// `ws://host/` works as in the original sample.
 async fn root(
     State(shared): State<Arc<Shared>>,
+    meter: Option<Extension<Arc<Meter>>>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     match upgrade {
-        Ok(upgrade) => accept(&shared, upgrade),
+        Ok(upgrade) => {
+            let meter = meter.map_or_else(|| Arc::new(Meter::default()), |m| m.0);
+            accept(&shared, &headers, meter, upgrade)
+        }
         // An upgrade was asked for but is malformed: say why.
         Err(rejection) if headers.contains_key(header::UPGRADE) => rejection.into_response(),
         Err(_) => page(),
@@ -93,7 +97,36 @@ fn unavailable(reason: &'static str) -> Response {
         .into_response()
 }
 
-fn accept(shared: &Arc<Shared>, upgrade: WebSocketUpgrade) -> Response {
+/// Whether a page from the request's `Origin` may connect. Browsers always send
+/// `Origin` with a websocket upgrade; other clients need not, and could send any
+/// value they liked, so its absence is no reason to refuse.
+fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let origin = origin.to_str().unwrap_or_default().trim_end_matches('/');
+    allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
+}
+
+fn accept(
+    shared: &Arc<Shared>,
+    headers: &HeaderMap,
+    meter: Arc<Meter>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if !origin_allowed(&shared.allowed_origins, headers) {
+        tracing::info!(
+            origin = ?headers.get(header::ORIGIN),
+            "Refused a websocket from an origin not in ALLOWED_ORIGINS"
+        );
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    // Counted before the shutdown check: either shutdown has begun and the client is
+    // refused, or the shutdown waits for this client and says goodbye to it.
+    let tracked = shared.tracker.token();
     if shared.shutdown.is_cancelled() {
         return unavailable("server shutting down");
     }
@@ -107,12 +140,13 @@ fn accept(shared: &Arc<Shared>, upgrade: WebSocketUpgrade) -> Response {
     let mut notices = shared.notices.subscribe();
     let shutdown = shared.shutdown.clone();
     let refused = shared.refused.load(Ordering::Relaxed);
-    // Counted from here, so shutdown also waits for a websocket still upgrading.
-    let tracked = shared.tracker.token();
+    let limits = shared.limits;
+    // From the 101 on, the connection's bytes are websocket frames.
+    meter.start_websocket();
     upgrade
         .read_buffer_size(READ_BUFFER_BYTES)
-        .max_message_size(MAX_MESSAGE_BYTES)
-        .max_frame_size(MAX_MESSAGE_BYTES)
+        .max_message_size(limits.max_message_bytes)
+        .max_frame_size(limits.max_message_bytes)
         .write_buffer_size(0)
         .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
         .on_failed_upgrade(|error| tracing::debug!("websocket upgrade failed: {error}"))
@@ -123,7 +157,15 @@ fn accept(shared: &Arc<Shared>, upgrade: WebSocketUpgrade) -> Response {
                 connections: count,
                 refused,
             };
-            let ended = connection::serve(&mut socket, greeting, &mut notices, &shutdown).await;
+            let ended = connection::serve(
+                &mut socket,
+                greeting,
+                &mut notices,
+                &shutdown,
+                &limits,
+                &meter,
+            )
+            .await;
             tracing::debug!(?ended, "websocket ended");
             drop(slot);
             drop(tracked);
