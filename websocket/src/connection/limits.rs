@@ -33,12 +33,14 @@ pub const SLOW_READER_AFTER: Duration = Duration::from_secs(10);
 /// Once a connection is closing, how long a stalled write may take before the
 /// connection is dropped: a client that does not read will not read the goodbye.
 pub const CLOSING_WRITE_AFTER: Duration = Duration::from_secs(2);
-/// The kernel send buffer asked for each connection (Linux doubles it). Left alone,
-/// loopback and fast links let it grow to megabytes for a client that never reads.
-pub const SEND_BUFFER_BYTES: usize = 16 * 1024;
+/// The kernel send buffer asked for each connection (Linux doubles it, and counts
+/// it against the task's memory). Left alone, loopback and fast links let it grow
+/// to megabytes for a client that never reads; the server's messages are a few
+/// dozen bytes each.
+pub const SEND_BUFFER_BYTES: usize = 4 * 1024;
 /// The most bytes tungstenite may hold unsent for one client; the server's own
 /// messages are a few dozen bytes, a pong at most 127.
-pub const MAX_WRITE_BUFFER_BYTES: usize = 8 * 1024;
+pub const MAX_WRITE_BUFFER_BYTES: usize = 4 * 1024;
 
 /// Per-connection limits that come from the settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
