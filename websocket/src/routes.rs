@@ -12,6 +12,9 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
 use task_protection::{Counters, ProtectionState};
+
+/// The longest error text `/status` shows.
+pub const MAX_PUBLIC_TEXT: usize = 120;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -186,8 +189,9 @@ pub struct Status {
     pub max_connections: usize,
     /// False once shutdown has begun.
     pub accepting: bool,
-    /// The task's protection: phase, expiry, task ARN, last rejection or error.
-    pub protection: ProtectionState,
+    /// The task's protection: phase, expiry, task ARN, last rejection or error; the
+    /// texts shortened by [`public_text`].
+    pub protection: serde_json::Value,
     /// The protection calls made so far.
     pub protection_calls: Counters,
 }
@@ -199,8 +203,97 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
         connections: shared.connections.count(),
         max_connections: shared.connections.limit(),
         accepting: !shared.shutdown.is_cancelled(),
-        protection: protection.current(),
+        protection: public_state(&protection.current()),
         protection_calls: protection.counters(),
     };
     ([(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
+}
+
+/// The protection state as `/status` shows it to anyone: error texts can carry the
+/// agent's URL, internal addresses and whole AWS messages, so they are shortened by
+/// [`public_text`]; the full text is in the server's log.
+fn public_state(state: &ProtectionState) -> serde_json::Value {
+    let mut value = serde_json::to_value(state).unwrap_or_default();
+    for field in ["last_error", "last_rejection"] {
+        if let Some(serde_json::Value::String(text)) = value.get_mut(field) {
+            *text = public_text(text);
+        }
+    }
+    value
+}
+
+/// `text` without URLs or network addresses, and at most [`MAX_PUBLIC_TEXT`] bytes.
+#[must_use]
+pub fn public_text(text: &str) -> String {
+    let mut out = String::new();
+    for word in text.split_whitespace() {
+        let bare = word.trim_matches(|c: char| "()[]{}<>,;'\"`".contains(c));
+        let hidden = if bare.contains("://") {
+            "<url>"
+        } else if looks_like_address(bare) || looks_like_address(word.trim_end_matches(',')) {
+            "<address>"
+        } else {
+            word
+        };
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(hidden);
+    }
+    if out.len() > MAX_PUBLIC_TEXT {
+        let mut end = MAX_PUBLIC_TEXT - 3;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+        out.push_str("...");
+    }
+    out
+}
+
+/// An IP address, with or without a port, or a `host:port`.
+fn looks_like_address(word: &str) -> bool {
+    let word = word.trim_end_matches(['.', ':']);
+    if word.parse::<std::net::IpAddr>().is_ok() || word.parse::<std::net::SocketAddr>().is_ok() {
+        return true;
+    }
+    match word.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && port.parse::<u16>().is_ok()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-".contains(c))
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_text_hides_urls_and_addresses_and_is_short() {
+        let text = "error sending request for url (http://169.254.170.2/api/abc/task-protection/v1/state): \
+                    connect to 10.0.1.23:51678 failed, and [fd00::1]:80 and agent.internal:8080 too";
+        let shown = public_text(text);
+        for secret in ["169.254", "10.0.1.23", "fd00", "agent.internal", "http"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(
+            shown.starts_with("error sending request for url <url>"),
+            "{shown}"
+        );
+        let long = "Rate exceeded ".repeat(40);
+        let shown = public_text(&long);
+        assert!(
+            shown.len() <= MAX_PUBLIC_TEXT && shown.ends_with("..."),
+            "{shown}"
+        );
+        assert_eq!(
+            public_text("DEPLOYMENT_BLOCKED: arn:aws:ecs:us-east-1:1:task/x"),
+            "DEPLOYMENT_BLOCKED: arn:aws:ecs:us-east-1:1:task/x"
+        );
+    }
 }

@@ -894,3 +894,32 @@ async fn websocket_connection_lifetime_tells_the_client_to_reconnect() {
         "told after {took:?}"
     );
 }
+
+#[tokio::test]
+async fn websocket_status_shows_short_errors_without_internal_addresses() {
+    let agent = FakeAgent::start().await;
+    // Nothing listens on this agent address: every PUT fails with an error that
+    // names it.
+    let gone = e2e::free_port();
+    let server = Server::start(
+        &agent,
+        &[(
+            "ECS_AGENT_URI",
+            format!("http://127.0.0.1:{gone}/api/0123456789abcdef"),
+        )],
+    )
+    .await;
+    let mut ws = server.connect().await;
+    next_text(&mut ws).await;
+    let error = wait_for("/status to show the last error", STEP, || async {
+        server.status().await["protection"]["last_error"]
+            .as_str()
+            .map(str::to_owned)
+    })
+    .await;
+    eprintln!("/status shows: {error:?}");
+    assert!(error.len() <= 120, "{error}");
+    for secret in ["127.0.0.1", &gone.to_string(), "http", "0123456789abcdef"] {
+        assert!(!error.contains(secret), "{secret} in {error:?}");
+    }
+}
