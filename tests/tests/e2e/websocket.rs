@@ -923,3 +923,26 @@ async fn websocket_status_shows_short_errors_without_internal_addresses() {
         assert!(!error.contains(secret), "{secret} in {error:?}");
     }
 }
+
+#[tokio::test]
+async fn websocket_client_that_sends_but_never_reads_is_dropped_as_a_slow_reader() {
+    use tokio::io::AsyncWriteExt;
+    /// 10 s without write progress, and a little.
+    const GONE_WITHIN: Duration = Duration::from_secs(15);
+    let agent = FakeAgent::start().await;
+    let server = Server::start(&agent, &[]).await;
+    let mut tcp = raw_upgrade(server.port, "").await;
+    let started = std::time::Instant::now();
+    // Each "ping" asks for a "pong" the client never reads: the server's writes back
+    // up into small buffers and stop making progress.
+    let pings = client_frame(true, 0x1, b"ping").repeat(256);
+    let gone = loop {
+        if tcp.write_all(&pings).await.is_err() {
+            break started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(40), "never dropped");
+    };
+    eprintln!("a client that never reads was hung up on after {gone:?}");
+    assert!(gone < GONE_WITHIN, "after {gone:?}");
+    server.wait_for_connections(0).await;
+}
