@@ -9,14 +9,13 @@
 //! leave, release protection, and return. axum's graceful shutdown does not cover
 //! upgraded websockets, so they are tracked here with a `TaskTracker`.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use task_protection::{ProtectionEvent, ShutdownReport, TaskProtection};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
@@ -27,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::ServerSettings;
 use crate::connection::{Notice, SHUTTING_DOWN_SOON};
 use crate::connections::Connections;
+use crate::http::{self, HttpSettings, MAX_PENDING_CONNECTIONS};
 use crate::routes::{Shared, router};
 
 /// How long HTTP requests still in flight get after the websockets are done.
@@ -40,6 +40,7 @@ pub struct App {
     shared: Arc<Shared>,
     grace: Duration,
     ping_interval: Duration,
+    http: HttpSettings,
 }
 
 impl App {
@@ -57,6 +58,8 @@ impl App {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             refused: AtomicBool::new(false),
+            limits: settings.limits,
+            allowed_origins: settings.allowed_origins,
         });
         Ok(Self {
             listener,
@@ -64,6 +67,10 @@ impl App {
             shared,
             grace: settings.shutdown_grace,
             ping_interval: settings.ping_interval,
+            http: HttpSettings {
+                header_timeout: settings.header_timeout,
+                max_pending: MAX_PENDING_CONNECTIONS,
+            },
         })
     }
 
@@ -99,29 +106,25 @@ impl App {
             shared,
             grace,
             ping_interval,
+            http,
             ..
         } = self;
         let protection = shared.connections.protection().clone();
         let rejections = tokio::spawn(announce_rejections(protection.clone(), Arc::clone(&shared)));
         let heartbeat = tokio::spawn(heartbeat(shared.notices.clone(), ping_interval));
-        let stop = shared.shutdown.clone();
-        // Small messages such as a pong go out at once instead of waiting for Nagle's
-        // algorithm to batch them.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!("cannot set TCP_NODELAY: {error}");
-            }
-        });
-        let server = axum::serve(listener, router(Arc::clone(&shared)))
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .into_future();
+        let server = http::serve(
+            listener,
+            router(Arc::clone(&shared)),
+            http,
+            shared.shutdown.clone(),
+        );
         let mut server = tokio::spawn(server);
 
         tokio::select! {
             () = shutdown => {}
             result = &mut server => {
-                // axum::serve only returns after a shutdown; treat it as one.
-                if let Ok(Err(error)) = result {
+                // The server only returns after a shutdown; treat it as one.
+                if let Err(error) = result {
                     tracing::error!("the HTTP server stopped: {error}");
                 }
             }

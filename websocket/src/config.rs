@@ -12,6 +12,8 @@ use clap::{Parser, Subcommand};
 use task_protection::ProtectionSettings;
 use task_protection::cli::{LogFormat, ProtectionArgs, ranged};
 
+use crate::connection::limits::Limits;
+
 /// The longest ping interval accepted. The ALB cuts a websocket that carries nothing
 /// for its idle timeout (60 s by default, at most 4000 s), so longer makes no sense.
 pub const MAX_PING_INTERVAL_SECONDS: u64 = 3600;
@@ -19,6 +21,10 @@ pub const MAX_PING_INTERVAL_SECONDS: u64 = 3600;
 pub const MAX_GRACE_SECONDS: u64 = 3600;
 /// The most connections one process may be asked to hold.
 pub const MAX_CONNECTIONS_LIMIT: u64 = 1_000_000;
+/// The largest message size that may be configured.
+pub const MAX_MESSAGE_BYTES_LIMIT: u64 = 1024 * 1024;
+/// The longest connection lifetime that may be configured: a week.
+pub const MAX_LIFETIME_SECONDS: u64 = 7 * 24 * 3600;
 
 /// The settings of `websocket`.
 #[derive(Debug, Clone, Parser)]
@@ -50,10 +56,42 @@ pub struct Config {
           value_parser = ranged("WS_PING_INTERVAL_SECONDS", 1, MAX_PING_INTERVAL_SECONDS, "seconds"))]
     pub ws_ping_interval_seconds: u64,
 
-    /// Most clients connected at once; past it new clients get HTTP 503 (1..=1000000)
+    /// Most clients connected at once; past it new clients get HTTP 503. Each costs
+    /// at most about 20 KB however it behaves (BENCHMARKS.md), so the default fits a
+    /// 512 MiB task with room to spare (1..=1000000)
     #[arg(long, env = "MAX_CONNECTIONS", value_name = "N", default_value = "10000",
           value_parser = ranged("MAX_CONNECTIONS", 1, MAX_CONNECTIONS_LIMIT, ""))]
     pub max_connections: u64,
+
+    /// Largest message a client may send, in bytes; a larger one is answered with
+    /// close code 1009. The page's messages are a few bytes, and every connection
+    /// may hold about this much (16..=1048576)
+    #[arg(long, env = "MAX_MESSAGE_BYTES", value_name = "BYTES", default_value = "1024",
+          value_parser = ranged("MAX_MESSAGE_BYTES", 16, MAX_MESSAGE_BYTES_LIMIT, "bytes"))]
+    pub max_message_bytes: u64,
+
+    /// After this many seconds a client is told `please reconnect` and closed with
+    /// 1001, so it may land on another task and no client keeps the task protected
+    /// forever; checked at each ping. 0: never (0..=604800)
+    #[arg(long, env = "MAX_CONNECTION_LIFETIME_SECONDS", value_name = "SECONDS",
+          default_value = "0",
+          value_parser = ranged("MAX_CONNECTION_LIFETIME_SECONDS", 0, MAX_LIFETIME_SECONDS, "seconds"))]
+    pub max_connection_lifetime_seconds: u64,
+
+    /// Origins whose pages may open a websocket, comma-separated, e.g.
+    /// https://app.example.com; a browser's upgrade from any other origin gets HTTP
+    /// 403. Unset: pages from any site may connect, and each connection holds the
+    /// task's protection
+    #[arg(long, env = "ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',',
+          value_parser = parse_origin)]
+    pub allowed_origins: Vec<String>,
+
+    /// Seconds a client gets to send a request's headers, which is also how long an
+    /// idle keep-alive connection stays open; keep it above the ALB's idle timeout
+    /// (60 s), which reuses connections to the task (1..=3600)
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT_SECONDS", value_name = "SECONDS", default_value = "65",
+          value_parser = ranged("HTTP_HEADER_TIMEOUT_SECONDS", 1, 3600, "seconds"))]
+    pub http_header_timeout_seconds: u64,
 
     /// After SIGTERM, how long clients get to leave once told to, in seconds, before
     /// protection is released and the process exits; keep it below the task's stop
@@ -102,8 +140,23 @@ pub fn protection_defaults() -> ProtectionSettings {
         .unwrap_or_default()
 }
 
+/// One entry of `ALLOWED_ORIGINS`, as a browser sends it in `Origin`: scheme, host
+/// and optional port, lower case, without a path.
+fn parse_origin(raw: &str) -> Result<String, String> {
+    let origin = raw.trim().trim_end_matches('/').to_ascii_lowercase();
+    let host = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"));
+    match host {
+        Some(host) if !host.is_empty() && !host.contains(['/', '?', '#', ' ', '@']) => Ok(origin),
+        _ => Err(format!(
+            "ALLOWED_ORIGINS={raw:?} is not an origin: expected scheme://host[:port], such as https://app.example.com"
+        )),
+    }
+}
+
 /// The server's own settings, checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerSettings {
     /// Where to listen; port 0 picks a free port.
     pub listen: SocketAddr,
@@ -113,6 +166,12 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     /// Time between the server's pings to each client.
     pub ping_interval: Duration,
+    /// What one client may make the server hold.
+    pub limits: Limits,
+    /// Origins allowed to open a websocket; empty: any.
+    pub allowed_origins: Vec<String>,
+    /// Time a client gets to send request headers, and idle keep-alive lasts.
+    pub header_timeout: Duration,
 }
 
 impl Default for ServerSettings {
@@ -123,6 +182,9 @@ impl Default for ServerSettings {
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(20),
             ping_interval: Duration::from_secs(25),
+            limits: Limits::default(),
+            allowed_origins: Vec::new(),
+            header_timeout: Duration::from_secs(65),
         }
     }
 }
@@ -137,6 +199,13 @@ impl Config {
             max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
             ping_interval: Duration::from_secs(self.ws_ping_interval_seconds),
+            limits: Limits {
+                max_message_bytes: usize::try_from(self.max_message_bytes).unwrap_or(usize::MAX),
+                max_lifetime: (self.max_connection_lifetime_seconds > 0)
+                    .then(|| Duration::from_secs(self.max_connection_lifetime_seconds)),
+            },
+            allowed_origins: self.allowed_origins.clone(),
+            header_timeout: Duration::from_secs(self.http_header_timeout_seconds),
         }
     }
 }
@@ -163,6 +232,13 @@ mod tests {
         assert_eq!(s.max_connections, 10_000);
         assert_eq!(s.shutdown_grace, Duration::from_secs(20));
         assert_eq!(s.ping_interval, Duration::from_secs(25));
+        assert_eq!(
+            s,
+            ServerSettings {
+                listen: s.listen,
+                ..ServerSettings::default()
+            }
+        );
         let p = config.protection.settings().unwrap();
         assert_eq!(p.duration_minutes(), 30);
         assert_eq!(p.maintain_percent(), 0);
@@ -188,6 +264,38 @@ mod tests {
             err.to_string()
                 .contains("MAX_CONNECTIONS=\"many\" is not valid"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn allowed_origins_are_a_list_of_origins() {
+        let config = parse(&[
+            "--allowed-origins",
+            "https://App.example.com/,http://localhost:3000",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.server_settings().allowed_origins,
+            ["https://app.example.com", "http://localhost:3000"]
+        );
+        let err = parse(&["--allowed-origins", "app.example.com"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("ALLOWED_ORIGINS=\"app.example.com\" is not an origin"),
+            "{err}"
+        );
+        let err = parse(&["--allowed-origins", "https://app.example.com/page"]).unwrap_err();
+        assert!(err.to_string().contains("is not an origin"), "{err}");
+    }
+
+    #[test]
+    fn a_lifetime_of_0_means_none() {
+        let config = parse(&["--max-connection-lifetime-seconds", "0"]).unwrap();
+        assert_eq!(config.server_settings().limits.max_lifetime, None);
+        let config = parse(&["--max-connection-lifetime-seconds", "3600"]).unwrap();
+        assert_eq!(
+            config.server_settings().limits.max_lifetime,
+            Some(Duration::from_secs(3600))
         );
     }
 

@@ -14,7 +14,8 @@
 //! - [`config`]: settings from flags and environment variables.
 //! - [`app`]: binding, serving and the shutdown sequence.
 //! - [`routes`]: the HTTP routes and the compiled-in page.
-//! - [`connection`]: one client's protocol, generic over the socket.
+//! - [`http`]: accepting connections and serving HTTP/1.1 with timeouts and bounds.
+//! - [`connection`]: one client's protocol, generic over the socket, and its limits.
 //! - [`connections`]: the client count and the protection each client holds.
 //! - [`healthcheck`]: the `healthcheck` subcommand.
 
@@ -23,6 +24,7 @@ pub mod config;
 pub mod connection;
 pub mod connections;
 pub mod healthcheck;
+pub mod http;
 pub mod routes;
 
 pub use app::App;

@@ -31,6 +31,7 @@ async fn main() -> ExitCode {
     }
 
     init_logging(config.log_format);
+    websocket::http::raise_open_file_limit(server.max_connections);
     let settings = config
         .protection
         .settings()
@@ -38,10 +39,11 @@ async fn main() -> ExitCode {
     let protection = TaskProtection::connect(&config.protection.backend_config(), settings)
         .await
         .unwrap_or_else(|e| exit_config_error("websocket", &e.to_string()));
+    let listen = server.listen;
     let app = match App::build(server, protection).await {
         Ok(app) => app,
         Err(e) => {
-            tracing::error!("cannot listen on {}: {e}", server.listen);
+            tracing::error!("cannot listen on {listen}: {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -5,17 +5,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::extract::State;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
 use task_protection::{Counters, ProtectionState};
+
+/// The longest error text `/status` shows.
+pub const MAX_PUBLIC_TEXT: usize = 120;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::connection::limits::{Limits, MAX_WRITE_BUFFER_BYTES, Meter};
 use crate::connection::{self, Notice};
 use crate::connections::Connections;
 
@@ -25,14 +29,9 @@ pub const PAGE: &str = include_str!("../static/index.html");
 /// The read buffer of each websocket. tungstenite's default is 128 KiB per
 /// connection, which makes 10,000 idle clients cost 1.3 GB, and tungstenite fills
 /// the whole buffer on every read, so each idle connection pays for all of it. This
-/// protocol's messages are a few bytes; a larger one (up to [`MAX_MESSAGE_BYTES`])
-/// still arrives, the buffer growing for it.
+/// protocol's messages are a few bytes; a larger one (up to `MAX_MESSAGE_BYTES`)
+/// still arrives, the buffer growing for it and keeping that size.
 pub const READ_BUFFER_BYTES: usize = 1024;
-/// The largest message (and frame) accepted; a larger one is answered with 1009.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
-/// The most bytes tungstenite may hold unsent for one client. Past it the client is
-/// dropped: its writes are not allowed to grow without limit.
-pub const MAX_WRITE_BUFFER_BYTES: usize = 2 * MAX_MESSAGE_BYTES;
 
 /// What every request handler shares.
 #[derive(Debug)]
@@ -48,6 +47,10 @@ pub(crate) struct Shared {
     /// ECS has refused protection and not confirmed it since: clients that arrive now
     /// are told `server shutting down soon` after their welcome.
     pub(crate) refused: AtomicBool,
+    /// What one client may make the server hold.
+    pub(crate) limits: Limits,
+    /// Origins whose pages may connect, lower case; empty: any.
+    pub(crate) allowed_origins: Vec<String>,
 }
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
@@ -62,11 +65,15 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 /// `ws://host/` works as in the original sample.
 async fn root(
     State(shared): State<Arc<Shared>>,
+    meter: Option<Extension<Arc<Meter>>>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     match upgrade {
-        Ok(upgrade) => accept(&shared, upgrade),
+        Ok(upgrade) => {
+            let meter = meter.map_or_else(|| Arc::new(Meter::default()), |m| m.0);
+            accept(&shared, &headers, meter, upgrade)
+        }
         // An upgrade was asked for but is malformed: say why.
         Err(rejection) if headers.contains_key(header::UPGRADE) => rejection.into_response(),
         Err(_) => page(),
@@ -93,7 +100,36 @@ fn unavailable(reason: &'static str) -> Response {
         .into_response()
 }
 
-fn accept(shared: &Arc<Shared>, upgrade: WebSocketUpgrade) -> Response {
+/// Whether a page from the request's `Origin` may connect. Browsers always send
+/// `Origin` with a websocket upgrade; other clients need not, and could send any
+/// value they liked, so its absence is no reason to refuse.
+fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let origin = origin.to_str().unwrap_or_default().trim_end_matches('/');
+    allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
+}
+
+fn accept(
+    shared: &Arc<Shared>,
+    headers: &HeaderMap,
+    meter: Arc<Meter>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if !origin_allowed(&shared.allowed_origins, headers) {
+        tracing::info!(
+            origin = ?headers.get(header::ORIGIN),
+            "Refused a websocket from an origin not in ALLOWED_ORIGINS"
+        );
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    // Counted before the shutdown check: either shutdown has begun and the client is
+    // refused, or the shutdown waits for this client and says goodbye to it.
+    let tracked = shared.tracker.token();
     if shared.shutdown.is_cancelled() {
         return unavailable("server shutting down");
     }
@@ -107,12 +143,13 @@ fn accept(shared: &Arc<Shared>, upgrade: WebSocketUpgrade) -> Response {
     let mut notices = shared.notices.subscribe();
     let shutdown = shared.shutdown.clone();
     let refused = shared.refused.load(Ordering::Relaxed);
-    // Counted from here, so shutdown also waits for a websocket still upgrading.
-    let tracked = shared.tracker.token();
+    let limits = shared.limits;
+    // From the 101 on, the connection's bytes are websocket frames.
+    meter.start_websocket();
     upgrade
         .read_buffer_size(READ_BUFFER_BYTES)
-        .max_message_size(MAX_MESSAGE_BYTES)
-        .max_frame_size(MAX_MESSAGE_BYTES)
+        .max_message_size(limits.max_message_bytes)
+        .max_frame_size(limits.max_message_bytes)
         .write_buffer_size(0)
         .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
         .on_failed_upgrade(|error| tracing::debug!("websocket upgrade failed: {error}"))
@@ -123,7 +160,15 @@ fn accept(shared: &Arc<Shared>, upgrade: WebSocketUpgrade) -> Response {
                 connections: count,
                 refused,
             };
-            let ended = connection::serve(&mut socket, greeting, &mut notices, &shutdown).await;
+            let ended = connection::serve(
+                &mut socket,
+                greeting,
+                &mut notices,
+                &shutdown,
+                &limits,
+                &meter,
+            )
+            .await;
             tracing::debug!(?ended, "websocket ended");
             drop(slot);
             drop(tracked);
@@ -144,8 +189,9 @@ pub struct Status {
     pub max_connections: usize,
     /// False once shutdown has begun.
     pub accepting: bool,
-    /// The task's protection: phase, expiry, task ARN, last rejection or error.
-    pub protection: ProtectionState,
+    /// The task's protection: phase, expiry, task ARN, last rejection or error; the
+    /// texts shortened by [`public_text`].
+    pub protection: serde_json::Value,
     /// The protection calls made so far.
     pub protection_calls: Counters,
 }
@@ -157,8 +203,97 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
         connections: shared.connections.count(),
         max_connections: shared.connections.limit(),
         accepting: !shared.shutdown.is_cancelled(),
-        protection: protection.current(),
+        protection: public_state(&protection.current()),
         protection_calls: protection.counters(),
     };
     ([(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
+}
+
+/// The protection state as `/status` shows it to anyone: error texts can carry the
+/// agent's URL, internal addresses and whole AWS messages, so they are shortened by
+/// [`public_text`]; the full text is in the server's log.
+fn public_state(state: &ProtectionState) -> serde_json::Value {
+    let mut value = serde_json::to_value(state).unwrap_or_default();
+    for field in ["last_error", "last_rejection"] {
+        if let Some(serde_json::Value::String(text)) = value.get_mut(field) {
+            *text = public_text(text);
+        }
+    }
+    value
+}
+
+/// `text` without URLs or network addresses, and at most [`MAX_PUBLIC_TEXT`] bytes.
+#[must_use]
+pub fn public_text(text: &str) -> String {
+    let mut out = String::new();
+    for word in text.split_whitespace() {
+        let bare = word.trim_matches(|c: char| "()[]{}<>,;'\"`".contains(c));
+        let hidden = if bare.contains("://") {
+            "<url>"
+        } else if looks_like_address(bare) || looks_like_address(word.trim_end_matches(',')) {
+            "<address>"
+        } else {
+            word
+        };
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(hidden);
+    }
+    if out.len() > MAX_PUBLIC_TEXT {
+        let mut end = MAX_PUBLIC_TEXT - 3;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+        out.push_str("...");
+    }
+    out
+}
+
+/// An IP address, with or without a port, or a `host:port`.
+fn looks_like_address(word: &str) -> bool {
+    let word = word.trim_end_matches(['.', ':']);
+    if word.parse::<std::net::IpAddr>().is_ok() || word.parse::<std::net::SocketAddr>().is_ok() {
+        return true;
+    }
+    match word.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && port.parse::<u16>().is_ok()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-".contains(c))
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_text_hides_urls_and_addresses_and_is_short() {
+        let text = "error sending request for url (http://169.254.170.2/api/abc/task-protection/v1/state): \
+                    connect to 10.0.1.23:51678 failed, and [fd00::1]:80 and agent.internal:8080 too";
+        let shown = public_text(text);
+        for secret in ["169.254", "10.0.1.23", "fd00", "agent.internal", "http"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(
+            shown.starts_with("error sending request for url <url>"),
+            "{shown}"
+        );
+        let long = "Rate exceeded ".repeat(40);
+        let shown = public_text(&long);
+        assert!(
+            shown.len() <= MAX_PUBLIC_TEXT && shown.ends_with("..."),
+            "{shown}"
+        );
+        assert_eq!(
+            public_text("DEPLOYMENT_BLOCKED: arn:aws:ecs:us-east-1:1:task/x"),
+            "DEPLOYMENT_BLOCKED: arn:aws:ecs:us-east-1:1:task/x"
+        );
+    }
 }

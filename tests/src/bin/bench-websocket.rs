@@ -8,11 +8,18 @@
 //! - RSS growth per idle connection: `VmRSS` before and after 5,000 clients have
 //!   connected and been welcomed, divided by 5,000 (1 KB = 1,000 bytes).
 //!
+//! With `--hostile`, only `websocket` runs, and the figure is the worst a client can
+//! make it hold: RSS growth per client after each of [`HOSTILE_CLIENTS`] clients has
+//! (a) idled, (b) sent the largest message accepted, (c) sent the first frame of a
+//! message that never ends, (d) sent a message far over the limit. Each attack runs
+//! on a fresh process.
+//!
 //! Build both in release mode first, from the workspace root:
 //!
 //! ```text
 //! cargo build --release -p websocket -p e2e --bins
 //! ulimit -n 20000 && target/release/bench-websocket
+//! ulimit -n 20000 && target/release/bench-websocket --hostile
 //! ```
 
 use std::path::PathBuf;
@@ -27,11 +34,16 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async_with_config};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const CLIENTS: usize = 50;
+const HOSTILE_CLIENTS: usize = 2_000;
+/// The server's default `MAX_MESSAGE_BYTES`.
+const MAX_MESSAGE_BYTES: usize = 1024;
 const IDLE_CLIENTS: usize = 5_000;
 const ROUNDS: usize = 7;
 const WARM_UP: Duration = Duration::from_secs(1);
@@ -208,8 +220,132 @@ fn fd_limit() -> u64 {
         .unwrap_or(0)
 }
 
+/// What a hostile client does once welcomed.
+#[derive(Debug, Clone, Copy)]
+enum Attack {
+    Idle,
+    LargestMessage,
+    UnfinishedMessage,
+    OversizedMessage,
+}
+
+impl Attack {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Idle => "idle after the welcome",
+            Self::LargestMessage => "one message of MAX_MESSAGE_BYTES (1024 bytes), then idle",
+            Self::UnfinishedMessage => {
+                "the first 1000-byte frame of a message that never ends, answering pings"
+            }
+            Self::OversizedMessage => "one 60 KiB message (refused with 1009)",
+        }
+    }
+
+    async fn run(self, ws: &mut Ws) -> Result<(), Error> {
+        let attack = match self {
+            Self::Idle => return Ok(()),
+            Self::LargestMessage => Message::text("x".repeat(MAX_MESSAGE_BYTES)),
+            Self::UnfinishedMessage => Message::Frame(Frame::message(
+                vec![b'x'; 1000],
+                OpCode::Data(Data::Text),
+                false,
+            )),
+            Self::OversizedMessage => Message::text("x".repeat(60 * 1024)),
+        };
+        // A refused attack may see the connection reset while it is still sending.
+        let _ = ws.send(attack).await;
+        // The pong (or the refusal) comes once the server has read the attack.
+        let _ = ws.send(Message::Ping(b"read?".to_vec().into())).await;
+        loop {
+            match tokio::time::timeout(STEP, ws.next()).await? {
+                Some(Ok(Message::Pong(_) | Message::Close(_)) | Err(_)) | None => return Ok(()),
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+}
+
+/// RSS growth per client after `HOSTILE_CLIENTS` clients made `attack`, on a fresh
+/// server; and how many were still connected.
+async fn hostile_growth(attack: Attack) -> Result<(f64, usize), Error> {
+    let server = Server::start(
+        "websocket",
+        &[
+            ("BIND_ADDRESS", "127.0.0.1"),
+            ("TASK_PROTECTION_BACKEND", "local"),
+            ("RUST_LOG", "info"),
+        ],
+    )
+    .await?;
+    let before = server.settled_rss_kb().await?;
+    let mut clients = Vec::with_capacity(HOSTILE_CLIENTS);
+    for _ in 0..HOSTILE_CLIENTS / 100 {
+        let batch = futures_util::future::try_join_all((0..100).map(|_| async {
+            let mut ws = server.connect().await?;
+            attack.run(&mut ws).await?;
+            Ok::<_, Error>(ws)
+        }))
+        .await?;
+        clients.extend(batch);
+    }
+    let after = server.settled_rss_kb().await?;
+    let status: String = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = TcpStream::connect(("127.0.0.1", server.port)).await?;
+        tcp.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).await?;
+        answer
+    };
+    let connected = status
+        .split("\"connections\":")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    drop(clients);
+    #[allow(clippy::cast_precision_loss)]
+    let per_client = (after.saturating_sub(before) * 1024) as f64 / HOSTILE_CLIENTS as f64;
+    eprintln!(
+        "{attack:?}: {before} kB before, {after} kB after {HOSTILE_CLIENTS} clients, {connected} connected"
+    );
+    Ok((per_client, connected))
+}
+
+async fn hostile() -> Result<(), Error> {
+    println!(
+        "| What each of {HOSTILE_CLIENTS} clients did | RSS growth per client | Still connected |"
+    );
+    println!("|---|---:|---:|");
+    for attack in [
+        Attack::Idle,
+        Attack::LargestMessage,
+        Attack::UnfinishedMessage,
+        Attack::OversizedMessage,
+    ] {
+        let (per_client, connected) = hostile_growth(attack).await?;
+        println!(
+            "| {} | {:.2} KB | {connected} |",
+            attack.describe(),
+            per_client / 1000.0
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Error> {
+    if std::env::args().any(|a| a == "--hostile") {
+        if fd_limit() < (HOSTILE_CLIENTS as u64) + 1000 {
+            return Err(format!(
+                "the open-file limit is {}; run with `ulimit -n 20000` first",
+                fd_limit()
+            )
+            .into());
+        }
+        return hostile().await;
+    }
     if fd_limit() < (IDLE_CLIENTS as u64) + 1000 {
         return Err(format!(
             "the open-file limit is {}; run with `ulimit -n 20000` first",

@@ -191,3 +191,98 @@ async fn the_demo_runs_a_job_serves_the_page_and_stops_cleanly() {
     );
     assert!(!dir.join("env").exists());
 }
+
+/// Ctrl-C is never reported as a crash. The terminal's SIGINT reaches the services
+/// and the script at once, and the services may exit before the script has run its
+/// trap, so it is played several times, at different moments after start-up; and
+/// with the script started with SIGINT ignored, as a shell starts a background job,
+/// where bash never runs an INT trap at all and only sees the services stop.
+#[tokio::test]
+async fn the_demo_never_reports_ctrl_c_as_a_crash() {
+    let rounds = [
+        (0_u64, false),
+        (200, false),
+        (1000, false),
+        (300, true),
+        (1000, true),
+    ];
+    for (round, (delay_ms, ignored)) in rounds.into_iter().enumerate() {
+        let dir = std::env::temp_dir().join(format!(
+            "task-protection-demo-ctrl-c-{}-{round}",
+            std::process::id()
+        ));
+        let demo = workspace_root().join("scripts/demo");
+        let script = if ignored {
+            format!("trap '' INT; exec bash '{}'", demo.display())
+        } else {
+            format!("exec bash '{}'", demo.display())
+        };
+        let mut child = tokio::process::Command::new("bash")
+            .args(["-c", &script])
+            .current_dir(workspace_root())
+            .env("DEMO_DIR", &dir)
+            .env("DEMO_PORT", e2e::free_port().to_string())
+            .env("DEMO_NO_BUILD", "1")
+            .env("DEMO_NO_SAMPLES", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0)
+            .spawn()
+            .expect("bash runs scripts/demo");
+        let group = i32::try_from(child.id().unwrap()).unwrap();
+        let _leftovers = Leftovers {
+            group,
+            dir: dir.clone(),
+        };
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let stderr = child.stderr.take().unwrap();
+        let collected = Arc::clone(&lines);
+        let reader = tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                collected.lock().unwrap().push(line);
+            }
+        });
+        wait_for("the demo's summary", Duration::from_secs(60), || {
+            let found = lines.lock().unwrap().iter().any(|l| l.contains("Ctrl-C"));
+            async move { found.then_some(()) }
+        })
+        .await;
+        // Both services up: with SIGINT ignored on entry, a service that has not yet
+        // installed its handler would ignore Ctrl-C too.
+        for (log, needle) in [
+            ("websocket", "Listening on"),
+            ("queue-consumer", "Long polling"),
+        ] {
+            let path = dir.join("logs").join(format!("{log}.log"));
+            wait_for(&format!("{log} to start"), Duration::from_secs(60), || {
+                let up = std::fs::read_to_string(&path)
+                    .unwrap_or_default()
+                    .contains(needle);
+                async move { up.then_some(()) }
+            })
+            .await;
+        }
+        // Not waiting for a state: the signal is played at different moments.
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        kill(Pid::from_raw(-group), Signal::SIGINT).unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the demo did not stop within a minute of Ctrl-C {delay_ms} ms after start-up (SIGINT ignored: {ignored}):\n{}",
+                    lines.lock().unwrap().join("\n")
+                )
+            })
+            .unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(10), reader).await;
+        let out = lines.lock().unwrap().join("\n");
+        assert!(
+            !out.contains("exited unexpectedly"),
+            "Ctrl-C {delay_ms} ms after start-up (SIGINT ignored: {ignored}) was reported as a crash ({status}):\n{out}"
+        );
+        assert!(out.contains("demo: stopped"), "{out}");
+    }
+}

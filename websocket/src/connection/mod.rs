@@ -11,7 +11,10 @@
 //! - Writes never block reads: outgoing messages wait in a small per-connection queue
 //!   that is flushed while reading goes on. A client that stops reading fills it and
 //!   is dropped, instead of growing its queue without limit.
-//! - An oversized message is answered with close code 1009, as RFC 6455 asks.
+//! - An oversized message is answered with close code 1009, as RFC 6455 asks; what
+//!   else one client may make the server hold is bounded in [`limits`].
+//! - Notices (the heartbeat, the goodbye) come before reading, so a client that
+//!   sends nonstop still hears them at once.
 //!
 //! An idle connection must cost little memory (10,000 of them per task is the
 //! default limit), so a connection owns no timer of its own: one heartbeat and the
@@ -20,16 +23,20 @@
 //! [`serve`] is generic over the socket (any `Sink` + `Stream` of messages), so the
 //! protocol is tested with channels, no network needed.
 
+pub mod limits;
+mod link;
+
 use std::collections::VecDeque;
 use std::fmt;
-use std::future::poll_fn;
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, close_code};
 use futures_util::{Sink, Stream};
 use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use self::limits::{Limits, Meter, PingRate};
+use self::link::Link;
 
 /// What a client sends to check the connection.
 pub const PING: &str = "ping";
@@ -40,6 +47,9 @@ pub const SHUTTING_DOWN: &str = "server shutting down";
 /// Sent to every client when ECS refuses protection: the task is probably about to be
 /// replaced.
 pub const SHUTTING_DOWN_SOON: &str = "server shutting down soon";
+/// Sent to a client whose connection has lived `MAX_CONNECTION_LIFETIME_SECONDS`,
+/// before close code 1001: it reconnects, and may land on another task.
+pub const RECONNECT: &str = "please reconnect";
 /// Most messages waiting to be written to one client before it is dropped as a slow
 /// reader. A client that reads gets each answer long before this many pile up.
 pub const OUTBOUND_QUEUE: usize = 32;
@@ -78,6 +88,8 @@ pub enum Ended {
     Refused(u16),
     /// The server is shutting down; the client was sent close code 1001.
     ShuttingDown,
+    /// The connection reached its maximum lifetime; the client was told to reconnect.
+    Expired,
 }
 
 /// A socket error, as far as the protocol cares.
@@ -121,12 +133,14 @@ pub struct Greeting {
 ///
 /// `greeting` says what to tell it first; `notices` carries the heartbeat, the
 /// shutdown and messages for every client; `shutdown` is checked in case a notice
-/// was missed.
+/// was missed; `meter` shows what the client's socket carries.
 pub async fn serve<S, E>(
     socket: &mut S,
     greeting: Greeting,
     notices: &mut broadcast::Receiver<Notice>,
     shutdown: &CancellationToken,
+    limits: &Limits,
+    meter: &Meter,
 ) -> Ended
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message, Error = E> + Unpin,
@@ -142,6 +156,13 @@ where
         reading: true,
         unanswered: 0,
         closing: None,
+        stall: None,
+        pings: PingRate::new(),
+        meter,
+        unfinished_seen: None,
+        expires: limits
+            .max_lifetime
+            .map(|lifetime| Instant::now() + lifetime),
     };
     link.push(Message::Text(welcome(greeting.connections).into()));
     if greeting.refused {
@@ -156,12 +177,9 @@ where
             return Ended::SlowReader;
         }
         tokio::select! {
+            // Notices first: a client that sends nonstop would otherwise delay its own
+            // heartbeat and goodbye.
             biased;
-            event = link.next_event() => {
-                if let Some(ended) = link.on_event(event) {
-                    return ended;
-                }
-            }
             notice = notices.recv(), if listening => {
                 let notice = match notice {
                     Ok(notice) => notice,
@@ -175,6 +193,11 @@ where
                     }
                 };
                 if let Some(ended) = link.on_notice(notice) {
+                    return ended;
+                }
+            }
+            event = link.next_event() => {
+                if let Some(ended) = link.on_event(event) {
                     return ended;
                 }
             }
@@ -203,178 +226,10 @@ fn excerpt(text: &str) -> &str {
     &text[..end]
 }
 
-enum Event<E> {
-    Received(Option<Result<Message, E>>),
-    /// Everything queued is written, and reading has stopped.
-    Flushed,
-    WriteFailed(E),
-}
-
-/// The socket and its bounded outbound queue.
-///
-/// The queue's head lives inline, so the usual traffic (one pong, one ping at a
-/// time) never allocates; only a backlog spills into the `VecDeque`.
-struct Link<'a, S> {
-    socket: &'a mut S,
-    head: Option<Message>,
-    /// The rest of the queue, after `head`; empty while `head` is `None`.
-    queue: VecDeque<Message>,
-    /// Messages handed to the socket but not yet flushed.
-    unflushed: bool,
-    /// False once nothing more may be read.
-    reading: bool,
-    /// Heartbeats without a pong; or, once closing, heartbeats since the goodbye.
-    unanswered: u8,
-    /// Set once a goodbye has started: why the connection is ending.
-    closing: Option<Ended>,
-}
-
-impl<S, E> Link<'_, S>
-where
-    S: Stream<Item = Result<Message, E>> + Sink<Message, Error = E> + Unpin,
-    E: SocketError,
-{
-    /// Handles what the socket did; `Some` when the connection is over.
-    fn on_event(&mut self, event: Event<E>) -> Option<Ended> {
-        match event {
-            Event::Received(Some(Ok(message))) => {
-                match message {
-                    Message::Text(text) => {
-                        if text.as_str() == PING {
-                            self.push(Message::Text(PONG.into()));
-                        }
-                        tracing::debug!("received: {}", excerpt(text.as_str()));
-                    }
-                    Message::Binary(data) => {
-                        tracing::debug!(bytes = data.len(), "received a binary message");
-                    }
-                    Message::Pong(_) => {
-                        if self.closing.is_none() {
-                            self.unanswered = 0;
-                        }
-                    }
-                    // tungstenite answers pings, and answers a close frame with its
-                    // own; reading on until the stream ends sends that answer.
-                    Message::Ping(_) => {}
-                    Message::Close(_) => self.start_closing(Ended::ClientClosed),
-                }
-                None
-            }
-            Event::Received(Some(Err(error))) => {
-                if self.closing.is_some() {
-                    return self.closing;
-                }
-                let Some(code) = error.close_code() else {
-                    tracing::debug!("websocket broken: {error}");
-                    return Some(Ended::Broken);
-                };
-                tracing::debug!(code, "closing a websocket that broke the protocol: {error}");
-                // The rest of the offending frame is still unread, so nothing more can
-                // be read: say why, and hang up once that is written.
-                self.reading = false;
-                self.push(close(code, &error.to_string()));
-                self.start_closing(Ended::Refused(code));
-                None
-            }
-            Event::Received(None) | Event::Flushed => {
-                Some(self.closing.unwrap_or(Ended::ClientClosed))
-            }
-            Event::WriteFailed(error) => {
-                tracing::debug!("websocket write failed: {error}");
-                Some(self.closing.unwrap_or(Ended::Broken))
-            }
-        }
-    }
-
-    /// Handles what the server tells every client; `Some` when the connection is over.
-    fn on_notice(&mut self, notice: Notice) -> Option<Ended> {
-        match (notice, self.closing) {
-            (Notice::Say(text), None) => self.push(Message::Text(text)),
-            (Notice::Heartbeat, None) => {
-                if self.unanswered >= 2 {
-                    return Some(Ended::Silent);
-                }
-                self.unanswered += 1;
-                self.push(Message::Ping(axum::body::Bytes::new()));
-            }
-            (Notice::Heartbeat, Some(why)) => {
-                // A client that does not answer a close within two heartbeats is gone.
-                self.unanswered += 1;
-                if self.unanswered >= 2 {
-                    return Some(why);
-                }
-            }
-            (Notice::ShuttingDown, None) => {
-                self.push(Message::Text(SHUTTING_DOWN.into()));
-                self.push(close(close_code::AWAY, SHUTTING_DOWN));
-                self.start_closing(Ended::ShuttingDown);
-            }
-            (Notice::Say(_) | Notice::ShuttingDown, Some(_)) => {}
-        }
-        None
-    }
-
-    fn start_closing(&mut self, why: Ended) {
-        if self.closing.is_none() {
-            self.closing = Some(why);
-            self.unanswered = 0;
-        }
-    }
-
-    fn push(&mut self, message: Message) {
-        if self.head.is_none() {
-            self.head = Some(message);
-        } else if self.queue.len() < OUTBOUND_QUEUE {
-            // One past the limit (head included) marks the overflow; the connection is
-            // dropped right after.
-            self.queue.push_back(message);
-        }
-    }
-
-    fn overflowed(&self) -> bool {
-        self.queue.len() >= OUTBOUND_QUEUE
-    }
-
-    /// Moves queued messages into the socket and flushes them; ready once all are out.
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), E>> {
-        while self.head.is_some() {
-            ready!(Pin::new(&mut *self.socket).poll_ready(cx))?;
-            if let Some(message) = self.head.take() {
-                Pin::new(&mut *self.socket).start_send(message)?;
-                self.unflushed = true;
-            }
-            self.head = self.queue.pop_front();
-        }
-        if self.unflushed {
-            ready!(Pin::new(&mut *self.socket).poll_flush(cx))?;
-            self.unflushed = false;
-            if self.queue.capacity() > 0 {
-                // A backlog has cleared: an idle connection keeps no queue allocated.
-                self.queue = VecDeque::new();
-            }
-        }
-        Poll::Ready(Ok(()))
-    }
-
-    /// Writes what is queued while waiting for the next message from the client.
-    ///
-    /// Cancel-safe: all progress lives in `self`, so `select!` may drop it freely.
-    async fn next_event(&mut self) -> Event<E> {
-        poll_fn(|cx| match self.poll_write(cx) {
-            Poll::Ready(Err(error)) => Poll::Ready(Event::WriteFailed(error)),
-            Poll::Ready(Ok(())) if !self.reading => Poll::Ready(Event::Flushed),
-            _ if self.reading => Pin::new(&mut *self.socket)
-                .poll_next(cx)
-                .map(Event::Received),
-            _ => Poll::Pending,
-        })
-        .await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::pin::Pin;
+    use std::sync::Arc;
     use std::task::{Context, Poll};
     use std::time::Duration;
 
@@ -447,6 +302,7 @@ mod tests {
         notices: broadcast::Sender<Notice>,
         shutdown: CancellationToken,
         server: JoinHandle<Ended>,
+        meter: Arc<Meter>,
     }
 
     const WAIT: Duration = Duration::from_secs(1);
@@ -460,6 +316,10 @@ mod tests {
     }
 
     fn start_greeted(outgoing_capacity: usize, greeting: Greeting) -> Client {
+        start_limited(outgoing_capacity, greeting, Limits::default())
+    }
+
+    fn start_limited(outgoing_capacity: usize, greeting: Greeting, limits: Limits) -> Client {
         let (to_server, incoming) = mpsc::channel(64);
         let (outgoing, from_server) = mpsc::channel(outgoing_capacity);
         let (notices, _) = broadcast::channel(4);
@@ -469,9 +329,11 @@ mod tests {
             outgoing: PollSender::new(outgoing),
         };
         let (mut rx, token) = (notices.subscribe(), shutdown.clone());
+        let meter = Arc::new(Meter::default());
+        let seen = Arc::clone(&meter);
         let server = tokio::spawn(async move {
             let mut socket = socket;
-            serve(&mut socket, greeting, &mut rx, &token).await
+            serve(&mut socket, greeting, &mut rx, &token, &limits, &seen).await
         });
         Client {
             to_server,
@@ -479,6 +341,7 @@ mod tests {
             notices,
             shutdown,
             server,
+            meter,
         }
     }
 
@@ -647,7 +510,15 @@ mod tests {
                 connections: 1,
                 refused: false,
             };
-            serve(&mut socket, greeting, &mut rx, &shutdown).await
+            serve(
+                &mut socket,
+                greeting,
+                &mut rx,
+                &shutdown,
+                &Limits::default(),
+                &Meter::default(),
+            )
+            .await
         });
         assert!(matches!(from_server.recv().await, Some(Message::Text(_))));
         assert!(
@@ -683,5 +554,93 @@ mod tests {
                 .await;
         }
         assert_eq!(client.ended().await, Ended::SlowReader);
+    }
+
+    const GREETING: Greeting = Greeting {
+        connections: 1,
+        refused: false,
+    };
+
+    #[tokio::test]
+    async fn a_ping_flood_is_closed_with_1008() {
+        let mut client = start(64);
+        client.recv_text().await;
+        for _ in 0..=limits::MAX_CLIENT_PINGS_PER_SECOND {
+            client.send(Message::Ping(axum::body::Bytes::new())).await;
+        }
+        assert_eq!(
+            close_code_of(&client.recv().await),
+            Some(close_code::POLICY)
+        );
+        assert_eq!(client.ended().await, Ended::Refused(close_code::POLICY));
+    }
+
+    #[tokio::test]
+    async fn a_message_unfinished_at_two_heartbeats_is_closed_with_1008() {
+        let mut client = start(64);
+        client.recv_text().await;
+        client.meter.set_unfinished(Some(1));
+        client.notify(Notice::Heartbeat);
+        assert!(matches!(client.recv().await, Message::Ping(_)));
+        client.send(Message::Pong(axum::body::Bytes::new())).await;
+        // Finished, then a new stretch: not the same unfinished message.
+        client.meter.set_unfinished(Some(2));
+        client.notify(Notice::Heartbeat);
+        assert!(matches!(client.recv().await, Message::Ping(_)));
+        client.send(Message::Pong(axum::body::Bytes::new())).await;
+        client.notify(Notice::Heartbeat);
+        assert_eq!(
+            close_code_of(&client.recv().await),
+            Some(close_code::POLICY)
+        );
+        assert_eq!(client.ended().await, Ended::Refused(close_code::POLICY));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_past_its_lifetime_is_told_to_reconnect() {
+        let limits = Limits {
+            max_lifetime: Some(Duration::from_secs(60)),
+            ..Limits::default()
+        };
+        let mut client = start_limited(16, GREETING, limits);
+        client.recv_text().await;
+        client.notify(Notice::Heartbeat);
+        assert!(matches!(client.recv().await, Message::Ping(_)));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        client.notify(Notice::Heartbeat);
+        assert_eq!(client.recv_text().await, RECONNECT);
+        assert_eq!(close_code_of(&client.recv().await), Some(close_code::AWAY));
+        client.send(Message::Close(None)).await;
+        let (closed, _) = mpsc::channel(1);
+        client.to_server = closed;
+        assert_eq!(client.ended().await, Ended::Expired);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_stalled_for_the_allowance_drops_a_slow_reader() {
+        // Room for the welcome only; the client never reads.
+        let mut client = start(1);
+        client.notify(Notice::Heartbeat);
+        tokio::time::sleep(limits::SLOW_READER_AFTER - Duration::from_millis(10)).await;
+        assert!(!client.server.is_finished());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(client.ended().await, Ended::SlowReader);
+    }
+
+    #[tokio::test]
+    async fn notices_reach_a_client_that_sends_nonstop() {
+        let mut client = start(1024);
+        client.recv_text().await;
+        // A backlog of pings the server has not read yet.
+        for _ in 0..20 {
+            client.send(Message::Text(PING.into())).await;
+        }
+        client.notify(Notice::Say(SHUTTING_DOWN_SOON.into()));
+        assert_eq!(
+            client.recv_text().await,
+            SHUTTING_DOWN_SOON,
+            "the notice comes before the answers to the backlog"
+        );
+        assert_eq!(client.recv_text().await, PONG);
     }
 }
