@@ -70,7 +70,9 @@ pub(crate) async fn drive<B: Backend>(shared: Arc<Shared>, backend: B) -> Shutdo
                     // the holders once more: a holder arriving now either sees "not
                     // protected" (and waits for a new enable) or is seen here.
                     shared.withdraw();
+                    std::sync::atomic::fence(Ordering::SeqCst);
                     if shared.holder_count() > 0 {
+                        tokio::task::yield_now().await;
                         continue;
                     }
                 }
@@ -134,9 +136,10 @@ async fn send<B: Backend>(
                 shared.publish(machine, now);
             }
             () = stopped(stop), if !stopping => {
-                // Shutting down mid-request: let it land if it is quick, then move on
-                // to the final disable.
+                // Shutting down mid-request: no promise from now on. Let the request
+                // land if it is quick, then move on to the final disable.
                 stopping = true;
+                shared.stopping();
                 timeout = timeout.min(sent_at.elapsed() + IN_FLIGHT_GRACE);
             }
         }
@@ -158,32 +161,50 @@ async fn shut_down<B: Backend>(
     if let Some(effect) = machine.take_lapse(start) {
         shared.apply(effect, None);
     }
+    shared.stopping();
     let report = if machine.might_be_protected(start) {
-        // Keep the 1 s spacing when the budget allows it; a draining task that stays
-        // protected blocks the deployment, so past that the disable goes anyway.
+        // Keep the spacing (and the wait after an abandoned request) when the budget
+        // allows it; a draining task that stays protected blocks the deployment, so
+        // past that the disable goes anyway, with at least a second to answer.
         let budget_end = start + SHUTDOWN_BUDGET;
-        let spaced = machine.spacing_end(start);
-        if spaced < budget_end {
-            tokio::time::sleep_until(spaced).await;
-        }
-        let sent_at = start_put(shared, machine, ProtectionRequest::disable());
-        let left = budget_end.saturating_duration_since(sent_at);
-        let result = tokio::time::timeout(left, backend.update(ProtectionRequest::disable()))
-            .await
-            .unwrap_or(Err(ProtectionError::Timeout(left)));
-        // The same answer handling as every other request.
-        match machine.on_answer(Instant::now(), result) {
-            Effect::Released => ShutdownReport::Released,
-            Effect::Failed { error, .. } => ShutdownReport::Failed(error),
-            Effect::Rejected(r) => ShutdownReport::Failed(ProtectionError::Rejected(r)),
-            Effect::Protected { .. } | Effect::Lapsed => {
-                ShutdownReport::Failed(ProtectionError::Malformed {
-                    status: 200,
-                    reason: "protection still enabled after a disable".to_owned(),
-                    excerpt: String::new(),
-                })
+        let mut report;
+        loop {
+            let now = Instant::now();
+            let latest = budget_end
+                .checked_sub(Duration::from_secs(1))
+                .unwrap_or(now)
+                .max(now);
+            tokio::time::sleep_until(machine.spacing_end(now).min(latest)).await;
+            let sent_at = start_put(shared, machine, ProtectionRequest::disable());
+            let left = budget_end.saturating_duration_since(sent_at);
+            let result = tokio::time::timeout(left, backend.update(ProtectionRequest::disable()))
+                .await
+                .unwrap_or(Err(ProtectionError::Timeout(left)));
+            // The same answer handling as every other request.
+            report = match machine.on_answer(Instant::now(), result) {
+                Effect::Released => ShutdownReport::Released,
+                Effect::Failed { error, .. } => ShutdownReport::Failed(error),
+                Effect::Rejected(r) => ShutdownReport::Failed(ProtectionError::Rejected(r)),
+                Effect::Protected { .. } | Effect::Lapsed => {
+                    ShutdownReport::Failed(ProtectionError::Malformed {
+                        status: 200,
+                        reason: "protection still enabled after a disable".to_owned(),
+                        excerpt: String::new(),
+                    })
+                }
+            };
+            // A quick failure (throttled, unreachable) is worth another try while
+            // the budget lasts.
+            let retry_at = Instant::now() + Duration::from_millis(200);
+            let again = matches!(report, ShutdownReport::Failed(_))
+                && machine.might_be_protected(Instant::now())
+                && machine.spacing_end(retry_at) + Duration::from_secs(1) <= budget_end;
+            if !again {
+                break;
             }
+            tokio::time::sleep_until(retry_at).await;
         }
+        report
     } else {
         ShutdownReport::NotProtected
     };
@@ -235,6 +256,18 @@ impl Shared {
             s.phase = phase;
             s.protected = protected;
             s.expires_at = expires_at;
+            changed
+        });
+    }
+
+    /// Shutting down: no promise from now on, and acquires fail.
+    fn stopping(&self) {
+        ::metrics::gauge!(crate::metrics::PROTECTED).set(0.0);
+        self.state.send_if_modified(|s| {
+            let changed = s.protected || s.phase != Phase::Stopped;
+            s.protected = false;
+            s.expires_at = None;
+            s.phase = Phase::Stopped;
             changed
         });
     }

@@ -28,6 +28,11 @@ use crate::settings::ProtectionSettings;
 /// First retry delay after a transient failure; doubles up to the check interval.
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 
+/// How long the agent may still be working on a request this client gave up on: its
+/// own ECS call has a budget of about 4 s. No other PUT leaves before then, so an
+/// abandoned request can never reach ECS after a later one.
+pub(crate) const AGENT_CALL_BUDGET: Duration = Duration::from_secs(5);
+
 /// What the driver should do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Next {
@@ -147,6 +152,9 @@ pub(crate) struct Machine {
     retry: Option<(bool, Instant)>,
     /// After ECS refused an enable, no new enable before this. Never gates a release.
     rejected_until: Option<Instant>,
+    /// After a request timed out on this side, no PUT before the agent has surely
+    /// given up on it too (see [`AGENT_CALL_BUDGET`]).
+    abandoned_until: Option<Instant>,
     /// When the last holder was last seen leaving.
     last_release: Option<Instant>,
 }
@@ -168,7 +176,12 @@ impl Machine {
             minutes: settings.duration_minutes(),
             duration: settings.duration(),
             maintain: settings.maintain_window(),
-            refresh_lead: settings.refresh_lead(),
+            // A refresh must be able to take its whole timeout, plus the spacing,
+            // before the expiry; with a lead shorter than that it would lapse.
+            refresh_lead: settings
+                .refresh_lead()
+                .max(settings.request_timeout() + settings.min_put_interval())
+                .min(settings.duration() / 2),
             min_put_interval: settings.min_put_interval(),
             check_interval: settings.check_interval(),
             request_timeout: settings.request_timeout(),
@@ -180,6 +193,7 @@ impl Machine {
             failures: 0,
             retry: None,
             rejected_until: None,
+            abandoned_until: None,
             last_release: None,
         }
     }
@@ -250,7 +264,10 @@ impl Machine {
 
     /// The earliest the next PUT may start for the 1 s spacing alone.
     pub(crate) fn spacing_end(&self, now: Instant) -> Instant {
-        later(self.last_put_at.map(|t| t + self.min_put_interval), now)
+        later(
+            self.abandoned_until,
+            later(self.last_put_at.map(|t| t + self.min_put_interval), now),
+        )
     }
 
     /// The next PUT and when. Call [`take_lapse`](Self::take_lapse) first.
@@ -348,7 +365,9 @@ impl Machine {
                 let until = (now + remaining).min(flight.sent_at + self.duration);
                 self.ecs = Ecs::On {
                     until,
-                    at_most: (now + remaining).max(until),
+                    // ECS applied it before now, for `duration`: a bound that no
+                    // clock can move.
+                    at_most: now + self.duration,
                     reported,
                 };
                 self.last_enable_ok = Some(now);
@@ -372,6 +391,9 @@ impl Machine {
                 Effect::Rejected(rejection)
             }
             Err(error) => {
+                if matches!(error, ProtectionError::Timeout(_)) {
+                    self.abandoned_until = Some(flight.sent_at + AGENT_CALL_BUDGET);
+                }
                 if error.maybe_applied() {
                     // ECS may have acted: an enable may have extended protection (to at
                     // most now + duration); a disable leaves it unknown, as on the wire.
@@ -534,6 +556,8 @@ mod tests {
         );
         assert!(!m.is_protected(t1), "but it is no promise");
         m.set_wanted(false);
-        assert!(matches!(m.poll(t1 + Duration::from_secs(1)), Next::Put(r) if !r.enabled));
+        // The agent may still be on the abandoned call for its ~4 s budget.
+        assert!(matches!(m.poll(t1 + Duration::from_secs(1)), Next::Wait(_)));
+        assert!(matches!(m.poll(t1 + Duration::from_secs(5)), Next::Put(r) if !r.enabled));
     }
 }

@@ -230,6 +230,12 @@ impl TaskProtection {
             s.rejections
         };
         let guard = self.hold();
+        // Pairs with the driver's fence between withdrawing the promise and looking
+        // at the holders: one of the two sides sees the other.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if *self.shared().stop.borrow() {
+            return Err(AcquireError::ShutDown);
+        }
         let after = self.shared().settings.acquire_timeout();
         let deadline = Instant::now() + after;
         loop {

@@ -336,3 +336,91 @@ fn no_disable_reaches_ecs_while_an_acquired_guard_is_held() {
         );
     });
 }
+
+#[tokio::test(start_paused = true)]
+async fn no_put_leaves_while_the_agent_may_still_work_on_an_abandoned_one() {
+    // The client gives up after 1 s, but the agent's own ECS call lasts up to 4 s: a
+    // later PUT must not overtake it.
+    let settings = worker_settings()
+        .to_builder()
+        .request_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let ecs = FakeEcs::new();
+    let p = TaskProtection::start(ecs.clone(), settings);
+    let t0 = Instant::now();
+    ecs.script([Reply::HangUnapplied]);
+    let guard = p.hold();
+    let _ = tokio::time::timeout(Duration::from_secs(30), p.acquire()).await;
+    let calls = ecs.calls();
+    assert!(calls.len() >= 2, "{calls:?}");
+    let gap = calls[1].at - calls[0].at;
+    assert!(
+        gap >= Duration::from_secs(5),
+        "retried {gap:?} after an abandoned call"
+    );
+    assert!(calls[0].at - t0 < Duration::from_millis(10));
+    drop(guard);
+}
+
+#[tokio::test(start_paused = true)]
+async fn acquire_fails_once_shutdown_has_started() {
+    let ecs = FakeEcs::new();
+    ecs.latency(Duration::from_millis(400));
+    let p = TaskProtection::start(ecs.clone(), websocket_settings());
+    let _held = p.acquire().await.unwrap();
+    // The disable waits for the 1 s spacing; meanwhile nobody may be told "protected".
+    let p2 = p.clone();
+    let shutting = tokio::spawn(async move { p2.shutdown().await });
+    settle().await;
+    assert!(!p.current().protected);
+    assert!(matches!(p.acquire().await, Err(AcquireError::ShutDown)));
+    shutting.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_tries_again_after_a_quick_failure() {
+    let ecs = FakeEcs::new();
+    let p = TaskProtection::start(ecs.clone(), websocket_settings());
+    let _held = p.acquire().await.unwrap();
+    advance(Duration::from_secs(5)).await;
+    ecs.script([Reply::Throttled, Reply::Refused]);
+    let report = p.shutdown().await;
+    assert_eq!(
+        report,
+        task_protection::ShutdownReport::Released,
+        "{:?}",
+        ecs.calls()
+    );
+    assert!(!ecs.ecs_protected(Instant::now()));
+    let calls = ecs.calls();
+    for pair in calls.windows(2) {
+        assert!(
+            pair[1].at - pair[0].at >= Duration::from_secs(1),
+            "{calls:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_late_in_the_duration_still_comes_before_the_expiry() {
+    // Refresh at 100 %: taken literally it would always lapse first.
+    let settings = worker_settings()
+        .to_builder()
+        .refresh_percent(100)
+        .build()
+        .unwrap();
+    let ecs = FakeEcs::new();
+    let p = TaskProtection::start(ecs.clone(), settings);
+    let mut events = p.events();
+    let _held = p.acquire().await.unwrap();
+    for _ in 0..(180 * 4) {
+        advance(Duration::from_millis(250)).await;
+        settle().await;
+        assert!(p.current().protected);
+    }
+    assert_eq!(ecs.lock().lapses, 0);
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::ZERO, events.recv()).await {
+        assert!(!matches!(e, ProtectionEvent::Unprotected { .. }), "{e:?}");
+    }
+}
