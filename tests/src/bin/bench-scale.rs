@@ -37,6 +37,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
+/// The default; `BENCH_CLIENTS` overrides it for a quick try.
 const CLIENTS: usize = 15_000;
 const ACTIVE: usize = 50;
 const PING_INTERVAL_SECONDS: u64 = 10;
@@ -223,7 +224,7 @@ impl Server {
                     PING_INTERVAL_SECONDS.to_string(),
                 ),
                 ("SHUTDOWN_GRACE_SECONDS", GRACE_SECONDS.to_string()),
-                ("RUST_LOG", "warn".to_owned()),
+                ("RUST_LOG", "info".to_owned()),
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -334,6 +335,10 @@ fn floats(v: &Value) -> Vec<f64> {
 
 #[allow(clippy::too_many_lines, clippy::cast_precision_loss)]
 async fn orchestrate() -> Result<(), Error> {
+    let clients: usize = std::env::var("BENCH_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CLIENTS);
     let mut a = Server::start().await?;
     let b = Server::start().await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -342,11 +347,12 @@ async fn orchestrate() -> Result<(), Error> {
         format!("ws://127.0.0.1:{}/", a.port),
         format!("ws://127.0.0.1:{}/", b.port),
     );
-    let half = CLIENTS / 2;
+    let half = clients / 2;
     let mut procs = vec![
         ClientProc::start(&url, &fallback, half, ACTIVE / 2)?,
-        ClientProc::start(&url, &fallback, CLIENTS - half, ACTIVE - ACTIVE / 2)?,
+        ClientProc::start(&url, &fallback, clients - half, ACTIVE - ACTIVE / 2)?,
     ];
+    eprintln!("bench-scale: connecting {clients} clients");
     let mut first = f64::MAX;
     let mut last = 0.0_f64;
     for p in &mut procs {
@@ -355,6 +361,7 @@ async fn orchestrate() -> Result<(), Error> {
         last = last.max(e["last"].as_f64().unwrap_or(0.0));
     }
     let connect_secs = (last - first) / 1000.0;
+    eprintln!("bench-scale: connected in {connect_secs:.1} s; measuring");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let full_kb = a.rss_kb()?;
 
@@ -381,6 +388,7 @@ async fn orchestrate() -> Result<(), Error> {
     )?;
     tokio::time::timeout(STEP, a.child.wait()).await??;
     let exit_secs = term.elapsed().as_secs_f64();
+    eprintln!("bench-scale: exited {exit_secs:.2} s after SIGTERM; waiting for reconnects");
     tokio::time::sleep(Duration::from_secs(GRACE_SECONDS + 5)).await;
 
     let (mut pings, mut rtts, mut reconnects) = (Vec::new(), Vec::new(), Vec::new());
@@ -440,16 +448,16 @@ async fn orchestrate() -> Result<(), Error> {
 
     println!("| Figure | Value |");
     println!("|---|---|");
-    println!("| Clients | {CLIENTS} from 2 processes |");
+    println!("| Clients | {clients} from 2 processes |");
     println!("| Base RSS | {:.1} MB |", base_kb as f64 / 1024.0);
     println!(
         "| RSS with every client connected | {:.1} MB: {:.2} KB per client |",
         full_kb as f64 / 1024.0,
-        (full_kb.saturating_sub(base_kb) * 1024) as f64 / CLIENTS as f64 / 1000.0
+        (full_kb.saturating_sub(base_kb) * 1024) as f64 / clients as f64 / 1000.0
     );
     println!(
-        "| Connect rate | {:.0} clients/s ({CLIENTS} in {connect_secs:.1} s) |",
-        CLIENTS as f64 / connect_secs
+        "| Connect rate | {:.0} clients/s ({clients} in {connect_secs:.1} s) |",
+        clients as f64 / connect_secs
     );
     println!(
         "| Round trip, {ACTIVE} active clients, outside ping rounds | p50 {:.2} ms, p99 {:.2} ms ({} samples) |",
@@ -475,7 +483,7 @@ async fn orchestrate() -> Result<(), Error> {
     );
     println!("| SIGTERM to exit | {exit_secs:.2} s |");
     println!(
-        "| Reconnects at the second server | {} of {CLIENTS}, over {spread:.1} s, peak {peak} per 100 ms |",
+        "| Reconnects at the second server | {} of {clients}, over {spread:.1} s, peak {peak} per 100 ms |",
         reconnects.len()
     );
     println!();
