@@ -17,8 +17,8 @@ use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::backoff::{Backoff, redelivery_delay};
-use crate::heartbeat::Keeper;
 use crate::handler::{Job, Source, Verdict, unwrap_sns};
+use crate::heartbeat::Keeper;
 use crate::queue::{ErrorKind, Message};
 use crate::settle::Action;
 use crate::worker::Shared;
@@ -145,7 +145,7 @@ async fn run(
         Err(action) => return (action, None),
     };
     let job = job_of(shared, lane, message, keeper);
-    tracing::info!(message_id = %id, source = %job.source, "{id} - Working");
+    tracing::info!(message_id = %id, source = %job.source, "{id} - Started ({})", job.source);
     // The job runs on its own task: it makes progress while an extension is awaited,
     // a panic in it is caught (and the message retried), and the grace period's end
     // can abort it.
@@ -323,7 +323,9 @@ async fn settle(
             tracing::warn!(message_id = %id, "{id} - {what} not sent: the message is no longer held");
             return false;
         }
-        let reply = shared.lanes[lane].settle.submit(&message.receipt_handle, action);
+        let reply = shared.lanes[lane]
+            .settle
+            .submit(&message.receipt_handle, action);
         let give_up = shared.give_up.clone();
         let answer = async {
             tokio::select! {

@@ -8,3 +8,4 @@ mod protection_faults;
 mod queue_consumer;
 mod readme;
 mod websocket;
+mod worker_library;
