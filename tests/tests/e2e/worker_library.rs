@@ -163,8 +163,9 @@ async fn queue_consumer_library_a_failed_fifo_message_holds_back_only_its_group(
             }
         })
     };
+    // Room for all ten in one receive: the order within a batch is the worker's.
     let worker = spawn_worker(handler, &moto, &agent, &queue, &[], |s| {
-        s.concurrency = 2;
+        s.concurrency = 10;
     })
     .await;
     wait_counts(&client, &queue, "every message done", (0, 0), STEP).await;
