@@ -3,6 +3,7 @@
 //! message fails.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -87,17 +88,25 @@ async fn queue_consumer_library_a_panicking_handler_is_retried_and_frees_its_slo
             .await
             .unwrap_or_else(|e| panic!("send: {e:?}"));
     }
-    let handler = handler_fn(|job: Job| async move {
-        assert!(
-            job.body != "panic",
-            "the handler panics on {}",
-            job.message_id
-        );
-        Verdict::Done
-    });
-    // One slot: the four others can only be done if the panic freed it.
+    let panics = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let panics = Arc::clone(&panics);
+        handler_fn(move |job: Job| {
+            let panics = Arc::clone(&panics);
+            async move {
+                if job.body == "panic" {
+                    panics.fetch_add(1, Ordering::SeqCst);
+                    panic!("the handler panics on {}", job.message_id);
+                }
+                Verdict::Done
+            }
+        })
+    };
+    // One slot: the four others can only be done if the panic freed it. A visibility
+    // of 2 s: a message left unsettled would be back within the window below.
     let worker = spawn_worker(handler, &moto, &agent, &queue, &[], |s| {
         s.concurrency = 1;
+        s.visibility = Duration::from_secs(2);
     })
     .await;
     let started = Instant::now();
@@ -108,9 +117,18 @@ async fn queue_consumer_library_a_panicking_handler_is_retried_and_frees_its_slo
         "took {:?}",
         started.elapsed()
     );
+    // Settled as a retry (back after its backoff, 30 s or more), not left to its 2 s
+    // visibility: no second run within 5 s.
+    let again = tokio::time::timeout(Duration::from_secs(5), async {
+        while panics.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(again.is_err(), "the panicking message came straight back");
+    assert_eq!(panics.load(Ordering::SeqCst), 1);
     let outcome = worker.stop(Duration::from_secs(5)).await;
     assert_eq!(outcome, Outcome::Stopped(Signal::Term));
-    // Settled as a retry: still invisible after the worker has gone.
     assert_eq!(counts(&client, &queue).await, Some((0, 1)));
 }
 
