@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use task_protection::ProtectionSettings;
-use task_protection::cli::{LogFormat, ProtectionArgs, ranged};
+use task_protection::cli::{LogFormat, MetricsArgs, ProtectionArgs, ranged};
 
 /// SQS's limit on `WaitTimeSeconds`.
 pub const MAX_WAIT_SECONDS: u64 = 20;
@@ -91,6 +91,10 @@ pub struct Config {
     /// Task protection settings.
     #[command(flatten)]
     pub protection: ProtectionArgs,
+
+    /// Metrics settings.
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 /// This service's protection defaults, the seed worker's: protect for 1 minute, keep

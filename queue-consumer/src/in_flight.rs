@@ -19,6 +19,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use crate::backoff::{Backoff, redelivery_delay};
 use crate::handler::{Job, Source, Verdict, unwrap_sns};
 use crate::heartbeat::Keeper;
+use crate::metrics;
 use crate::queue::{ErrorKind, Message};
 use crate::settle::Action;
 use crate::worker::Shared;
@@ -45,6 +46,7 @@ pub(crate) async fn handle(
     order: Order,
     job_phase: TaskTrackerToken,
 ) {
+    let _in_flight = metrics::InFlight::new();
     let id = message.id.clone();
     let queue = &shared.lanes[lane].queue;
     let mut keeper = Keeper::new(
@@ -149,6 +151,9 @@ async fn run(
     // The job runs on its own task: it makes progress while an extension is awaited,
     // a panic in it is caught (and the message retried), and the grace period's end
     // can abort it.
+    ::metrics::histogram!(metrics::RECEIVE_TO_START)
+        .record(metrics::ms(message.received_at.elapsed()));
+    let started = tokio::time::Instant::now();
     let mut task = tokio::spawn(shared.handler.call(job));
     let abandon = shared.abandon.clone();
     let ended = keeper
@@ -159,6 +164,9 @@ async fn run(
             }
         })
         .await;
+    if ended.is_some() {
+        ::metrics::histogram!(metrics::JOB_DURATION).record(metrics::ms(started.elapsed()));
+    }
     let action = match ended {
         None => {
             task.abort();
@@ -179,6 +187,7 @@ async fn run(
         Some(Ok(Verdict::Failed(why))) => Some(failed(shared, message, &why)),
         Some(Ok(Verdict::RetryAfter(after))) => {
             shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+            metrics::count(metrics::JOBS_FAILED);
             let after = after.min(MAX_RETRY_AFTER);
             tracing::warn!(message_id = %id, "{id} - Retry asked for; visible again in {}s", after.as_secs());
             Some(Action::RetryAfter(after))
@@ -188,6 +197,7 @@ async fn run(
             // lets the queue's redrive policy move it to the dead-letter queue after
             // `maxReceiveCount` deliveries, without a hot loop meanwhile.
             shared.stats.bad.fetch_add(1, Ordering::Relaxed);
+            metrics::count(metrics::BAD_BODIES);
             let delay = redelivery_delay(message.receive_count);
             tracing::error!(
                 message_id = %id,
@@ -209,6 +219,7 @@ const MAX_RETRY_AFTER: std::time::Duration =
 fn failed(shared: &Shared, message: &Message, why: &str) -> Action {
     let id = &message.id;
     shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+    metrics::count(metrics::JOBS_FAILED);
     let delay = redelivery_delay(message.receive_count);
     tracing::error!(
         message_id = %id,
@@ -402,10 +413,12 @@ fn succeeded(shared: &Shared, id: &str, action: Action) {
     match action {
         Action::Delete => {
             shared.stats.done.fetch_add(1, Ordering::Relaxed);
+            metrics::count(metrics::JOBS_DONE);
             tracing::info!(message_id = %id, "{id} - Done");
         }
         Action::HandBack => {
             shared.stats.handed_back.fetch_add(1, Ordering::Relaxed);
+            metrics::count(metrics::JOBS_HANDED_BACK);
             tracing::info!(message_id = %id, "{id} - Handed back");
         }
         Action::RetryAfter(d) => {

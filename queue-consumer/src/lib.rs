@@ -29,6 +29,7 @@ pub mod config;
 pub mod handler;
 pub mod heartbeat;
 mod in_flight;
+pub mod metrics;
 pub mod queue;
 mod settle;
 pub mod signals;

@@ -297,6 +297,9 @@ impl Queue {
             Ok(r) => r,
             Err(_) => Err(SqsError::timed_out(operation, limit)),
         };
+        if result.is_err() {
+            crate::metrics::count(crate::metrics::SQS_ERRORS);
+        }
         if let Err(e) = &result
             && e.kind == ErrorKind::Denied
             && pausable

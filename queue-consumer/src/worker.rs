@@ -229,6 +229,7 @@ impl Worker {
     ///
     /// It does not release protection; the caller shuts [`TaskProtection`] down.
     pub async fn run(self, mut signals: mpsc::UnboundedReceiver<Signal>) -> Outcome {
+        crate::metrics::describe();
         let jobs = TaskTracker::new();
         let mut lanes = Vec::new();
         let mut settlers = Vec::new();
@@ -462,6 +463,7 @@ async fn receive_loop(
                         .stats
                         .received
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    crate::metrics::count(crate::metrics::JOBS_RECEIVED);
                     let id = &message.id;
                     tracing::info!(message_id = %id, receive_count = message.receive_count, "{id} - Received");
                     let token = shared.jobs.token();
