@@ -6,6 +6,7 @@ mod demo;
 mod deploy;
 mod protection_faults;
 mod queue_consumer;
+mod queue_consumer_metrics;
 mod queue_consumer_sources;
 mod readme;
 mod websocket;
