@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use task_protection::ProtectionSettings;
-use task_protection::cli::{LogFormat, ProtectionArgs, ranged};
+use task_protection::cli::{LogFormat, MetricsArgs, ProtectionArgs, ranged};
 
 /// SQS's limit on `WaitTimeSeconds`.
 pub const MAX_WAIT_SECONDS: u64 = 20;
@@ -41,6 +41,11 @@ pub struct Config {
     /// URL of the SQS queue to work; Copilot sets it for a Worker Service
     #[arg(long, env = "COPILOT_QUEUE_URI", value_name = "URL", value_parser = parse_queue_url)]
     pub queue_url: String,
+
+    /// Topic-specific queues to work as well, a JSON map from name to queue URL;
+    /// Copilot sets it when a subscribed topic has `queue: true` in the manifest
+    #[arg(long, env = "COPILOT_TOPIC_QUEUE_URIS", value_name = "JSON", value_parser = parse_topic_queue_uris)]
+    pub topic_queue_uris: Option<TopicQueues>,
 
     /// AWS Region of the queue [default: the Region in the queue URL, then the
     /// standard AWS variables]
@@ -86,6 +91,10 @@ pub struct Config {
     /// Task protection settings.
     #[command(flatten)]
     pub protection: ProtectionArgs,
+
+    /// Metrics settings.
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 /// This service's protection defaults, the seed worker's: protect for 1 minute, keep
@@ -102,11 +111,17 @@ pub fn protection_defaults() -> ProtectionSettings {
         .unwrap_or_default()
 }
 
+/// Topic-specific queues: name and URL, in the order of their names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicQueues(pub Vec<(String, String)>);
+
 /// The worker's own settings, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerSettings {
     /// The queue's URL.
     pub queue_url: String,
+    /// Topic-specific queues worked as well, by name.
+    pub topic_queues: Vec<(String, String)>,
     /// Jobs run at once.
     pub concurrency: usize,
     /// Long-poll wait of a receive.
@@ -125,6 +140,7 @@ impl WorkerSettings {
     pub fn new(queue_url: impl Into<String>) -> Self {
         Self {
             queue_url: queue_url.into(),
+            topic_queues: Vec::new(),
             concurrency: 1,
             wait: Duration::from_secs(20),
             visibility: Duration::from_secs(30),
@@ -140,6 +156,7 @@ impl Config {
     pub fn worker_settings(&self) -> WorkerSettings {
         WorkerSettings {
             queue_url: self.queue_url.clone(),
+            topic_queues: self.topic_queue_uris.clone().unwrap_or_default().0,
             concurrency: usize::try_from(self.worker_concurrency).unwrap_or(1),
             wait: Duration::from_secs(self.queue_wait_seconds),
             visibility: Duration::from_secs(self.visibility_timeout_seconds),
@@ -160,6 +177,37 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// Not a JSON map of queue URLs.
+    #[error("COPILOT_TOPIC_QUEUE_URIS={value:?} is not valid: {reason}")]
+    TopicQueues {
+        /// The value given (its start).
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Parses `COPILOT_TOPIC_QUEUE_URIS`: a JSON object from a topic-specific queue's
+/// name (such as `merchantOrdersEventsQueue`) to its URL.
+///
+/// # Errors
+/// When it is not such an object, or a URL is not a queue URL.
+pub fn parse_topic_queue_uris(raw: &str) -> Result<TopicQueues, ConfigError> {
+    let err = |reason: String| ConfigError::TopicQueues {
+        value: raw.chars().take(200).collect(),
+        reason,
+    };
+    if raw.trim().is_empty() {
+        return Ok(TopicQueues::default());
+    }
+    let map: std::collections::BTreeMap<String, String> = serde_json::from_str(raw)
+        .map_err(|e| err(format!("expected a JSON object of queue URLs: {e}")))?;
+    let mut queues = Vec::new();
+    for (name, url) in map {
+        let url = parse_queue_url(&url).map_err(|_| err(format!("{name}: not a queue URL")))?;
+        queues.push((name, url));
+    }
+    Ok(TopicQueues(queues))
 }
 
 /// Checks that `raw` looks like a queue URL: `http(s)://host/...`.
@@ -229,6 +277,20 @@ mod tests {
         for junk in ["abc", "-1", "1.5", "1e3", "+3"] {
             let err = parse(&[&format!("--max-job-ms={junk}")]).unwrap_err();
             assert!(err.to_string().contains("MAX_JOB_MS="), "{junk}: {err}");
+        }
+    }
+
+    #[test]
+    fn topic_queue_uris_are_copilots_json_map() {
+        let raw = r#"{"merchantOrdersEventsQueue":"https://sqs.eu-central-1.amazonaws.com/1/o","merchantTransactionsfifoEventsQueue":"https://sqs.eu-central-1.amazonaws.com/1/t.fifo"}"#;
+        let q = parse_topic_queue_uris(raw).unwrap().0;
+        assert_eq!(q.len(), 2);
+        assert_eq!(q[0].0, "merchantOrdersEventsQueue");
+        assert!(q[1].1.ends_with("t.fifo"));
+        assert_eq!(parse_topic_queue_uris("").unwrap().0, Vec::new());
+        for bad in ["[]", "x", r#"{"a":"not a url"}"#, r#"{"a":1}"#] {
+            let e = parse_topic_queue_uris(bad).unwrap_err().to_string();
+            assert!(e.starts_with("COPILOT_TOPIC_QUEUE_URIS="), "{e}");
         }
     }
 

@@ -12,92 +12,149 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use task_protection::{AcquireError, ProtectionGuard};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::backoff::{Backoff, redelivery_delay};
+use crate::handler::{Job, Source, Verdict, unwrap_sns};
 use crate::heartbeat::Keeper;
-use crate::job::{self, Job, JobContext, JobDuration, JobError};
+use crate::metrics;
 use crate::queue::{ErrorKind, Message};
 use crate::settle::Action;
 use crate::worker::Shared;
 
+/// Where a message of a FIFO queue stands in its group's order within one receive.
+#[derive(Debug, Default)]
+pub(crate) struct Order {
+    /// The message before it in its group: it sends its slot when its message is
+    /// deleted, or nothing (a dropped sender) when it failed, so this one waits.
+    pub(crate) after: Option<oneshot::Receiver<OwnedSemaphorePermit>>,
+    /// The message after it in its group.
+    pub(crate) before: Option<oneshot::Sender<OwnedSemaphorePermit>>,
+}
+
 /// Runs one message to its end. `job_phase` is dropped once its job has ended (or
-/// never started), so the settler knows no more work is coming from it.
+/// never started), so the settler knows no more work is coming from it. A message
+/// that waits for the one before it in its FIFO group comes without a slot
+/// (`permit` is `None`) and is given that message's slot when its turn comes.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
+    lane: usize,
     message: Message,
-    permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
+    order: Order,
     job_phase: TaskTrackerToken,
 ) {
+    let _in_flight = metrics::InFlight::new();
     let id = message.id.clone();
+    let queue = &shared.lanes[lane].queue;
     let mut keeper = Keeper::new(
-        shared.queue.clone(),
+        queue.clone(),
         &message,
         shared.settings.visibility,
         shared.give_up.clone(),
     );
-    let (action, guard) = if shared.stop_receiving.is_cancelled() {
-        // A long poll that was on its way at SIGTERM: hand its messages straight back.
-        tracing::info!(message_id = %id, "{id} - Received while stopping; handing it back");
-        (Some(Action::HandBack), None)
-    } else {
-        match JobDuration::parse(&message.body, shared.settings.max_job) {
-            Err(reason) => {
-                // Retrying cannot fix a bad body. Leaving it invisible for longer each
-                // time lets the queue's redrive policy move it to the dead-letter queue
-                // after `maxReceiveCount` deliveries, without a hot loop meanwhile.
-                shared.stats.bad.fetch_add(1, Ordering::Relaxed);
-                let delay = redelivery_delay(message.receive_count);
-                tracing::error!(
-                    message_id = %id,
-                    receive_count = message.receive_count,
-                    "{id} - Rejected: {reason}; not worked, not deleted, visible again in {}s",
-                    delay.as_secs()
-                );
-                (Some(Action::RetryAfter(delay)), None)
+    let mut permit = permit;
+    let mut action = None;
+    let mut guard = None;
+    if let Some(after) = order.after {
+        let stop = shared.stop_receiving.clone();
+        let turn = keeper
+            .keep_while(async {
+                tokio::select! {
+                    biased;
+                    r = after => r.ok(),
+                    () = stop.cancelled() => None,
+                }
+            })
+            .await;
+        match turn {
+            Some(p) => permit = Some(p),
+            None if !keeper.is_lost() => {
+                // The message before it in its group was not done: it must come first,
+                // so this one goes back unworked (SQS delivers no message of a group
+                // while one of the group is in flight).
+                tracing::info!(message_id = %id, "{id} - Not started: an earlier message of its group is not done; handing it back");
+                action = Some(Action::HandBack);
             }
-            Ok(duration) => {
-                let job = Job {
-                    id: id.clone(),
-                    duration,
-                };
-                run(&shared, &mut keeper, job, &message).await
-            }
+            None => {}
         }
-    };
-    drop(job_phase);
-    let mut guard = guard;
-    if let Some(action) = action {
-        settle(&shared, &mut keeper, &message, action, &mut guard).await;
     }
-    // Settled (or given up): the slot and the protection hold go last.
+    if permit.is_some() && !keeper.is_lost() {
+        if shared.stop_receiving.is_cancelled() {
+            // A long poll that was on its way at SIGTERM: hand its messages straight back.
+            tracing::info!(message_id = %id, "{id} - Received while stopping; handing it back");
+            action = Some(Action::HandBack);
+        } else {
+            (action, guard) = run(&shared, lane, &mut keeper, &message).await;
+        }
+    }
+    drop(job_phase);
+    let mut settled = false;
+    if let Some(action) = action {
+        settled = settle(&shared, lane, &mut keeper, &message, action, &mut guard).await
+            && action == Action::Delete;
+    }
+    // Settled (or given up): the slot and the protection hold go last. The next
+    // message of the group gets the slot only when this one is deleted.
     drop(guard);
+    if let (true, Some(before), Some(p)) = (settled, order.before, permit.take()) {
+        let _ = before.send(p);
+    }
     drop(permit);
+}
+
+/// The job as the handler sees it.
+fn job_of(shared: &Shared, lane: usize, message: &Message, keeper: &Keeper) -> Job {
+    let lane = &shared.lanes[lane];
+    let mut source = Source {
+        queue_url: lane.queue.url().to_owned(),
+        queue_name: lane.name.clone(),
+        topic_arn: None,
+    };
+    let (body, attributes, sns_message_id) = match unwrap_sns(&message.body) {
+        Some(envelope) => {
+            source.topic_arn = Some(envelope.topic_arn);
+            (envelope.message, envelope.attributes, envelope.message_id)
+        }
+        None => (message.body.clone(), message.attributes.clone(), None),
+    };
+    Job {
+        message_id: message.id.clone(),
+        body,
+        attributes,
+        receive_count: message.receive_count,
+        source,
+        sns_message_id,
+        group_id: message.group_id.clone(),
+        deduplication_id: message.deduplication_id.clone(),
+        lost: keeper.lost.clone(),
+    }
 }
 
 /// Protects the task, then works the job. Returns what to do with the message (none
 /// when it is no longer held) and the guard to keep until that is done.
 async fn run(
     shared: &Shared,
+    lane: usize,
     keeper: &mut Keeper,
-    job: Job,
     message: &Message,
 ) -> (Option<Action>, Option<ProtectionGuard>) {
-    let id = job.id.clone();
+    let id = message.id.clone();
     let guard = match protect(shared, keeper, &id).await {
         Ok(guard) => guard,
         Err(action) => return (action, None),
     };
-    tracing::info!(message_id = %id, "{id} - Working for {}", job.duration);
-    let ctx = JobContext {
-        receive_count: message.receive_count,
-        lost: keeper.lost.clone(),
-    };
+    let job = job_of(shared, lane, message, keeper);
+    tracing::info!(message_id = %id, source = %job.source, "{id} - Started ({})", job.source);
     // The job runs on its own task: it makes progress while an extension is awaited,
-    // a panic in it is caught, and the grace period's end can abort it.
-    let mut task = tokio::spawn(async move { job::work(&job, &ctx).await });
+    // a panic in it is caught (and the message retried), and the grace period's end
+    // can abort it.
+    ::metrics::histogram!(metrics::RECEIVE_TO_START)
+        .record(metrics::ms(message.received_at.elapsed()));
+    let started = tokio::time::Instant::now();
+    let mut task = tokio::spawn(shared.handler.call(job));
     let abandon = shared.abandon.clone();
     let ended = keeper
         .keep_while(async {
@@ -107,6 +164,9 @@ async fn run(
             }
         })
         .await;
+    if ended.is_some() {
+        ::metrics::histogram!(metrics::JOB_DURATION).record(metrics::ms(started.elapsed()));
+    }
     let action = match ended {
         None => {
             task.abort();
@@ -116,23 +176,50 @@ async fn run(
             );
             Some(Action::HandBack)
         }
-        Some(Ok(Ok(()))) => Some(Action::Delete),
-        Some(Ok(Err(JobError::Lost))) => {
+        Some(_) if keeper.is_lost() => {
             tracing::warn!(
                 message_id = %id,
                 "{id} - Stopped: the message is no longer held; neither deleted nor handed back"
             );
             None
         }
-        Some(Ok(Err(e))) => Some(failed(shared, message, &e.to_string())),
+        Some(Ok(Verdict::Done)) => Some(Action::Delete),
+        Some(Ok(Verdict::Failed(why))) => Some(failed(shared, message, &why)),
+        Some(Ok(Verdict::RetryAfter(after))) => {
+            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+            metrics::count(metrics::JOBS_FAILED);
+            let after = after.min(MAX_RETRY_AFTER);
+            tracing::warn!(message_id = %id, "{id} - Retry asked for; visible again in {}s", after.as_secs());
+            Some(Action::RetryAfter(after))
+        }
+        Some(Ok(Verdict::BadInput(reason))) => {
+            // Retrying cannot fix bad input. Leaving it invisible for longer each time
+            // lets the queue's redrive policy move it to the dead-letter queue after
+            // `maxReceiveCount` deliveries, without a hot loop meanwhile.
+            shared.stats.bad.fetch_add(1, Ordering::Relaxed);
+            metrics::count(metrics::BAD_BODIES);
+            let delay = redelivery_delay(message.receive_count);
+            tracing::error!(
+                message_id = %id,
+                receive_count = message.receive_count,
+                "{id} - Rejected: {reason}; not deleted, visible again in {}s",
+                delay.as_secs()
+            );
+            Some(Action::RetryAfter(delay))
+        }
         Some(Err(e)) => Some(failed(shared, message, &format!("the job panicked: {e}"))),
     };
     (action, Some(guard))
 }
 
+/// The longest visibility SQS accepts, and so the longest retry-after.
+const MAX_RETRY_AFTER: std::time::Duration =
+    std::time::Duration::from_secs(crate::config::MAX_VISIBILITY_SECONDS);
+
 fn failed(shared: &Shared, message: &Message, why: &str) -> Action {
     let id = &message.id;
     shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+    metrics::count(metrics::JOBS_FAILED);
     let delay = redelivery_delay(message.receive_count);
     tracing::error!(
         message_id = %id,
@@ -227,11 +314,12 @@ const PROTECTED_SETTLE: std::time::Duration = std::time::Duration::from_secs(60)
 /// protection `guard` is dropped once tries have failed for [`PROTECTED_SETTLE`].
 async fn settle(
     shared: &Shared,
+    lane: usize,
     keeper: &mut Keeper,
     message: &Message,
     action: Action,
     guard: &mut Option<ProtectionGuard>,
-) {
+) -> bool {
     let started = Instant::now();
     let id = &message.id;
     let what = if action == Action::Delete {
@@ -244,9 +332,11 @@ async fn settle(
     loop {
         if keeper.is_lost() {
             tracing::warn!(message_id = %id, "{id} - {what} not sent: the message is no longer held");
-            return;
+            return false;
         }
-        let reply = shared.settle.submit(&message.receipt_handle, action);
+        let reply = shared.lanes[lane]
+            .settle
+            .submit(&message.receipt_handle, action);
         let give_up = shared.give_up.clone();
         let answer = async {
             tokio::select! {
@@ -265,11 +355,11 @@ async fn settle(
                     message_id = %id,
                     "{id} - Not settled before exit; SQS delivers it again once its visibility timeout passes"
                 );
-                return;
+                return false;
             }
             Some(Ok(())) => {
                 succeeded(shared, id, action);
-                return;
+                return true;
             }
             Some(Err(e)) => e,
         };
@@ -283,7 +373,7 @@ async fn settle(
                 message_id = %id,
                 "{id} - {what} failed ({error}), {then}; SQS delivers it again once its visibility timeout passes"
             );
-            return;
+            return false;
         }
         let wait = backoff.next_delay();
         tries += 1;
@@ -323,10 +413,12 @@ fn succeeded(shared: &Shared, id: &str, action: Action) {
     match action {
         Action::Delete => {
             shared.stats.done.fetch_add(1, Ordering::Relaxed);
+            metrics::count(metrics::JOBS_DONE);
             tracing::info!(message_id = %id, "{id} - Done");
         }
         Action::HandBack => {
             shared.stats.handed_back.fetch_add(1, Ordering::Relaxed);
+            metrics::count(metrics::JOBS_HANDED_BACK);
             tracing::info!(message_id = %id, "{id} - Handed back");
         }
         Action::RetryAfter(d) => {

@@ -1,17 +1,22 @@
 //! `queue-consumer`: an SQS worker for a Copilot Worker Service, protected from ECS
 //! scale-in only while it holds work.
 //!
-//! It long-polls the queue Copilot gives it (`COPILOT_QUEUE_URI`), runs each
-//! message's job ([`job::work`]), and deletes the message. Polling is unprotected: a
+//! It long-polls the queues Copilot gives it (`COPILOT_QUEUE_URI`, and the
+//! topic-specific ones in `COPILOT_TOPIC_QUEUE_URIS`), runs a [`Handler`] for each
+//! message (unwrapped from its SNS envelope when it has one), and deletes the message
+//! once the handler says it is done. On a FIFO queue the messages of a group run one
+//! at a time, in order. Polling is unprotected: a
 //! job takes task protection before it starts and keeps it until its message is
 //! deleted or handed back, so an idle worker can always be scaled in, and a busy one
 //! never loses a job to a scale-in or a deployment.
 //!
-//! The binary only parses its settings and calls [`run`] with the shutdown signal;
-//! tests can call [`run`] (or [`Worker::run`]) with a future of their own.
+//! The binary only parses its settings and calls [`run`] with its sample handler
+//! and the shutdown signal; tests can call [`run`] (or [`Worker::run`]) with
+//! handlers and signals of their own.
 //!
 //! - [`config`]: settings, from flags or environment variables;
-//! - [`job`]: the job type, its parsing, and the work;
+//! - [`handler`]: the [`Handler`] trait, the [`handler::Job`] it is given, and SNS
+//!   envelopes;
 //! - [`worker`]: receiving, concurrency, shutdown;
 //! - `in_flight`: one message from receipt to settle, protection and job included;
 //! - [`heartbeat`]: keeping a held message invisible;
@@ -21,9 +26,10 @@
 
 pub mod backoff;
 pub mod config;
+pub mod handler;
 pub mod heartbeat;
 mod in_flight;
-pub mod job;
+pub mod metrics;
 pub mod queue;
 mod settle;
 pub mod signals;
@@ -39,6 +45,7 @@ use task_protection::{BackendConfigError, SettingsError, TaskProtection};
 use tokio::sync::mpsc;
 
 pub use config::{Config, WorkerSettings};
+pub use handler::{Handler, Job, Verdict, handler_fn};
 pub use queue::Queue;
 pub use worker::{Outcome, Worker};
 
@@ -59,7 +66,7 @@ pub enum StartError {
     BadRegion(String),
 }
 
-/// Runs the worker with `config` until a signal arrives on `signals` (or ECS refuses
+/// Runs the worker with `config` and `handler` until a signal arrives on `signals` (or ECS refuses
 /// protection, or receiving fails for good), then drains and releases task protection.
 /// A second signal ends the shutdown grace period at once.
 ///
@@ -67,6 +74,7 @@ pub enum StartError {
 /// [`StartError`] when the configuration cannot work; nothing has been received then.
 pub async fn run(
     config: Config,
+    handler: impl Handler,
     signals: mpsc::UnboundedReceiver<Signal>,
 ) -> Result<Outcome, StartError> {
     let settings = config.worker_settings();
@@ -81,10 +89,14 @@ pub async fn run(
         settings.queue_url,
         settings.concurrency
     );
-    let queue = Queue::new(client, settings.queue_url.clone());
-    let outcome = Worker::new(queue, protection.clone(), settings)
-        .run(signals)
-        .await;
+    let queue = Queue::new(client.clone(), settings.queue_url.clone());
+    let topic_queues = settings.topic_queues.clone();
+    let mut worker = Worker::new(queue, protection.clone(), settings, handler);
+    for (name, url) in topic_queues {
+        tracing::info!(queue = %url, "Working the topic queue {name} as well: {url}");
+        worker = worker.with_queue(name, Queue::new(client.clone(), url));
+    }
+    let outcome = worker.run(signals).await;
     // A draining task must not stay protected: release now rather than at expiry.
     let report = protection.shutdown().await;
     tracing::debug!("Task protection at exit: {report}");

@@ -1,5 +1,7 @@
 //! `queue-consumer`: parse the settings, set up logging, run until SIGTERM.
 
+mod sleep;
+
 use std::process::ExitCode;
 
 use queue_consumer::Outcome;
@@ -11,8 +13,18 @@ async fn main() -> ExitCode {
     let config: Config =
         parse_or_exit(|cmd| ProtectionArgs::with_defaults(cmd, &protection_defaults()));
     init_logging(config.log_format);
+    let metrics = config.metrics.install("queue-consumer");
     let queue_url = config.queue_url.clone();
-    match queue_consumer::run(config, queue_consumer::signals::listen()).await {
+    // The sample's job: wait the milliseconds the body names. Put your own handler here.
+    let handler = sleep::Sleep {
+        max_job: config.worker_settings().max_job,
+    };
+    let result = queue_consumer::run(config, handler, queue_consumer::signals::listen()).await;
+    // The last interval's metrics, written before exit.
+    if let Some(m) = metrics {
+        m.flush();
+    }
+    match result {
         Ok(Outcome::ReceiveFailed(e)) => {
             // One line for ECS's stopped reason and the logs; the non-zero code has
             // ECS restart the task and a deployment's circuit breaker count it.

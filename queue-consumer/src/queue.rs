@@ -240,6 +240,12 @@ pub struct Message {
     pub receive_count: u32,
     /// When the receive returned it.
     pub received_at: Instant,
+    /// The message group, on a FIFO queue.
+    pub group_id: Option<String>,
+    /// The deduplication id, on a FIFO queue.
+    pub deduplication_id: Option<String>,
+    /// SQS message attributes with a string value, by name.
+    pub attributes: std::collections::BTreeMap<String, String>,
 }
 
 /// A queue and the client that reaches it.
@@ -291,6 +297,9 @@ impl Queue {
             Ok(r) => r,
             Err(_) => Err(SqsError::timed_out(operation, limit)),
         };
+        if result.is_err() {
+            crate::metrics::count(crate::metrics::SQS_ERRORS);
+        }
         if let Err(e) = &result
             && e.kind == ErrorKind::Denied
             && pausable
@@ -321,6 +330,12 @@ impl Queue {
         &self.url
     }
 
+    /// Whether it is a FIFO queue (its name ends in `.fifo`).
+    #[must_use]
+    pub fn is_fifo(&self) -> bool {
+        self.url.ends_with(".fifo")
+    }
+
     /// Long-polls for up to `max` messages, each made invisible for `visibility`.
     ///
     /// # Errors
@@ -341,6 +356,9 @@ impl Queue {
             .wait_time_seconds(i32::try_from(wait.as_secs()).unwrap_or(20))
             .visibility_timeout(i32::try_from(visibility.as_secs()).unwrap_or(i32::MAX))
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
+            .message_system_attribute_names(MessageSystemAttributeName::MessageDeduplicationId)
+            .message_attribute_names("All")
             .send();
         let output = self
             .call(OP, wait + RECEIVE_MARGIN, async {
@@ -357,17 +375,29 @@ impl Queue {
                 tracing::error!(message_id = %id, "{id} - Received without a receipt handle; skipped");
                 continue;
             };
-            let receive_count = m
-                .attributes()
-                .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+            let system = |name| m.attributes().and_then(|a| a.get(&name)).cloned();
+            let receive_count = system(MessageSystemAttributeName::ApproximateReceiveCount)
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(1);
+            let group_id = system(MessageSystemAttributeName::MessageGroupId);
+            let deduplication_id = system(MessageSystemAttributeName::MessageDeduplicationId);
+            let attributes = m
+                .message_attributes()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.string_value()?.to_owned())))
+                        .collect()
+                })
+                .unwrap_or_default();
             messages.push(Message {
                 id,
                 receipt_handle,
                 body: m.body.unwrap_or_default(),
                 receive_count,
                 received_at,
+                group_id,
+                deduplication_id,
+                attributes,
             });
         }
         Ok(messages)

@@ -155,6 +155,11 @@ impl Settler {
                     queue.change_visibility_batch(&entries).await,
                 )
             };
+            if let Ok(failures) = &result {
+                for _ in failures {
+                    crate::metrics::count(crate::metrics::SQS_ERRORS);
+                }
+            }
             for (i, request) in batch.into_iter().enumerate() {
                 let answer = match &result {
                     Ok(failures) => failures

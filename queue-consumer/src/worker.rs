@@ -13,19 +13,21 @@
 //! straight back); running jobs get the grace period, which a second signal ends at
 //! once; then the last deletes and hand-backs get [`SETTLE_BUDGET`].
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use task_protection::cli::Signal;
 use task_protection::{Rejection, TaskProtection};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
 use crate::config::WorkerSettings;
-use crate::in_flight;
+use crate::handler::{BoxedHandler, Handler};
+use crate::in_flight::{self, Order};
 use crate::queue::{ErrorKind, MAX_BATCH, Message, Queue, SqsError};
 use crate::settle::{SettleQueue, Settler};
 use crate::stats::Stats;
@@ -128,15 +130,26 @@ impl ReceivePolicy {
 /// An SQS worker with task protection.
 #[derive(Debug)]
 pub struct Worker {
-    queue: Queue,
+    queues: Vec<(Option<String>, Queue)>,
     protection: TaskProtection,
     settings: WorkerSettings,
+    handler: BoxedHandler,
+}
+
+/// One queue the worker works, and the settler of its messages.
+#[derive(Debug)]
+pub(crate) struct Lane {
+    pub(crate) queue: Queue,
+    /// Its name in `COPILOT_TOPIC_QUEUE_URIS`; `None` for `COPILOT_QUEUE_URI`.
+    pub(crate) name: Option<String>,
+    pub(crate) settle: SettleQueue,
 }
 
 /// What every message task shares.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub(crate) queue: Queue,
+    pub(crate) lanes: Vec<Lane>,
+    pub(crate) handler: BoxedHandler,
     pub(crate) protection: TaskProtection,
     pub(crate) settings: WorkerSettings,
     /// No new receives and no new jobs: on a signal, a refusal, or a fatal receive.
@@ -147,7 +160,6 @@ pub(crate) struct Shared {
     pub(crate) give_up: CancellationToken,
     /// Messages waiting for protection; the receive loop waits while there are any.
     pub(crate) awaiting_protection: watch::Sender<usize>,
-    pub(crate) settle: SettleQueue,
     pub(crate) stats: Arc<Stats>,
     /// Running jobs, for the settler and the drain.
     jobs: TaskTracker,
@@ -183,14 +195,31 @@ async fn next_signal(signals: &mut mpsc::UnboundedReceiver<Signal>) -> Signal {
 }
 
 impl Worker {
-    /// A worker on `queue`, protecting its task through `protection`.
+    /// A worker on `queue` running `handler` for each message, protecting its task
+    /// through `protection`.
     #[must_use]
-    pub fn new(queue: Queue, protection: TaskProtection, settings: WorkerSettings) -> Self {
+    pub fn new(
+        queue: Queue,
+        protection: TaskProtection,
+        settings: WorkerSettings,
+        handler: impl Handler,
+    ) -> Self {
         Self {
-            queue,
+            queues: vec![(None, queue)],
             protection,
             settings,
+            handler: BoxedHandler::new(handler),
         }
+    }
+
+    /// Works `queue` as well, a topic-specific queue called `name`. All queues share
+    /// the worker's slots; each has its own long poll, and a freed slot goes to the
+    /// queue that has waited longest for one, so a flooded queue does not starve
+    /// the others.
+    #[must_use]
+    pub fn with_queue(mut self, name: impl Into<String>, queue: Queue) -> Self {
+        self.queues.push((Some(name.into()), queue));
+        self
     }
 
     /// Works the queue until a signal arrives on `signals`, ECS refuses protection or
@@ -200,20 +229,30 @@ impl Worker {
     ///
     /// It does not release protection; the caller shuts [`TaskProtection`] down.
     pub async fn run(self, mut signals: mpsc::UnboundedReceiver<Signal>) -> Outcome {
+        crate::metrics::describe();
         let jobs = TaskTracker::new();
-        let (settler, settle) = Settler::new(self.queue.clone(), jobs.clone());
-        let settler = tokio::spawn(settler.run());
+        let mut lanes = Vec::new();
+        let mut settlers = Vec::new();
+        for (name, queue) in self.queues {
+            let (settler, settle) = Settler::new(queue.clone(), jobs.clone());
+            settlers.push(tokio::spawn(settler.run()));
+            lanes.push(Lane {
+                queue,
+                name,
+                settle,
+            });
+        }
         let stats = Arc::new(Stats::default());
         let grace = self.settings.shutdown_grace;
         let shared = Arc::new(Shared {
-            queue: self.queue,
+            lanes,
+            handler: self.handler,
             protection: self.protection,
             settings: self.settings,
             stop_receiving: CancellationToken::new(),
             abandon: CancellationToken::new(),
             give_up: CancellationToken::new(),
             awaiting_protection: watch::Sender::new(0),
-            settle,
             stats: Arc::clone(&stats),
             jobs: jobs.clone(),
             refusal: Mutex::new(None),
@@ -221,7 +260,24 @@ impl Worker {
             receiving_ended: CancellationToken::new(),
         });
         let messages = TaskTracker::new();
-        tokio::spawn(receive_loop(Arc::clone(&shared), messages.clone()));
+        let slots = Arc::new(Semaphore::new(shared.settings.concurrency.max(1)));
+        let loops = TaskTracker::new();
+        for lane in 0..shared.lanes.len() {
+            loops.spawn(receive_loop(
+                Arc::clone(&shared),
+                lane,
+                Arc::clone(&slots),
+                messages.clone(),
+            ));
+        }
+        loops.close();
+        {
+            let ended = shared.receiving_ended.clone();
+            tokio::spawn(async move {
+                loops.wait().await;
+                ended.cancel();
+            });
+        }
 
         let mut signal = tokio::select! {
             s = next_signal(&mut signals) => Some(s),
@@ -308,16 +364,27 @@ impl Worker {
         };
         // Every message task has ended; dropping the last sender ends the settler.
         drop(shared);
-        let _ = tokio::time::timeout(Duration::from_secs(1), settler).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            futures_util::future::join_all(settlers),
+        )
+        .await;
         tracing::info!("Worker stopped: {stats}");
         outcome
     }
 }
 
-/// Receives while there are free slots and no message waits for protection, until
-/// the worker stops receiving; stores a fatal error in `shared`.
-async fn receive_loop(shared: Arc<Shared>, messages: TaskTracker) {
-    let slots = Arc::new(Semaphore::new(shared.settings.concurrency.max(1)));
+/// Receives from one queue while there are free slots and no message waits for
+/// protection, until the worker stops receiving; stores a fatal error in `shared`
+/// and stops every queue's loop then.
+async fn receive_loop(
+    shared: Arc<Shared>,
+    lane: usize,
+    slots: Arc<Semaphore>,
+    messages: TaskTracker,
+) {
+    let queue = shared.lanes[lane].queue.clone();
+    let fifo = queue.is_fifo();
     let mut policy = ReceivePolicy::new(shared.settings.wait);
     let mut awaiting = shared.awaiting_protection.subscribe();
     loop {
@@ -356,11 +423,28 @@ async fn receive_loop(shared: Arc<Shared>, messages: TaskTracker) {
             biased;
             () = shared.abandon.cancelled() => break,
             () = stopped => break,
-            r = shared.queue.receive(permits.len(), shared.settings.wait, shared.settings.visibility) => r,
+            r = queue.receive(permits.len(), shared.settings.wait, shared.settings.visibility) => r,
         };
         match policy.after(received) {
             AfterReceive::Dispatch(batch) => {
-                for message in batch {
+                // On a FIFO queue, the messages of one group in a batch run one after
+                // the other, each on the slot of the one before, so the slots left
+                // over go to other groups at once.
+                let mut last_of_group: HashMap<String, usize> = HashMap::new();
+                let mut orders: Vec<Order> = Vec::new();
+                for (i, message) in batch.iter().enumerate() {
+                    let mut order = Order::default();
+                    if fifo
+                        && let Some(group) = &message.group_id
+                        && let Some(prev) = last_of_group.insert(group.clone(), i)
+                    {
+                        let (tx, rx) = oneshot::channel();
+                        orders[prev].before = Some(tx);
+                        order.after = Some(rx);
+                    }
+                    orders.push(order);
+                }
+                for (message, order) in batch.into_iter().zip(orders) {
                     let Some(permit) = permits.pop() else {
                         tracing::warn!(
                             "{} - Received more messages than asked for; it comes back after its visibility timeout",
@@ -368,17 +452,27 @@ async fn receive_loop(shared: Arc<Shared>, messages: TaskTracker) {
                         );
                         continue;
                     };
+                    // A message waiting for its group's turn holds no slot.
+                    let permit = if order.after.is_some() {
+                        drop(permit);
+                        None
+                    } else {
+                        Some(permit)
+                    };
                     shared
                         .stats
                         .received
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    crate::metrics::count(crate::metrics::JOBS_RECEIVED);
                     let id = &message.id;
                     tracing::info!(message_id = %id, receive_count = message.receive_count, "{id} - Received");
                     let token = shared.jobs.token();
                     messages.spawn(in_flight::handle(
                         Arc::clone(&shared),
+                        lane,
                         message,
                         permit,
+                        order,
                         token,
                     ));
                 }
@@ -403,12 +497,16 @@ async fn receive_loop(shared: Arc<Shared>, messages: TaskTracker) {
                 }
             }
             AfterReceive::Exit(e) => {
-                *shared.fatal.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+                shared
+                    .fatal
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get_or_insert(e);
+                shared.stop_receiving.cancel();
                 break;
             }
         }
     }
-    shared.receiving_ended.cancel();
 }
 
 #[cfg(test)]

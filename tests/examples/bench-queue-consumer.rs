@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::Client;
-use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequestEntry};
+use aws_sdk_sqs::types::{
+    DeleteMessageBatchRequestEntry, QueueAttributeName, SendMessageBatchRequestEntry,
+};
 use e2e::agent::FakeAgent;
 use e2e::counting::CountingProxy;
 use e2e::moto::{Moto, aws_env, client_for};
@@ -77,6 +79,35 @@ async fn fill(client: &Client, queue: &str, jobs: usize) {
             .await
             .expect("send_message_batch");
         left -= n;
+    }
+}
+
+/// Puts `jobs` zero-millisecond jobs on FIFO `queue`, spread round-robin over
+/// `groups` message groups, ten per call.
+async fn fill_fifo(client: &Client, queue: &str, jobs: usize, groups: usize) {
+    let mut sent = 0;
+    while sent < jobs {
+        let n = (jobs - sent).min(10);
+        let entries = (0..n)
+            .map(|i| {
+                let k = sent + i;
+                SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body("0")
+                    .message_group_id(format!("g{}", k % groups))
+                    .message_deduplication_id(k.to_string())
+                    .build()
+                    .expect("entry")
+            })
+            .collect();
+        client
+            .send_message_batch()
+            .queue_url(queue)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .expect("send_message_batch");
+        sent += n;
     }
 }
 
@@ -174,7 +205,6 @@ async fn baseline(moto: &Moto, jobs: usize, max: i32) -> Row {
 
 /// A worker under test, with its own queue, proxy and agent.
 struct Run {
-    concurrency: usize,
     child: tokio::process::Child,
     agent: FakeAgent,
     proxy: CountingProxy,
@@ -183,9 +213,62 @@ struct Run {
     idle_from: usize,
 }
 
-async fn run_worker(moto: &Moto, jobs: usize, concurrency: usize) -> Run {
-    let queue = moto.create_queue(&format!("jobs-c{concurrency}"), 30).await;
-    fill(&moto.client(), &queue, jobs).await;
+/// The queues of a run.
+#[derive(Clone, Copy, PartialEq)]
+enum Shape {
+    /// One standard queue.
+    One,
+    /// A FIFO queue with this many message groups.
+    Fifo(usize),
+    /// Two standard queues, half the jobs each, the second in
+    /// `COPILOT_TOPIC_QUEUE_URIS`.
+    Two,
+}
+
+async fn run_worker(moto: &Moto, jobs: usize, concurrency: usize, shape: Shape) -> Run {
+    let client = moto.client();
+    let mut env: Vec<(&str, String)> = Vec::new();
+    let (queue, what) = match shape {
+        Shape::One => {
+            let queue = moto.create_queue(&format!("jobs-c{concurrency}"), 30).await;
+            fill(&client, &queue, jobs).await;
+            (queue, String::new())
+        }
+        Shape::Fifo(groups) => {
+            let queue = client
+                .create_queue()
+                .queue_name(format!("jobs-c{concurrency}.fifo"))
+                .attributes(QueueAttributeName::FifoQueue, "true")
+                .send()
+                .await
+                .expect("create_queue")
+                .queue_url
+                .unwrap_or_default();
+            fill_fifo(&client, &queue, jobs, groups).await;
+            // moto's long poll on a FIFO queue keeps the groups in flight at its start
+            // for its whole wait: short polls, or each group step waits out a poll.
+            env.push(("QUEUE_WAIT_SECONDS", "1".to_owned()));
+            (
+                queue,
+                format!(", FIFO, {groups} groups, QUEUE_WAIT_SECONDS=1"),
+            )
+        }
+        Shape::Two => {
+            let queue = moto
+                .create_queue(&format!("jobs-c{concurrency}-a"), 30)
+                .await;
+            let other = moto
+                .create_queue(&format!("jobs-c{concurrency}-b"), 30)
+                .await;
+            fill(&client, &queue, jobs / 2).await;
+            fill(&client, &other, jobs - jobs / 2).await;
+            env.push((
+                "COPILOT_TOPIC_QUEUE_URIS",
+                format!(r#"{{"otherEventsQueue":"{other}"}}"#),
+            ));
+            (queue, ", two queues".to_owned())
+        }
+    };
     let agent = FakeAgent::start().await;
     let proxy = CountingProxy::start(([127, 0, 0, 1], moto.port()).into()).await;
     let mut cmd = tokio::process::Command::new(binary("queue-consumer"));
@@ -195,6 +278,7 @@ async fn run_worker(moto: &Moto, jobs: usize, concurrency: usize) -> Run {
         .env("WORKER_CONCURRENCY", concurrency.to_string())
         .env("ECS_AGENT_URI", agent.uri())
         .env("TASK_PROTECTION_BACKEND", "agent")
+        .envs(env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -226,14 +310,13 @@ async fn run_worker(moto: &Moto, jobs: usize, concurrency: usize) -> Run {
     let requests = proxy.total();
     let detail = format!("{:?}", proxy.counts());
     Run {
-        concurrency,
         child,
         puts_in_run: agent.puts().len(),
         idle_from: 0,
         agent,
         proxy,
         row: Row {
-            what: format!("queue-consumer, WORKER_CONCURRENCY={concurrency}"),
+            what: format!("queue-consumer, WORKER_CONCURRENCY={concurrency}{what}"),
             secs,
             jobs,
             requests,
@@ -256,8 +339,13 @@ async fn main() {
         baseline(&moto, args.jobs, 10).await,
     ];
     let mut runs = Vec::new();
-    for concurrency in [1, 10] {
-        let run = run_worker(&moto, args.jobs, concurrency).await;
+    for (concurrency, shape) in [
+        (1, Shape::One),
+        (10, Shape::One),
+        (10, Shape::Fifo(10)),
+        (10, Shape::Two),
+    ] {
+        let run = run_worker(&moto, args.jobs, concurrency, shape).await;
         runs.push(run);
     }
     // Idle: once each worker has released protection after its maintain window.
@@ -297,8 +385,8 @@ async fn main() {
             .map(|p| if p.enabled() { "enable" } else { "disable" })
             .collect();
         println!(
-            "| WORKER_CONCURRENCY={} | {} ({}) | {} | {} |",
-            run.concurrency,
+            "| {} | {} ({}) | {} | {} |",
+            run.row.what,
             run.idle_from,
             kinds.join(", "),
             puts.len() - run.idle_from,

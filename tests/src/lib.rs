@@ -9,6 +9,7 @@ pub mod agent;
 pub mod counting;
 pub mod moto;
 pub mod process;
+pub mod worker;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -65,6 +65,8 @@ pub struct Service {
     child: tokio::process::Child,
     lines: Arc<Mutex<Vec<String>>>,
     changed: Arc<Notify>,
+    /// The readers of stdout and stderr; they end when the process closes them.
+    pumps: Vec<tokio::task::JoinHandle<()>>,
 }
 
 fn pump(
@@ -72,7 +74,7 @@ fn pump(
     stream: impl AsyncRead + Unpin + Send + 'static,
     lines: Arc<Mutex<Vec<String>>>,
     changed: Arc<Notify>,
-) {
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut reader = BufReader::new(stream).lines();
         while let Ok(Some(line)) = reader.next_line().await {
@@ -83,7 +85,7 @@ fn pump(
                 .push(line);
             changed.notify_waiters();
         }
-    });
+    })
 }
 
 impl Service {
@@ -102,27 +104,29 @@ impl Service {
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let lines = Arc::new(Mutex::new(Vec::new()));
         let changed = Arc::new(Notify::new());
+        let mut pumps = Vec::new();
         if let Some(out) = child.stdout.take() {
-            pump(
+            pumps.push(pump(
                 name.to_owned(),
                 out,
                 Arc::clone(&lines),
                 Arc::clone(&changed),
-            );
+            ));
         }
         if let Some(err) = child.stderr.take() {
-            pump(
+            pumps.push(pump(
                 name.to_owned(),
                 err,
                 Arc::clone(&lines),
                 Arc::clone(&changed),
-            );
+            ));
         }
         Self {
             name: name.to_owned(),
             child,
             lines,
             changed,
+            pumps,
         }
     }
 
@@ -181,13 +185,18 @@ impl Service {
         self.signal(Signal::SIGTERM);
     }
 
-    /// Waits for the process to exit.
+    /// Waits for the process to exit, and for its last lines to be read.
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        match tokio::time::timeout(timeout, self.child.wait()).await {
+        let status = match tokio::time::timeout(timeout, self.child.wait()).await {
             Ok(Ok(status)) => status,
             Ok(Err(e)) => panic!("{}: wait failed: {e}", self.name),
             Err(_) => panic!("{}: did not exit within {timeout:?}", self.name),
+        };
+        // The exit can be seen before the readers reach the end of the pipes.
+        for pump in self.pumps.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), pump).await;
         }
+        status
     }
 
     /// The process id.

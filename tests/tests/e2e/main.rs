@@ -6,5 +6,8 @@ mod demo;
 mod deploy;
 mod protection_faults;
 mod queue_consumer;
+mod queue_consumer_metrics;
+mod queue_consumer_sources;
 mod readme;
 mod websocket;
+mod worker_library;

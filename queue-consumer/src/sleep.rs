@@ -1,28 +1,22 @@
-//! The job: what a message asks for, and the work itself.
+//! The sample's job: a body that is a number of milliseconds, and a handler that
+//! waits that long, standing in for real work.
 //!
-//! A message body is parsed into a [`JobDuration`] at the edge, so the worker never
-//! handles an unchecked string. [`work`] is the one function that does the job; to
-//! turn this template into a real worker, change [`JobDuration`] into your own job
-//! type and [`work`] into your processing. Nothing else needs to change.
+//! A body is parsed into a [`JobDuration`] first, so the work never sees an unchecked
+//! string. To turn this sample into a real worker, write your own
+//! [`Handler`](queue_consumer::handler::Handler) and pass it to
+//! [`queue_consumer::run`] in `main.rs`; nothing in the library needs to change.
 
 use std::fmt;
 use std::time::Duration;
 
+use queue_consumer::handler::{Handler, Job, Verdict};
+
 /// How much of a rejected body is quoted in logs; bodies can be up to 1 MiB.
 const EXCERPT_CHARS: usize = 32;
 
-/// One job: the message it came from and what it asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Job {
-    /// The SQS message id, for logs.
-    pub id: String,
-    /// How long to work.
-    pub duration: JobDuration,
-}
-
 /// A job's duration: a whole number of milliseconds in `0..=MAX_JOB_MS`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct JobDuration(Duration);
+pub(crate) struct JobDuration(Duration);
 
 impl JobDuration {
     /// Parses a message body: ASCII digits, optionally surrounded by whitespace, at
@@ -30,7 +24,7 @@ impl JobDuration {
     ///
     /// # Errors
     /// [`BadBody`] saying why; the body is quoted only in part.
-    pub fn parse(body: &str, max: Duration) -> Result<Self, BadBody> {
+    pub(crate) fn parse(body: &str, max: Duration) -> Result<Self, BadBody> {
         let text = body.trim();
         if text.is_empty() {
             return Err(BadBody::Empty);
@@ -64,13 +58,13 @@ impl JobDuration {
 
     /// The duration.
     #[must_use]
-    pub fn get(self) -> Duration {
+    pub(crate) fn get(self) -> Duration {
         self.0
     }
 
     /// The duration in whole milliseconds.
     #[must_use]
-    pub fn as_millis(self) -> u64 {
+    pub(crate) fn as_millis(self) -> u64 {
         u64::try_from(self.0.as_millis()).unwrap_or(u64::MAX)
     }
 }
@@ -85,7 +79,7 @@ impl fmt::Display for JobDuration {
 /// fix it, so it is left for the queue's redrive policy to move to the dead-letter
 /// queue.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BadBody {
+pub(crate) enum BadBody {
     /// No body, or only whitespace.
     #[error("the body is empty")]
     Empty,
@@ -115,44 +109,27 @@ fn excerpt(text: &str) -> String {
     out
 }
 
-/// The work failed; the message is delivered again later.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum JobError {
-    /// A failure that may pass: the message is retried after a backoff.
-    #[error("{0}")]
-    Failed(String),
-    /// The job stopped because the worker no longer holds its message
-    /// ([`JobContext::lost`]): it is neither deleted nor handed back.
-    #[error("the message is no longer held by this worker")]
-    Lost,
+/// The sample handler: waits for the duration the body names, without blocking a
+/// thread, and stops when the message is no longer held.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sleep {
+    /// Longest job accepted; a longer body is bad input.
+    pub(crate) max_job: Duration,
 }
 
-/// What a running job may want to know about its message.
-#[derive(Debug, Clone)]
-pub struct JobContext {
-    /// How many times SQS has delivered the message, this time included.
-    pub receive_count: u32,
-    /// Cancelled when the worker no longer holds the message: its receipt handle
-    /// became invalid (a purge, a delete elsewhere), or its visibility could not be
-    /// extended (denied, SQS's 12 h limit) and has run out. Another worker may then be
-    /// doing the same job; stop if that matters.
-    pub lost: tokio_util::sync::CancellationToken,
-}
-
-/// Does the job. Here: waits for its duration, without blocking a thread, standing in
-/// for real work, and stops when the message is no longer held.
-///
-/// Keep it cancel-safe or idempotent: at the end of the shutdown grace period the
-/// future is dropped and the message handed back, so another worker does the job
-/// again.
-///
-/// # Errors
-/// [`JobError::Lost`] when the message is lost. Real work returns
-/// [`JobError::Failed`] to have the message retried.
-pub async fn work(job: &Job, ctx: &JobContext) -> Result<(), JobError> {
-    tokio::select! {
-        () = tokio::time::sleep(job.duration.get()) => Ok(()),
-        () = ctx.lost.cancelled() => Err(JobError::Lost),
+impl Handler for Sleep {
+    async fn handle(&self, job: Job) -> Verdict {
+        let duration = match JobDuration::parse(&job.body, self.max_job) {
+            Ok(d) => d,
+            Err(reason) => return Verdict::BadInput(reason.to_string()),
+        };
+        let id = &job.message_id;
+        tracing::info!(message_id = %id, "{id} - Working for {duration}");
+        tokio::select! {
+            () = tokio::time::sleep(duration.get()) => Verdict::Done,
+            // The worker neither deletes nor hands back a message it no longer holds.
+            () = job.lost.cancelled() => Verdict::Failed("the message is no longer held".to_owned()),
+        }
     }
 }
 
@@ -231,25 +208,38 @@ mod tests {
         assert!(JobDuration::parse("0", Duration::ZERO).is_ok());
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn work_takes_the_duration() {
-        let job = Job {
-            id: "m".to_owned(),
-            duration: JobDuration::parse("90000", MAX).unwrap(),
-        };
-        let ctx = JobContext {
+    fn job(body: &str) -> Job {
+        Job {
+            message_id: "m".to_owned(),
+            body: body.to_owned(),
+            attributes: std::collections::BTreeMap::new(),
             receive_count: 1,
+            source: queue_consumer::handler::Source {
+                queue_url: "http://localhost/1/q".to_owned(),
+                queue_name: None,
+                topic_arn: None,
+            },
+            sns_message_id: None,
+            group_id: None,
+            deduplication_id: None,
             lost: tokio_util::sync::CancellationToken::new(),
-        };
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sleep_takes_the_duration_and_stops_when_lost() {
+        let h = Sleep { max_job: MAX };
         let start = tokio::time::Instant::now();
-        work(&job, &ctx).await.unwrap();
+        assert_eq!(h.handle(job("90000")).await, Verdict::Done);
         assert_eq!(start.elapsed(), Duration::from_secs(90));
-        let lost = ctx.lost.clone();
+        let j = job("90000");
+        let lost = j.lost.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(5)).await;
             lost.cancel();
         });
-        assert_eq!(work(&job, &ctx).await, Err(JobError::Lost));
+        assert!(matches!(h.handle(j).await, Verdict::Failed(_)));
         assert_eq!(start.elapsed(), Duration::from_secs(95));
+        assert!(matches!(h.handle(job("abc")).await, Verdict::BadInput(_)));
     }
 }
