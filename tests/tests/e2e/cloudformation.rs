@@ -28,10 +28,13 @@ const TEMPLATE: &str = "cloudformation/task-protection.yml";
 /// The variable the worker reads its queue URL from (Copilot's name for it).
 const QUEUE_URL_VARIABLE: &str = "COPILOT_QUEUE_URI";
 /// Resource types moto's CloudFormation accepts but does not create: they appear
-/// in no API and not in DescribeStackResources.
-const UNMODELLED_BY_MOTO: [&str; 2] = [
+/// in no API and not in DescribeStackResources. The alarms and the dashboard are
+/// checked statically in monitoring.rs.
+const UNMODELLED_BY_MOTO: [&str; 4] = [
     "AWS::ApplicationAutoScaling::ScalableTarget",
     "AWS::ApplicationAutoScaling::ScalingPolicy",
+    "AWS::CloudWatch::Alarm",
+    "AWS::CloudWatch::Dashboard",
 ];
 
 // --- reading the template ------------------------------------------------------------

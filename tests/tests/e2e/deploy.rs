@@ -48,6 +48,11 @@ pub(super) fn yaml(relative: &str) -> Value {
         .unwrap_or_else(|e| panic!("{relative} is not valid YAML: {e}"))
 }
 
+/// Whether a file exists under the workspace root.
+pub(super) fn exists(relative: &str) -> bool {
+    workspace_root().join(relative).is_file()
+}
+
 /// The value at a dotted path of mapping keys, such as `subscribe.queue.timeout`.
 pub(super) fn at<'a>(doc: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(doc, |node, key| node.get(key))
