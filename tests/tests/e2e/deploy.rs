@@ -632,26 +632,32 @@ pub(super) fn function(value: &Value) -> Option<(String, String)> {
 }
 
 #[test]
-fn the_worker_addon_lets_it_change_visibility_on_its_own_queue_only() {
+fn the_worker_may_change_visibility_on_its_own_queue_only() {
     // Copilot's queue policy gives the task role sqs:ReceiveMessage and
     // sqs:DeleteMessage only (aws/copilot-cli#4216). The worker also extends and
-    // hands back messages, which needs sqs:ChangeMessageVisibility on its queue.
-    let relative = "copilot/queue-consumer/addons/queue-visibility.yml";
-    let path = workspace_root().join(relative);
-    assert!(
-        path.is_file(),
-        "{relative} is missing: without it every heartbeat and hand-back is AccessDenied"
-    );
-    let template = yaml(relative);
-    let resources = at(&template, "Resources")
-        .and_then(Value::as_mapping)
-        .unwrap_or_else(|| panic!("{relative} has no Resources"));
-    let policies: Vec<(&Value, &Value)> = resources
+    // hands back messages, which needs sqs:ChangeMessageVisibility on its queue. The
+    // grant is a patch of the service stack: an addon handed the queue's ARN would
+    // close a cycle (EventsQueue -> EventsKMSKey -> TaskRole -> addon outputs).
+    let relative = "copilot/queue-consumer/overrides/cfn.patches.yml";
+    let patches = yaml(relative);
+    let ops = patches
+        .as_sequence()
+        .unwrap_or_else(|| panic!("{relative} is not a list of patches"));
+    let grants: Vec<&Value> = ops
         .iter()
-        .filter(|(_, r)| text_at(r, "Type").as_deref() == Some("AWS::IAM::ManagedPolicy"))
+        .filter_map(|op| op.get("value"))
+        .filter(|v| text_at(v, "Type").as_deref() == Some("AWS::IAM::Policy"))
         .collect();
-    assert_eq!(policies.len(), 1, "{relative}: expected one managed policy");
-    let (id, policy) = policies[0];
+    assert_eq!(grants.len(), 1, "{relative}: expected one IAM policy");
+    let policy = grants[0];
+    let roles = at(policy, "Properties.Roles")
+        .and_then(Value::as_sequence)
+        .unwrap_or_else(|| panic!("{relative}: the policy names no role"));
+    assert_eq!(
+        roles.iter().filter_map(function).collect::<Vec<_>>(),
+        [("!Ref".to_owned(), "TaskRole".to_owned())],
+        "{relative}: the policy must attach to Copilot's TaskRole only"
+    );
     let statements = at(policy, "Properties.PolicyDocument.Statement")
         .and_then(Value::as_sequence)
         .unwrap_or_else(|| panic!("{relative}: the policy has no statements"));
@@ -661,34 +667,22 @@ fn the_worker_addon_lets_it_change_visibility_on_its_own_queue_only() {
         "{relative}: the policy must allow exactly sqs:ChangeMessageVisibility"
     );
     for statement in statements {
-        let resource = statement
-            .get("Resource")
-            .and_then(function)
-            .unwrap_or_else(|| panic!("{relative}: Resource must be !Ref of a parameter"));
         assert_eq!(
-            resource,
-            ("!Ref".to_owned(), "EventsQueueArn".to_owned()),
+            statement.get("Resource").and_then(function),
+            Some(("!GetAtt".to_owned(), "EventsQueue.Arn".to_owned())),
             "{relative}: Resource must be the service's own queue"
         );
     }
-    assert!(
-        at(&template, "Parameters.EventsQueueArn").is_some(),
-        "{relative}: no EventsQueueArn parameter"
-    );
-    // Copilot's worker stack names the queue EventsQueue; addons.parameters.yml
-    // hands its ARN to the addon.
-    let params = yaml("copilot/queue-consumer/addons/addons.parameters.yml");
-    assert_eq!(
-        at(&params, "Parameters.EventsQueueArn").and_then(function),
-        Some(("!GetAtt".to_owned(), "EventsQueue.Arn".to_owned())),
-        "addons.parameters.yml must pass EventsQueueArn: !GetAtt EventsQueue.Arn"
-    );
-    let outputs = format!("{:?}", at(&template, "Outputs"));
-    let id = text(id).unwrap_or_default();
-    assert!(
-        outputs.contains(&id),
-        "{relative}: no output holds the policy ARN (Ref {id}), so Copilot would not attach it"
-    );
+    // And no addon may take the queue as a parameter: that is the cycle.
+    let addons = workspace_root().join("copilot/queue-consumer/addons");
+    for entry in std::fs::read_dir(&addons).unwrap().flatten() {
+        let body = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        assert!(
+            !body.contains("EventsQueue"),
+            "{}: an addon that refers to EventsQueue makes a circular dependency",
+            entry.path().display()
+        );
+    }
 }
 
 #[test]
