@@ -27,6 +27,7 @@ use crate::config::ServerSettings;
 use crate::connection::{Notice, SHUTTING_DOWN_SOON};
 use crate::connections::Connections;
 use crate::http::{self, HttpSettings, MAX_PENDING_CONNECTIONS};
+use crate::metrics::ServerMetrics;
 use crate::routes::{Shared, router};
 
 /// How long HTTP requests still in flight get after the websockets are done.
@@ -60,6 +61,7 @@ impl App {
             refused: AtomicBool::new(false),
             limits: settings.limits,
             allowed_origins: settings.allowed_origins,
+            metrics: ServerMetrics::register(),
         });
         Ok(Self {
             listener,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use task_protection::ProtectionSettings;
-use task_protection::cli::{LogFormat, ProtectionArgs, ranged};
+use task_protection::cli::{LogFormat, MetricsArgs, ProtectionArgs, ranged};
 
 use crate::connection::limits::Limits;
 
@@ -107,6 +107,10 @@ pub struct Config {
     /// Task protection settings.
     #[command(flatten)]
     pub protection: ProtectionArgs,
+
+    /// Metrics settings.
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 /// What the binary can do besides serving.

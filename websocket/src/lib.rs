@@ -17,6 +17,7 @@
 //! - [`http`]: accepting connections and serving HTTP/1.1 with timeouts and bounds.
 //! - [`connection`]: one client's protocol, generic over the socket, and its limits.
 //! - [`connections`]: the client count and the protection each client holds.
+//! - [`metrics`]: what the server counts, for whatever metrics recorder is installed.
 //! - [`healthcheck`]: the `healthcheck` subcommand.
 
 pub mod app;
@@ -25,6 +26,7 @@ pub mod connection;
 pub mod connections;
 pub mod healthcheck;
 pub mod http;
+pub mod metrics;
 pub mod routes;
 
 pub use app::App;

@@ -31,6 +31,7 @@ async fn main() -> ExitCode {
     }
 
     init_logging(config.log_format);
+    let metrics = config.metrics.install("websocket");
     websocket::http::raise_open_file_limit(server.max_connections);
     let settings = config
         .protection
@@ -52,11 +53,16 @@ async fn main() -> ExitCode {
         let signal = shutdown_signal().await;
         tracing::info!("{} received", signal.name());
     };
-    match app.run_until_stopped(stopped).await {
+    let code = match app.run_until_stopped(stopped).await {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("the server failed: {e}");
             ExitCode::FAILURE
         }
+    };
+    // The last interval's line, so nothing counted is lost at exit.
+    if let Some(m) = &metrics {
+        m.flush();
     }
+    code
 }

@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::connection::limits::{Limits, MAX_WRITE_BUFFER_BYTES, Meter};
 use crate::connection::{self, Notice};
 use crate::connections::Connections;
+use crate::metrics::ServerMetrics;
 
 /// The page, compiled in so the binary needs no files at run time.
 pub const PAGE: &str = include_str!("../static/index.html");
@@ -51,6 +52,8 @@ pub(crate) struct Shared {
     pub(crate) limits: Limits,
     /// Origins whose pages may connect, lower case; empty: any.
     pub(crate) allowed_origins: Vec<String>,
+    /// What the server counts.
+    pub(crate) metrics: ServerMetrics,
 }
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
@@ -138,12 +141,14 @@ fn accept(
             limit = shared.connections.limit(),
             "Refused a client: MAX_CONNECTIONS reached"
         );
+        shared.metrics.refused.increment(1);
         return unavailable("too many connections");
     };
     let mut notices = shared.notices.subscribe();
     let shutdown = shared.shutdown.clone();
     let refused = shared.refused.load(Ordering::Relaxed);
     let limits = shared.limits;
+    let metrics = shared.metrics.clone();
     // From the 101 on, the connection's bytes are websocket frames.
     meter.start_websocket();
     upgrade
@@ -155,6 +160,8 @@ fn accept(
         .on_failed_upgrade(|error| tracing::debug!("websocket upgrade failed: {error}"))
         .on_upgrade(move |mut socket| async move {
             slot.opened();
+            metrics.opened.increment(1);
+            metrics.connections.increment(1.0);
             let count = slot.count_when_opened();
             let greeting = connection::Greeting {
                 connections: count,
@@ -167,9 +174,12 @@ fn accept(
                 &shutdown,
                 &limits,
                 &meter,
+                &metrics.messages,
             )
             .await;
             tracing::debug!(?ended, "websocket ended");
+            metrics.closed(ended);
+            metrics.connections.decrement(1.0);
             drop(slot);
             drop(tracked);
         })

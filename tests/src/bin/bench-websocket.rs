@@ -14,12 +14,18 @@
 //! message that never ends, (d) sent a message far over the limit. Each attack runs
 //! on a fresh process.
 //!
+//! With `--metrics`, two `websocket` servers run side by side, one with `METRICS=emf`
+//! (a line every second, `METRICS_INTERVAL_SECONDS=1`, the most often allowed) and
+//! one with `METRICS=off`, and the figure is their closed-loop round trips per
+//! second, median of the same alternating rounds.
+//!
 //! Build both in release mode first, from the workspace root:
 //!
 //! ```text
 //! cargo build --release -p websocket -p e2e --bins
 //! ulimit -n 20000 && target/release/bench-websocket
 //! ulimit -n 20000 && target/release/bench-websocket --hostile
+//! target/release/bench-websocket --metrics
 //! ```
 
 use std::path::PathBuf;
@@ -334,8 +340,66 @@ async fn hostile() -> Result<(), Error> {
     Ok(())
 }
 
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn list(v: &[f64]) -> String {
+    v.iter()
+        .map(|r| format!("{r:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Round trips per second with metrics written each second against metrics off.
+async fn metrics_cost() -> Result<(), Error> {
+    let common = [
+        ("BIND_ADDRESS", "127.0.0.1"),
+        ("TASK_PROTECTION_BACKEND", "local"),
+        ("RUST_LOG", "info"),
+        ("METRICS_INTERVAL_SECONDS", "1"),
+    ];
+    let with = |mode| {
+        let mut env = common.to_vec();
+        env.push(("METRICS", mode));
+        env
+    };
+    let off = Server::start("websocket", &with("off")).await?;
+    let emf = Server::start("websocket", &with("emf")).await?;
+    let servers = [&off, &emf];
+    let mut rates = vec![Vec::new(); servers.len()];
+    for round in 0..ROUNDS {
+        let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let rate = round_trips(servers[i]).await?;
+            let mode = if i == 0 { "off" } else { "emf" };
+            eprintln!(
+                "round {}: METRICS={mode} {rate:.0} round trips/s",
+                round + 1
+            );
+            rates[i].push(rate);
+        }
+    }
+    let (o, e) = (median(&rates[0]), median(&rates[1]));
+    println!("| Figure | METRICS=off | METRICS=emf, a line per second | Ratio |");
+    println!("|---|---|---|---|");
+    println!(
+        "| Round trips/s, {CLIENTS} clients, median of {ROUNDS} rounds | {o:.0} | {e:.0} | {:.2} × |",
+        e / o
+    );
+    println!();
+    println!("Rounds, METRICS=off: {}", list(&rates[0]));
+    println!("Rounds, METRICS=emf: {}", list(&rates[1]));
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Error> {
+    if std::env::args().any(|a| a == "--metrics") {
+        return metrics_cost().await;
+    }
     if std::env::args().any(|a| a == "--hostile") {
         if fd_limit() < (HOSTILE_CLIENTS as u64) + 1000 {
             return Err(format!(
@@ -399,17 +463,6 @@ async fn main() -> Result<(), Error> {
         }
     }
 
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let list = |v: &[f64]| {
-        v.iter()
-            .map(|r| format!("{r:.0}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     println!("| Figure | ws-baseline | websocket | Ratio | Target |");
     println!("|---|---|---|---|---|");
     let (b, w) = (median(&rates[0]), median(&rates[1]));

@@ -44,7 +44,15 @@ fn table(readme: &str, heading: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-fn readme_settings(readme: &str, service: &str, column: usize) -> BTreeMap<String, String> {
+/// The README's settings for `service`: its own table, the task protection table's
+/// `column`, and the metrics table when `with_metrics` (the service's `--help` lists
+/// `METRICS`).
+fn readme_settings(
+    readme: &str,
+    service: &str,
+    column: usize,
+    with_metrics: bool,
+) -> BTreeMap<String, String> {
     let mut out: BTreeMap<String, String> = table(readme, &format!("### {service}\n"))
         .into_iter()
         .map(|row| {
@@ -59,6 +67,11 @@ fn readme_settings(readme: &str, service: &str, column: usize) -> BTreeMap<Strin
     for row in table(readme, "### Task protection (both services)") {
         out.insert(row[0].clone(), row[column].clone());
     }
+    if with_metrics {
+        for row in table(readme, "### Metrics (both services)") {
+            out.insert(row[0].clone(), row[1].clone());
+        }
+    }
     out
 }
 
@@ -66,8 +79,8 @@ async fn check(service: &str, column: usize) {
     let (status, help, stderr) = run_to_exit(service, &["--help"], &[]).await;
     assert!(status.success(), "{service} --help: {stderr}");
     let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
-    let documented = readme_settings(&readme, service, column);
     let actual = settings_from_help(&help);
+    let documented = readme_settings(&readme, service, column, actual.contains_key("METRICS"));
     assert!(
         actual.len() >= 10,
         "too few settings parsed from --help: {actual:?}"

@@ -17,6 +17,7 @@ use tokio::time::{Instant, Sleep};
 use super::limits::{CLOSING_WRITE_AFTER, Meter, PingRate, SLOW_READER_AFTER};
 use super::{Ended, Notice, OUTBOUND_QUEUE, PING, PONG, RECONNECT, SHUTTING_DOWN, SocketError};
 use super::{close, excerpt};
+use crate::metrics::MessageCounters;
 
 pub(super) enum Event<E> {
     Received(Option<Result<Message, E>>),
@@ -45,6 +46,7 @@ pub(super) struct Link<'a, S> {
     pub(super) stall: Option<Pin<Box<Sleep>>>,
     pub(super) pings: PingRate,
     pub(super) meter: &'a Meter,
+    pub(super) messages: &'a MessageCounters,
     /// The unfinished stretch seen at the last heartbeat, if any.
     pub(super) unfinished_seen: Option<u64>,
     /// When the client is told to reconnect.
@@ -62,12 +64,14 @@ where
             Event::Received(Some(Ok(message))) => {
                 match message {
                     Message::Text(text) => {
+                        self.messages.received.increment(1);
                         if text.as_str() == PING {
                             self.push(Message::Text(PONG.into()));
                         }
                         tracing::debug!("received: {}", excerpt(text.as_str()));
                     }
                     Message::Binary(data) => {
+                        self.messages.received.increment(1);
                         tracing::debug!(bytes = data.len(), "received a binary message");
                     }
                     Message::Pong(_) => {
@@ -198,6 +202,9 @@ where
         while self.head.is_some() {
             ready!(Pin::new(&mut *self.socket).poll_ready(cx))?;
             if let Some(message) = self.head.take() {
+                if matches!(message, Message::Text(_) | Message::Binary(_)) {
+                    self.messages.sent.increment(1);
+                }
                 Pin::new(&mut *self.socket).start_send(message)?;
                 self.unflushed = true;
             }

@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::limits::{Limits, Meter, PingRate};
 use self::link::Link;
+use crate::metrics::MessageCounters;
 
 /// What a client sends to check the connection.
 pub const PING: &str = "ping";
@@ -133,7 +134,8 @@ pub struct Greeting {
 ///
 /// `greeting` says what to tell it first; `notices` carries the heartbeat, the
 /// shutdown and messages for every client; `shutdown` is checked in case a notice
-/// was missed; `meter` shows what the client's socket carries.
+/// was missed; `meter` shows what the client's socket carries; `messages` counts the
+/// text and binary messages each way.
 pub async fn serve<S, E>(
     socket: &mut S,
     greeting: Greeting,
@@ -141,6 +143,7 @@ pub async fn serve<S, E>(
     shutdown: &CancellationToken,
     limits: &Limits,
     meter: &Meter,
+    messages: &MessageCounters,
 ) -> Ended
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message, Error = E> + Unpin,
@@ -159,6 +162,7 @@ where
         stall: None,
         pings: PingRate::new(),
         meter,
+        messages,
         unfinished_seen: None,
         expires: limits
             .max_lifetime
@@ -333,7 +337,16 @@ mod tests {
         let seen = Arc::clone(&meter);
         let server = tokio::spawn(async move {
             let mut socket = socket;
-            serve(&mut socket, greeting, &mut rx, &token, &limits, &seen).await
+            serve(
+                &mut socket,
+                greeting,
+                &mut rx,
+                &token,
+                &limits,
+                &seen,
+                &MessageCounters::noop(),
+            )
+            .await
         });
         Client {
             to_server,
@@ -517,6 +530,7 @@ mod tests {
                 &shutdown,
                 &Limits::default(),
                 &Meter::default(),
+                &MessageCounters::noop(),
             )
             .await
         });
