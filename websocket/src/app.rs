@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use task_protection::{ProtectionEvent, ShutdownReport, TaskProtection};
 use tokio::net::TcpListener;
-use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -52,7 +51,7 @@ impl App {
     pub async fn build(settings: ServerSettings, protection: TaskProtection) -> io::Result<Self> {
         let listener = TcpListener::bind(settings.listen).await?;
         let local_addr = listener.local_addr()?;
-        let (notices, _) = broadcast::channel(16);
+        let notices = Arc::new(crate::notices::Notices::default());
         let shared = Arc::new(Shared {
             connections: Connections::new(settings.max_connections, protection),
             notices,
@@ -113,7 +112,10 @@ impl App {
         } = self;
         let protection = shared.connections.protection().clone();
         let rejections = tokio::spawn(announce_rejections(protection.clone(), Arc::clone(&shared)));
-        let heartbeat = tokio::spawn(heartbeat(shared.notices.clone(), ping_interval));
+        let heartbeat = tokio::spawn({
+            let notices = Arc::clone(&shared.notices);
+            async move { notices.heartbeat(ping_interval).await }
+        });
         let server = http::serve(
             listener,
             router(Arc::clone(&shared)),
@@ -139,7 +141,7 @@ impl App {
             "Shutting down: no new clients; telling {clients} clients to leave"
         );
         shared.shutdown.cancel();
-        let _ = shared.notices.send(Notice::ShuttingDown);
+        shared.notices.send_all(&Notice::ShuttingDown);
         shared.tracker.close();
         if tokio::time::timeout_at(deadline, shared.tracker.wait())
             .await
@@ -181,22 +183,12 @@ async fn announce_rejections(protection: TaskProtection, shared: Arc<Shared>) {
                     reason = %rejection,
                     "Telling every client: {SHUTTING_DOWN_SOON}"
                 );
-                let _ = shared.notices.send(Notice::Say(SHUTTING_DOWN_SOON.into()));
+                shared
+                    .notices
+                    .send_all(&Notice::Say(SHUTTING_DOWN_SOON.into()));
             }
             ProtectionEvent::Protected { .. } => shared.refused.store(false, Ordering::Relaxed),
             _ => {}
         }
-    }
-}
-
-/// One timer for every connection: each heartbeat makes every client get a ping, and
-/// drops those that missed two. The ALB cuts a connection idle for 60 s, so the
-/// interval stays below that.
-async fn heartbeat(notices: broadcast::Sender<Notice>, every: Duration) {
-    let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticks.tick().await;
-        let _ = notices.send(Notice::Heartbeat);
     }
 }

@@ -18,6 +18,7 @@
 //! - [`connection`]: one client's protocol, generic over the socket, and its limits.
 //! - [`connections`]: the client count and the protection each client holds.
 //! - [`metrics`]: what the server counts, for whatever metrics recorder is installed.
+//! - [`notices`]: telling connections things, and the heartbeat, one slice at a time.
 //! - [`healthcheck`]: the `healthcheck` subcommand.
 
 pub mod app;
@@ -27,6 +28,7 @@ pub mod connections;
 pub mod healthcheck;
 pub mod http;
 pub mod metrics;
+pub mod notices;
 pub mod routes;
 
 pub use app::App;

@@ -15,12 +15,11 @@ use task_protection::{Counters, ProtectionState};
 
 /// The longest error text `/status` shows.
 pub const MAX_PUBLIC_TEXT: usize = 120;
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::connection;
 use crate::connection::limits::{Limits, MAX_WRITE_BUFFER_BYTES, Meter};
-use crate::connection::{self, Notice};
 use crate::connections::Connections;
 use crate::metrics::ServerMetrics;
 
@@ -39,7 +38,7 @@ pub const READ_BUFFER_BYTES: usize = 1024;
 pub(crate) struct Shared {
     pub(crate) connections: Arc<Connections>,
     /// The heartbeat, the shutdown, and messages for every client.
-    pub(crate) notices: broadcast::Sender<Notice>,
+    pub(crate) notices: std::sync::Arc<crate::notices::Notices>,
     /// Cancelled at shutdown: stop accepting, say goodbye.
     pub(crate) shutdown: CancellationToken,
     /// Every upgraded websocket, so shutdown can wait for them; axum's graceful
