@@ -129,6 +129,25 @@ pub fn client_for(endpoint: &str) -> Client {
     Client::from_conf(config)
 }
 
+/// (visible, in flight) message counts of `queue`, or `None` when SQS cannot say.
+pub async fn queue_counts(client: &Client, queue: &str) -> Option<(u64, u64)> {
+    use aws_sdk_sqs::types::QueueAttributeName;
+    let attrs = client
+        .get_queue_attributes()
+        .queue_url(queue)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        .send()
+        .await
+        .ok()?
+        .attributes?;
+    let n = |k: QueueAttributeName| attrs.get(&k).and_then(|v| v.parse().ok());
+    Some((
+        n(QueueAttributeName::ApproximateNumberOfMessages)?,
+        n(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)?,
+    ))
+}
+
 /// A TCP proxy on a loopback port, forwarding to `upstream`. [`cut`](Self::cut)
 /// closes the port and every connection, so clients see "connection refused";
 /// [`restore`](Self::restore) opens the same port again.

@@ -8,7 +8,7 @@ use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use e2e::agent::{Answer, FakeAgent};
 use e2e::counting::{CountingProxy, Fault};
-use e2e::moto::{Moto, TcpProxy, aws_env};
+use e2e::moto::{Moto, TcpProxy, aws_env, queue_counts};
 use e2e::process::{Service, run_to_exit};
 use e2e::wait_for;
 
@@ -159,21 +159,7 @@ impl Setup {
 
     /// (visible, in flight) message counts.
     async fn counts(&self) -> Option<(u64, u64)> {
-        let out = self
-            .client
-            .get_queue_attributes()
-            .queue_url(&self.queue_url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-            .send()
-            .await
-            .ok()?;
-        let attrs = out.attributes?;
-        let n = |k: QueueAttributeName| attrs.get(&k).and_then(|v| v.parse().ok());
-        Some((
-            n(QueueAttributeName::ApproximateNumberOfMessages)?,
-            n(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)?,
-        ))
+        queue_counts(&self.client, &self.queue_url).await
     }
 
     async fn wait_counts(&self, what: &str, want: (u64, u64)) {

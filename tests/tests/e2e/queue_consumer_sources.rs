@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::{QueueAttributeName, SendMessageBatchRequestEntry};
 use e2e::agent::FakeAgent;
-use e2e::moto::{Moto, aws_env};
+use e2e::moto::{Moto, aws_env, queue_counts};
 use e2e::process::Service;
 use e2e::wait_for;
 
@@ -44,26 +44,9 @@ async fn send(client: &Client, queue: &str, body: &str) -> String {
         .unwrap_or_default()
 }
 
-async fn visible(client: &Client, queue: &str) -> Option<(u64, u64)> {
-    let attrs = client
-        .get_queue_attributes()
-        .queue_url(queue)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-        .send()
-        .await
-        .ok()?
-        .attributes?;
-    let n = |k: QueueAttributeName| attrs.get(&k).and_then(|v| v.parse().ok());
-    Some((
-        n(QueueAttributeName::ApproximateNumberOfMessages)?,
-        n(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)?,
-    ))
-}
-
 async fn wait_empty(client: &Client, queue: &str) {
     wait_for("the queue to be empty", STEP, || async {
-        (visible(client, queue).await == Some((0, 0))).then_some(())
+        (queue_counts(client, queue).await == Some((0, 0))).then_some(())
     })
     .await;
 }
@@ -162,7 +145,7 @@ async fn queue_consumer_flooded_queue_does_not_starve_a_topic_queue() {
         .wait_for_line(&format!("{id} - Done"), Duration::from_secs(10))
         .await;
     let took = sent.elapsed();
-    let left = visible(&client, &flooded).await.map_or(0, |(v, _)| v);
+    let left = queue_counts(&client, &flooded).await.map_or(0, |(v, _)| v);
     assert!(left > 100, "the flood was over already: {left} left");
     // moto answers a waiting long poll within a second of a send: allow that once.
     assert!(took < Duration::from_secs(2), "served after {took:?}");

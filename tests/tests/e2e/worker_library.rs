@@ -10,7 +10,7 @@ use std::time::Duration;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::QueueAttributeName;
 use e2e::agent::FakeAgent;
-use e2e::moto::Moto;
+use e2e::moto::{Moto, queue_counts};
 use e2e::wait_for;
 use e2e::worker::spawn_worker;
 use queue_consumer::{Job, Outcome, Verdict, handler_fn};
@@ -19,27 +19,9 @@ use tokio::time::Instant;
 
 const STEP: Duration = Duration::from_secs(20);
 
-/// (visible, in flight) message counts of `queue`.
-async fn counts(client: &Client, queue: &str) -> Option<(u64, u64)> {
-    let out = client
-        .get_queue_attributes()
-        .queue_url(queue)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-        .send()
-        .await
-        .ok()?;
-    let attrs = out.attributes?;
-    let n = |k: QueueAttributeName| attrs.get(&k).and_then(|v| v.parse().ok());
-    Some((
-        n(QueueAttributeName::ApproximateNumberOfMessages)?,
-        n(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)?,
-    ))
-}
-
 async fn wait_counts(client: &Client, queue: &str, what: &str, want: (u64, u64), within: Duration) {
     wait_for(what, within, || async {
-        (counts(client, queue).await == Some(want)).then_some(())
+        (queue_counts(client, queue).await == Some(want)).then_some(())
     })
     .await;
 }
@@ -129,7 +111,7 @@ async fn queue_consumer_library_a_panicking_handler_is_retried_and_frees_its_slo
     assert_eq!(panics.load(Ordering::SeqCst), 1);
     let outcome = worker.stop(Duration::from_secs(5)).await;
     assert_eq!(outcome, Outcome::Stopped(Signal::Term));
-    assert_eq!(counts(&client, &queue).await, Some((0, 1)));
+    assert_eq!(queue_counts(&client, &queue).await, Some((0, 1)));
 }
 
 /// What a handler saw: (body, event) in order, event "start" or "end".
