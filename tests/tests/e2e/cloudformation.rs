@@ -15,13 +15,13 @@ use std::time::Duration;
 use e2e::agent::FakeAgent;
 use e2e::moto::{Moto, aws_env};
 use e2e::process::Service;
-use e2e::{free_port, wait_for, workspace_root};
+use e2e::{wait_for, workspace_root};
 use serde_json::json;
 use serde_norway::Value;
 
 use crate::deploy::{
-    BACKEND, MAX_STOP_TIMEOUT_SECONDS, Setting, allowed_actions, at, check_variables,
-    default_number, function, get_status, settings, text, text_at, yaml,
+    MAX_STOP_TIMEOUT_SECONDS, Setting, allowed_actions, at, check_variables, default_number,
+    function, get_status, local_websocket, settings, text, text_at, yaml,
 };
 
 const TEMPLATE: &str = "cloudformation/task-protection.yml";
@@ -420,22 +420,7 @@ async fn the_template_matches_the_binaries() {
     }
 
     // The health-check path answers 200 on the real server.
-    let listen = free_port();
-    let server = Service::spawn(
-        "websocket",
-        &[],
-        &[
-            ("PORT", listen.to_string()),
-            ("BIND_ADDRESS", "127.0.0.1".to_owned()),
-            (BACKEND, "local".to_owned()),
-        ],
-    );
-    wait_for(
-        "the websocket server to answer HTTP",
-        Duration::from_secs(30),
-        || get_status(listen, "/healthz"),
-    )
-    .await;
+    let (server, listen) = local_websocket().await;
     if let Some(path) = &health {
         let status = get_status(listen, path).await;
         if status != Some(200) {

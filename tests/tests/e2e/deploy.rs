@@ -365,6 +365,27 @@ fn report(service: &str, problems: &[String]) {
 // --- HTTP ---------------------------------------------------------------------------
 
 /// The status code of `GET path` on 127.0.0.1:`port`, or `None` when nothing answers.
+/// The real websocket server on a free loopback port, once it answers HTTP.
+pub(super) async fn local_websocket() -> (Service, u16) {
+    let listen = free_port();
+    let server = Service::spawn(
+        "websocket",
+        &[],
+        &[
+            ("PORT", listen.to_string()),
+            ("BIND_ADDRESS", "127.0.0.1".to_owned()),
+            (BACKEND, "local".to_owned()),
+        ],
+    );
+    wait_for(
+        "the websocket server to answer HTTP",
+        Duration::from_secs(30),
+        || get_status(listen, "/healthz"),
+    )
+    .await;
+    (server, listen)
+}
+
 pub(super) async fn get_status(port: u16, path: &str) -> Option<u16> {
     let exchange = async {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
@@ -538,22 +559,7 @@ async fn the_web_manifest_matches_the_websocket_server() {
             "http.healthcheck path is {health:?}, expected \"/healthz\""
         ));
     }
-    let listen = free_port();
-    let server = Service::spawn(
-        "websocket",
-        &[],
-        &[
-            ("PORT", listen.to_string()),
-            ("BIND_ADDRESS", "127.0.0.1".to_owned()),
-            (BACKEND, "local".to_owned()),
-        ],
-    );
-    wait_for(
-        "the websocket server to answer HTTP",
-        Duration::from_secs(30),
-        || get_status(listen, "/healthz"),
-    )
-    .await;
+    let (server, listen) = local_websocket().await;
     for route in [path, health].into_iter().flatten() {
         let status = get_status(listen, &route).await;
         if status != Some(200) {
