@@ -6,7 +6,12 @@
 //! target, then SIGTERM arrives and `stopTimeout` (30 s by default) later SIGKILL. So:
 //! stop accepting, tell every client `server shutting down` and close with 1001 (Going
 //! Away) so pages reconnect to another task, wait up to the grace period for them to
-//! leave, release protection, and return. axum's graceful shutdown does not cover
+//! leave, release protection, and return.
+//!
+//! The goodbye goes out at [`GOODBYE_RATE`] clients per second at most, and within the
+//! first half of the grace period: 15,000 clients sent away at once would all arrive
+//! at the remaining tasks in the same few hundred milliseconds, each with a TLS
+//! handshake and a protection check. A task with few clients says goodbye at once. axum's graceful shutdown does not cover
 //! upgraded websockets, so they are tracked here with a `TaskTracker`.
 
 use std::future::Future;
@@ -31,6 +36,17 @@ use crate::routes::{Shared, router};
 
 /// How long HTTP requests still in flight get after the websockets are done.
 const HTTP_DRAIN: Duration = Duration::from_secs(1);
+
+/// Most clients told to leave per second at shutdown, while the grace period allows.
+pub const GOODBYE_RATE: u32 = 1_000;
+
+/// Over how long the goodbye to `clients` is spread: at [`GOODBYE_RATE`], but within
+/// the first half of `grace`, so the last clients told still have time to close.
+#[must_use]
+pub fn goodbye_spread(clients: usize, grace: Duration) -> Duration {
+    let clients = u32::try_from(clients).unwrap_or(u32::MAX);
+    (Duration::from_secs(1) * clients / GOODBYE_RATE).min(grace / 2)
+}
 
 /// A bound server, ready to run.
 #[derive(Debug)]
@@ -136,14 +152,19 @@ impl App {
 
         let deadline = Instant::now() + grace;
         let clients = shared.connections.count();
+        let spread = goodbye_spread(clients, grace);
         tracing::info!(
             connections = clients,
-            "Shutting down: no new clients; telling {clients} clients to leave"
+            "Shutting down: no new clients; telling {clients} clients to leave over {spread:?}"
         );
+        // Clients that upgrade from now on are told at once; the others in turn.
         shared.shutdown.cancel();
-        shared.notices.send_all(&Notice::ShuttingDown);
         shared.tracker.close();
-        if tokio::time::timeout_at(deadline, shared.tracker.wait())
+        let goodbye = shared.notices.goodbye(spread);
+        let everyone_left = async {
+            tokio::join!(goodbye, shared.tracker.wait());
+        };
+        if tokio::time::timeout_at(deadline, everyone_left)
             .await
             .is_err()
         {
@@ -190,5 +211,21 @@ async fn announce_rejections(protection: TaskProtection, shared: Arc<Shared>) {
             ProtectionEvent::Protected { .. } => shared.refused.store(false, Ordering::Relaxed),
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_goodbye_is_spread_by_the_rate_within_half_the_grace() {
+        let grace = Duration::from_secs(20);
+        assert_eq!(goodbye_spread(0, grace), Duration::ZERO);
+        assert_eq!(goodbye_spread(1, grace), Duration::from_millis(1));
+        assert_eq!(goodbye_spread(600, grace), Duration::from_millis(600));
+        assert_eq!(goodbye_spread(15_000, grace), Duration::from_secs(10));
+        assert_eq!(goodbye_spread(15_000, Duration::ZERO), Duration::ZERO);
+        assert_eq!(goodbye_spread(usize::MAX, grace), Duration::from_secs(10));
     }
 }

@@ -50,6 +50,18 @@ impl Notices {
         }
     }
 
+    /// Tells every connection to leave, one slice at a time, the slices evenly spaced
+    /// over `spread`: the clients of a stopping task then reconnect to the others in a
+    /// steady stream rather than all in the same 100 ms.
+    pub async fn goodbye(&self, spread: Duration) {
+        let start = Instant::now();
+        let slices = u32::try_from(self.slices.len()).unwrap_or(u32::MAX).max(1);
+        for (i, slice) in (0..slices).zip(&self.slices) {
+            tokio::time::sleep_until(start + spread * i / slices).await;
+            let _ = slice.send(Notice::ShuttingDown);
+        }
+    }
+
     /// Pings every connection once per `every`, one slice per tick: each client gets
     /// a heartbeat every `every`, and a client that missed two pongs is dropped.
     pub async fn heartbeat(&self, every: Duration) {
@@ -102,5 +114,39 @@ mod tests {
                 .all(|r| r.try_recv() == Ok(Notice::ShuttingDown))
         );
         beat.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_goodbye_reaches_every_slice_once_spread_evenly() {
+        let notices = std::sync::Arc::new(Notices::default());
+        let mut receivers: Vec<_> = (0..SLICES * 2).map(|_| notices.subscribe()).collect();
+        let spread = Duration::from_secs(10);
+        let goodbye = tokio::spawn({
+            let notices = std::sync::Arc::clone(&notices);
+            async move { notices.goodbye(spread).await }
+        });
+        let mut told = 0;
+        let mut max_per_100ms = 0;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut now = 0;
+            for r in &mut receivers {
+                match r.try_recv() {
+                    Ok(notice) => {
+                        assert_eq!(notice, Notice::ShuttingDown);
+                        now += 1;
+                    }
+                    Err(broadcast::error::TryRecvError::Empty) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            told += now;
+            max_per_100ms = max_per_100ms.max(now);
+        }
+        goodbye.await.expect("finishes");
+        // 512 connections over 10 s: about 5 per 100 ms, never all at once.
+        assert_eq!(told, SLICES * 2);
+        assert!(max_per_100ms <= 8, "{max_per_100ms} told in one 100 ms");
+        assert!(receivers.iter_mut().all(|r| r.try_recv().is_err()));
     }
 }

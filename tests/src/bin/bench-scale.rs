@@ -10,7 +10,7 @@
 //! - the server's CPU time per ping round to every client;
 //! - the time from SIGTERM to exit with every client told to leave, and the curve of
 //!   reconnects (per 100 ms) that arrive at a second server: clients come back as the
-//!   page does, after the delay the server gives them or after the page's backoff.
+//!   page does, after a random delay below its first backoff of 100 ms.
 //!
 //! ```text
 //! cargo build --release -p websocket -p e2e --bins
@@ -64,11 +64,10 @@ struct Seen {
     reconnects: Vec<f64>,
 }
 
-/// The delay the server asks for in its goodbye (`... reconnect in N ms`), if any.
-fn asked_delay(text: &str) -> Option<Duration> {
-    let rest = text.split("reconnect in ").nth(1)?;
-    let ms: u64 = rest.split_whitespace().next()?.parse().ok()?;
-    Some(Duration::from_millis(ms))
+/// The page's first reconnect delay: random below 100 ms (full jitter). Here spread
+/// evenly by the client's number, which is as good and needs no generator.
+fn page_backoff(i: usize) -> Duration {
+    Duration::from_millis(u64::try_from(i.wrapping_mul(2_654_435_761) % 100).unwrap_or(0))
 }
 
 async fn client_process(
@@ -112,7 +111,7 @@ async fn client_process(
             let mut round_seen = 0.0_f64;
             let mut next_ping = tokio::time::Instant::now();
             let mut sent_at: Option<(f64, Instant)> = None;
-            let delay = loop {
+            loop {
                 let is_active = i < active && go_active.load(Ordering::Relaxed);
                 let can_ping = is_active && sent_at.is_none();
                 let tick = async move {
@@ -145,16 +144,15 @@ async fn client_process(
                         }
                         Some(Ok(Message::Text(t))) if t.as_str().contains("shutting down") => {
                             seen.lock().map_err(|_| "poisoned")?.goodbyes.push(epoch_ms());
-                            break asked_delay(t.as_str());
+                            break;
                         }
-                        Some(Ok(Message::Close(_)) | Err(_)) | None => break None,
+                        Some(Ok(Message::Close(_)) | Err(_)) | None => break,
                         Some(Ok(_)) => {}
                     },
                 }
-            };
+            }
             drop(ws);
-            // As the page does: the server's delay if it gave one, else 100 ms.
-            tokio::time::sleep(delay.unwrap_or(Duration::from_millis(100))).await;
+            tokio::time::sleep(page_backoff(i)).await;
             let (mut ws, _) = connect_async_with_config(&fallback, Some(config), true).await?;
             ws.next().await;
             seen.lock().map_err(|_| "poisoned")?.reconnects.push(epoch_ms());
