@@ -160,9 +160,15 @@ impl App {
         // Clients that upgrade from now on are told at once; the others in turn.
         shared.shutdown.cancel();
         shared.tracker.close();
-        let goodbye = shared.notices.goodbye(spread);
+        // Done when every client has left, told or not.
         let everyone_left = async {
-            tokio::join!(goodbye, shared.tracker.wait());
+            tokio::select! {
+                () = shared.tracker.wait() => {}
+                () = async {
+                    shared.notices.goodbye(spread).await;
+                    std::future::pending::<()>().await;
+                } => {}
+            }
         };
         if tokio::time::timeout_at(deadline, everyone_left)
             .await

@@ -74,6 +74,7 @@ async fn serves_until_the_shutdown_future_then_says_goodbye_and_releases() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_goodbye_to_many_clients_is_spread_out() {
     const CLIENTS: usize = 600;
+    websocket::http::raise_open_file_limit(CLIENTS * 2);
     let protection = TaskProtection::start(LocalBackend::new(), ProtectionSettings::default());
     let app = App::build(ServerSettings::default(), protection)
         .await
@@ -141,4 +142,51 @@ async fn the_goodbye_to_many_clients_is_spread_out() {
     for client in clients {
         client.await.expect("the client does not panic");
     }
+}
+
+/// Clients that leave on their own do not wait for their turn: the shutdown ends
+/// when the last client is gone, not when the spread goodbye would have reached it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shutdown_ends_when_the_last_client_has_left() {
+    // 3,000 clients: a goodbye spread over 3 s.
+    const CLIENTS: usize = 3_000;
+    websocket::http::raise_open_file_limit(CLIENTS * 2);
+    let protection = TaskProtection::start(LocalBackend::new(), ProtectionSettings::default());
+    let app = App::build(ServerSettings::default(), protection)
+        .await
+        .expect("binds port 0 on loopback");
+    let port = app.port();
+    let connections = app.connections();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/"))
+            .await
+            .expect("connects");
+        clients.push(ws);
+    }
+    tokio::time::timeout(STEP, async {
+        while connections.count() < CLIENTS {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("every client counted");
+
+    stop.send(()).expect("the server is running");
+    let start = std::time::Instant::now();
+    drop(clients);
+    tokio::time::timeout(STEP, server)
+        .await
+        .expect("stops in time")
+        .expect("does not panic")
+        .expect("serves without error");
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_millis(2_000),
+        "the shutdown took {took:?} after every client had gone"
+    );
 }
