@@ -5,7 +5,8 @@
 //! starts and keeps it until its message is deleted or handed back, so an idle worker
 //! makes no protection calls and ECS can scale it in, while a busy one is protected
 //! exactly while it holds work. Concurrency is a semaphore of slots: a receive asks for
-//! at most the free slots (and at most ten, SQS's limit), and a message holds its slot
+//! at most the free slots (and at most ten, SQS's limit; it waits [`RECEIVE_GATHER`] for
+//! more slots to free up first), and a message holds its slot
 //! until it is settled. While a message waits for protection, no more are received.
 //!
 //! Shutdown has a fixed budget, whatever SQS and ECS do: after the first signal no
@@ -31,6 +32,11 @@ use crate::in_flight::{self, Order};
 use crate::queue::{ErrorKind, MAX_BATCH, Message, Queue, SqsError};
 use crate::settle::{SettleQueue, Settler};
 use crate::stats::Stats;
+
+/// How long a receive waits for more slots to free up before it asks for fewer
+/// messages than a full batch: one `ReceiveMessage` for ten jobs rather than three
+/// for three, four and three, at the cost of starting a job up to this much later.
+pub const RECEIVE_GATHER: Duration = Duration::from_millis(50);
 
 /// How long a long poll on its way at SIGTERM may still take. An answer already on
 /// the wire arrives within it, and its messages are handed straight back; a poll
@@ -397,10 +403,23 @@ async fn receive_loop(
             },
         };
         let mut permits = vec![first];
-        while permits.len() < MAX_BATCH {
-            match Arc::clone(&slots).try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
+        // Slots free in bunches, as a batch of deletes comes back: wait a moment for
+        // the rest of a bunch, so one receive asks for all of them.
+        let full = shared.settings.concurrency.clamp(1, MAX_BATCH);
+        let gather_until = Instant::now() + RECEIVE_GATHER;
+        while permits.len() < full {
+            if let Ok(p) = Arc::clone(&slots).try_acquire_owned() {
+                permits.push(p);
+                continue;
+            }
+            tokio::select! {
+                biased;
+                () = shared.stop_receiving.cancelled() => break,
+                p = Arc::clone(&slots).acquire_owned() => match p {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                },
+                () = tokio::time::sleep_until(gather_until) => break,
             }
         }
         // A message waiting for protection could not be worked: take no more.

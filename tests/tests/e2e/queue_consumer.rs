@@ -1015,3 +1015,31 @@ async fn queue_consumer_second_signal_ends_the_grace_period_at_once() {
     assert_eq!(s.receive_now().await, vec![(id.clone(), 2)]);
     assert!(s.agent.released(), "{:?}", s.agent.puts());
 }
+
+#[tokio::test]
+async fn queue_consumer_short_jobs_cost_about_a_fifth_of_a_request_each() {
+    // Ten slots and jobs that end at once: a receive of ten, then one delete batch
+    // for the ten. Slots that free up together are asked for together.
+    const JOBS: usize = 100;
+    let s = Setup::start(30).await;
+    s.send(&["0"; JOBS]).await;
+    let proxy = s.sqs_proxy().await;
+    let mut worker = Service::spawn(
+        BIN,
+        &[],
+        &s.env_via(&proxy.endpoint(), &[("WORKER_CONCURRENCY", "10")]),
+    );
+    worker.wait_for_count(" - Done", JOBS, STEP * 3).await;
+    let (receives, deletes) = (
+        proxy.count("ReceiveMessage"),
+        proxy.count("DeleteMessageBatch"),
+    );
+    // 0.2 a job at best (20 requests); one more receive may be on its way already.
+    assert!(
+        receives + deletes <= 30,
+        "{receives} receives and {deletes} delete batches for {JOBS} jobs: {:?}",
+        proxy.counts()
+    );
+    s.wait_counts("the queue to be empty", (0, 0)).await;
+    stop(&mut worker, STEP).await;
+}
