@@ -637,8 +637,69 @@ pub(super) fn function(value: &Value) -> Option<(String, String)> {
     }
 }
 
+/// The queues a Worker Service's manifest makes Copilot create: `EventsQueue`, and
+/// `<Service><Topic>EventsQueue` (letters and digits only, as Copilot's
+/// `logicalIDSafe`) for each topic with `queue:` of its own.
+fn worker_queues(manifest: &Value) -> Vec<String> {
+    let safe = |s: String| {
+        s.chars()
+            .filter(char::is_ascii_alphanumeric)
+            .collect::<String>()
+    };
+    let mut queues = vec!["EventsQueue".to_owned()];
+    let topics = at(manifest, "subscribe.topics").and_then(Value::as_sequence);
+    for topic in topics.into_iter().flatten() {
+        let own_queue = match topic.get("queue") {
+            Some(Value::Bool(enabled)) => *enabled,
+            Some(Value::Mapping(_)) => true,
+            _ => false,
+        };
+        if own_queue {
+            let service = safe(text_at(topic, "service").unwrap_or_default());
+            let name = safe(text_at(topic, "name").unwrap_or_default());
+            queues.push(format!("{service}{name}EventsQueue"));
+        }
+    }
+    queues
+}
+
+/// What is wrong with the visibility grant's resources for `manifest`: a queue of
+/// the service without a grant, or a resource that is not one of its queues.
+fn visibility_grant_gaps(manifest: &Value, statements: &[Value]) -> Vec<String> {
+    let queues = worker_queues(manifest);
+    let mut granted = Vec::new();
+    let mut gaps = Vec::new();
+    for statement in statements {
+        let resources = match statement.get("Resource") {
+            Some(Value::Sequence(list)) => list.clone(),
+            Some(one) => vec![one.clone()],
+            None => Vec::new(),
+        };
+        for resource in &resources {
+            match function(resource) {
+                Some((tag, arn))
+                    if tag == "!GetAtt"
+                        && arn
+                            .strip_suffix(".Arn")
+                            .is_some_and(|q| queues.iter().any(|x| x == q)) =>
+                {
+                    granted.push(arn);
+                }
+                other => gaps.push(format!("not one of the service's queues: {other:?}")),
+            }
+        }
+    }
+    for queue in queues {
+        let arn = format!("{queue}.Arn");
+        if !granted.contains(&arn) {
+            gaps.push(format!("no grant on {arn}"));
+        }
+    }
+    gaps
+}
+
 #[test]
-fn the_worker_may_change_visibility_on_its_own_queue_only() {
+fn the_worker_may_change_visibility_on_its_own_queues_only() {
     // Copilot's queue policy gives the task role sqs:ReceiveMessage and
     // sqs:DeleteMessage only (aws/copilot-cli#4216). The worker also extends and
     // hands back messages, which needs sqs:ChangeMessageVisibility on its queue. The
@@ -672,13 +733,21 @@ fn the_worker_may_change_visibility_on_its_own_queue_only() {
         ["sqs:ChangeMessageVisibility"],
         "{relative}: the policy must allow exactly sqs:ChangeMessageVisibility"
     );
-    for statement in statements {
-        assert_eq!(
-            statement.get("Resource").and_then(function),
-            Some(("!GetAtt".to_owned(), "EventsQueue.Arn".to_owned())),
-            "{relative}: Resource must be the service's own queue"
-        );
-    }
+    let manifest = yaml("copilot/queue-consumer/manifest.yml");
+    assert_eq!(
+        visibility_grant_gaps(&manifest, statements),
+        Vec::<String>::new(),
+        "{relative}: the grant must cover exactly the service's own queues"
+    );
+    // The rule itself: a topic with a queue of its own needs its grant too.
+    let with_topic_queue: Value = serde_norway::from_str(
+        "subscribe:\n  topics:\n    - name: order-events\n      service: merchant-api\n      queue: true\n    - name: audit\n      service: ledger\n",
+    )
+    .expect("valid YAML");
+    assert_eq!(
+        visibility_grant_gaps(&with_topic_queue, statements),
+        ["no grant on merchantapiordereventsEventsQueue.Arn"]
+    );
     // And no addon may take the queue as a parameter: that is the cycle.
     let addons = workspace_root().join("copilot/queue-consumer/addons");
     for entry in std::fs::read_dir(&addons).unwrap().flatten() {
