@@ -10,7 +10,8 @@
 //! counted by a proxy that reads each request's `x-amz-target`, and protection PUTs
 //! recorded by a fake ECS agent. After the runs the workers stay up, idle, for
 //! `--idle-seconds` once their maintain window has passed, and the PUTs made
-//! meanwhile are reported.
+//! meanwhile are reported. Two pairs of runs differ only in `METRICS` (off, then EMF
+//! every second), to show what metrics cost, and count the EMF lines written.
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -55,6 +56,19 @@ fn args() -> Args {
         }
     }
     args
+}
+
+/// User plus system CPU time of process `pid`, in clock ticks (1/100 s here).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// A number no earlier call returned, for queue names.
+fn unique() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Puts `jobs` zero-millisecond jobs on `queue`, ten per call.
@@ -211,6 +225,8 @@ struct Run {
     row: Row,
     puts_in_run: usize,
     idle_from: usize,
+    /// EMF lines the worker wrote during the run.
+    emf_lines: Arc<AtomicUsize>,
 }
 
 /// The queues of a run.
@@ -225,14 +241,37 @@ enum Shape {
     Two,
 }
 
-async fn run_worker(moto: &Moto, jobs: usize, concurrency: usize, shape: Shape) -> Run {
+async fn run_worker(
+    moto: &Moto,
+    jobs: usize,
+    concurrency: usize,
+    shape: Shape,
+    metrics: bool,
+) -> Run {
     let client = moto.client();
     let mut env: Vec<(&str, String)> = Vec::new();
+    // Explicitly: METRICS=auto means EMF here, since ECS_AGENT_URI is set.
+    if metrics {
+        env.extend([
+            ("METRICS", "emf".to_owned()),
+            ("METRICS_INTERVAL_SECONDS", "1".to_owned()),
+            ("METRICS_SERVICE", "bench".to_owned()),
+        ]);
+    } else {
+        env.push(("METRICS", "off".to_owned()));
+    }
     let (queue, what) = match shape {
         Shape::One => {
-            let queue = moto.create_queue(&format!("jobs-c{concurrency}"), 30).await;
+            let queue = moto
+                .create_queue(&format!("jobs-c{concurrency}-m{metrics}-{}", unique()), 30)
+                .await;
             fill(&client, &queue, jobs).await;
-            (queue, String::new())
+            let what = if metrics {
+                ", METRICS=emf every 1 s"
+            } else {
+                ", METRICS=off"
+            };
+            (queue, what.to_owned())
         }
         Shape::Fifo(groups) => {
             let queue = client
@@ -286,13 +325,20 @@ async fn run_worker(moto: &Moto, jobs: usize, concurrency: usize, shape: Shape) 
     let start = Instant::now();
     let mut child = cmd.spawn().expect("spawn queue-consumer");
     let done = Arc::new(AtomicUsize::new(0));
+    let emf_lines = Arc::new(AtomicUsize::new(0));
     let changed = Arc::new(Notify::new());
     if let Some(out) = child.stdout.take() {
-        let (done, changed) = (Arc::clone(&done), Arc::clone(&changed));
+        let (done, changed, emf) = (
+            Arc::clone(&done),
+            Arc::clone(&changed),
+            Arc::clone(&emf_lines),
+        );
         tokio::spawn(async move {
             let mut lines = BufReader::new(out).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains(" - Done") {
+                if line.starts_with('{') && line.contains(r#""_aws":"#) {
+                    emf.fetch_add(1, Ordering::SeqCst);
+                } else if line.contains(" - Done") {
                     done.fetch_add(1, Ordering::SeqCst);
                     changed.notify_one();
                 } else if line.contains("WARN") || line.contains("ERROR") {
@@ -308,9 +354,18 @@ async fn run_worker(moto: &Moto, jobs: usize, concurrency: usize, shape: Shape) 
     }
     let secs = start.elapsed().as_secs_f64();
     let requests = proxy.total();
-    let detail = format!("{:?}", proxy.counts());
+    let mut detail = format!("{:?}", proxy.counts());
+    if let Some(ticks) = child.id().and_then(cpu_ticks) {
+        #[allow(clippy::cast_precision_loss)]
+        let secs = ticks as f64 / 100.0;
+        detail = format!("{detail}; worker CPU {secs:.2} s");
+    }
+    if metrics {
+        detail = format!("{detail}; {} EMF lines", emf_lines.load(Ordering::SeqCst));
+    }
     Run {
         child,
+        emf_lines,
         puts_in_run: agent.puts().len(),
         idle_from: 0,
         agent,
@@ -339,13 +394,16 @@ async fn main() {
         baseline(&moto, args.jobs, 10).await,
     ];
     let mut runs = Vec::new();
-    for (concurrency, shape) in [
-        (1, Shape::One),
-        (10, Shape::One),
-        (10, Shape::Fifo(10)),
-        (10, Shape::Two),
+    for (concurrency, shape, metrics) in [
+        (1, Shape::One, false),
+        (10, Shape::One, false),
+        (10, Shape::One, true),
+        (10, Shape::One, false),
+        (10, Shape::One, true),
+        (10, Shape::Fifo(10), false),
+        (10, Shape::Two, false),
     ] {
-        let run = run_worker(&moto, args.jobs, concurrency, shape).await;
+        let run = run_worker(&moto, args.jobs, concurrency, shape, metrics).await;
         runs.push(run);
     }
     // Idle: once each worker has released protection after its maintain window.
@@ -374,10 +432,10 @@ async fn main() {
     }
     println!();
     println!(
-        "| run | PUTs during the run (acquire, release) | PUTs idle, {:.0} s after release | SQS requests while idle |",
+        "| run | PUTs during the run (acquire, release) | PUTs idle, {:.0} s after release | SQS requests while idle | EMF lines, run and idle |",
         idle_start.elapsed().as_secs_f64()
     );
-    println!("|---|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|");
     for run in &mut runs {
         let puts = run.agent.puts();
         let kinds: Vec<&str> = puts[..run.idle_from]
@@ -385,12 +443,13 @@ async fn main() {
             .map(|p| if p.enabled() { "enable" } else { "disable" })
             .collect();
         println!(
-            "| {} | {} ({}) | {} | {} |",
+            "| {} | {} ({}) | {} | {} | {} |",
             run.row.what,
             run.idle_from,
             kinds.join(", "),
             puts.len() - run.idle_from,
             run.proxy.total() - run.row.requests,
+            run.emf_lines.load(Ordering::SeqCst),
         );
         if let Some(pid) = run.child.id().and_then(|p| i32::try_from(p).ok()) {
             let _ = nix::sys::signal::kill(

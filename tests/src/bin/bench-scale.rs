@@ -7,7 +7,8 @@
 //! - the p50/p99 ping/pong round trip of 50 active clients (a ping every 50 ms each)
 //!   while the rest sit idle, apart for samples sent during a server ping round and
 //!   outside one;
-//! - the server's CPU time per ping round to every client;
+//! - the server's CPU time per ping round to every client, over two intervals in
+//!   which no client is active;
 //! - the time from SIGTERM to exit with every client told to leave, and the curve of
 //!   reconnects (per 100 ms) that arrive at a second server: clients come back as the
 //!   page does, after a random delay below its first backoff of 100 ms.
@@ -274,6 +275,15 @@ impl Server {
     }
 }
 
+/// The kernel's slab memory (sockets, files, dentries), machine-wide.
+fn slab_kb() -> Result<u64, Error> {
+    std::fs::read_to_string("/proc/meminfo")?
+        .lines()
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| "no Slab in /proc/meminfo".into())
+}
+
 struct ClientProc {
     _child: Child,
     stdin: ChildStdin,
@@ -341,6 +351,7 @@ async fn orchestrate() -> Result<(), Error> {
     let b = Server::start().await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let base_kb = a.rss_kb()?;
+    let slab_before = slab_kb()?;
     let (url, fallback) = (
         format!("ws://127.0.0.1:{}/", a.port),
         format!("ws://127.0.0.1:{}/", b.port),
@@ -362,6 +373,7 @@ async fn orchestrate() -> Result<(), Error> {
     eprintln!("bench-scale: connected in {connect_secs:.1} s; measuring");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let full_kb = a.rss_kb()?;
+    let slab_after = slab_kb()?;
 
     // Active clients for three ping rounds; CPU over the same window.
     let cpu_before = a.cpu_ticks()?;
@@ -375,6 +387,11 @@ async fn orchestrate() -> Result<(), Error> {
     }
     let cpu_ticks = a.cpu_ticks()? - cpu_before;
     let window_secs = window.elapsed().as_secs_f64();
+
+    // Then two intervals with every client idle: the CPU of the pings alone.
+    let cpu_before = a.cpu_ticks()?;
+    tokio::time::sleep(Duration::from_secs(2 * PING_INTERVAL_SECONDS)).await;
+    let idle_ping_ticks = a.cpu_ticks()? - cpu_before;
 
     // Goodbye: SIGTERM, and every client comes back at the second server.
     let pid = a.child.id().ok_or("the server exited")?;
@@ -454,6 +471,10 @@ async fn orchestrate() -> Result<(), Error> {
         (full_kb.saturating_sub(base_kb) * 1024) as f64 / clients as f64 / 1000.0
     );
     println!(
+        "| Kernel slab memory per connection, server end (half the growth: both ends are here) | {:.2} KB |",
+        (slab_after.saturating_sub(slab_before) * 1024) as f64 / 2.0 / clients as f64 / 1000.0
+    );
+    println!(
         "| Connect rate | {:.0} clients/s ({clients} in {connect_secs:.1} s) |",
         clients as f64 / connect_secs
     );
@@ -478,6 +499,11 @@ async fn orchestrate() -> Result<(), Error> {
         "| Server CPU over {window_secs:.0} s with {} ping rounds and the active clients | {:.2} s |",
         rounds.len(),
         cpu_ticks as f64 / 100.0
+    );
+    println!(
+        "| Server CPU per ping round to all {clients} clients, nobody active ({} s measured) | {:.2} s |",
+        2 * PING_INTERVAL_SECONDS,
+        idle_ping_ticks as f64 / 100.0 / 2.0
     );
     println!("| SIGTERM to exit | {exit_secs:.2} s |");
     println!(
