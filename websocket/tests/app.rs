@@ -69,12 +69,19 @@ async fn serves_until_the_shutdown_future_then_says_goodbye_and_releases() {
     assert!(!protection.current().protected);
 }
 
-/// The clients of a stopping task do not all come back at the others at once: the
-/// goodbye to 600 clients is spread over about 600 ms, and every one of them hears it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_goodbye_to_many_clients_is_spread_out() {
-    const CLIENTS: usize = 600;
-    websocket::http::raise_open_file_limit(CLIENTS * 2);
+type Client =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A server on port 0 with `n` clients connected and counted.
+struct Crowd {
+    connections: std::sync::Arc<websocket::connections::Connections>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<std::io::Result<ShutdownReport>>,
+    clients: Vec<Client>,
+}
+
+async fn crowd(n: usize) -> Crowd {
+    websocket::http::raise_open_file_limit(n * 2);
     let protection = TaskProtection::start(LocalBackend::new(), ProtectionSettings::default());
     let app = App::build(ServerSettings::default(), protection)
         .await
@@ -85,30 +92,55 @@ async fn the_goodbye_to_many_clients_is_spread_out() {
     let server = tokio::spawn(app.run_until_stopped(async {
         let _ = stopped.await;
     }));
-
-    let (told, mut heard) = tokio::sync::mpsc::unbounded_channel();
     let mut clients = Vec::new();
-    for _ in 0..CLIENTS {
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/"))
+    for _ in 0..n {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/"))
             .await
             .expect("connects");
-        let told = told.clone();
-        clients.push(tokio::spawn(async move {
-            while let Some(Ok(message)) = ws.next().await {
-                if matches!(&message, Message::Text(t) if t.as_str() == "server shutting down") {
-                    let _ = told.send(std::time::Instant::now());
-                }
-            }
-        }));
+        clients.push(ws);
     }
-    drop(told);
     tokio::time::timeout(STEP, async {
-        while connections.count() < CLIENTS {
+        while connections.count() < n {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await
     .expect("every client counted");
+    Crowd {
+        connections,
+        stop,
+        server,
+        clients,
+    }
+}
+
+/// The clients of a stopping task do not all come back at the others at once: the
+/// goodbye to 600 clients is spread over about 600 ms, and every one of them hears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_goodbye_to_many_clients_is_spread_out() {
+    const CLIENTS: usize = 600;
+    let Crowd {
+        connections,
+        stop,
+        server,
+        clients,
+    } = crowd(CLIENTS).await;
+    let (told, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            let told = told.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(message)) = ws.next().await {
+                    if matches!(&message, Message::Text(t) if t.as_str() == "server shutting down")
+                    {
+                        let _ = told.send(std::time::Instant::now());
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(told);
 
     let start = std::time::Instant::now();
     stop.send(()).expect("the server is running");
@@ -139,8 +171,8 @@ async fn the_goodbye_to_many_clients_is_spread_out() {
         .expect("does not panic")
         .expect("serves without error");
     assert_eq!(connections.count(), 0);
-    for client in clients {
-        client.await.expect("the client does not panic");
+    for reader in readers {
+        reader.await.expect("the client does not panic");
     }
 }
 
@@ -149,33 +181,12 @@ async fn the_goodbye_to_many_clients_is_spread_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shutdown_ends_when_the_last_client_has_left() {
     // 3,000 clients: a goodbye spread over 3 s.
-    const CLIENTS: usize = 3_000;
-    websocket::http::raise_open_file_limit(CLIENTS * 2);
-    let protection = TaskProtection::start(LocalBackend::new(), ProtectionSettings::default());
-    let app = App::build(ServerSettings::default(), protection)
-        .await
-        .expect("binds port 0 on loopback");
-    let port = app.port();
-    let connections = app.connections();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until_stopped(async {
-        let _ = stopped.await;
-    }));
-    let mut clients = Vec::new();
-    for _ in 0..CLIENTS {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/"))
-            .await
-            .expect("connects");
-        clients.push(ws);
-    }
-    tokio::time::timeout(STEP, async {
-        while connections.count() < CLIENTS {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("every client counted");
-
+    let Crowd {
+        stop,
+        server,
+        clients,
+        ..
+    } = crowd(3_000).await;
     stop.send(()).expect("the server is running");
     let start = std::time::Instant::now();
     drop(clients);
