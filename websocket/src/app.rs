@@ -118,6 +118,19 @@ impl App {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> io::Result<ShutdownReport> {
+        self.run(shutdown, std::future::pending()).await
+    }
+
+    /// As [`App::run_until_stopped`], and once `hurry` resolves during the shutdown
+    /// (a second ctrl-c), every client not yet told is told at once.
+    ///
+    /// # Errors
+    /// Never at present; the `Result` leaves room for listener failures.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        hurry: impl Future<Output = ()> + Send + 'static,
+    ) -> io::Result<ShutdownReport> {
         let Self {
             listener,
             shared,
@@ -165,7 +178,13 @@ impl App {
             tokio::select! {
                 () = shared.tracker.wait() => {}
                 () = async {
-                    shared.notices.goodbye(spread).await;
+                    tokio::select! {
+                        () = shared.notices.goodbye(spread) => {}
+                        () = hurry => {
+                            tracing::info!("Telling every remaining client to leave now");
+                            shared.notices.send_all(&Notice::ShuttingDown);
+                        }
+                    }
                     std::future::pending::<()>().await;
                 } => {}
             }

@@ -1,11 +1,12 @@
-//! `websocket`: parses its settings, then serves until SIGTERM or ctrl-c.
+//! `websocket`: parses its settings, then serves until SIGTERM or ctrl-c. A second
+//! signal tells every client still waiting for its goodbye at once.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use task_protection::TaskProtection;
 use task_protection::cli::{
-    ProtectionArgs, exit_config_error, init_logging, parse_or_exit, shutdown_signal,
+    ProtectionArgs, exit_config_error, init_logging, parse_or_exit, signals,
 };
 use websocket::config::{Command, Config, protection_defaults};
 use websocket::{App, healthcheck};
@@ -49,11 +50,26 @@ async fn main() -> ExitCode {
         }
     };
     tracing::info!(port = app.port(), "Listening on {}", app.local_addr());
-    let stopped = async {
-        let signal = shutdown_signal().await;
+    let mut signals = signals();
+    let (hurry, hurried) = tokio::sync::oneshot::channel::<()>();
+    let stopped = async move {
+        let Some(signal) = signals.recv().await else {
+            return std::future::pending().await;
+        };
         tracing::info!("{} received", signal.name());
+        tokio::spawn(async move {
+            if let Some(signal) = signals.recv().await {
+                tracing::info!("{} received again", signal.name());
+                let _ = hurry.send(());
+            }
+        });
     };
-    let code = match app.run_until_stopped(stopped).await {
+    let hurried = async {
+        if hurried.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let code = match app.run(stopped, hurried).await {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("the server failed: {e}");

@@ -76,6 +76,8 @@ type Client =
 struct Crowd {
     connections: std::sync::Arc<websocket::connections::Connections>,
     stop: tokio::sync::oneshot::Sender<()>,
+    /// A second signal: tell every client at once.
+    hurry: tokio::sync::oneshot::Sender<()>,
     server: tokio::task::JoinHandle<std::io::Result<ShutdownReport>>,
     clients: Vec<Client>,
 }
@@ -89,9 +91,17 @@ async fn crowd(n: usize) -> Crowd {
     let port = app.port();
     let connections = app.connections();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until_stopped(async {
-        let _ = stopped.await;
-    }));
+    let (hurry, hurried) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run(
+        async {
+            let _ = stopped.await;
+        },
+        async {
+            if hurried.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        },
+    ));
     let mut clients = Vec::new();
     for _ in 0..n {
         let (ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/"))
@@ -109,24 +119,21 @@ async fn crowd(n: usize) -> Crowd {
     Crowd {
         connections,
         stop,
+        hurry,
         server,
         clients,
     }
 }
 
-/// The clients of a stopping task do not all come back at the others at once: the
-/// goodbye to 600 clients is spread over about 600 ms, and every one of them hears it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_goodbye_to_many_clients_is_spread_out() {
-    const CLIENTS: usize = 600;
-    let Crowd {
-        connections,
-        stop,
-        server,
-        clients,
-    } = crowd(CLIENTS).await;
-    let (told, mut heard) = tokio::sync::mpsc::unbounded_channel();
-    let readers: Vec<_> = clients
+/// Spawns a reader per client that reports when it hears the goodbye.
+fn listen_for_goodbyes(
+    clients: Vec<Client>,
+) -> (
+    tokio::sync::mpsc::UnboundedReceiver<std::time::Instant>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let (told, heard) = tokio::sync::mpsc::unbounded_channel();
+    let readers = clients
         .into_iter()
         .map(|mut ws| {
             let told = told.clone();
@@ -140,10 +147,13 @@ async fn the_goodbye_to_many_clients_is_spread_out() {
             })
         })
         .collect();
-    drop(told);
+    (heard, readers)
+}
 
-    let start = std::time::Instant::now();
-    stop.send(()).expect("the server is running");
+/// When each client heard the goodbye, in order of arrival.
+async fn goodbye_times(
+    heard: &mut tokio::sync::mpsc::UnboundedReceiver<std::time::Instant>,
+) -> Vec<std::time::Instant> {
     let mut times = Vec::new();
     while let Some(at) = tokio::time::timeout(STEP, heard.recv())
         .await
@@ -151,6 +161,26 @@ async fn the_goodbye_to_many_clients_is_spread_out() {
     {
         times.push(at);
     }
+    times
+}
+
+/// The clients of a stopping task do not all come back at the others at once: the
+/// goodbye to 600 clients is spread over about 600 ms, and every one of them hears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_goodbye_to_many_clients_is_spread_out() {
+    const CLIENTS: usize = 600;
+    let Crowd {
+        connections,
+        stop,
+        server,
+        clients,
+        ..
+    } = crowd(CLIENTS).await;
+    let (mut heard, readers) = listen_for_goodbyes(clients);
+
+    let start = std::time::Instant::now();
+    stop.send(()).expect("the server is running");
+    let times = goodbye_times(&mut heard).await;
     assert_eq!(times.len(), CLIENTS, "every client hears the goodbye");
     let first = times.iter().min().expect("some");
     let last = times.iter().max().expect("some");
@@ -200,4 +230,39 @@ async fn the_shutdown_ends_when_the_last_client_has_left() {
         took < Duration::from_millis(2_000),
         "the shutdown took {took:?} after every client had gone"
     );
+}
+
+/// A second signal (`hurry`) tells every client still waiting for its turn at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_tells_every_remaining_client_at_once() {
+    // 3,000 clients: a goodbye spread over 3 s.
+    const CLIENTS: usize = 3_000;
+    let Crowd {
+        stop,
+        hurry,
+        server,
+        clients,
+        ..
+    } = crowd(CLIENTS).await;
+    let (mut heard, readers) = listen_for_goodbyes(clients);
+    let start = std::time::Instant::now();
+    stop.send(()).expect("the server is running");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    hurry.send(()).expect("the server is shutting down");
+    let times = goodbye_times(&mut heard).await;
+    assert_eq!(times.len(), CLIENTS, "every client hears the goodbye");
+    let last = times.iter().max().expect("some");
+    assert!(
+        *last - start < Duration::from_millis(1_500),
+        "the last goodbye came {:?} after the shutdown began",
+        *last - start
+    );
+    tokio::time::timeout(STEP, server)
+        .await
+        .expect("stops in time")
+        .expect("does not panic")
+        .expect("serves without error");
+    for reader in readers {
+        reader.await.expect("the client does not panic");
+    }
 }

@@ -248,7 +248,7 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
-/// The signal that ended the wait in [`shutdown_signal`].
+/// A shutdown signal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {
     /// SIGTERM: ECS is stopping the task.
@@ -268,31 +268,46 @@ impl Signal {
     }
 }
 
-/// Resolves on SIGTERM (ECS stopping the task) or ctrl-c.
-pub async fn shutdown_signal() -> Signal {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+/// Starts listening for SIGTERM and SIGINT; each one received is sent on the channel,
+/// for as long as the receiver lives. ECS sends SIGTERM once; an operator at a
+/// terminal may press ctrl-c twice, and the second one means "now".
+///
+/// # Panics
+/// Outside a tokio runtime.
+#[must_use]
+pub fn signals() -> tokio::sync::mpsc::UnboundedReceiver<Signal> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!("cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        for (kind, which) in [
+            (SignalKind::terminate(), Signal::Term),
+            (SignalKind::interrupt(), Signal::Interrupt),
+        ] {
+            let tx = tx.clone();
+            match signal(kind) {
+                Ok(mut stream) => {
+                    tokio::spawn(async move {
+                        while stream.recv().await.is_some() {
+                            if tx.send(which).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+                Err(e) => tracing::warn!("cannot listen for {}: {e}", which.name()),
             }
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => Signal::Interrupt,
-        () = term => Signal::Term,
     }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            if tx.send(Signal::Interrupt).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// Where metrics go: the value of `METRICS`.

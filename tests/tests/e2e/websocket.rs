@@ -394,6 +394,39 @@ async fn websocket_sigterm_closes_every_client_with_1001_and_exits_0() {
 }
 
 #[tokio::test]
+async fn websocket_second_ctrl_c_tells_every_client_at_once() {
+    // 3,000 clients: the goodbye would be spread over 3 s. A second ctrl-c at a
+    // terminal means "now", as it does for the worker.
+    const CLIENTS: u64 = 3_000;
+    let agent = FakeAgent::start().await;
+    let mut server = Server::start(&agent, &[]).await;
+    let mut readers = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut ws = server.connect().await;
+        readers.push(tokio::spawn(async move {
+            // Read to the end, answering the close as a browser does.
+            while let Some(Ok(_)) = ws.next().await {}
+        }));
+    }
+    server.wait_for_connections(CLIENTS).await;
+
+    let asked = std::time::Instant::now();
+    server.service.signal(nix::sys::signal::Signal::SIGINT);
+    server.service.signal(nix::sys::signal::Signal::SIGINT);
+    let status = server.service.wait_exit(STEP).await;
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "exit took {took:?} after the second ctrl-c"
+    );
+    assert_eq!(server.service.count("SIGINT received again"), 1);
+    for reader in readers {
+        reader.await.expect("the client does not panic");
+    }
+}
+
+#[tokio::test]
 async fn websocket_rejection_is_broadcast_to_every_client() {
     let agent = FakeAgent::start().await;
     agent.always(Answer::Failure("DEPLOYMENT_BLOCKED"));
