@@ -6,13 +6,14 @@
 //! target, then SIGTERM arrives and `stopTimeout` (30 s by default) later SIGKILL. So:
 //! stop accepting, tell every client `server shutting down` and close with 1001 (Going
 //! Away) so pages reconnect to another task, wait up to the grace period for them to
-//! leave, release protection, and return.
+//! leave, release protection, and return. axum's graceful shutdown does not cover
+//! upgraded websockets, so they are tracked here with a `TaskTracker`.
 //!
 //! The goodbye goes out at [`GOODBYE_RATE`] clients per second at most, and within the
 //! first half of the grace period: 15,000 clients sent away at once would all arrive
 //! at the remaining tasks in the same few hundred milliseconds, each with a TLS
-//! handshake and a protection check. A task with few clients says goodbye at once. axum's graceful shutdown does not cover
-//! upgraded websockets, so they are tracked here with a `TaskTracker`.
+//! handshake and a protection check. A task with few clients says goodbye at once,
+//! and a second signal tells everyone still waiting.
 
 use std::future::Future;
 use std::io;
