@@ -23,6 +23,7 @@ use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, QueueAttributeName, SendMessageBatchRequestEntry,
 };
 use e2e::agent::FakeAgent;
+use e2e::bench::procfs;
 use e2e::counting::CountingProxy;
 use e2e::moto::{Moto, aws_env, client_for};
 use e2e::process::binary;
@@ -58,60 +59,32 @@ fn args() -> Args {
     args
 }
 
-/// User plus system CPU time of process `pid`, in clock ticks (1/100 s here).
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
 /// A number no earlier call returned, for queue names.
 fn unique() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Puts `jobs` zero-millisecond jobs on `queue`, ten per call.
-async fn fill(client: &Client, queue: &str, jobs: usize) {
-    let mut left = jobs;
-    while left > 0 {
-        let n = left.min(10);
-        let entries = (0..n)
-            .map(|i| {
-                SendMessageBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .message_body("0")
-                    .build()
-                    .expect("entry")
-            })
-            .collect();
-        client
-            .send_message_batch()
-            .queue_url(queue)
-            .set_entries(Some(entries))
-            .send()
-            .await
-            .expect("send_message_batch");
-        left -= n;
-    }
-}
-
-/// Puts `jobs` zero-millisecond jobs on FIFO `queue`, spread round-robin over
-/// `groups` message groups, ten per call.
-async fn fill_fifo(client: &Client, queue: &str, jobs: usize, groups: usize) {
+/// Puts `jobs` zero-millisecond jobs on `queue`, ten per call; on a FIFO queue,
+/// `groups` message groups, dealt round robin.
+async fn fill(client: &Client, queue: &str, jobs: usize, groups: Option<usize>) {
     let mut sent = 0;
     while sent < jobs {
         let n = (jobs - sent).min(10);
         let entries = (0..n)
             .map(|i| {
                 let k = sent + i;
-                SendMessageBatchRequestEntry::builder()
+                let entry = SendMessageBatchRequestEntry::builder()
                     .id(i.to_string())
-                    .message_body("0")
-                    .message_group_id(format!("g{}", k % groups))
-                    .message_deduplication_id(k.to_string())
-                    .build()
-                    .expect("entry")
+                    .message_body("0");
+                match groups {
+                    Some(groups) => entry
+                        .message_group_id(format!("g{}", k % groups))
+                        .message_deduplication_id(k.to_string()),
+                    None => entry,
+                }
+                .build()
+                .expect("entry")
             })
             .collect();
         client
@@ -200,7 +173,7 @@ impl Row {
 
 async fn baseline(moto: &Moto, jobs: usize, max: i32) -> Row {
     let queue = moto.create_queue(&format!("baseline-{max}"), 30).await;
-    fill(&moto.client(), &queue, jobs).await;
+    fill(&moto.client(), &queue, jobs, None).await;
     let proxy = CountingProxy::start(([127, 0, 0, 1], moto.port()).into()).await;
     let client = client_for(&proxy.endpoint());
     let start = Instant::now();
@@ -265,7 +238,7 @@ async fn run_worker(
             let queue = moto
                 .create_queue(&format!("jobs-c{concurrency}-m{metrics}-{}", unique()), 30)
                 .await;
-            fill(&client, &queue, jobs).await;
+            fill(&client, &queue, jobs, None).await;
             let what = if metrics {
                 ", METRICS=emf every 1 s"
             } else {
@@ -283,7 +256,7 @@ async fn run_worker(
                 .expect("create_queue")
                 .queue_url
                 .unwrap_or_default();
-            fill_fifo(&client, &queue, jobs, groups).await;
+            fill(&client, &queue, jobs, Some(groups)).await;
             // moto's long poll on a FIFO queue keeps the groups in flight at its start
             // for its whole wait: short polls, or each group step waits out a poll.
             env.push(("QUEUE_WAIT_SECONDS", "1".to_owned()));
@@ -299,8 +272,8 @@ async fn run_worker(
             let other = moto
                 .create_queue(&format!("jobs-c{concurrency}-b"), 30)
                 .await;
-            fill(&client, &queue, jobs / 2).await;
-            fill(&client, &other, jobs - jobs / 2).await;
+            fill(&client, &queue, jobs / 2, None).await;
+            fill(&client, &other, jobs - jobs / 2, None).await;
             env.push((
                 "COPILOT_TOPIC_QUEUE_URIS",
                 format!(r#"{{"otherEventsQueue":"{other}"}}"#),
@@ -355,7 +328,7 @@ async fn run_worker(
     let secs = start.elapsed().as_secs_f64();
     let requests = proxy.total();
     let mut detail = format!("{:?}", proxy.counts());
-    if let Some(ticks) = child.id().and_then(cpu_ticks) {
+    if let Some(ticks) = child.id().and_then(procfs::cpu_ticks) {
         #[allow(clippy::cast_precision_loss)]
         let secs = ticks as f64 / 100.0;
         detail = format!("{detail}; worker CPU {secs:.2} s");

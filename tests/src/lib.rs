@@ -6,6 +6,7 @@
 //! count, a recorded request) with a timeout; they never sleep to let time pass.
 
 pub mod agent;
+pub mod bench;
 pub mod counting;
 pub mod moto;
 pub mod process;

@@ -21,12 +21,12 @@
 //! `bench-scale client URL FALLBACK N ACTIVE` is the client process it starts twice.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use e2e::bench::{Error, procfs, sibling, start_listening};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -35,8 +35,6 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::connect_async_with_config;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-
-type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// The default; `BENCH_CLIENTS` overrides it for a quick try.
 const CLIENTS: usize = 15_000;
@@ -201,87 +199,40 @@ struct Server {
     port: u16,
 }
 
-fn bin_dir() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(PathBuf::from))
-        .unwrap_or_default()
-}
-
 impl Server {
     async fn start() -> Result<Self, Error> {
-        let binary = bin_dir().join("websocket");
-        let mut child = Command::new(&binary)
-            .env_clear()
-            .envs([
-                ("PORT", "0".to_owned()),
-                ("BIND_ADDRESS", "127.0.0.1".to_owned()),
-                ("TASK_PROTECTION_BACKEND", "local".to_owned()),
-                ("MAX_CONNECTIONS", "20000".to_owned()),
-                (
-                    "WS_PING_INTERVAL_SECONDS",
-                    PING_INTERVAL_SECONDS.to_string(),
-                ),
-                ("SHUTDOWN_GRACE_SECONDS", GRACE_SECONDS.to_string()),
-                ("RUST_LOG", "info".to_owned()),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("{}: {e}; build it with --release", binary.display()))?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let port = tokio::time::timeout(STEP, async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(rest) = line.split("Listening on ").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or_default();
-                    return Ok::<u16, Error>(addr.rsplit(':').next().unwrap_or_default().parse()?);
-                }
-            }
-            Err("the server exited before listening".into())
-        })
-        .await??;
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let env = [
+            ("BIND_ADDRESS", "127.0.0.1".to_owned()),
+            ("TASK_PROTECTION_BACKEND", "local".to_owned()),
+            ("MAX_CONNECTIONS", "20000".to_owned()),
+            (
+                "WS_PING_INTERVAL_SECONDS",
+                PING_INTERVAL_SECONDS.to_string(),
+            ),
+            ("SHUTDOWN_GRACE_SECONDS", GRACE_SECONDS.to_string()),
+            ("RUST_LOG", "info".to_owned()),
+        ];
+        let (child, port) = start_listening(&sibling("websocket"), env, STEP).await?;
         Ok(Self { child, port })
     }
 
-    fn proc_field(&self, file: &str) -> Result<String, Error> {
-        let pid = self.child.id().ok_or("the server exited")?;
-        Ok(std::fs::read_to_string(format!("/proc/{pid}/{file}"))?)
+    fn pid(&self) -> Result<u32, Error> {
+        Ok(self.child.id().ok_or("the server exited")?)
     }
 
     fn rss_kb(&self) -> Result<u64, Error> {
-        self.proc_field("status")?
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| "no VmRSS".into())
+        Ok(procfs::rss_kb(self.pid()?).ok_or("no VmRSS")?)
     }
 
     /// User plus system CPU time, in clock ticks (1/100 s here).
     fn cpu_ticks(&self) -> Result<u64, Error> {
-        let stat = self.proc_field("stat")?;
-        let after = stat.rsplit(')').next().unwrap_or_default();
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let get = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        Ok(get(11) + get(12))
+        Ok(procfs::cpu_ticks(self.pid()?).ok_or("no CPU times")?)
     }
 }
 
 /// The kernel's slab memory (sockets, files, dentries), machine-wide.
 fn slab_kb() -> Result<u64, Error> {
-    std::fs::read_to_string("/proc/meminfo")?
-        .lines()
-        .find_map(|l| l.strip_prefix("Slab:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| "no Slab in /proc/meminfo".into())
+    Ok(procfs::meminfo_kb("Slab").ok_or("no Slab in /proc/meminfo")?)
 }
 
 struct ClientProc {

@@ -28,16 +28,14 @@
 //! target/release/bench-websocket --metrics
 //! ```
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use e2e::bench::{Error, procfs, sibling, start_listening};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
@@ -58,8 +56,6 @@ const MEASURE: Duration = Duration::from_secs(5);
 /// hanging.
 const STEP: Duration = Duration::from_secs(60);
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
-
 struct Server {
     name: &'static str,
     child: Child,
@@ -68,53 +64,13 @@ struct Server {
 
 impl Server {
     async fn start(name: &'static str, env: &[(&str, &str)]) -> Result<Self, Error> {
-        let dir = std::env::current_exe()?
-            .parent()
-            .map(PathBuf::from)
-            .unwrap_or_default();
-        let binary = dir.join(name);
-        if !binary.exists() {
-            return Err(format!(
-                "{} is missing: cargo build --release -p websocket -p e2e --bins",
-                binary.display()
-            )
-            .into());
-        }
-        let mut child = Command::new(&binary)
-            .env_clear()
-            .env("PORT", "0")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let port = tokio::time::timeout(STEP, async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(rest) = line.split("Listening on ").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or_default();
-                    let port = addr.rsplit(':').next().unwrap_or_default().parse()?;
-                    return Ok::<u16, Error>(port);
-                }
-            }
-            Err(format!("{name} exited before listening").into())
-        })
-        .await??;
-        // Keep draining its output so its logging never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let (child, port) = start_listening(&sibling(name), env.iter().copied(), STEP).await?;
         Ok(Self { name, child, port })
     }
 
     fn rss_kb(&self) -> Result<u64, Error> {
         let pid = self.child.id().ok_or("the server exited")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| "no VmRSS".into())
+        Ok(procfs::rss_kb(pid).ok_or("no VmRSS")?)
     }
 
     /// Samples RSS until two readings 300 ms apart agree, at most 5 s.

@@ -47,18 +47,8 @@ impl Server {
         vars.extend(extra.iter().cloned());
         let service = Service::spawn("websocket", &[], &vars);
         let line = service.wait_for_line("Listening on", START).await;
-        let port = line
-            .split("Listening on ")
-            .nth(1)
-            // The address ends at the first character that is not part of it: a space
-            // in a text log, a quote in a JSON one.
-            .and_then(|rest| {
-                rest.split(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
-                    .next()
-            })
-            .and_then(|addr| addr.rsplit(':').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        let port =
+            e2e::bench::listening_port(&line).unwrap_or_else(|| panic!("no port in {line:?}"));
         Self { service, port }
     }
 
@@ -566,12 +556,7 @@ async fn websocket_bad_setting_exits_2_with_one_line() {
 
 /// `VmRSS` of process `pid`, in bytes.
 fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    e2e::bench::procfs::rss_kb(pid)
         .map(|kb| kb * 1024)
         .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
 }
@@ -1112,13 +1097,7 @@ async fn websocket_out_of_file_descriptors_keeps_serving_and_accepts_again() {
     let agent = FakeAgent::start().await;
     let mut server = start_limited(&agent, OPEN_FILES, &[]);
     let line = server.wait_for_line("Listening on").await;
-    let port: u16 = line
-        .split("Listening on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|addr| addr.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    let port = e2e::bench::listening_port(&line).unwrap_or_else(|| panic!("no port in {line:?}"));
     let url = format!("ws://127.0.0.1:{port}/");
     // Connect until the server runs out of descriptors: a client then waits in the
     // listen backlog, unanswered.
