@@ -59,14 +59,21 @@ async fn serves_until_the_shutdown_future_then_says_goodbye_and_releases() {
     );
     // Reading on sends the client's answer to the close, as a browser does.
     while next().await.is_some() {}
-    let report = tokio::time::timeout(STEP, server)
-        .await
-        .expect("stops in time")
-        .expect("does not panic")
-        .expect("serves without error");
+    let report = served(server).await;
     assert_eq!(report, ShutdownReport::Released);
     assert_eq!(connections.count(), 0);
     assert!(!protection.current().protected);
+}
+
+/// Waits for the server to return, and checks that it served without error.
+async fn served(
+    server: tokio::task::JoinHandle<std::io::Result<ShutdownReport>>,
+) -> ShutdownReport {
+    tokio::time::timeout(STEP, server)
+        .await
+        .expect("stops in time")
+        .expect("does not panic")
+        .expect("serves without error")
 }
 
 type Client =
@@ -195,11 +202,7 @@ async fn the_goodbye_to_many_clients_is_spread_out() {
         "the last goodbye came {:?} after the shutdown began",
         *last - start
     );
-    tokio::time::timeout(STEP, server)
-        .await
-        .expect("stops in time")
-        .expect("does not panic")
-        .expect("serves without error");
+    served(server).await;
     assert_eq!(connections.count(), 0);
     for reader in readers {
         reader.await.expect("the client does not panic");
@@ -220,11 +223,7 @@ async fn the_shutdown_ends_when_the_last_client_has_left() {
     stop.send(()).expect("the server is running");
     let start = std::time::Instant::now();
     drop(clients);
-    tokio::time::timeout(STEP, server)
-        .await
-        .expect("stops in time")
-        .expect("does not panic")
-        .expect("serves without error");
+    served(server).await;
     let took = start.elapsed();
     assert!(
         took < Duration::from_millis(2_000),
@@ -247,9 +246,14 @@ async fn a_second_signal_tells_every_remaining_client_at_once() {
     let (mut heard, readers) = listen_for_goodbyes(clients);
     let start = std::time::Instant::now();
     stop.send(()).expect("the server is running");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Once the goodbye is under way, the second signal.
+    let first = tokio::time::timeout(STEP, heard.recv())
+        .await
+        .expect("the goodbye starts in time")
+        .expect("a client hears it");
     hurry.send(()).expect("the server is shutting down");
-    let times = goodbye_times(&mut heard).await;
+    let mut times = goodbye_times(&mut heard).await;
+    times.push(first);
     assert_eq!(times.len(), CLIENTS, "every client hears the goodbye");
     let last = times.iter().max().expect("some");
     assert!(
@@ -257,11 +261,7 @@ async fn a_second_signal_tells_every_remaining_client_at_once() {
         "the last goodbye came {:?} after the shutdown began",
         *last - start
     );
-    tokio::time::timeout(STEP, server)
-        .await
-        .expect("stops in time")
-        .expect("does not panic")
-        .expect("serves without error");
+    served(server).await;
     for reader in readers {
         reader.await.expect("the client does not panic");
     }
