@@ -129,6 +129,19 @@ pub fn client_for(endpoint: &str) -> Client {
     Client::from_conf(config)
 }
 
+/// Sends `body` to `queue`; returns its message id. Panics if SQS refuses.
+pub async fn send(client: &Client, queue: &str, body: &str) -> String {
+    client
+        .send_message()
+        .queue_url(queue)
+        .message_body(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("send {body:.20}: {e:?}"))
+        .message_id
+        .unwrap_or_default()
+}
+
 /// (visible, in flight) message counts of `queue`, or `None` when SQS cannot say.
 pub async fn queue_counts(client: &Client, queue: &str) -> Option<(u64, u64)> {
     use aws_sdk_sqs::types::QueueAttributeName;

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use e2e::agent::{Answer, FakeAgent};
-use e2e::moto::{Moto, aws_env};
+use e2e::moto::{Moto, aws_env, send};
 use e2e::process::Service;
 use e2e::wait_for;
 use futures_util::StreamExt;
@@ -43,16 +43,6 @@ async fn worker(agent: &FakeAgent) -> (Moto, Service, aws_sdk_sqs::Client, Strin
         .await;
     let client = moto.client();
     (moto, service, client, queue_url)
-}
-
-async fn send(client: &aws_sdk_sqs::Client, queue_url: &str, body: &str) {
-    client
-        .send_message()
-        .queue_url(queue_url)
-        .message_body(body)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("send {body}: {e:?}"));
 }
 
 /// Runs a 3 s job sent now, and checks ECS held protection from its start to its end.

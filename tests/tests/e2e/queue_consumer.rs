@@ -144,15 +144,7 @@ impl Setup {
     async fn send(&self, bodies: &[&str]) -> Vec<String> {
         let mut ids = Vec::new();
         for body in bodies {
-            let out = self
-                .client
-                .send_message()
-                .queue_url(&self.queue_url)
-                .message_body(*body)
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("send {body:.20}: {e:?}"));
-            ids.push(out.message_id.unwrap_or_default());
+            ids.push(e2e::moto::send(&self.client, &self.queue_url, body).await);
         }
         ids
     }

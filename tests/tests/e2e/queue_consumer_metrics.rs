@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use e2e::agent::FakeAgent;
-use e2e::moto::{Moto, aws_env};
+use e2e::moto::{Moto, aws_env, send};
 use e2e::process::Service;
 use serde_json::Value;
 
@@ -24,13 +24,7 @@ async fn run(log_format: &str, interval: &str) -> (Vec<String>, u64, u64) {
     let client = moto.client();
     let queue = moto.create_queue("jobs", 30).await;
     for body in ["10", "20", "abc", "30"] {
-        client
-            .send_message()
-            .queue_url(&queue)
-            .message_body(body)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("send: {e:?}"));
+        send(&client, &queue, body).await;
     }
     let mut env = aws_env(&moto.endpoint());
     env.extend([

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::{QueueAttributeName, SendMessageBatchRequestEntry};
 use e2e::agent::FakeAgent;
-use e2e::moto::{Moto, aws_env, queue_counts};
+use e2e::moto::{Moto, aws_env, queue_counts, send};
 use e2e::process::Service;
 use e2e::wait_for;
 
@@ -30,18 +30,6 @@ fn env(
     ]);
     env.extend(extra.iter().cloned());
     env
-}
-
-async fn send(client: &Client, queue: &str, body: &str) -> String {
-    client
-        .send_message()
-        .queue_url(queue)
-        .message_body(body)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("send {body:.20}: {e:?}"))
-        .message_id
-        .unwrap_or_default()
 }
 
 async fn wait_empty(client: &Client, queue: &str) {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::QueueAttributeName;
 use e2e::agent::FakeAgent;
-use e2e::moto::{Moto, queue_counts};
+use e2e::moto::{Moto, queue_counts, send};
 use e2e::wait_for;
 use e2e::worker::spawn_worker;
 use queue_consumer::{Job, Outcome, Verdict, handler_fn};
@@ -62,13 +62,7 @@ async fn queue_consumer_library_a_panicking_handler_is_retried_and_frees_its_slo
     let client = moto.client();
     let queue = moto.create_queue("jobs", 30).await;
     for body in ["panic", "1", "2", "3", "4"] {
-        client
-            .send_message()
-            .queue_url(&queue)
-            .message_body(body)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("send: {e:?}"));
+        send(&client, &queue, body).await;
     }
     let panics = Arc::new(AtomicUsize::new(0));
     let handler = {
