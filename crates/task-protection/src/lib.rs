@@ -50,6 +50,7 @@ pub mod metrics;
 mod protection;
 pub mod settings;
 mod state;
+pub mod testing;
 
 #[cfg(feature = "agent")]
 pub use backend::AgentBackend;
