@@ -42,6 +42,10 @@ pub(crate) async fn drive<B: Backend>(shared: Arc<Shared>, backend: B) -> Shutdo
     crate::metrics::describe();
     // When the stop was first seen: shutdown's budget counts from then.
     let mut stop_seen = None;
+    // When the current drain began, until protection is released: its duration is a
+    // metric.
+    let mut drain_began: Option<Instant> = None;
+    let mut drain_timed = false;
     loop {
         if *stop.borrow_and_update() {
             break;
@@ -53,11 +57,25 @@ pub(crate) async fn drive<B: Backend>(shared: Arc<Shared>, backend: B) -> Shutdo
             machine.note_release(now);
         }
         machine.set_wanted(count(word) > 0, now);
-        machine.set_draining(shared.draining.load(Ordering::SeqCst));
+        let draining = shared.draining.load(Ordering::SeqCst);
+        machine.set_draining(draining);
+        if !draining {
+            (drain_began, drain_timed) = (None, false);
+        } else if drain_began.is_none() {
+            drain_began = Some(now);
+        }
         if let Some(effect) = machine.take_lapse(now) {
             shared.apply(effect, None);
         }
         shared.publish(&machine, now);
+        if let Some(began) = drain_began
+            && !drain_timed
+            && !machine.might_be_protected(now)
+        {
+            drain_timed = true;
+            ::metrics::histogram!(crate::metrics::DRAIN_DURATION)
+                .record(now.duration_since(began).as_secs_f64() * 1000.0);
+        }
         wanted_since = match (count(word) > 0, machine.is_protected(now), wanted_since) {
             (false, _, _) => None,
             (true, false, None) => Some(now),

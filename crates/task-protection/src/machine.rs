@@ -726,6 +726,28 @@ mod tests {
     }
 
     #[test]
+    fn a_release_sent_while_an_earlier_enable_may_land_is_no_release() {
+        // Only shutdown's budget could send it that early; the answer must not claim
+        // ECS off when the earlier enable may land after it.
+        let t0 = Instant::now();
+        let mut m = released(t0);
+        m.on_sent(t0, ProtectionRequest::enable(1));
+        m.on_answer(
+            t0,
+            Err(ProtectionError::Server {
+                status: 500,
+                code: String::new(),
+                message: String::new(),
+            }),
+        );
+        let t1 = t0 + Duration::from_secs(1);
+        m.on_sent(t1, ProtectionRequest::disable());
+        assert_eq!(m.on_answer(t1, ok(false)), Effect::Released);
+        assert!(m.might_be_protected(t1), "the enable may still land");
+        assert!(m.might_be_protected(t0 + Duration::from_secs(64)));
+    }
+
+    #[test]
     fn rejection_cools_down_and_transient_backs_off() {
         let t0 = Instant::now();
         let mut m = released(t0);
