@@ -149,7 +149,7 @@ fn accept(
     let limits = shared.limits;
     let metrics = shared.metrics.clone();
     // From the 101 on, the connection's bytes are websocket frames.
-    meter.start_websocket();
+    meter.start_websocket(limits.max_message_bytes);
     upgrade
         .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(limits.max_message_bytes)

@@ -35,7 +35,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use self::limits::{Limits, Meter, PingRate};
+use self::limits::{Limits, MessageTooBig, Meter, PingRate};
 use self::link::Link;
 use crate::metrics::MessageCounters;
 
@@ -109,6 +109,9 @@ impl SocketError for axum::Error {
             if let Some(ws) = error.downcast_ref::<Error>() {
                 return match ws {
                     Error::Capacity(_) => Some(close_code::SIZE),
+                    Error::Io(io) if io.get_ref().is_some_and(|e| e.is::<MessageTooBig>()) => {
+                        Some(close_code::SIZE)
+                    }
                     Error::Utf8(_) => Some(close_code::INVALID),
                     Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
                     Error::Protocol(_) => Some(close_code::PROTOCOL),
