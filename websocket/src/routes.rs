@@ -30,9 +30,11 @@ pub const PAGE: &str = include_str!("../static/index.html");
 /// The read buffer of each websocket. tungstenite's default is 128 KiB per
 /// connection, which makes 10,000 idle clients cost 1.3 GB, and tungstenite fills
 /// the whole buffer on every read, so each idle connection pays for all of it. This
-/// protocol's messages are a few bytes; a larger one (up to `MAX_MESSAGE_BYTES`)
-/// still arrives, the buffer growing for it and keeping that size.
-pub const READ_BUFFER_BYTES: usize = 1024;
+/// protocol's messages are a few bytes (a `ping` frame is 10), so 256 bytes hold
+/// dozens of them; a larger one (up to `MAX_MESSAGE_BYTES`) still arrives, the
+/// buffer growing for it and keeping that size, and one over the limit is refused
+/// before it grows anything.
+pub const READ_BUFFER_BYTES: usize = 256;
 
 /// What every request handler shares.
 #[derive(Debug)]
