@@ -15,12 +15,13 @@ use task_protection::{Counters, ProtectionState};
 
 /// The longest error text `/status` shows.
 pub const MAX_PUBLIC_TEXT: usize = 120;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::connection;
 use crate::connection::limits::{Limits, MAX_WRITE_BUFFER_BYTES, Meter};
+use crate::connection::{self, Notice};
 use crate::connections::{Connections, Slot};
 use crate::metrics::ServerMetrics;
 
@@ -56,6 +57,18 @@ pub(crate) struct Shared {
     pub(crate) allowed_origins: Vec<String>,
     /// What the server counts.
     pub(crate) metrics: ServerMetrics,
+    /// Whether the service still wants this task (the drain watcher's verdict).
+    pub(crate) drain: task_protection::drain::Drain,
+}
+
+impl Shared {
+    /// Why the service no longer wants this task, while it is leaving.
+    pub(crate) fn leaving(&self) -> Option<task_protection::drain::LeaveReason> {
+        match self.drain.membership() {
+            task_protection::drain::Membership::Leaving(reason) => Some(reason),
+            _ => None,
+        }
+    }
 }
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
@@ -138,6 +151,11 @@ fn accept(
     if shared.shutdown.is_cancelled() {
         return unavailable("server shutting down");
     }
+    if shared.leaving().is_some() {
+        // The load balancer stops sending clients here once /healthz fails; one that
+        // still comes retries and lands on a task that stays.
+        return unavailable("this task is leaving its service");
+    }
     let Some(slot) = shared.connections.try_open() else {
         tracing::warn!(
             limit = shared.connections.limit(),
@@ -146,6 +164,8 @@ fn accept(
         shared.metrics.refused.increment(1);
         return unavailable("too many connections");
     };
+    // Subscribed now, so that no notice sent before the upgrade is missed.
+    let notices = shared.notices.subscribe();
     let max_message = shared.limits.max_message_bytes;
     // From the 101 on, the connection's bytes are websocket frames.
     meter.start_websocket(max_message);
@@ -157,7 +177,7 @@ fn accept(
         .write_buffer_size(0)
         .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
         .on_failed_upgrade(|error| tracing::debug!("websocket upgrade failed: {error}"))
-        .on_upgrade(move |socket| client(socket, shared, slot, meter, tracked))
+        .on_upgrade(move |socket| client(socket, shared, slot, notices, meter, tracked))
 }
 
 /// One client, from its welcome to its goodbye.
@@ -175,13 +195,13 @@ fn client(
     mut socket: WebSocket,
     shared: Arc<Shared>,
     mut slot: Slot,
+    mut notices: broadcast::Receiver<Notice>,
     meter: Arc<Meter>,
     tracked: TaskTrackerToken,
 ) -> impl Future<Output = ()> {
     async move {
-        // Subscribed once upgraded: a notice sent before is covered by the greeting
-        // (a refusal) and by the shutdown token (the goodbye).
-        let mut notices = shared.notices.subscribe();
+        // Read after subscribing, as announce_rejections sets it before it tells
+        // everyone: a refusal is heard one way or the other.
         let greeting = connection::Greeting {
             connections: slot.count_when_opened(),
             refused: shared.refused.load(Ordering::Relaxed),
@@ -208,9 +228,18 @@ fn client(
     }
 }
 
-/// `GET /healthz`: for the ALB, whose health checks cannot use websockets.
-async fn healthz() -> &'static str {
-    "Healthy"
+/// `GET /healthz`: for the ALB, whose health checks cannot use websockets. 503 while
+/// the task is leaving its service, so that the load balancer sends new clients to
+/// the tasks that stay; the clients already here are told to go soon after.
+async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    match shared.leaving() {
+        None => "Healthy".into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Leaving the service: {reason}"),
+        )
+            .into_response(),
+    }
 }
 
 /// What `GET /status` answers.
@@ -227,6 +256,9 @@ pub struct Status {
     pub protection: serde_json::Value,
     /// The protection calls made so far.
     pub protection_calls: Counters,
+    /// Whether the service still wants this task: `on` (the watcher asks ECS),
+    /// `membership` (`wanted` or `leaving`) and, when leaving, the `reason`.
+    pub drain: serde_json::Value,
 }
 
 /// `GET /status`: the connection count and the protection state, as JSON.
@@ -238,6 +270,11 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
         accepting: !shared.shutdown.is_cancelled(),
         protection: public_state(&protection.current()),
         protection_calls: protection.counters(),
+        drain: serde_json::json!({
+            "on": shared.drain.is_on(),
+            "membership": if shared.leaving().is_some() { "leaving" } else { "wanted" },
+            "reason": shared.leaving().map(|r| r.to_string()),
+        }),
     };
     ([(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
 }
