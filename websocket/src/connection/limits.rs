@@ -1,6 +1,6 @@
 //! What one client may make the server hold, and for how long.
 //!
-//! A connection's idle cost is about 3 KB; these limits keep a hostile or careless
+//! A connection's idle cost is about 2.5 KB; these limits keep a hostile or careless
 //! client from making it much more:
 //! - a message larger than [`Limits::max_message_bytes`] is refused with 1009 as
 //!   soon as a frame header announces it, before any of that frame's payload is
