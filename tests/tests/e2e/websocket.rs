@@ -512,11 +512,18 @@ async fn websocket_sigterm_closes_every_client_with_1001_and_exits_0() {
 
 #[tokio::test]
 async fn websocket_second_ctrl_c_tells_every_client_at_once() {
-    // 5,000 clients: the goodbye would be spread over 5 s. A second ctrl-c at a
-    // terminal means "now", as it does for the worker.
+    // 5,000 clients at 100 a second: the goodbye would be spread over 50 s. A second
+    // ctrl-c at a terminal means "now", as it does for the worker.
     const CLIENTS: u64 = 5_000;
     let agent = FakeAgent::start().await;
-    let mut server = Server::start(&agent, &[]).await;
+    let mut server = Server::start(
+        &agent,
+        &[
+            ("GOODBYE_RATE", "100".to_owned()),
+            ("SHUTDOWN_GRACE_SECONDS", "120".to_owned()),
+        ],
+    )
+    .await;
     let mut readers = Vec::new();
     for _ in 0..CLIENTS {
         let mut ws = server.connect().await;
@@ -533,12 +540,12 @@ async fn websocket_second_ctrl_c_tells_every_client_at_once() {
     server.service.wait_for_line("Shutting down", STEP).await;
     let asked = std::time::Instant::now();
     server.service.signal(nix::sys::signal::Signal::SIGINT);
-    let status = server.service.wait_exit(STEP).await;
+    let status = server.service.wait_exit(Duration::from_secs(60)).await;
     assert_eq!(status.code(), Some(0), "exit status {status}");
     let took = asked.elapsed();
     assert!(
-        took < Duration::from_secs(3),
-        "exit took {took:?} after the second ctrl-c"
+        took < Duration::from_secs(20),
+        "exit took {took:?} after the second ctrl-c, as if the goodbye went on"
     );
     assert_eq!(server.service.count("SIGINT received again"), 1);
     for reader in readers {
