@@ -109,8 +109,9 @@ pub struct EmfHandle {
 }
 
 impl EmfHandle {
-    /// The EMF line for what was recorded since the last one, without a newline.
-    /// Counters restart from zero and histogram samples are cleared.
+    /// The EMF line for what was recorded since the last one, without a newline, or
+    /// an empty string when no metric is registered: a line without metrics says
+    /// nothing. Counters restart from zero and histogram samples are cleared.
     #[must_use]
     pub fn render(&self) -> String {
         self.registry.render(now_millis())
@@ -120,6 +121,9 @@ impl EmfHandle {
     /// log line written through the same stdout.
     pub fn flush(&self) {
         let mut line = self.render();
+        if line.is_empty() {
+            return;
+        }
         line.push('\n');
         let stdout = std::io::stdout();
         let mut out = stdout.lock();

@@ -229,6 +229,9 @@ impl Registry {
             definitions.push(json!({"Name": name, "Unit": unit}));
             root.insert(name.clone(), value);
         }
+        if definitions.is_empty() {
+            return String::new();
+        }
         let config = &self.config;
         let keys: Vec<&str> = config.dimensions.iter().map(|(k, _)| k.as_str()).collect();
         for (k, v) in &config.dimensions {
