@@ -64,21 +64,31 @@ struct ErrorBody {
 impl AgentBackend {
     /// A backend for the agent at `agent_uri`, the value of `ECS_AGENT_URI`.
     ///
+    /// The agent serves plain `http` on a link-local address
+    /// (`http://169.254.170.2/api/<id>`), and this client carries no TLS stack, so
+    /// that an agent-only build stays small: an `https` URL is refused here rather
+    /// than failing at the first request.
+    ///
     /// # Errors
-    /// When `agent_uri` is not an absolute `http` or `https` URL.
+    /// When `agent_uri` is not an absolute `http://` URL.
     pub fn new(agent_uri: &str) -> Result<Self, super::BackendConfigError> {
-        let base = agent_uri.trim().trim_end_matches('/');
-        let parsed = reqwest::Url::parse(base).map_err(|e| super::BackendConfigError::Invalid {
+        let invalid = |reason: String| super::BackendConfigError::Invalid {
             variable: "ECS_AGENT_URI",
             value: agent_uri.to_owned(),
-            reason: e.to_string(),
-        })?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(super::BackendConfigError::Invalid {
-                variable: "ECS_AGENT_URI",
-                value: agent_uri.to_owned(),
-                reason: "expected an http:// URL".to_owned(),
-            });
+            reason,
+        };
+        let base = agent_uri.trim().trim_end_matches('/');
+        let parsed = reqwest::Url::parse(base).map_err(|e| invalid(e.to_string()))?;
+        match parsed.scheme() {
+            "http" => {}
+            "https" => {
+                return Err(invalid(
+                    "https is not supported: the ECS agent endpoint is plain http on a \
+                     link-local address (http://169.254.170.2/api/...)"
+                        .to_owned(),
+                ));
+            }
+            _ => return Err(invalid("expected an http:// URL".to_owned())),
         }
         // Timeouts are the state machine's; a pooled connection to the agent is reused.
         // The agent is link-local: never send it through HTTP_PROXY/HTTPS_PROXY, which
@@ -87,11 +97,7 @@ impl AgentBackend {
             .no_proxy()
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .build()
-            .map_err(|e| super::BackendConfigError::Invalid {
-                variable: "ECS_AGENT_URI",
-                value: agent_uri.to_owned(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| invalid(e.to_string()))?;
         Ok(Self {
             client,
             url: format!("{base}/task-protection/v1/state"),
