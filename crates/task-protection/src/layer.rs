@@ -2,7 +2,10 @@
 //!
 //! Every request in flight holds a [`ProtectionGuard`] from the moment the service is
 //! called until the last frame of its response body has been handed to the server,
-//! or the body is dropped (the client went away). A slow handler or a response that
+//! or the body is dropped (the client went away). While the task is leaving its
+//! service ([`TaskProtection::drain`]) requests are still served, without a guard
+//! ([`TaskProtection::try_hold`]), so protection can go as soon as the work held
+//! before has. A slow handler or a response that
 //! streams for minutes keeps the task protected; an idle service holds nothing and is
 //! released after the maintain window. Guards are counted, not sent: a burst of a
 //! thousand requests costs one PUT, as one request does.
@@ -150,9 +153,10 @@ where
     }
 }
 
-/// The guard a request holds, if any.
+/// The guard for new work: none while the task is leaving its service (it should
+/// take on no new protected work) or protection is shut down.
 fn request_guard(protection: &TaskProtection) -> Option<ProtectionGuard> {
-    Some(protection.hold())
+    protection.try_hold()
 }
 
 /// What [`ProtectionLayer`] puts in each request's extensions: the way to keep the
@@ -168,7 +172,9 @@ impl RequestProtection {
     /// websocket connection, a spawned task). Take it while the request is being
     /// handled, so protection has no gap, and move it into that work.
     ///
-    /// `None` when this request is served without protection.
+    /// `None` when this request is served without protection, or when the task has
+    /// begun to leave its service since ([`TaskProtection::drain`]): then the work
+    /// runs unprotected, or the handler turns it away so it goes to another task.
     #[must_use = "protection is released as soon as the guard is dropped"]
     pub fn hold(&self) -> Option<ProtectionGuard> {
         self.protection.as_ref().and_then(request_guard)

@@ -380,3 +380,48 @@ async fn a_handler_that_fails_lets_its_guard_go() {
     assert!(call.await.is_err());
     assert_eq!(protection.holders(), 0);
 }
+
+/// A task leaving its service takes no new protection: requests are still served,
+/// without a guard, and a websocket handler is told there is none to carry.
+#[tokio::test]
+async fn a_draining_task_serves_requests_without_protection() {
+    let agent = Agent::start().await;
+    let protection = agent.protection(settings(1, 0, Duration::from_millis(200)));
+    let observed = protection.clone();
+    let app = axum::Router::new()
+        .route(
+            "/job",
+            get(
+                move |Extension(request): Extension<RequestProtection>| async move {
+                    let carried = request.hold();
+                    format!(
+                        "holders={} carried={}",
+                        observed.holders(),
+                        carried.is_some()
+                    )
+                },
+            ),
+        )
+        .layer(ProtectionLayer::new(protection.clone()));
+    let base = serve(app).await;
+    let get_job = || async {
+        reqwest::get(format!("{base}/job"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+
+    assert_eq!(get_job().await, "holders=2 carried=true");
+    wait_until("the guards are gone", &protection, || {
+        protection.holders() == 0
+    })
+    .await;
+    protection.drain();
+    for _ in 0..3 {
+        assert_eq!(get_job().await, "holders=0 carried=false");
+    }
+    protection.undrain();
+    assert_eq!(get_job().await, "holders=2 carried=true");
+}
