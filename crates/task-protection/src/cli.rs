@@ -317,7 +317,7 @@ pub enum MetricsMode {
     /// set), `off` elsewhere.
     #[default]
     Auto,
-    /// One CloudWatch Embedded Metric Format line per interval on stdout.
+    /// CloudWatch Embedded Metric Format lines on stdout every interval.
     Emf,
     /// No metrics.
     Off,
@@ -355,7 +355,7 @@ fn dimension(
 #[command(next_help_heading = "Metrics")]
 pub struct MetricsArgs {
     /// Where metrics go: auto (emf inside ECS, off elsewhere), emf (CloudWatch
-    /// Embedded Metric Format lines on stdout, one per interval), or off
+    /// Embedded Metric Format lines on stdout every interval), or off
     #[arg(long, env = "METRICS", value_enum, default_value_t = MetricsMode::Auto)]
     pub metrics: MetricsMode,
 

@@ -20,7 +20,7 @@
 //! use task_protection::{LocalBackend, ProtectionSettings, TaskProtection};
 //!
 //! let protection = TaskProtection::start(LocalBackend::new(), ProtectionSettings::default());
-//! let app = axum::Router::new()
+//! let app: axum::Router = axum::Router::new()
 //!     .route("/jobs", axum::routing::post(|| async { "done" }))
 //!     .layer(ProtectionLayer::new(protection.clone()))
 //!     // Added after the layer, so not protected: see below.

@@ -58,6 +58,17 @@
 
 #![warn(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
+// The crate docs link items of every feature; a build without some of them (docs.rs
+// has them all) cannot resolve those links.
+#![cfg_attr(
+    not(all(
+        feature = "agent",
+        feature = "ecs-api",
+        feature = "tower",
+        feature = "cli"
+    )),
+    allow(rustdoc::broken_intra_doc_links)
+)]
 
 pub mod backend;
 #[cfg(feature = "cli")]
@@ -87,3 +98,8 @@ pub use backend::{EcsApiBackend, TaskIdentity};
 pub use protection::{AcquireError, ProtectionGuard, ShutdownReport, TaskProtection};
 pub use settings::{ProtectionSettings, ProtectionSettingsBuilder, SettingsError};
 pub use state::{Counters, Events, Phase, ProtectionEvent, ProtectionState, rfc3339};
+
+// The README's examples are compiled and run with the doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;

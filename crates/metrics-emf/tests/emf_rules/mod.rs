@@ -163,11 +163,9 @@ pub(crate) fn check(line: &str) -> Result<Map<String, Value>, String> {
                     return Err(format!("{unit:?} is not a CloudWatch unit"));
                 }
             }
-            if let Some(r) = definition.get("StorageResolution")
-                && r.as_u64() != Some(1)
-                && r.as_u64() != Some(60)
-            {
-                return Err(format!("StorageResolution {r}: 1 or 60"));
+            let resolution = definition.get("StorageResolution");
+            if resolution.is_some_and(|r| r.as_u64() != Some(1) && r.as_u64() != Some(60)) {
+                return Err(format!("StorageResolution {resolution:?}: 1 or 60"));
             }
             metric_value(
                 name,
