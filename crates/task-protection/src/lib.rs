@@ -45,8 +45,9 @@
 //! |---|---|---|
 //! | `agent` | yes | [`AgentBackend`], through the agent endpoint `$ECS_AGENT_URI/task-protection/v1/state` (agent 1.65.0 and later, and Fargate). Plain http, no TLS: the endpoint is link-local. |
 //! | `ecs-api` | no | [`EcsApiBackend`], ECS `UpdateTaskProtection` through `aws-sdk-ecs`, for tasks whose agent lacks the endpoint. Brings the AWS SDK. |
+//! | `drain` | no | [`drain::EcsService`], the ECS calls of the [drain watcher](drain), which tells a task when its service no longer wants it. Brings the AWS SDK. |
 //! | `tower` | no | [`layer::ProtectionLayer`], a tower layer that holds protection for every HTTP request in flight (axum, tonic, hyper). |
-//! | `cli` | no | [`cli`], what the services built on this crate share: settings as clap arguments with one-line errors, logging, shutdown signals, CloudWatch EMF metrics. Application glue, not needed by a library. |
+//! | `cli` | no | [`cli`], what the services built on this crate share: settings as clap arguments with one-line errors, logging, shutdown signals, CloudWatch EMF metrics, and `drain`. Application glue, not needed by a library. |
 //!
 //! With no feature at all, [`LocalBackend`] and your own [`Backend`] remain. The
 //! crate's README counts the crates each set of features brings.
@@ -64,6 +65,7 @@
     not(all(
         feature = "agent",
         feature = "ecs-api",
+        feature = "drain",
         feature = "tower",
         feature = "cli"
     )),
@@ -80,21 +82,27 @@ mod driver;
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub mod layer;
 mod machine;
+#[cfg(any(feature = "ecs-api", feature = "drain"))]
+mod metadata;
 pub mod metrics;
 mod protection;
 pub mod settings;
 mod state;
+pub mod testing;
 
 #[cfg(feature = "agent")]
 #[cfg_attr(docsrs, doc(cfg(feature = "agent")))]
 pub use backend::AgentBackend;
+#[cfg(feature = "ecs-api")]
+#[cfg_attr(docsrs, doc(cfg(feature = "ecs-api")))]
+pub use backend::EcsApiBackend;
 pub use backend::{
     AnyBackend, Backend, BackendConfig, BackendConfigError, BackendKind, Grant, LocalBackend,
     ProtectionError, ProtectionRequest, Rejection, ThrottledBy,
 };
-#[cfg(feature = "ecs-api")]
-#[cfg_attr(docsrs, doc(cfg(feature = "ecs-api")))]
-pub use backend::{EcsApiBackend, TaskIdentity};
+#[cfg(any(feature = "ecs-api", feature = "drain"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "ecs-api", feature = "drain"))))]
+pub use metadata::TaskIdentity;
 pub use protection::{AcquireError, ProtectionGuard, ShutdownReport, TaskProtection};
 pub use settings::{ProtectionSettings, ProtectionSettingsBuilder, SettingsError};
 pub use state::{Counters, Events, Phase, ProtectionEvent, ProtectionState, rfc3339};

@@ -20,7 +20,7 @@ mod select;
 pub use agent::AgentBackend;
 #[cfg(feature = "ecs-api")]
 #[cfg_attr(docsrs, doc(cfg(feature = "ecs-api")))]
-pub use ecs_api::{EcsApiBackend, TaskIdentity};
+pub use ecs_api::EcsApiBackend;
 pub use local::LocalBackend;
 pub use select::{AnyBackend, BackendConfig, BackendConfigError, BackendKind};
 
