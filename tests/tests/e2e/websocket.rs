@@ -1379,8 +1379,9 @@ const METRIC_NAMES: [&str; 12] = [
 /// Checks one EMF line against the specification and returns it parsed: a JSON
 /// object with `_aws.Timestamp` in milliseconds and `_aws.CloudWatchMetrics[0]` whose
 /// namespace is `namespace`, whose dimension names and metric names are all members
-/// of the object with a number (or an array of at most 100 numbers) as value, and
-/// whose metrics include every websocket metric.
+/// of the object with a number (or a histogram's distribution object, at most 100
+/// `Values` with their `Counts`) as value, and whose metrics include every websocket
+/// metric.
 fn check_emf(line: &str, namespace: &str) -> serde_json::Map<String, Value> {
     let doc: Value = serde_json::from_str(line)
         .unwrap_or_else(|e| panic!("an EMF line is not one whole JSON object ({e}): {line}"));
@@ -1419,11 +1420,18 @@ fn check_emf(line: &str, namespace: &str) -> serde_json::Map<String, Value> {
         .collect();
     for name in &defined {
         let value = &doc[*name];
-        let values_ok = value
-            .as_array()
-            .is_some_and(|a| !a.is_empty() && a.len() <= 100 && a.iter().all(Value::is_number));
+        let numbers = |v: &Value| {
+            v.as_array()
+                .is_some_and(|a| !a.is_empty() && a.len() <= 100 && a.iter().all(Value::is_number))
+        };
+        let distribution_ok = numbers(&value["Values"])
+            && numbers(&value["Counts"])
+            && value["Values"].as_array().map(Vec::len) == value["Counts"].as_array().map(Vec::len)
+            && ["Count", "Sum", "Min", "Max"]
+                .iter()
+                .all(|k| value[*k].is_number());
         assert!(
-            value.is_number() || values_ok,
+            value.is_number() || distribution_ok,
             "metric {name} is not a member: {line}"
         );
     }
