@@ -230,6 +230,11 @@ async fn websocket_connect_storm_costs_a_handful_of_puts_and_ends_released() {
     let agent = FakeAgent::start().await;
     let server = Server::start(&agent, &[]).await;
     let port = server.port;
+    // One client first, until ECS protects the task: the storm then meets a task that
+    // is protected, whatever the spacing after the release at start.
+    let mut first = server.connect().await;
+    next_text(&mut first).await;
+    wait_protected(&agent).await;
     let started = std::time::Instant::now();
     let welcomed = futures_util::stream::iter(0..CLIENTS)
         .map(|_| async move {
@@ -248,6 +253,8 @@ async fn websocket_connect_storm_costs_a_handful_of_puts_and_ends_released() {
         .await;
     let took = started.elapsed();
     assert_eq!(welcomed, CLIENTS);
+    first.close(None).await.unwrap();
+    while let Some(Ok(_)) = first.next().await {}
     server.wait_for_connections(0).await;
     wait_released(&agent).await;
     let puts = agent.puts();
