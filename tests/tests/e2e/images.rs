@@ -4,8 +4,8 @@
 //! is checked from the files: where the base images come from, that the
 //! dependencies compile in a layer of their own, and that an arm64 image is
 //! cross-compiled on the builder's own platform instead of under emulation. The
-//! helper that maps a platform to a Rust target, `docker/cross.sh`, is a plain
-//! shell script and runs here for every platform.
+//! script that maps a platform to a Rust target, `docker/cross.sh`, runs here for
+//! every platform.
 
 use std::collections::BTreeMap;
 use std::process::Command;
