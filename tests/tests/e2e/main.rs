@@ -5,6 +5,7 @@ mod cloudformation;
 mod copilot_rules;
 mod demo;
 mod deploy;
+mod drain;
 mod images;
 mod monitoring;
 mod protection_faults;
