@@ -23,8 +23,8 @@ use crate::copilot_rules::TLS13_POLICIES;
 use crate::deploy::{
     DEREGISTRATION_DELAY_MAX, HEALTH_PORT, MAX_STOP_TIMEOUT_SECONDS, QUEUE_CONSUMER_PATH, Setting,
     TARGET_HEALTH_INTERVAL_SECONDS, TARGET_UNHEALTHY_THRESHOLD, WEBSOCKET_PATH, WORKER_HEALTH_PORT,
-    allowed_actions, at, check_variables, default_number, function, get_status, installed_path,
-    local_websocket, settings, text, text_at, without_unread_health_port, yaml,
+    allowed_actions, at, check_drain_notice, check_variables, default_number, function, get_status,
+    installed_path, local_websocket, settings, text, text_at, without_unread_health_port, yaml,
 };
 
 const TEMPLATE: &str = "cloudformation/task-protection.yml";
@@ -270,6 +270,7 @@ async fn the_template_matches_the_binaries() {
     let vars = environment(web_container, &mut computed, &mut problems);
     check_variables("websocket", &vars, &web, &mut problems);
     check_metrics_environment("websocket", &mut computed, &mut problems);
+    check_drain_notice(&web, &mut problems);
     check_health_check("websocket", web_container, WEBSOCKET_PATH, &mut problems);
     if !computed.is_empty() {
         problems.push(format!(

@@ -281,6 +281,22 @@ pub(super) async fn without_unread_health_port(
     }
 }
 
+/// A leaving websocket task keeps its clients while /healthz answers 503, long
+/// enough for the ALB to take it out of rotation (interval × unhealthy threshold),
+/// so that they reconnect to other tasks.
+pub(super) fn check_drain_notice(read: &BTreeMap<String, Setting>, problems: &mut Vec<String>) {
+    if !read.contains_key("DRAIN_NOTICE_SECONDS") {
+        return;
+    }
+    let out_of_rotation = TARGET_HEALTH_INTERVAL_SECONDS * TARGET_UNHEALTHY_THRESHOLD;
+    match default_number(read, "DRAIN_NOTICE_SECONDS") {
+        Some(notice) if notice >= out_of_rotation => {}
+        other => problems.push(format!(
+            "DRAIN_NOTICE_SECONDS defaults to {other:?}, below the {out_of_rotation} s the load balancer takes to stop sending clients"
+        )),
+    }
+}
+
 /// A default from `--help` as whole seconds or milliseconds.
 pub(super) fn default_number(read: &BTreeMap<String, Setting>, name: &str) -> Option<u64> {
     read.get(name)?.default.as_deref()?.parse().ok()
@@ -565,6 +581,8 @@ async fn the_web_manifest_matches_the_websocket_server() {
             at(&manifest, "http.healthcheck")
         ));
     }
+
+    check_drain_notice(&read, &mut problems);
 
     // The routes the ALB uses are ones the real server answers with 200.
     let path = text_at(&manifest, "http.path");
