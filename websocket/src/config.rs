@@ -57,7 +57,7 @@ pub struct Config {
     pub ws_ping_interval_seconds: u64,
 
     /// Most clients connected at once; past it new clients get HTTP 503. Each costs
-    /// at most about 20 KB however it behaves (BENCHMARKS.md), so the default fits a
+    /// at most about 22 KB however it behaves (BENCHMARKS.md), so the default fits a
     /// 512 MiB task with room to spare (1..=1000000)
     #[arg(long, env = "MAX_CONNECTIONS", value_name = "N", default_value = "10000",
           value_parser = ranged("MAX_CONNECTIONS", 1, MAX_CONNECTIONS_LIMIT, ""))]
