@@ -4,8 +4,10 @@
 # target, and sets up what compiling and linking for it needs.
 #
 #   cross.sh target     the Rust target for TARGETARCH
-#   cross.sh packages   the Debian packages needed to link for it from BUILDARCH
-#                       (none when the two are the same)
+#   cross.sh packages   the Debian packages the build needs on top of the rust image:
+#                       make, which jemalloc (the websocket's allocator) builds
+#                       with, and, from another BUILDARCH, the cross compiler and
+#                       the target's C library
 #   cross.sh setup      installs those packages and the target's standard library
 #
 # TARGETARCH and BUILDARCH are BuildKit's (amd64, arm64); without BUILDARCH the
@@ -25,8 +27,10 @@ esac
 
 packages() {
   build=${BUILDARCH:-$(dpkg --print-architecture)}
-  if [ "$build" != "$TARGETARCH" ]; then
-    echo "$gcc $libc"
+  if [ "$build" = "$TARGETARCH" ]; then
+    echo "make"
+  else
+    echo "make $gcc $libc"
   fi
 }
 
@@ -41,7 +45,7 @@ case "${1:-}" in
     needed=$(packages)
     if [ -n "$needed" ]; then
       apt-get update
-      # Word splitting is wanted: two package names.
+      # Word splitting is wanted: one name per package.
       # shellcheck disable=SC2086
       apt-get install -y --no-install-recommends $needed
       rm -rf /var/lib/apt/lists/*

@@ -28,8 +28,10 @@ RUN cargo chef prepare --recipe-path recipe.json
 
 FROM chef AS build
 # The image's platform (docker build --platform, Copilot's `platform`), and the
-# builder's, from BuildKit. cross.sh maps TARGETARCH to a Rust target, installs the
-# cross linker when the two differ, and adds the target's standard library.
+# builder's, from BuildKit. cross.sh maps TARGETARCH to a Rust target, installs make
+# (jemalloc, the websocket's allocator, builds with it; the rust image has none) and,
+# when the two platforms differ, the cross linker, and adds the target's standard
+# library.
 ARG BUILDARCH
 ARG TARGETARCH
 COPY docker/cross.sh /usr/local/bin/cross.sh
