@@ -1,14 +1,20 @@
-# syntax=docker/dockerfile:1
 # The queue-consumer image. Build from the repository root, as Copilot does
 # (copilot/queue-consumer/manifest.yml):
 #   docker build -f docker/queue-consumer.Dockerfile .
+# For Graviton, or both at once (a multi-platform image):
+#   docker buildx build --platform linux/arm64 -f docker/queue-consumer.Dockerfile .
+#   docker buildx build --platform linux/amd64,linux/arm64 -f docker/queue-consumer.Dockerfile .
 
 # --- build ---------------------------------------------------------------------
 # The toolchain named by rust-version in Cargo.toml, on Debian 12, which is also what
 # the runtime image is built from, so the binary links against the same glibc.
 # Docker's official rust image, pulled through its ECR Public mirror: CI, CodeBuild
 # and Copilot's local builds pull it without Docker Hub's anonymous rate limit.
-FROM public.ecr.aws/docker/library/rust:1.95-slim-bookworm AS chef
+# The build stages run on the builder's own platform ($BUILDPLATFORM) whatever the
+# image's platform: an arm64 image built on an x86_64 machine (or the reverse) is
+# cross-compiled at native speed with Debian's cross linker (docker/cross.sh),
+# instead of running the whole compiler under QEMU emulation.
+FROM --platform=$BUILDPLATFORM public.ecr.aws/docker/library/rust:1.95-slim-bookworm AS chef
 # cargo-chef (crates.io) turns the workspace's manifests and lock file into a
 # recipe, so the dependencies can be compiled before the project's sources exist.
 RUN cargo install cargo-chef --locked --version 0.1.78
@@ -21,15 +27,34 @@ COPY . .
 RUN cargo chef prepare --recipe-path recipe.json
 
 FROM chef AS build
+# The image's platform (docker build --platform, Copilot's `platform`), and the
+# builder's, from BuildKit. cross.sh maps TARGETARCH to a Rust target, installs make
+# (jemalloc, the websocket's allocator, builds with it; the rust image has none) and,
+# when the two platforms differ, the cross linker, and adds the target's standard
+# library.
+ARG BUILDARCH
+ARG TARGETARCH
+COPY docker/cross.sh /usr/local/bin/cross.sh
+RUN cross.sh setup
+# The linker and C compiler for each target, by the names Debian gives them: the
+# cross packages for the other architecture, gcc itself for the builder's own.
+# (The AWS SDK's TLS library, aws-lc-sys, compiles C for the target.)
+ENV CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER=x86_64-linux-gnu-gcc \
+    CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+    CC_x86_64_unknown_linux_gnu=x86_64-linux-gnu-gcc \
+    CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
+    AR_x86_64_unknown_linux_gnu=x86_64-linux-gnu-ar \
+    AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
 # Compile every dependency of the queue-consumer package in a layer of its own. Docker
 # reuses this layer (locally, or from a registry cache with --cache-from) as long as
-# recipe.json is unchanged: a change to the project's code rebuilds only the
-# project's crates, not the few hundred dependencies (about 5 minutes on 2 cores).
+# recipe.json and the platform are unchanged: a change to the project's code
+# rebuilds only the project's crates, not the few hundred dependencies (about 5
+# minutes on 2 cores).
 COPY --from=plan /src/recipe.json recipe.json
-RUN cargo chef cook --release --locked -p queue-consumer --recipe-path recipe.json
+RUN cargo chef cook --release --locked --target "$(cross.sh target)" -p queue-consumer --recipe-path recipe.json
 COPY . .
-RUN cargo build --release --locked -p queue-consumer \
-    && install -D -m 0755 target/release/queue-consumer /out/queue-consumer
+RUN cargo build --release --locked --target "$(cross.sh target)" -p queue-consumer \
+    && install -D -m 0755 "target/$(cross.sh target)/release/queue-consumer" /out/queue-consumer
 
 # --- run -----------------------------------------------------------------------
 # Google's distroless image (gcr.io sets no pull rate limit, and ECR Public has no
@@ -38,5 +63,9 @@ RUN cargo build --release --locked -p queue-consumer \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/queue-consumer /usr/local/bin/queue-consumer
 USER 65532:65532
+# No HEALTHCHECK: the worker's health endpoint is off unless HEALTH_PORT is set. In
+# ECS the task definition's health check runs `queue-consumer healthcheck` with
+# HEALTH_PORT set (image.healthcheck in copilot/queue-consumer/manifest.yml,
+# HealthCheck in the template).
 # ECS sends SIGTERM to PID 1: the worker itself, which drains before exiting.
 ENTRYPOINT ["/usr/local/bin/queue-consumer"]

@@ -72,9 +72,10 @@ pub struct Config {
 
     /// After this many seconds a client is told `please reconnect` and closed with
     /// 1001, so it may land on another task and no client keeps the task protected
-    /// forever; checked at each ping. 0: never (0..=604800)
+    /// forever; checked at each ping. The default, an hour, costs each client one
+    /// reconnect an hour. 0: never (0..=604800)
     #[arg(long, env = "MAX_CONNECTION_LIFETIME_SECONDS", value_name = "SECONDS",
-          default_value = "0",
+          default_value = "3600",
           value_parser = ranged("MAX_CONNECTION_LIFETIME_SECONDS", 0, MAX_LIFETIME_SECONDS, "seconds"))]
     pub max_connection_lifetime_seconds: u64,
 
@@ -264,11 +265,18 @@ mod tests {
         assert_eq!(s.max_connections, 10_000);
         assert_eq!(s.shutdown_grace, Duration::from_secs(20));
         assert_eq!(s.ping_interval, Duration::from_secs(25));
+        // The binary's one difference from the library's defaults: a deployed
+        // server gives each connection an hour (see MAX_CONNECTION_LIFETIME_SECONDS).
+        let library = ServerSettings::default();
         assert_eq!(
             s,
             ServerSettings {
                 listen: s.listen,
-                ..ServerSettings::default()
+                limits: Limits {
+                    max_lifetime: Some(Duration::from_secs(3600)),
+                    ..library.limits
+                },
+                ..library
             }
         );
         let p = config.protection.settings().unwrap();
@@ -318,6 +326,17 @@ mod tests {
         );
         let err = parse(&["--allowed-origins", "https://app.example.com/page"]).unwrap_err();
         assert!(err.to_string().contains("is not an origin"), "{err}");
+    }
+
+    #[test]
+    fn connections_live_an_hour_by_default() {
+        // Unlimited by default, an open page kept its task protected, and so held
+        // a deployment, for as long as it stayed open.
+        let config = parse(&[]).unwrap();
+        assert_eq!(
+            config.server_settings().limits.max_lifetime,
+            Some(Duration::from_secs(3600))
+        );
     }
 
     #[test]

@@ -3,12 +3,17 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use e2e::agent::FakeAgent;
 use e2e::{free_port, wait_for};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::{self, pki_types::PrivateKeyDer};
 
 use crate::websocket::Server;
 
@@ -57,9 +62,14 @@ impl Driver {
     }
 
     async fn browser(&self) -> Client {
+        self.browser_with(&[]).await
+    }
+
+    async fn browser_with(&self, extra: &[&str]) -> Client {
         // The machine has no internet: without these flags Chromium waits on the
         // network for updates, sync and first-run services.
-        let args = [
+        let profile = format!("--user-data-dir={}", self.profile.display());
+        let mut args = vec![
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
@@ -68,8 +78,9 @@ impl Driver {
             "--disable-component-update",
             "--disable-sync",
             "--no-first-run",
-            &format!("--user-data-dir={}", self.profile.display()),
+            &profile,
         ];
+        args.extend_from_slice(extra);
         let capabilities = json!({
             "goog:chromeOptions": { "binary": CHROMIUM, "args": args }
         });
@@ -93,6 +104,59 @@ impl Drop for Driver {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
         let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+/// HTTPS in front of the server, as the ALB's 443 listener: TLS with a self-signed
+/// certificate for 127.0.0.1 on a loopback port, each connection forwarded as plain
+/// bytes to the server's port. It speaks nothing but TLS, so a page or a websocket
+/// that reaches the server through it came over https:// or wss://.
+struct TlsFront {
+    port: u16,
+    task: JoinHandle<()>,
+}
+
+impl TlsFront {
+    async fn start(upstream: u16) -> Self {
+        let certified = rcgen::generate_simple_self_signed(vec![
+            "127.0.0.1".to_owned(),
+            "localhost".to_owned(),
+        ])
+        .expect("a self-signed certificate");
+        let key = PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS 1.2 and 1.3")
+            .with_no_client_auth()
+            .with_single_cert(vec![certified.cert.der().clone()], key)
+            .expect("a server configuration");
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("a loopback port");
+        let port = listener.local_addr().expect("an address").port();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let Ok(mut plain) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                });
+            }
+        });
+        Self { port, task }
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -165,4 +229,39 @@ async fn browser_page_connects_pings_and_reconnects_after_a_restart() {
 
     let _ = browser.close().await;
     drop(restarted);
+}
+
+#[tokio::test]
+async fn browser_page_served_over_https_connects_with_wss() {
+    // Behind the ALB's HTTPS listener the page is https://, and a browser refuses
+    // a ws:// socket from it: the page must pick wss:// by itself.
+    let agent = FakeAgent::start().await;
+    let server = Server::start(&agent, &[]).await;
+    let front = TlsFront::start(server.port).await;
+    let driver = Driver::start().await;
+    let browser = driver.browser_with(&["--ignore-certificate-errors"]).await;
+
+    browser
+        .goto(&format!("https://127.0.0.1:{}/", front.port))
+        .await
+        .expect("the page loads over https");
+    wait_for_log(&browser, "Connected!", 1).await;
+    wait_for_log(
+        &browser,
+        "Server says: \"Welcome! There are 1 connections\"",
+        1,
+    )
+    .await;
+    wait_for_log(&browser, "Server says: \"pong\"", 1).await;
+    assert_eq!(text_of(&browser, "state").await, "Connected");
+    let url: String = browser
+        .execute("return window.location.protocol;", vec![])
+        .await
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    assert_eq!(url, "https:");
+
+    let _ = browser.close().await;
+    drop(server);
 }

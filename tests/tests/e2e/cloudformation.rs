@@ -19,9 +19,12 @@ use e2e::{wait_for, workspace_root};
 use serde_json::json;
 use serde_norway::Value;
 
+use crate::copilot_rules::TLS13_POLICIES;
 use crate::deploy::{
-    MAX_STOP_TIMEOUT_SECONDS, Setting, allowed_actions, at, check_variables, default_number,
-    function, get_status, local_websocket, settings, text, text_at, yaml,
+    DEREGISTRATION_DELAY_MAX, HEALTH_PORT, MAX_STOP_TIMEOUT_SECONDS, QUEUE_CONSUMER_PATH, Setting,
+    TARGET_HEALTH_INTERVAL_SECONDS, TARGET_UNHEALTHY_THRESHOLD, WEBSOCKET_PATH, WORKER_HEALTH_PORT,
+    allowed_actions, at, check_drain_notice, check_variables, default_number, function, get_status,
+    installed_path, local_websocket, settings, text, text_at, without_unread_health_port, yaml,
 };
 
 const TEMPLATE: &str = "cloudformation/task-protection.yml";
@@ -223,8 +226,29 @@ async fn the_template_matches_the_binaries() {
     let (_, worker_td) = one(&res, "AWS::ECS::TaskDefinition", "QueueConsumer");
     let worker_container = container(worker_td);
     let mut computed = BTreeMap::new();
-    let vars = environment(worker_container, &mut computed, &mut problems);
+    let mut vars = environment(worker_container, &mut computed, &mut problems);
+    without_unread_health_port("queue-consumer", &mut vars, &worker).await;
     check_variables("queue-consumer", &vars, &worker, &mut problems);
+    check_metrics_environment("queue-consumer", &mut computed, &mut problems);
+    check_health_check(
+        "queue-consumer",
+        worker_container,
+        QUEUE_CONSUMER_PATH,
+        &mut problems,
+    );
+    // The health check asks the worker's health endpoint, off unless HEALTH_PORT is set.
+    let health_port = worker_container
+        .get("Environment")
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+        .find(|e| text_at(e, "Name").as_deref() == Some(HEALTH_PORT))
+        .and_then(|e| text_at(e, "Value"));
+    if health_port.as_deref() != Some(WORKER_HEALTH_PORT) {
+        problems.push(format!(
+            "the worker's container sets {HEALTH_PORT} to {health_port:?}, expected {WORKER_HEALTH_PORT}"
+        ));
+    }
     match computed.get(QUEUE_URL_VARIABLE) {
         Some((tag, arg)) if tag == "!Ref" && arg == queue_id => {}
         other => problems.push(format!(
@@ -245,6 +269,9 @@ async fn the_template_matches_the_binaries() {
     let mut computed = BTreeMap::new();
     let vars = environment(web_container, &mut computed, &mut problems);
     check_variables("websocket", &vars, &web, &mut problems);
+    check_metrics_environment("websocket", &mut computed, &mut problems);
+    check_drain_notice(&web, &mut problems);
+    check_health_check("websocket", web_container, WEBSOCKET_PATH, &mut problems);
     if !computed.is_empty() {
         problems.push(format!(
             "websocket variables set by functions: {computed:?}"
@@ -275,16 +302,33 @@ async fn the_template_matches_the_binaries() {
             "the health check is {health:?}, expected GET /healthz → 200"
         ));
     }
-    let grace = default_number(&web, "SHUTDOWN_GRACE_SECONDS");
+    // Out of rotation within about 10 s of /healthz failing: checked every 5 s,
+    // 2 failures in a row, the timeout below the interval.
+    let tg_number = |key: &str| number(at(tg, &format!("Properties.{key}")));
+    let interval = tg_number("HealthCheckIntervalSeconds");
+    if interval != Some(TARGET_HEALTH_INTERVAL_SECONDS)
+        || tg_number("UnhealthyThresholdCount") != Some(TARGET_UNHEALTHY_THRESHOLD)
+        || tg_number("HealthyThresholdCount") != Some(2)
+        || !matches!(
+            (tg_number("HealthCheckTimeoutSeconds"), interval),
+            (Some(t), Some(i)) if t < i
+        )
+    {
+        problems.push(format!(
+            "the target group's health check must run every {TARGET_HEALTH_INTERVAL_SECONDS} s with thresholds 2 and a timeout below the interval: {:?}",
+            at(tg, "Properties")
+        ));
+    }
+    // ECS waits the whole deregistration delay before SIGTERM, for every task.
     let delay = attribute(
         at(tg, "Properties.TargetGroupAttributes"),
         "deregistration_delay.timeout_seconds",
     )
     .and_then(|d| d.parse::<u64>().ok());
-    match (delay, grace) {
-        (Some(d), Some(g)) if d <= g => {}
+    match delay {
+        Some(d) if d > 0 && Duration::from_secs(d) <= DEREGISTRATION_DELAY_MAX => {}
         _ => problems.push(format!(
-            "deregistration_delay.timeout_seconds is {delay:?}; set it, at most SHUTDOWN_GRACE_SECONDS ({grace:?})"
+            "deregistration_delay.timeout_seconds is {delay:?}; set it, at most {DEREGISTRATION_DELAY_MAX:?}"
         )),
     }
     let (_, lb) = one(&res, "AWS::ElasticLoadBalancingV2::LoadBalancer", "");
@@ -300,14 +344,7 @@ async fn the_template_matches_the_binaries() {
             "the ALB idle timeout is {idle:?}; set it explicitly, above WS_PING_INTERVAL_SECONDS ({ping:?})"
         )),
     }
-    let (_, listener) = one(&res, "AWS::ElasticLoadBalancingV2::Listener", "");
-    let forward = at(listener, "Properties.DefaultActions")
-        .and_then(Value::as_sequence)
-        .and_then(|a| a.first())
-        .map(|a| rendered(a.get("TargetGroupArn")));
-    if forward != Some(format!("!Ref {tg_id}")) {
-        problems.push(format!("the listener forwards to {forward:?}, not {tg_id}"));
-    }
+    check_https(&template, &res, tg_id, &mut problems);
 
     // Both task definitions: Fargate, the architecture parameter.
     for td in [worker_td, web_td] {
@@ -341,8 +378,9 @@ async fn the_template_matches_the_binaries() {
     }
 
     // Least privilege: protection on this cluster's tasks, the worker's queue actions
-    // on its queue only.
+    // on its queue only, and the drain watcher's three reads exactly.
     let protection = ["ecs:GetTaskProtection", "ecs:UpdateTaskProtection"];
+    let drain = ["ecs:DescribeServices", "ecs:DescribeTasks", "ecs:ListTasks"];
     let queue_actions = [
         "sqs:ChangeMessageVisibility",
         "sqs:DeleteMessage",
@@ -354,8 +392,24 @@ async fn the_template_matches_the_binaries() {
     ] {
         let (_, role) = one(&res, "AWS::IAM::Role", hint);
         let mut actions: Vec<String> = Vec::new();
-        for statement in role_statements(role).values().flatten() {
+        let policies = role_statements(role);
+        let service = hint.trim_end_matches("TaskRole");
+        let wanted: Value = serde_norway::from_str(&drain_statements(service)).expect("valid YAML");
+        match policies.get("drain") {
+            Some(statements) if Value::Sequence(statements.clone()) == wanted => {}
+            other => problems.push(format!(
+                "{hint}: the drain policy must be exactly DescribeServices on {service}Service and ListTasks/DescribeTasks on this cluster, is {other:?}"
+            )),
+        }
+        for (name, statement) in policies
+            .iter()
+            .flat_map(|(name, list)| list.iter().map(move |s| (name, s)))
+        {
             let allowed = allowed_actions(std::slice::from_ref(statement));
+            actions.extend(allowed.iter().cloned());
+            if name == "drain" {
+                continue;
+            }
             let resource = rendered(statement.get("Resource"));
             if allowed.iter().any(|a| a.starts_with("ecs:"))
                 && !resource.contains(":task/${Cluster}/*")
@@ -371,10 +425,10 @@ async fn the_template_matches_the_binaries() {
                     "{hint}: queue actions on {resource}, not the worker's queue"
                 ));
             }
-            actions.extend(allowed);
         }
         actions.sort();
         let mut expected: Vec<&str> = protection.to_vec();
+        expected.extend(drain);
         if wants_queue {
             expected.extend(queue_actions);
         }
@@ -434,6 +488,166 @@ async fn the_template_matches_the_binaries() {
         "{TEMPLATE} does not match the code:\n  - {}",
         problems.join("\n  - ")
     );
+}
+
+/// The drain watcher's statements for the task role of `service` (`Websocket`,
+/// `QueueConsumer`): DescribeServices on the service, whose name CloudFormation
+/// generates as <stack>-<logical id>-<suffix> (its ARN cannot be referenced: the
+/// service depends on the role), and the cluster's tasks.
+fn drain_statements(service: &str) -> String {
+    format!(
+        r"
+- Effect: Allow
+  Action: ecs:DescribeServices
+  Resource: !Sub 'arn:${{AWS::Partition}}:ecs:${{AWS::Region}}:${{AWS::AccountId}}:service/${{Cluster}}/${{AWS::StackName}}-{service}Service-*'
+- Effect: Allow
+  Action: [ecs:ListTasks, ecs:DescribeTasks]
+  Resource: '*'
+  Condition:
+    ArnEquals: {{'ecs:cluster': !GetAtt Cluster.Arn}}
+"
+    )
+}
+
+/// The Environment dimension of the service's metrics is the stack's name.
+fn check_metrics_environment(
+    service: &str,
+    computed: &mut BTreeMap<String, (String, String)>,
+    problems: &mut Vec<String>,
+) {
+    match computed.remove("METRICS_ENVIRONMENT") {
+        Some((tag, arg)) if tag == "!Ref" && arg == "AWS::StackName" => {}
+        other => problems.push(format!(
+            "{service}: METRICS_ENVIRONMENT must be !Ref AWS::StackName, so that two stacks never share a metric, is {other:?}"
+        )),
+    }
+}
+
+/// The container health check runs the binary the image installs (ECS ignores the
+/// Dockerfile's HEALTHCHECK; distroless has no shell).
+fn check_health_check(service: &str, container: &Value, path: &str, problems: &mut Vec<String>) {
+    let command: Vec<String> = at(container, "HealthCheck.Command")
+        .and_then(Value::as_sequence)
+        .map(|c| c.iter().filter_map(text).collect())
+        .unwrap_or_default();
+    if command != ["CMD", path, "healthcheck"] {
+        problems.push(format!(
+            "{service}: HealthCheck.Command is {command:?}, expected [CMD, {path}, healthcheck]"
+        ));
+    }
+    if installed_path(service).as_deref() != Some(path) {
+        problems.push(format!("the {service} image does not install {path}"));
+    }
+    let n = |key: &str| number(at(container, &format!("HealthCheck.{key}")));
+    match (n("Interval"), n("Timeout"), n("Retries"), n("StartPeriod")) {
+        (Some(5..=300), Some(2..=60), Some(1..=10), Some(0..=300)) => {}
+        other => problems.push(format!(
+            "{service}: HealthCheck timings {other:?} are outside ECS's limits (interval 5-300, timeout 2-60, retries 1-10, start 0-300)"
+        )),
+    }
+}
+
+/// HTTPS when a certificate is given, HTTP as before when not: a 443 listener with
+/// a TLS 1.3 policy and the certificate, a rule that sends every request on port 80
+/// there, port 443 open on the ALB's security group, all under one condition; and
+/// port 80 forwarding to the service by default, so the target group always belongs
+/// to the load balancer before the service starts.
+fn check_https(
+    template: &Value,
+    res: &BTreeMap<String, Value>,
+    tg_id: &str,
+    problems: &mut Vec<String>,
+) {
+    let param = at(template, "Parameters.CertificateArn");
+    if param.and_then(|p| text_at(p, "Default")).as_deref() != Some("") {
+        problems.push("no CertificateArn parameter with an empty default (HTTP only)".into());
+    }
+    let condition = "HasCertificate";
+    let cond = format!("{:?}", at(template, &format!("Conditions.{condition}")));
+    if !cond.contains("CertificateArn") {
+        problems.push(format!(
+            "no condition {condition} on CertificateArn: {cond}"
+        ));
+    }
+    let get = |id: &str| res.get(id);
+    let forward_to = |listener: &Value| {
+        at(listener, "Properties.DefaultActions")
+            .and_then(Value::as_sequence)
+            .and_then(|a| a.first())
+            .map(|a| (text_at(a, "Type"), rendered(a.get("TargetGroupArn"))))
+    };
+    let forward = Some((Some("forward".to_owned()), format!("!Ref {tg_id}")));
+    match get("HttpListener") {
+        Some(l)
+            if text_at(l, "Condition").is_none()
+                && number(at(l, "Properties.Port")) == Some(80)
+                && forward_to(l) == forward => {}
+        other => problems.push(format!(
+            "HttpListener must always exist on port 80 and forward to {tg_id}: {other:?}"
+        )),
+    }
+    match get("HttpsListener") {
+        Some(l) => {
+            let p = |key: &str| text_at(l, &format!("Properties.{key}"));
+            let certs = at(l, "Properties.Certificates")
+                .and_then(Value::as_sequence)
+                .map(|c| {
+                    c.iter()
+                        .map(|c| rendered(c.get("CertificateArn")))
+                        .collect::<Vec<_>>()
+                });
+            if text_at(l, "Condition").as_deref() != Some(condition)
+                || p("Protocol").as_deref() != Some("HTTPS")
+                || number(at(l, "Properties.Port")) != Some(443)
+                || !p("SslPolicy").is_some_and(|s| TLS13_POLICIES.contains(&s.as_str()))
+                || certs != Some(vec!["!Ref CertificateArn".to_owned()])
+                || forward_to(l) != forward
+            {
+                problems.push(format!(
+                    "HttpsListener must be HTTPS on 443 with a TLS 1.3 policy and !Ref CertificateArn, forwarding to {tg_id}, under {condition}: {l:?}"
+                ));
+            }
+        }
+        None => problems.push("no HttpsListener".into()),
+    }
+    let redirect = res.iter().find(|(_, r)| {
+        text_at(r, "Type").as_deref() == Some("AWS::ElasticLoadBalancingV2::ListenerRule")
+            && rendered(at(r, "Properties.ListenerArn")) == "!Ref HttpListener"
+    });
+    match redirect {
+        Some((_, rule)) => {
+            let action = at(rule, "Properties.Actions")
+                .and_then(Value::as_sequence)
+                .and_then(|a| a.first());
+            let config =
+                |key: &str| action.and_then(|a| text_at(a, &format!("RedirectConfig.{key}")));
+            let paths = format!("{:?}", at(rule, "Properties.Conditions"));
+            if text_at(rule, "Condition").as_deref() != Some(condition)
+                || action.and_then(|a| text_at(a, "Type")).as_deref() != Some("redirect")
+                || config("Protocol").as_deref() != Some("HTTPS")
+                || config("Port").as_deref() != Some("443")
+                || config("StatusCode").as_deref() != Some("HTTP_301")
+                || !paths.contains("\"/*\"")
+            {
+                problems.push(format!(
+                    "the port 80 rule must redirect every path to HTTPS on 443 (301) under {condition}: {rule:?}"
+                ));
+            }
+        }
+        None => problems.push("no rule on HttpListener redirects to HTTPS".into()),
+    }
+    let opens_443 = res.values().any(|r| {
+        text_at(r, "Type").as_deref() == Some("AWS::EC2::SecurityGroupIngress")
+            && text_at(r, "Condition").as_deref() == Some(condition)
+            && rendered(at(r, "Properties.GroupId")) == "!GetAtt LoadBalancerSecurityGroup.GroupId"
+            && number(at(r, "Properties.FromPort")) == Some(443)
+            && number(at(r, "Properties.ToPort")) == Some(443)
+    });
+    if !opens_443 {
+        problems.push(format!(
+            "no ingress rule opens 443 on the ALB's security group under {condition}"
+        ));
+    }
 }
 
 /// The value of a `Name`/`Value` settings list entry.
@@ -557,6 +771,102 @@ fn xml_members(xml: &str, list: &str) -> Vec<BTreeMap<String, String>> {
         .collect()
 }
 
+/// Creates the template as stack `name` with these parameters in moto, waits for it,
+/// and returns DescribeStacks' answer and the stack's outputs.
+async fn create_stack(
+    api: &Api,
+    name: &str,
+    parameters: &[(&str, String)],
+) -> (String, BTreeMap<String, String>) {
+    let body = std::fs::read_to_string(workspace_root().join(TEMPLATE))
+        .unwrap_or_else(|e| panic!("cannot read {TEMPLATE}: {e}"));
+    let mut params: Vec<(String, String)> = vec![
+        ("StackName".into(), name.into()),
+        ("TemplateBody".into(), body),
+        ("Capabilities.member.1".into(), "CAPABILITY_IAM".into()),
+    ];
+    for (i, (key, value)) in parameters.iter().enumerate() {
+        params.push((
+            format!("Parameters.member.{}.ParameterKey", i + 1),
+            (*key).to_owned(),
+        ));
+        params.push((
+            format!("Parameters.member.{}.ParameterValue", i + 1),
+            value.clone(),
+        ));
+    }
+    let cfn = "2010-05-15";
+    api.query("cloudformation", cfn, "CreateStack", &params)
+        .await;
+    let stack = [("StackName".to_owned(), name.to_owned())];
+    let (status, described) = wait_for(
+        "the stack to finish creating",
+        Duration::from_secs(60),
+        || async {
+            let answer = api
+                .query("cloudformation", cfn, "DescribeStacks", &stack)
+                .await;
+            let status = xml_one(&answer, "StackStatus");
+            (!status.ends_with("IN_PROGRESS")).then_some((status, answer))
+        },
+    )
+    .await;
+    assert_eq!(
+        status, "CREATE_COMPLETE",
+        "{name} did not create: {described}"
+    );
+    let outputs: BTreeMap<String, String> = xml_members(&described, "Outputs")
+        .into_iter()
+        .filter_map(|m| Some((m.get("OutputKey")?.clone(), m.get("OutputValue")?.clone())))
+        .collect();
+    (described, outputs)
+}
+
+/// The logical id → (type, physical id) of a stack's resources in moto.
+async fn stack_resources(api: &Api, name: &str) -> BTreeMap<String, (String, String)> {
+    let stack = [("StackName".to_owned(), name.to_owned())];
+    let listed = api
+        .query(
+            "cloudformation",
+            "2010-05-15",
+            "DescribeStackResources",
+            &stack,
+        )
+        .await;
+    xml_members(&listed, "StackResources")
+        .into_iter()
+        .filter_map(|m| {
+            let id = m.get("LogicalResourceId")?.clone();
+            Some((
+                id,
+                (
+                    m.get("ResourceType")?.clone(),
+                    m.get("PhysicalResourceId")?.clone(),
+                ),
+            ))
+        })
+        .collect()
+}
+
+/// Whether an IAM resource pattern with `*` wildcards matches `arn`.
+fn arn_matches(pattern: &str, arn: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let (Some(first), Some(last)) = (parts.first(), parts.last()) else {
+        return false;
+    };
+    if !arn.starts_with(first) || !arn.ends_with(last) || arn.len() < first.len() + last.len() {
+        return false;
+    }
+    let mut rest = &arn[first.len()..arn.len() - last.len()];
+    for middle in &parts[1..parts.len().saturating_sub(1)] {
+        match rest.find(middle) {
+            Some(i) => rest = &rest[i + middle.len()..],
+            None => return false,
+        }
+    }
+    parts.len() > 1 || arn == pattern
+}
+
 /// The `Name`/`Value` pairs of an ECS container's environment.
 fn ecs_environment(container: &serde_json::Value) -> BTreeMap<String, String> {
     container["environment"]
@@ -607,9 +917,8 @@ async fn the_stack_creates_in_motos_cloudformation() {
         subnets.push(xml_one(&answer, "subnetId"));
     }
 
-    let body = std::fs::read_to_string(workspace_root().join(TEMPLATE))
-        .unwrap_or_else(|e| panic!("cannot read {TEMPLATE}: {e}"));
-    let parameters = [
+    let stack_name = "task-protection";
+    let base = vec![
         ("VpcId", vpc.clone()),
         ("LoadBalancerSubnetIds", subnets.join(",")),
         ("TaskSubnetIds", subnets.join(",")),
@@ -622,70 +931,22 @@ async fn the_stack_creates_in_motos_cloudformation() {
             "123456789012.dkr.ecr.us-east-1.amazonaws.com/websocket:1".to_owned(),
         ),
     ];
-    let mut params: Vec<(String, String)> = vec![
-        ("StackName".into(), "task-protection".into()),
-        ("TemplateBody".into(), body),
-        ("Capabilities.member.1".into(), "CAPABILITY_IAM".into()),
-    ];
-    for (i, (key, value)) in parameters.iter().enumerate() {
-        params.push((
-            format!("Parameters.member.{}.ParameterKey", i + 1),
-            (*key).to_owned(),
-        ));
-        params.push((
-            format!("Parameters.member.{}.ParameterValue", i + 1),
-            value.clone(),
-        ));
-    }
     let cfn = "2010-05-15";
-    api.query("cloudformation", cfn, "CreateStack", &params)
-        .await;
-    let stack = [("StackName".to_owned(), "task-protection".to_owned())];
-    let described = wait_for(
-        "the stack to finish creating",
-        Duration::from_secs(60),
-        || async {
-            let answer = api
-                .query("cloudformation", cfn, "DescribeStacks", &stack)
-                .await;
-            let status = xml_one(&answer, "StackStatus");
-            (!status.ends_with("IN_PROGRESS")).then_some((status, answer))
-        },
-    )
-    .await;
-    assert_eq!(
-        described.0, "CREATE_COMPLETE",
-        "the stack did not create: {}",
-        described.1
-    );
-    let outputs: BTreeMap<String, String> = xml_members(&described.1, "Outputs")
-        .into_iter()
-        .filter_map(|m| Some((m.get("OutputKey")?.clone(), m.get("OutputValue")?.clone())))
-        .collect();
-
-    // Every resource moto can model was created; the rest are the known gaps.
-    let listed = api
-        .query("cloudformation", cfn, "DescribeStackResources", &stack)
-        .await;
-    let physical: BTreeMap<String, (String, String)> = xml_members(&listed, "StackResources")
-        .into_iter()
-        .filter_map(|m| {
-            let id = m.get("LogicalResourceId")?.clone();
-            Some((
-                id,
-                (
-                    m.get("ResourceType")?.clone(),
-                    m.get("PhysicalResourceId")?.clone(),
-                ),
-            ))
-        })
-        .collect();
+    let stack = [("StackName".to_owned(), stack_name.to_owned())];
+    let (_, outputs) = create_stack(&api, stack_name, &base).await;
+    // Every resource moto can model was created, but for those that need a
+    // certificate; the rest are the known gaps.
+    let physical = stack_resources(&api, stack_name).await;
     for (id, resource) in &declared {
         let kind = text_at(resource, "Type").unwrap_or_default();
+        let needs_certificate = text_at(resource, "Condition").as_deref() == Some("HasCertificate");
         match physical.get(id) {
-            Some((listed_kind, _)) => assert_eq!(listed_kind, &kind, "{id}"),
+            Some((listed_kind, _)) => {
+                assert!(!needs_certificate, "{id} was created without a certificate");
+                assert_eq!(listed_kind, &kind, "{id}");
+            }
             None => assert!(
-                UNMODELLED_BY_MOTO.contains(&kind.as_str()),
+                needs_certificate || UNMODELLED_BY_MOTO.contains(&kind.as_str()),
                 "{id} ({kind}) was not created in moto"
             ),
         }
@@ -781,11 +1042,23 @@ async fn the_stack_creates_in_motos_cloudformation() {
                 "{QUEUE_URL_VARIABLE}"
             );
         }
+        without_unread_health_port(binary, &mut env, read).await;
         check_variables(binary, &env, read, &mut problems);
         assert!(
             problems.is_empty(),
             "{logical} in moto:\n  - {}",
             problems.join("\n  - ")
+        );
+        // Each stack's metrics carry its own name as the Environment dimension.
+        assert_eq!(
+            env.get("METRICS_ENVIRONMENT").map(String::as_str),
+            Some(stack_name),
+            "{logical}: METRICS_ENVIRONMENT"
+        );
+        assert_eq!(
+            c["healthCheck"]["command"],
+            json!(["CMD", format!("/usr/local/bin/{binary}"), "healthcheck"]),
+            "{logical}: the container health check"
         );
         let grace = default_number(read, "SHUTDOWN_GRACE_SECONDS").unwrap_or(u64::MAX);
         assert!(
@@ -899,6 +1172,8 @@ async fn the_stack_creates_in_motos_cloudformation() {
             &[("LoadBalancerArn".into(), lb_arn)],
         )
         .await;
+    // Without a certificate: HTTP on port 80 only, as before.
+    assert_eq!(xml_members(&listeners, "Listeners").len(), 1, "{listeners}");
     assert_eq!(xml_one(&listeners, "Port"), "80");
     assert_eq!(
         xml_one(&listeners, "TargetGroupArn"),
@@ -917,6 +1192,14 @@ async fn the_stack_creates_in_motos_cloudformation() {
         .await;
     assert_eq!(xml_one(&groups, "HealthCheckPath"), "/healthz");
     assert_eq!(xml_one(&groups, "HttpCode"), "200");
+    assert_eq!(
+        xml_one(&groups, "HealthCheckIntervalSeconds"),
+        TARGET_HEALTH_INTERVAL_SECONDS.to_string()
+    );
+    assert_eq!(
+        xml_one(&groups, "UnhealthyThresholdCount"),
+        TARGET_UNHEALTHY_THRESHOLD.to_string()
+    );
     assert_eq!(xml_one(&groups, "TargetType"), "ip");
     assert_eq!(
         Some(xml_one(&groups, "Port").parse().unwrap_or(0)),
@@ -956,6 +1239,44 @@ async fn the_stack_creates_in_motos_cloudformation() {
         document.contains("sqs:ChangeMessageVisibility") && document.contains(&queue_arn),
         "the worker's queue policy: {document}"
     );
+    // The drain policy names each role's own service, as the stack named it, and no
+    // other, and conditions the task reads on this cluster.
+    let cluster_arn = answer["services"][0]["clusterArn"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let service_arns: Vec<String> = services
+        .iter()
+        .map(|s| s["serviceArn"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    for (i, role) in ["QueueConsumerTaskRole", "WebsocketTaskRole"]
+        .iter()
+        .enumerate()
+    {
+        // moto hands back an inline policy that CloudFormation created as Python's
+        // repr of it: single quotes, which no value here contains.
+        let raw = policy(id_of(role), "drain").await.replace('\'', "\"");
+        let document: serde_json::Value =
+            serde_json::from_str(&raw).unwrap_or_else(|e| panic!("{role}: not JSON ({e}): {raw}"));
+        let statements = document["Statement"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(statements.len(), 2, "{role}: {document}");
+        let pattern = statements[0]["Resource"].as_str().unwrap_or_default();
+        assert_eq!(statements[0]["Action"], "ecs:DescribeServices", "{role}");
+        assert!(
+            arn_matches(pattern, &service_arns[i]) && !arn_matches(pattern, &service_arns[1 - i]),
+            "{role}: {pattern} must match {} and not {}",
+            service_arns[i],
+            service_arns[1 - i]
+        );
+        assert_eq!(
+            statements[1]["Condition"]["ArnEquals"]["ecs:cluster"].as_str(),
+            Some(cluster_arn.as_str()),
+            "{role}: {document}"
+        );
+    }
 
     // The log groups keep 30 days.
     let groups = api
@@ -969,4 +1290,177 @@ async fn the_stack_creates_in_motos_cloudformation() {
             .unwrap_or_else(|| panic!("no log group {name}: {groups}"));
         assert_eq!(group["retentionInDays"].as_u64(), Some(30), "{logical}");
     }
+
+    // With a certificate: HTTPS on 443 with a TLS 1.3 policy, and port 80 sends
+    // every request there. A second stack in the same VPC, with a certificate ACM
+    // holds.
+    let certificate = api
+        .json(
+            "acm",
+            "CertificateManager.RequestCertificate",
+            json!({"DomainName": "ws.example.com", "ValidationMethod": "DNS"}),
+        )
+        .await["CertificateArn"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let https_name = "task-protection-https";
+    let mut with_certificate = base.clone();
+    with_certificate.push(("CertificateArn", certificate.clone()));
+    let (_, https_outputs) = create_stack(&api, https_name, &with_certificate).await;
+    let https = stack_resources(&api, https_name).await;
+    let https_id = |logical: &str| -> String {
+        https
+            .get(logical)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| panic!("{logical} was not created with a certificate"))
+    };
+    let lbs = api
+        .query(
+            "elasticloadbalancing",
+            elb,
+            "DescribeLoadBalancers",
+            &[("LoadBalancerArns.member.1".into(), https_id("LoadBalancer"))],
+        )
+        .await;
+    assert_eq!(
+        https_outputs.get("ServiceUrl"),
+        Some(&format!("https://{}", xml_one(&lbs, "DNSName")))
+    );
+    let listeners = api
+        .query(
+            "elasticloadbalancing",
+            elb,
+            "DescribeListeners",
+            &[("LoadBalancerArn".into(), https_id("LoadBalancer"))],
+        )
+        .await;
+    let by_port: BTreeMap<String, BTreeMap<String, String>> = xml_members(&listeners, "Listeners")
+        .into_iter()
+        .filter_map(|l| Some((l.get("Port")?.clone(), l)))
+        .collect();
+    assert_eq!(
+        by_port.keys().collect::<Vec<_>>(),
+        ["443", "80"],
+        "{listeners}"
+    );
+    assert_eq!(
+        by_port["443"].get("Protocol").map(String::as_str),
+        Some("HTTPS")
+    );
+    assert!(
+        by_port["443"]
+            .get("SslPolicy")
+            .is_some_and(|p| TLS13_POLICIES.contains(&p.as_str())),
+        "{listeners}"
+    );
+    assert!(listeners.contains(&certificate), "{listeners}");
+    let rules = api
+        .query(
+            "elasticloadbalancing",
+            elb,
+            "DescribeRules",
+            &[("ListenerArn".into(), https_id("HttpListener"))],
+        )
+        .await;
+    assert!(
+        rules.contains("<Type>redirect</Type>")
+            && rules.contains("<Protocol>HTTPS</Protocol>")
+            && rules.contains("<Port>443</Port>")
+            && rules.contains("HTTP_301"),
+        "port 80 does not redirect to HTTPS: {rules}"
+    );
+
+    // Deleting the first stack keeps its queues, their messages and its log groups.
+    sqs.send_message()
+        .queue_url(&queue_url)
+        .message_body("kept")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("send_message: {e:?}"));
+    api.query("cloudformation", cfn, "DeleteStack", &stack)
+        .await;
+    wait_for(
+        "the stack to be deleted",
+        Duration::from_secs(60),
+        || async {
+            let answer = api.query("cloudformation", cfn, "ListStacks", &[]).await;
+            xml_members(&answer, "StackSummaries")
+                .iter()
+                .any(|m| {
+                    m.get("StackName").map(String::as_str) == Some(stack_name)
+                        && m.get("StackStatus").map(String::as_str) == Some("DELETE_COMPLETE")
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    // The message may be in flight: the worker killed above left a long poll open,
+    // and moto, as SQS, hands a message to a receive that is still waiting.
+    let kept = attributes(queue_url.clone()).await;
+    let count = |key: &str| {
+        kept.get(key)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        count("ApproximateNumberOfMessages") + count("ApproximateNumberOfMessagesNotVisible"),
+        1,
+        "the queue and its message outlive the stack: {kept:?}"
+    );
+    attributes(id_of("DeadLetterQueue")).await;
+    let groups = api
+        .json("logs", "Logs_20140328.DescribeLogGroups", json!({}))
+        .await;
+    for logical in ["QueueConsumerLogGroup", "WebsocketLogGroup"] {
+        let name = id_of(logical);
+        assert!(
+            groups["logGroups"]
+                .as_array()
+                .is_some_and(|g| g.iter().any(|g| g["logGroupName"] == name.as_str())),
+            "{logical} was deleted with the stack"
+        );
+    }
+}
+
+#[test]
+fn the_queues_and_log_groups_outlive_the_stack() {
+    // Messages are jobs, and the last days of logs tell what happened: deleting
+    // the stack, or an update that replaces one of these, keeps them. Their names
+    // are generated, so a kept one never blocks a new stack.
+    let template = yaml(TEMPLATE);
+    let res = resources(&template);
+    let kept: Vec<&str> = res
+        .iter()
+        .filter(|(_, r)| {
+            matches!(
+                text_at(r, "Type").as_deref(),
+                Some("AWS::SQS::Queue" | "AWS::Logs::LogGroup")
+            )
+        })
+        .map(|(id, r)| {
+            for attribute in ["DeletionPolicy", "UpdateReplacePolicy"] {
+                assert_eq!(
+                    text_at(r, attribute).as_deref(),
+                    Some("Retain"),
+                    "{TEMPLATE}: {id}.{attribute}"
+                );
+            }
+            assert!(
+                at(r, "Properties.QueueName").is_none()
+                    && at(r, "Properties.LogGroupName").is_none(),
+                "{TEMPLATE}: {id} has a fixed name; a kept one would block the next stack"
+            );
+            id.as_str()
+        })
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            "DeadLetterQueue",
+            "Queue",
+            "QueueConsumerLogGroup",
+            "WebsocketLogGroup"
+        ]
+    );
 }

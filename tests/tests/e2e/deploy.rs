@@ -22,8 +22,24 @@ use tokio::net::TcpStream;
 /// The variable whose manifest value deliberately differs from the binary's default:
 /// `auto` would fall back to a simulation in a task without the agent endpoint.
 pub(super) const BACKEND: &str = "TASK_PROTECTION_BACKEND";
+/// The worker's health endpoint, off by default and on in ECS, where the container
+/// health check (`queue-consumer healthcheck`) asks it.
+pub(super) const HEALTH_PORT: &str = "HEALTH_PORT";
+/// The port the deployments give it.
+pub(super) const WORKER_HEALTH_PORT: &str = "8081";
+/// Where the images install each binary (docker/*.Dockerfile), which the container
+/// health checks run.
+pub(super) const QUEUE_CONSUMER_PATH: &str = "/usr/local/bin/queue-consumer";
+pub(super) const WEBSOCKET_PATH: &str = "/usr/local/bin/websocket";
+/// The ALB health check that takes a task out of rotation quickly enough for a
+/// drain: every 5 s, 2 failures in a row.
+pub(super) const TARGET_HEALTH_INTERVAL_SECONDS: u64 = 5;
+pub(super) const TARGET_UNHEALTHY_THRESHOLD: u64 = 2;
 /// Where taskdef_overrides sets the main container's stop timeout.
 const STOP_TIMEOUT_PATH: &str = "ContainerDefinitions[0].StopTimeout";
+/// The longest deregistration delay the deployments may set: ECS waits it in full
+/// before SIGTERM, for every task it stops.
+pub(super) const DEREGISTRATION_DELAY_MAX: Duration = Duration::from_secs(30);
 /// Fargate's largest stop timeout, in seconds.
 pub(super) const MAX_STOP_TIMEOUT_SECONDS: u64 = 120;
 /// The ALB's idle timeout; the manifests keep the default.
@@ -48,11 +64,6 @@ pub(super) fn yaml(relative: &str) -> Value {
         .unwrap_or_else(|e| panic!("{relative} is not valid YAML: {e}"))
 }
 
-/// Whether a file exists under the workspace root.
-pub(super) fn exists(relative: &str) -> bool {
-    workspace_root().join(relative).is_file()
-}
-
 /// The value at a dotted path of mapping keys, such as `subscribe.queue.timeout`.
 pub(super) fn at<'a>(doc: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(doc, |node, key| node.get(key))
@@ -73,7 +84,7 @@ pub(super) fn text_at(doc: &Value, path: &str) -> Option<String> {
 }
 
 /// A Copilot (Go) duration such as `30s`, `5m`, `1h30m` or `250ms`.
-fn go_duration(raw: &str) -> Option<Duration> {
+pub(super) fn go_duration(raw: &str) -> Option<Duration> {
     let mut total = Duration::ZERO;
     let mut rest = raw.trim();
     if rest.is_empty() {
@@ -208,6 +219,14 @@ pub(super) fn check_variables(
             }
             continue;
         }
+        if name == HEALTH_PORT {
+            if value != WORKER_HEALTH_PORT {
+                problems.push(format!(
+                    "variables.{HEALTH_PORT} is {value:?}, expected {WORKER_HEALTH_PORT:?}: the container health check asks that port"
+                ));
+            }
+            continue;
+        }
         match &setting.default {
             Some(default) if default != value => problems.push(format!(
                 "variables.{name} is {value:?} but `{binary}` defaults to {default:?}: the manifest writes out the defaults, so the two must agree"
@@ -225,6 +244,56 @@ pub(super) fn check_variables(
                 setting.default.as_deref().unwrap_or_default()
             ));
         }
+    }
+}
+
+/// The subcommands a binary's `--help` lists under `Commands:`, less `help`.
+pub(super) async fn subcommands(binary: &str) -> Vec<String> {
+    let (status, stdout, stderr) = run_to_exit(binary, &["--help"], &[]).await;
+    assert!(
+        status.success(),
+        "`{binary} --help` failed with {status}: {stderr}"
+    );
+    stdout
+        .lines()
+        .skip_while(|l| l.trim_end() != "Commands:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `HEALTH_PORT` belongs to the worker's `healthcheck` subcommand: a build of
+/// `queue-consumer` without that subcommand does not read it, so it is left out of
+/// the comparison with `--help` (the health check tests check its value). Once the
+/// subcommand is there, the variable must be one the binary reads like any other.
+pub(super) async fn without_unread_health_port(
+    binary: &str,
+    vars: &mut BTreeMap<String, String>,
+    read: &BTreeMap<String, Setting>,
+) {
+    if !read.contains_key(HEALTH_PORT)
+        && !subcommands(binary).await.iter().any(|c| c == "healthcheck")
+    {
+        vars.remove(HEALTH_PORT);
+    }
+}
+
+/// A leaving websocket task keeps its clients while /healthz answers 503, long
+/// enough for the ALB to take it out of rotation (interval × unhealthy threshold),
+/// so that they reconnect to other tasks.
+pub(super) fn check_drain_notice(read: &BTreeMap<String, Setting>, problems: &mut Vec<String>) {
+    if !read.contains_key("DRAIN_NOTICE_SECONDS") {
+        return;
+    }
+    let out_of_rotation = TARGET_HEALTH_INTERVAL_SECONDS * TARGET_UNHEALTHY_THRESHOLD;
+    match default_number(read, "DRAIN_NOTICE_SECONDS") {
+        Some(notice) if notice >= out_of_rotation => {}
+        other => problems.push(format!(
+            "DRAIN_NOTICE_SECONDS defaults to {other:?}, below the {out_of_rotation} s the load balancer takes to stop sending clients"
+        )),
     }
 }
 
@@ -247,67 +316,18 @@ fn check_image(manifest: &Value, binary: &str, problems: &mut Vec<String>) -> Op
             "image.build.context is {other:?}; the Dockerfiles build from the repository root, \".\""
         )),
     }
-    let path = root.join(&dockerfile);
-    if !path.is_file() {
+    if !root.join(&dockerfile).is_file() {
         problems.push(format!(
             "image.build.dockerfile {dockerfile} does not exist"
         ));
         return None;
     }
-    let content = read(&path);
-    let build = format!("cargo build --release --locked -p {binary}");
-    if !content.contains(&build) {
-        problems.push(format!("{dockerfile} does not run `{build}`"));
+    // images.rs checks the Dockerfiles themselves; here, that this one is the
+    // image of this package.
+    if !crate::images::IMAGES.contains(&(dockerfile.as_str(), binary)) {
+        problems.push(format!("{dockerfile} is not the image of {binary}"));
     }
-    check_base_images(&dockerfile, &content, problems);
-    check_dependency_layer(&dockerfile, &content, binary, problems);
-    Some(content)
-}
-
-/// Every `FROM` names a registry host that CI and CodeBuild pull from without
-/// Docker Hub's anonymous rate limit (a bare `rust:...` is Docker Hub).
-fn check_base_images(dockerfile: &str, content: &str, problems: &mut Vec<String>) {
-    let stages: Vec<&str> = content
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("FROM "))
-        .filter_map(|rest| rest.split_whitespace().next())
-        .collect();
-    let names: Vec<&str> = content
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("FROM "))
-        .filter_map(|rest| rest.split_whitespace().nth(2))
-        .collect();
-    for image in stages {
-        if names.contains(&image) {
-            continue; // an earlier stage of this file
-        }
-        let host = image.split('/').next().unwrap_or_default();
-        let named_host = image.contains('/') && (host.contains('.') || host.contains(':'));
-        if !named_host || host == "docker.io" || host.ends_with(".docker.io") {
-            problems.push(format!(
-                "{dockerfile}: FROM {image} pulls from Docker Hub, which rate-limits anonymous pulls; use public.ecr.aws/docker/library/..."
-            ));
-        }
-    }
-}
-
-/// The dependencies compile in a layer of their own, from the lock file and the
-/// manifests only, before the project's sources are copied in: a change to the
-/// project's code then rebuilds only the project's crates.
-fn check_dependency_layer(
-    dockerfile: &str,
-    content: &str,
-    binary: &str,
-    problems: &mut Vec<String>,
-) {
-    let cook = format!("cargo chef cook --release --locked -p {binary}");
-    let position = |needle: &str| content.find(needle);
-    match (position(&cook), position("COPY . .")) {
-        (Some(c), _) if content[c..].contains("COPY . .") => {}
-        _ => problems.push(format!(
-            "{dockerfile}: no `{cook}` before the sources are copied (`COPY . .`); every build would compile all dependencies"
-        )),
-    }
+    Some(read(&root.join(&dockerfile)))
 }
 
 fn check_platform(manifest: &Value, problems: &mut Vec<String>) {
@@ -442,7 +462,8 @@ async fn the_worker_manifest_matches_queue_consumer() {
     check_platform(&manifest, &mut problems);
 
     let read = settings("queue-consumer").await;
-    let vars = variables(&manifest, &mut problems);
+    let mut vars = variables(&manifest, &mut problems);
+    without_unread_health_port("queue-consumer", &mut vars, &read).await;
     check_variables("queue-consumer", &vars, &read, &mut problems);
     if !read.contains_key("COPILOT_QUEUE_URI") {
         problems
@@ -473,18 +494,13 @@ async fn the_worker_manifest_matches_queue_consumer() {
         )),
     }
 
-    // The autoscaling example scales on the queue backlog.
-    let scaled = at(&manifest, "environments")
-        .and_then(Value::as_mapping)
-        .into_iter()
-        .flat_map(|envs| envs.values())
-        .any(|env| {
-            at(env, "count.queue_delay.acceptable_latency").is_some()
-                && at(env, "count.queue_delay.msg_processing_time").is_some()
-                && at(env, "count.range").is_some()
-        });
+    // The service scales on the queue backlog, in every environment (the runtime
+    // patches need the functions that scaling makes Copilot generate).
+    let scaled = at(&manifest, "count.queue_delay.acceptable_latency").is_some()
+        && at(&manifest, "count.queue_delay.msg_processing_time").is_some()
+        && at(&manifest, "count.range").is_some();
     if !scaled {
-        problems.push("no environment has a count with range and queue_delay".into());
+        problems.push("count has no range with queue_delay".into());
     }
 
     check_stop_timeout(&manifest, &read, &mut problems);
@@ -536,21 +552,45 @@ async fn the_web_manifest_matches_the_websocket_server() {
         )),
     }
 
-    // Draining a task with clients must not outlast the grace the server gives them.
-    let grace = default_number(&read, "SHUTDOWN_GRACE_SECONDS");
+    // ECS waits the whole deregistration delay before SIGTERM, and every stopped
+    // task pays it: set it, well below Copilot's default of 60 s.
     let delay = text_at(&manifest, "http.deregistration_delay");
-    match (delay.as_deref().and_then(go_duration), grace) {
-        (Some(d), Some(g)) if d <= Duration::from_secs(g) => {}
+    match delay.as_deref().and_then(go_duration) {
+        Some(d) if d > Duration::ZERO && d <= DEREGISTRATION_DELAY_MAX => {}
         _ => problems.push(format!(
-            "http.deregistration_delay is {delay:?}; it should be set and at most SHUTDOWN_GRACE_SECONDS ({grace:?} s)"
+            "http.deregistration_delay is {delay:?}; set it, at most {DEREGISTRATION_DELAY_MAX:?}"
         )),
     }
     check_stop_timeout(&manifest, &read, &mut problems);
+
+    // The ALB takes a task out of rotation within about 10 s of its /healthz
+    // failing: checked every 5 s, 2 failures in a row (healthy again after 2).
+    let seconds = |key: &str| {
+        text_at(&manifest, &format!("http.healthcheck.{key}")).and_then(|d| go_duration(&d))
+    };
+    let whole =
+        |key: &str| at(&manifest, &format!("http.healthcheck.{key}")).and_then(Value::as_u64);
+    let interval = seconds("interval");
+    if interval != Some(Duration::from_secs(TARGET_HEALTH_INTERVAL_SECONDS))
+        || whole("unhealthy_threshold") != Some(TARGET_UNHEALTHY_THRESHOLD)
+        || whole("healthy_threshold") != Some(2)
+        || !matches!((seconds("timeout"), interval), (Some(t), Some(i)) if t < i)
+    {
+        problems.push(format!(
+            "http.healthcheck must check every {TARGET_HEALTH_INTERVAL_SECONDS} s with thresholds 2 and a timeout below the interval, is {:?}",
+            at(&manifest, "http.healthcheck")
+        ));
+    }
+
+    check_drain_notice(&read, &mut problems);
 
     // The routes the ALB uses are ones the real server answers with 200.
     let path = text_at(&manifest, "http.path");
     let health = text_at(&manifest, "http.healthcheck")
         .or_else(|| text_at(&manifest, "http.healthcheck.path"));
+    if text_at(&manifest, "http.healthcheck.success_codes").as_deref() != Some("200") {
+        problems.push("http.healthcheck.success_codes must be 200".into());
+    }
     if path.as_deref() != Some("/") {
         problems.push(format!("http.path is {path:?}, expected \"/\""));
     }
@@ -850,4 +890,236 @@ fn go_durations_parse_as_copilot_writes_them() {
     assert_eq!(go_duration(""), None);
     assert_eq!(go_duration("30"), None);
     assert_eq!(go_duration("3d"), None);
+}
+
+/// The path the image installs `binary` at and runs: its `COPY --from=build` target,
+/// which must also be the `ENTRYPOINT`.
+pub(super) fn installed_path(binary: &str) -> Option<String> {
+    let (relative, _) = crate::images::IMAGES
+        .iter()
+        .find(|(_, package)| *package == binary)?;
+    let file = crate::images::dockerfile(relative);
+    let last = file.stages.last()?;
+    let copied = last
+        .body
+        .iter()
+        .find(|i| i.keyword == "COPY" && i.rest.starts_with("--from="))?
+        .rest
+        .split_whitespace()
+        .last()?
+        .to_owned();
+    let entry = last.body.iter().find(|i| i.keyword == "ENTRYPOINT")?;
+    (entry.rest == format!("[\"{copied}\"]")).then_some(copied)
+}
+
+#[tokio::test]
+async fn the_container_health_checks_run_the_binary_the_image_installs() {
+    // ECS ignores a Dockerfile's HEALTHCHECK: the task definition carries the
+    // check, which Copilot takes from image.healthcheck. The images are
+    // distroless, so the check is the binary itself (`CMD`, no shell).
+    let mut problems = Vec::new();
+    for (service, path) in [
+        ("queue-consumer", QUEUE_CONSUMER_PATH),
+        ("websocket", WEBSOCKET_PATH),
+    ] {
+        let manifest = yaml(&format!("copilot/{service}/manifest.yml"));
+        if installed_path(service).as_deref() != Some(path) {
+            problems.push(format!(
+                "the {service} image does not install and run {path}: {:?}",
+                installed_path(service)
+            ));
+        }
+        let command: Vec<String> = at(&manifest, "image.healthcheck.command")
+            .and_then(Value::as_sequence)
+            .map(|c| c.iter().filter_map(text).collect())
+            .unwrap_or_default();
+        if command != ["CMD", path, "healthcheck"] {
+            problems.push(format!(
+                "{service}: image.healthcheck.command is {command:?}, expected [\"CMD\", \"{path}\", \"healthcheck\"]"
+            ));
+        }
+    }
+    // The websocket binary has the subcommand; the Dockerfile's own HEALTHCHECK
+    // (for `docker run`) runs the same command.
+    if !subcommands("websocket")
+        .await
+        .iter()
+        .any(|c| c == "healthcheck")
+    {
+        problems.push("`websocket --help` lists no healthcheck subcommand".into());
+    }
+    let web = crate::images::dockerfile("docker/websocket.Dockerfile");
+    let healthcheck = web
+        .stages
+        .last()
+        .and_then(|s| s.body.iter().find(|i| i.keyword == "HEALTHCHECK"))
+        .map(|i| i.rest.clone())
+        .unwrap_or_default();
+    if !healthcheck.ends_with(&format!("CMD [\"{WEBSOCKET_PATH}\", \"healthcheck\"]")) {
+        problems.push(format!(
+            "docker/websocket.Dockerfile: HEALTHCHECK is {healthcheck:?}"
+        ));
+    }
+    // The worker's check asks its health endpoint, which is off unless HEALTH_PORT
+    // is set.
+    let worker = yaml("copilot/queue-consumer/manifest.yml");
+    if text_at(&worker, &format!("variables.{HEALTH_PORT}")).as_deref() != Some(WORKER_HEALTH_PORT)
+    {
+        problems.push(format!(
+            "copilot/queue-consumer/manifest.yml: variables.{HEALTH_PORT} must be {WORKER_HEALTH_PORT}"
+        ));
+    }
+    assert!(
+        problems.is_empty(),
+        "container health checks:\n  - {}",
+        problems.join("\n  - ")
+    );
+}
+
+/// The statements the drain watcher needs, exactly: the service's own description,
+/// and its cluster's tasks (neither ListTasks nor DescribeTasks takes a task or
+/// service ARN as its resource; both take the ecs:cluster condition key).
+const COPILOT_DRAIN_STATEMENTS: &str = r"
+- Sid: OwnService
+  Effect: Allow
+  Action:
+    - ecs:DescribeServices
+  Resource: !Sub
+    - 'arn:${AWS::Partition}:ecs:${AWS::Region}:${AWS::AccountId}:service/${Cluster}/${App}-${Env}-${Name}-Service-*'
+    - Cluster:
+        Fn::ImportValue: !Sub '${App}-${Env}-ClusterId'
+- Sid: TasksInOwnCluster
+  Effect: Allow
+  Action:
+    - ecs:ListTasks
+    - ecs:DescribeTasks
+  Resource: '*'
+  Condition:
+    ArnEquals:
+      'ecs:cluster': !Sub
+        - 'arn:${AWS::Partition}:ecs:${AWS::Region}:${AWS::AccountId}:cluster/${Cluster}'
+        - Cluster:
+            Fn::ImportValue: !Sub '${App}-${Env}-ClusterId'
+";
+
+#[test]
+fn the_drain_addons_grant_exactly_the_ecs_reads_the_watcher_needs() {
+    // Copilot names the service stack <app>-<env>-<service> (internal/pkg/deploy/
+    // cloudformation/stack/name.go) and gives its ECS service, logical id Service,
+    // no name (templates/workloads/partials/cf/service-base-properties.yml), so
+    // CloudFormation calls it <stack>-Service-<suffix>. The environment stack
+    // exports the cluster's name as <app>-<env>-ClusterId
+    // (templates/environment/cf.yml).
+    let expected: Value = serde_norway::from_str(COPILOT_DRAIN_STATEMENTS).expect("valid YAML");
+    for service in ["queue-consumer", "websocket"] {
+        let relative = format!("copilot/{service}/addons/drain.yml");
+        let template = yaml(&relative);
+        let resources = at(&template, "Resources")
+            .and_then(Value::as_mapping)
+            .unwrap_or_else(|| panic!("{relative} has no Resources"));
+        let policies: Vec<(&Value, &Value)> = resources
+            .iter()
+            .filter(|(_, r)| text_at(r, "Type").as_deref() == Some("AWS::IAM::ManagedPolicy"))
+            .collect();
+        assert_eq!(policies.len(), 1, "{relative}: expected one managed policy");
+        let (id, policy) = policies[0];
+        let statements = at(policy, "Properties.PolicyDocument.Statement")
+            .unwrap_or_else(|| panic!("{relative}: the policy has no statements"));
+        assert_eq!(
+            statements, &expected,
+            "{relative}: the drain policy must be exactly DescribeServices on this service and ListTasks/DescribeTasks on this cluster"
+        );
+        let outputs = format!("{:?}", at(&template, "Outputs"));
+        let id = text(id).unwrap_or_default();
+        assert!(
+            outputs.contains(&id),
+            "{relative}: no output holds the policy ARN (Ref {id})"
+        );
+        // Across all of the service's addons and patches, ECS grants are exactly the
+        // protection pair and these three reads.
+        let mut ecs: Vec<String> = Vec::new();
+        let dir = workspace_root().join(format!("copilot/{service}"));
+        for sub in ["addons", "overrides"] {
+            for entry in std::fs::read_dir(dir.join(sub))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let body = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                ecs.extend(
+                    body.match_indices("ecs:")
+                        .map(|(i, _)| {
+                            let name: String = body[i + 4..]
+                                .chars()
+                                .take_while(char::is_ascii_alphanumeric)
+                                .collect();
+                            format!("ecs:{name}")
+                        })
+                        .filter(|a| a.len() > "ecs:".len() && a != "ecs:cluster"),
+                );
+            }
+        }
+        ecs.sort();
+        ecs.dedup();
+        assert_eq!(
+            ecs,
+            [
+                "ecs:DescribeServices",
+                "ecs:DescribeTasks",
+                "ecs:GetTaskProtection",
+                "ecs:ListTasks",
+                "ecs:UpdateTaskProtection"
+            ],
+            "copilot/{service}: ECS actions granted"
+        );
+    }
+}
+
+#[test]
+fn the_worker_service_waits_for_its_queue_policy_and_keeps_its_queues() {
+    let relative = "copilot/queue-consumer/overrides/cfn.patches.yml";
+    let patches = crate::copilot_rules::patches(relative);
+    let position = |op: &str, path: &str| patches.iter().position(|p| p.op == op && p.path == path);
+    // The policy exists before the service's dependency on it is added.
+    let policy = position("add", "/Resources/QueueVisibilityPolicy");
+    let depends = patches.iter().position(|p| {
+        p.op == "add"
+            && p.path == "/Resources/Service/DependsOn/-"
+            && p.value.as_ref().and_then(text).as_deref() == Some("QueueVisibilityPolicy")
+    });
+    match (policy, depends) {
+        (Some(p), Some(d)) if p < d => {}
+        other => panic!(
+            "{relative}: the Service must depend on QueueVisibilityPolicy (add /Resources/Service/DependsOn/-), found {other:?}"
+        ),
+    }
+    // The queues and the key that encrypts them stay when the service goes or a
+    // queue is replaced; the log group, whose name is fixed, does not.
+    for id in ["EventsQueue", "DeadLetterQueue", "EventsKMSKey"] {
+        for attribute in ["DeletionPolicy", "UpdateReplacePolicy"] {
+            let path = format!("/Resources/{id}/{attribute}");
+            let value = patches
+                .iter()
+                .find(|p| p.op == "add" && p.path == path)
+                .and_then(|p| p.value.as_ref())
+                .and_then(text);
+            assert_eq!(value.as_deref(), Some("Retain"), "{relative}: {path}");
+        }
+    }
+    assert!(
+        !patches
+            .iter()
+            .any(|p| p.path.starts_with("/Resources/LogGroup/")),
+        "{relative}: Copilot's log group has a fixed name; a kept one breaks the next deployment"
+    );
+}
+
+#[test]
+fn the_environment_serves_https_with_a_tls13_policy() {
+    let env = yaml("copilot/environments/test/manifest.yml");
+    let policy = text_at(&env, "http.public.ssl_policy").unwrap_or_default();
+    assert!(
+        crate::copilot_rules::TLS13_POLICIES.contains(&policy.as_str()),
+        "http.public.ssl_policy is {policy:?}, not a TLS 1.3 policy"
+    );
 }

@@ -2,9 +2,11 @@
 //! Each module drives one real binary; see `e2e` (tests/src) for the harness.
 mod browser;
 mod cloudformation;
+mod copilot_rules;
 mod demo;
 mod deploy;
 mod drain;
+mod images;
 mod monitoring;
 mod protection_faults;
 mod queue_consumer;

@@ -1,100 +1,243 @@
-//! The metrics the deployments scale and alarm on, against the names the services
-//! write.
+//! The metrics the deployments scale and alarm on, against what the services write.
 //!
 //! Both services write CloudWatch Embedded Metric Format lines on stdout; the
-//! awslogs driver ships them and CloudWatch Logs turns them into metrics in the
-//! namespace `METRICS_NAMESPACE` (default `ECSTaskProtection`), with the dimensions
-//! `Service` and `Environment`. A scaling policy or an alarm that names a metric
-//! nobody writes, or the wrong namespace or statistic, is accepted by
-//! CloudFormation and then never fires: so each one is read here, in the Copilot
-//! files (addons and YAML patches) and in the plain CloudFormation template.
+//! awslogs driver ships them and CloudWatch Logs turns them into metrics. CloudWatch
+//! knows a metric by its namespace, its name and its whole set of dimensions with
+//! their values: a scaling policy, an alarm or a dashboard row that differs in any
+//! of them is accepted by CloudFormation and then never moves. So each binary runs
+//! here with the variables a deployment gives it (Copilot's, or the template's task
+//! definition under a stack name), its first EMF line is read, and every policy,
+//! alarm and dashboard row of that deployment is checked against what it wrote.
+//!
+//! moto does not model these resources; CloudFormation's schema for their
+//! properties is cfn-lint's part (`scripts/lint-deploy`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
+use e2e::moto::{Moto, aws_env, send};
+use e2e::process::Service;
+use e2e::{free_port, wait_for};
 use serde_norway::Value;
 
+use crate::copilot_rules::patches;
 use crate::deploy::{at, function, text, text_at, yaml};
 
-/// `METRICS_NAMESPACE`'s default.
-const DEFAULT_NAMESPACE: &str = "ECSTaskProtection";
 const SQS_NAMESPACE: &str = "AWS/SQS";
 const DLQ_METRIC: &str = "ApproximateNumberOfMessagesVisible";
+const TEMPLATE: &str = "cloudformation/task-protection.yml";
+/// The stack name the template is read under, for `!Ref AWS::StackName`.
+const STACK: &str = "task-protection-staging";
+/// The Copilot environment the services are read in.
+const COPILOT_ENV: &str = "test";
+const STEP: Duration = Duration::from_secs(30);
 
-/// Written by the protection library, in both services.
-const PROTECTION_METRICS: [&str; 8] = [
-    "ProtectionProtected",
-    "ProtectionEnablePuts",
-    "ProtectionRefreshPuts",
-    "ProtectionReleasePuts",
-    "ProtectionRetries",
-    "ProtectionRejections",
-    "ProtectionFailures",
-    "ProtectionAcquireLatency",
-];
-const WORKER_METRICS: [&str; 9] = [
-    "JobsReceived",
-    "JobsDone",
-    "JobsFailed",
-    "JobsHandedBack",
-    "BadBodies",
-    "SqsErrors",
-    "JobsInFlight",
-    "JobDuration",
-    "ReceiveToStart",
-];
-const WEBSOCKET_METRICS: [&str; 10] = [
-    "Connections",
-    "ConnectionsOpened",
-    "ConnectionsRefused",
-    "ConnectionsClosedByClient",
-    "ConnectionsClosedPingTimeout",
-    "ConnectionsClosedSlowReader",
-    "ConnectionsClosedOversize",
-    "ConnectionsClosedShutdown",
-    "MessagesIn",
-    "MessagesOut",
-];
+// --- what the binaries write ----------------------------------------------------------
 
-const COPILOT_TEMPLATE_PARAMETERS: [&str; 3] = ["AppName", "EnvName", "WorkloadName"];
+/// A metric as CloudWatch knows it: namespace, name, and each dimension's value.
+type Identity = (String, String, BTreeMap<String, String>);
 
-fn written_by(service: &str) -> BTreeSet<&'static str> {
-    let own: &[&str] = if service == "websocket" {
-        &WEBSOCKET_METRICS
-    } else {
-        &WORKER_METRICS
-    };
-    PROTECTION_METRICS.iter().chain(own).copied().collect()
+/// What one EMF line of a binary says.
+#[derive(Debug, Clone)]
+struct Written {
+    namespace: String,
+    /// The dimension set, in the order the line declares it.
+    keys: Vec<String>,
+    values: BTreeMap<String, String>,
+    metrics: BTreeSet<String>,
 }
 
-/// A value as text for comparison: `30`, `websocket`, `!Ref Name`.
-fn shown(value: Option<&Value>) -> String {
-    match value {
-        Some(v) => match function(v) {
-            Some((tag, arg)) => format!("{tag} {arg}"),
-            None => text(v).unwrap_or_else(|| format!("{v:?}")),
-        },
-        None => "nothing".to_owned(),
+impl Written {
+    fn parse(line: &str) -> Self {
+        let doc: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let directive = &doc["_aws"]["CloudWatchMetrics"][0];
+        let sets = directive["Dimensions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(sets.len(), 1, "one dimension set per line: {line}");
+        let keys: Vec<String> = sets[0]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|k| k.as_str().map(str::to_owned))
+            .collect();
+        let values = keys
+            .iter()
+            .map(|k| (k.clone(), doc[k].as_str().unwrap_or_default().to_owned()))
+            .collect();
+        let metrics = directive["Metrics"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["Name"].as_str().map(str::to_owned))
+            .collect();
+        Self {
+            namespace: directive["Namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            keys,
+            values,
+            metrics,
+        }
+    }
+
+    fn identities(&self) -> BTreeSet<Identity> {
+        self.metrics
+            .iter()
+            .map(|m| (self.namespace.clone(), m.clone(), self.values.clone()))
+            .collect()
     }
 }
 
-/// `[{Name, Value}]` as `{Name: shown value}`.
-fn dimensions(list: Option<&Value>) -> BTreeMap<String, String> {
-    list.and_then(Value::as_sequence)
-        .map(Vec::as_slice)
-        .unwrap_or_default()
+/// Runs `binary` with metrics every second and `env`, gives it work (a client, or
+/// a job) so that its histograms have samples too, and reads its EMF lines until one
+/// carries the protection's acquire latency: every metric it wrote, with the
+/// dimensions of its last line.
+async fn written(binary: &str, env: &[(&str, String)], moto: &Moto) -> Written {
+    let port = free_port();
+    let mut all: Vec<(&str, String)> = vec![
+        ("TASK_PROTECTION_BACKEND", "local".to_owned()),
+        ("METRICS", "emf".to_owned()),
+        ("METRICS_INTERVAL_SECONDS", "1".to_owned()),
+        ("RUST_LOG", "info".to_owned()),
+    ];
+    let mut queue = None;
+    if binary == "websocket" {
+        all.push(("PORT", port.to_string()));
+        all.push(("BIND_ADDRESS", "127.0.0.1".to_owned()));
+    } else {
+        all.extend(aws_env(&moto.endpoint()));
+        let url = moto.create_queue(&format!("jobs-{port}"), 30).await;
+        all.push(("COPILOT_QUEUE_URI", url.clone()));
+        queue = Some(url);
+    }
+    all.extend(env.iter().cloned());
+    let service = Service::spawn(binary, &[], &all);
+    let _client = match &queue {
+        None => {
+            let socket = wait_for("the server to take a client", STEP, || async {
+                tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/"))
+                    .await
+                    .ok()
+            })
+            .await;
+            Some(socket)
+        }
+        Some(url) => {
+            service
+                .wait_for_line("Long polling for messages", STEP)
+                .await;
+            send(&moto.client(), url, "10").await;
+            service.wait_for_line(" - Done", STEP).await;
+            None
+        }
+    };
+    service
+        .wait_for_line("ProtectionAcquireLatency", STEP)
+        .await;
+    let lines: Vec<Written> = service
+        .lines()
         .iter()
-        .map(|d| (shown(d.get("Name")), shown(d.get("Value"))))
+        .filter(|l| l.contains("\"_aws\""))
+        .map(|l| Written::parse(l.trim()))
+        .collect();
+    drop(service);
+    let mut last = lines.last().cloned().expect("an EMF line");
+    for line in &lines {
+        assert_eq!(
+            (&line.namespace, &line.keys, &line.values),
+            (&last.namespace, &last.keys, &last.values),
+            "every line of {binary} names the same metric identity"
+        );
+        last.metrics.extend(line.metrics.iter().cloned());
+    }
+    last
+}
+
+/// The metrics variables a deployment gives a service (the rest need an agent or
+/// a load balancer), with `resolve` applied to `!Ref` values.
+fn metrics_variables(
+    vars: &BTreeMap<String, Value>,
+    resolve: &BTreeMap<&str, String>,
+) -> Vec<(&'static str, String)> {
+    const NAMES: [&str; 3] = [
+        "METRICS_NAMESPACE",
+        "METRICS_SERVICE",
+        "METRICS_ENVIRONMENT",
+    ];
+    NAMES
+        .iter()
+        .filter_map(|n| Some((*n, resolved(vars.get(*n)?, resolve)?)))
         .collect()
 }
 
-fn dims(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
+// --- what the deployments name ----------------------------------------------------------
+
+/// A value with `!Ref X` replaced from `resolve`; plain text as it is; `None` for
+/// anything else (a `!GetAtt`, an unknown `!Ref`).
+fn resolved(value: &Value, resolve: &BTreeMap<&str, String>) -> Option<String> {
+    match function(value) {
+        Some((tag, name)) if tag == "!Ref" => resolve.get(name.as_str()).cloned(),
+        Some(_) => None,
+        None => text(value),
+    }
+}
+
+/// A text with `${X}` replaced from `resolve`; unknown names stay as they are.
+fn substituted(raw: &str, resolve: &BTreeMap<&str, String>) -> String {
+    let mut out = String::new();
+    let mut rest = raw;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').unwrap_or(after.len());
+        let name = &after[..end];
+        match resolve.get(name) {
+            Some(v) => out.push_str(v),
+            None => out.push_str(&format!("${{{name}}}")),
+        }
+        rest = after.get(end + 1..).unwrap_or_default();
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `[{Name, Value}]` resolved, or the first value that cannot be.
+fn dimensions(
+    list: Option<&Value>,
+    resolve: &BTreeMap<&str, String>,
+) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for d in list.and_then(Value::as_sequence).into_iter().flatten() {
+        let name = text_at(d, "Name").unwrap_or_default();
+        let value = d
+            .get("Value")
+            .ok_or_else(|| format!("{name} has no Value"))?;
+        match resolved(value, resolve) {
+            Some(v) => {
+                out.insert(name, v);
+            }
+            None => {
+                let shown = function(value)
+                    .map_or_else(|| format!("{value:?}"), |(t, a)| format!("{t} {a}"));
+                out.insert(name, shown);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One resource by type, from any number of sources (id → resource).
+fn of_type<'a>(resources: &'a [(String, Value)], kind: &str) -> Vec<&'a (String, Value)> {
+    resources
         .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .filter(|(_, r)| text_at(r, "Type").as_deref() == Some(kind))
         .collect()
 }
 
-/// Resources by logical id, from a template's `Resources`.
 fn template_resources(relative: &str) -> Vec<(String, Value)> {
     at(&yaml(relative), "Resources")
         .and_then(Value::as_mapping)
@@ -104,175 +247,30 @@ fn template_resources(relative: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
-/// What a Copilot `cfn.patches.yml` adds, by path (`/Resources/X`, `/Parameters/Y`).
-fn patches(relative: &str) -> BTreeMap<String, Value> {
-    let doc = yaml(relative);
-    let mut added = BTreeMap::new();
-    for patch in doc
-        .as_sequence()
-        .unwrap_or_else(|| panic!("{relative} is not a list of patches"))
-    {
-        let op = text_at(patch, "op").unwrap_or_default();
-        let path = text_at(patch, "path").unwrap_or_default();
-        assert_eq!(op, "add", "{relative}: {path}: only `add` patches expected");
-        let value = patch
-            .get("value")
-            .unwrap_or_else(|| panic!("{relative}: {path} has no value"));
-        added.insert(path, value.clone());
-    }
-    added
-}
-
-fn patched_resources(relative: &str) -> Vec<(String, Value)> {
-    patches(relative)
-        .into_iter()
-        .filter_map(|(path, v)| {
-            let id = path.strip_prefix("/Resources/")?;
-            Some((format!("{relative}: {id}"), v))
-        })
-        .collect()
-}
-
-fn of_type<'a>(resources: &'a [(String, Value)], kind: &str) -> Vec<&'a (String, Value)> {
-    resources
-        .iter()
-        .filter(|(_, r)| text_at(r, "Type").as_deref() == Some(kind))
-        .collect()
-}
-
-/// Every alarm on the services' namespace names a metric a service writes.
-fn check_alarm_names(
-    resources: &[(String, Value)],
-    namespace: &str,
-    service: &str,
-    problems: &mut Vec<String>,
-) {
-    let known = written_by(service);
-    for (id, alarm) in of_type(resources, "AWS::CloudWatch::Alarm") {
-        let ns = text_at(alarm, "Properties.Namespace").unwrap_or_default();
-        let name = text_at(alarm, "Properties.MetricName").unwrap_or_default();
-        if ns == namespace {
-            if !known.contains(name.as_str()) {
-                problems.push(format!(
-                    "{id}: alarm on {namespace}/{name}, a metric {service} does not write"
-                ));
-            }
-        } else if ns != SQS_NAMESPACE {
-            problems.push(format!(
-                "{id}: alarm in namespace {ns:?}; the services write to {namespace:?}"
-            ));
+fn patched(relative: &str) -> (Vec<(String, Value)>, BTreeMap<String, Value>) {
+    let mut resources = Vec::new();
+    let mut parameters = BTreeMap::new();
+    for p in patches(relative) {
+        let Some(value) = p.value else { continue };
+        if let Some(id) = p
+            .path
+            .strip_prefix("/Resources/")
+            .filter(|id| !id.contains('/'))
+        {
+            resources.push((format!("{relative}: {id}"), value));
+        } else if let Some(name) = p.path.strip_prefix("/Parameters/") {
+            parameters.insert(name.to_owned(), value);
         }
     }
+    (resources, parameters)
 }
 
-/// An alarm on `Sum` of `metric` above 0 over one minute, with these dimensions.
-fn check_above_zero_alarm(
-    resources: &[(String, Value)],
-    namespace: &str,
-    metric: &str,
-    statistic: &str,
-    expected: &BTreeMap<String, String>,
-    problems: &mut Vec<String>,
-) {
-    let found = of_type(resources, "AWS::CloudWatch::Alarm")
-        .into_iter()
-        .filter(|(_, a)| {
-            text_at(a, "Properties.Namespace").as_deref() == Some(namespace)
-                && text_at(a, "Properties.MetricName").as_deref() == Some(metric)
-                && dimensions(at(a, "Properties.Dimensions")) == *expected
-        })
-        .collect::<Vec<_>>();
-    let [(id, alarm)] = found.as_slice() else {
-        problems.push(format!(
-            "expected one alarm on {namespace}/{metric} with dimensions {expected:?}, found {}",
-            found.len()
-        ));
-        return;
-    };
-    let p = |key: &str| text_at(alarm, &format!("Properties.{key}")).unwrap_or_default();
-    if p("Statistic") != statistic {
-        problems.push(format!(
-            "{id}: Statistic {:?}, expected {statistic:?}",
-            p("Statistic")
-        ));
-    }
-    if p("ComparisonOperator") != "GreaterThanThreshold" || p("Threshold") != "0" {
-        problems.push(format!(
-            "{id}: must fire above 0 (GreaterThanThreshold 0), has {} {}",
-            p("ComparisonOperator"),
-            p("Threshold")
-        ));
-    }
-    if p("TreatMissingData") != "notBreaching" {
-        problems.push(format!(
-            "{id}: TreatMissingData must be notBreaching (no line, nothing to report)"
-        ));
-    }
-}
-
-/// A target-tracking policy on the Average of `Connections`, target a parameter.
-fn check_connections_policy(
+/// The metrics a dashboard body shows, with its `${...}` substituted: (identity, stat).
+fn dashboard_rows(
     id: &str,
-    policy: &Value,
-    namespace: &str,
-    expected: &BTreeMap<String, String>,
-    parameters: &BTreeMap<String, Value>,
-    problems: &mut Vec<String>,
-) {
-    let p = |key: &str| at(policy, &format!("Properties.{key}"));
-    if shown(p("PolicyType")) != "TargetTrackingScaling" {
-        problems.push(format!("{id}: PolicyType must be TargetTrackingScaling"));
-    }
-    let spec = "TargetTrackingScalingPolicyConfiguration.CustomizedMetricSpecification";
-    let metric = |key: &str| shown(p(&format!("{spec}.{key}")));
-    if metric("Namespace") != namespace {
-        problems.push(format!(
-            "{id}: metric namespace {}, the server writes to {namespace}",
-            metric("Namespace")
-        ));
-    }
-    if metric("MetricName") != "Connections" {
-        problems.push(format!(
-            "{id}: scales on {}, expected Connections",
-            metric("MetricName")
-        ));
-    }
-    if metric("Statistic") != "Average" {
-        problems.push(format!(
-            "{id}: statistic {}, expected Average (over the tasks: connections per task)",
-            metric("Statistic")
-        ));
-    }
-    let got = dimensions(p(&format!("{spec}.Dimensions")));
-    if got != *expected {
-        problems.push(format!(
-            "{id}: metric dimensions {got:?}, the server writes {expected:?}"
-        ));
-    }
-    let target = p("TargetTrackingScalingPolicyConfiguration.TargetValue");
-    match target.and_then(function) {
-        Some((tag, name)) if tag == "!Ref" => match parameters.get(&name) {
-            Some(param) if text_at(param, "Type").as_deref() == Some("Number") => {
-                if text_at(param, "Default")
-                    .and_then(|d| d.parse::<u64>().ok())
-                    .is_none()
-                {
-                    problems.push(format!("{id}: parameter {name} has no numeric Default"));
-                }
-            }
-            _ => problems.push(format!(
-                "{id}: TargetValue is !Ref {name}, which is no Number parameter"
-            )),
-        },
-        _ => problems.push(format!(
-            "{id}: TargetValue is {}; it must be !Ref of a parameter (a setting)",
-            shown(target)
-        )),
-    }
-}
-
-/// The metrics a dashboard body shows: (namespace, metric name, stat).
-fn dashboard_metrics(id: &str, dashboard: &Value) -> Vec<(String, String, String)> {
+    dashboard: &Value,
+    resolve: &BTreeMap<&str, String>,
+) -> Vec<(Identity, String)> {
     let body = at(dashboard, "Properties.DashboardBody")
         .unwrap_or_else(|| panic!("{id}: no DashboardBody"));
     let raw = match body {
@@ -283,69 +281,231 @@ fn dashboard_metrics(id: &str, dashboard: &Value) -> Vec<(String, String, String
         },
         other => text(other).unwrap_or_else(|| panic!("{id}: DashboardBody is {other:?}")),
     };
-    // Every ${...} substitution stands for a plain string inside the JSON.
-    let mut json = String::new();
-    let mut rest = raw.as_str();
-    while let Some(start) = rest.find("${") {
-        json.push_str(&rest[..start]);
-        json.push('X');
-        let end = rest[start..]
-            .find('}')
-            .unwrap_or_else(|| panic!("{id}: unclosed ${{ in DashboardBody"));
-        rest = &rest[start + end + 1..];
-    }
-    json.push_str(rest);
+    let json = substituted(&raw, resolve);
     let parsed: serde_json::Value = serde_json::from_str(&json)
         .unwrap_or_else(|e| panic!("{id}: DashboardBody is not JSON: {e}\n{json}"));
-    let mut found = Vec::new();
+    let mut rows = Vec::new();
     for widget in parsed["widgets"].as_array().into_iter().flatten() {
         let properties = &widget["properties"];
         let stat = properties["stat"].as_str().unwrap_or("Average").to_owned();
         for row in properties["metrics"].as_array().into_iter().flatten() {
-            let row = row.as_array().map(Vec::as_slice).unwrap_or_default();
-            if let [ns, name, ..] = row {
-                found.push((
-                    ns.as_str().unwrap_or_default().to_owned(),
-                    name.as_str().unwrap_or_default().to_owned(),
-                    stat.clone(),
+            let cells: Vec<String> = row
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.as_str().map(str::to_owned))
+                .collect();
+            if let [ns, name, pairs @ ..] = cells.as_slice() {
+                let dims = pairs
+                    .chunks(2)
+                    .filter_map(|p| Some((p.first()?.clone(), p.get(1)?.clone())))
+                    .collect();
+                rows.push(((ns.clone(), name.clone(), dims), stat.clone()));
+            }
+        }
+    }
+    rows
+}
+
+// --- the checks -------------------------------------------------------------------------
+
+/// What one deployment names and what its services wrote, with the resolver for its
+/// references.
+struct Deployment<'a> {
+    resources: &'a [(String, Value)],
+    parameters: &'a BTreeMap<String, Value>,
+    resolve: BTreeMap<&'static str, String>,
+    /// Service name → what it wrote.
+    written: BTreeMap<String, Written>,
+}
+
+impl Deployment<'_> {
+    fn all_written(&self) -> BTreeSet<Identity> {
+        self.written
+            .values()
+            .flat_map(Written::identities)
+            .collect()
+    }
+
+    /// The connections policy: target tracking on the Average of `Connections` as
+    /// the websocket writes it, the target a Number parameter.
+    fn check_connections_policy(&self, problems: &mut Vec<String>) {
+        let policies: Vec<_> = of_type(self.resources, "AWS::ApplicationAutoScaling::ScalingPolicy")
+            .into_iter()
+            .filter(|(_, p)| {
+                at(p, "Properties.TargetTrackingScalingPolicyConfiguration.CustomizedMetricSpecification.MetricName")
+                    .is_some()
+                    && text_at(p, "Properties.TargetTrackingScalingPolicyConfiguration.CustomizedMetricSpecification.Namespace").as_deref()
+                        != Some(SQS_NAMESPACE)
+                    && at(p, "Properties.TargetTrackingScalingPolicyConfiguration.CustomizedMetricSpecification.Metrics").is_none()
+            })
+            .collect();
+        let [(id, policy)] = policies.as_slice() else {
+            problems.push(format!(
+                "expected one scaling policy on a metric the services write, found {}",
+                policies.len()
+            ));
+            return;
+        };
+        let spec =
+            "Properties.TargetTrackingScalingPolicyConfiguration.CustomizedMetricSpecification";
+        let get = |key: &str| at(policy, &format!("{spec}.{key}"));
+        let identity: Identity = (
+            get("Namespace")
+                .and_then(|v| resolved(v, &self.resolve))
+                .unwrap_or_default(),
+            get("MetricName").and_then(text).unwrap_or_default(),
+            dimensions(get("Dimensions"), &self.resolve).unwrap_or_default(),
+        );
+        match self.written.get("websocket") {
+            Some(w) if w.identities().contains(&identity) && identity.1 == "Connections" => {}
+            other => problems.push(format!(
+                "{id}: scales on {identity:?}, but the websocket writes {:?}",
+                other.map(|w| (&w.namespace, &w.values))
+            )),
+        }
+        if get("Statistic").and_then(text).as_deref() != Some("Average") {
+            problems.push(format!(
+                "{id}: statistic must be Average (over the tasks: connections per task)"
+            ));
+        }
+        if text_at(policy, "Properties.PolicyType").as_deref() != Some("TargetTrackingScaling") {
+            problems.push(format!("{id}: PolicyType must be TargetTrackingScaling"));
+        }
+        let target = at(
+            policy,
+            "Properties.TargetTrackingScalingPolicyConfiguration.TargetValue",
+        );
+        match target.and_then(function) {
+            Some((tag, name)) if tag == "!Ref" => match self.parameters.get(&name) {
+                Some(p)
+                    if text_at(p, "Type").as_deref() == Some("Number")
+                        && text_at(p, "Default")
+                            .and_then(|d| d.parse::<u64>().ok())
+                            .is_some() => {}
+                _ => problems.push(format!(
+                    "{id}: TargetValue is !Ref {name}, which is no Number parameter with a default"
+                )),
+            },
+            _ => problems.push(format!(
+                "{id}: TargetValue must be !Ref of a parameter (a setting), is {target:?}"
+            )),
+        }
+    }
+
+    /// Every alarm names a metric some service writes (or the dead-letter queue's),
+    /// and each service has its ProtectionRejections alarm: Sum above 0 in a minute.
+    fn check_alarms(&self, problems: &mut Vec<String>) {
+        let written = self.all_written();
+        let mut rejections: BTreeMap<String, usize> = BTreeMap::new();
+        let mut dlq = 0;
+        for (id, alarm) in of_type(self.resources, "AWS::CloudWatch::Alarm") {
+            let p = |key: &str| text_at(alarm, &format!("Properties.{key}")).unwrap_or_default();
+            let namespace = p("Namespace");
+            let dims =
+                dimensions(at(alarm, "Properties.Dimensions"), &self.resolve).unwrap_or_default();
+            if namespace == SQS_NAMESPACE {
+                if p("MetricName") == DLQ_METRIC
+                    && dims.get("QueueName").map(String::as_str)
+                        == Some("!GetAtt DeadLetterQueue.QueueName")
+                    && p("Statistic") == "Maximum"
+                {
+                    dlq += 1;
+                } else {
+                    problems.push(format!("{id}: an unexpected SQS alarm"));
+                }
+            } else {
+                let identity = (namespace.clone(), p("MetricName"), dims.clone());
+                if !written.contains(&identity) {
+                    problems.push(format!(
+                        "{id}: alarm on {identity:?}, a metric no service writes; they write {:?}",
+                        self.written
+                            .values()
+                            .map(|w| (&w.namespace, &w.values))
+                            .collect::<Vec<_>>()
+                    ));
+                }
+                if p("MetricName") == "ProtectionRejections" {
+                    *rejections
+                        .entry(dims.get("Service").cloned().unwrap_or_default())
+                        .or_default() += 1;
+                    if p("Statistic") != "Sum" {
+                        problems.push(format!("{id}: Statistic must be Sum"));
+                    }
+                }
+            }
+            if p("ComparisonOperator") != "GreaterThanThreshold" || p("Threshold") != "0" {
+                problems.push(format!("{id}: must fire above 0"));
+            }
+            if p("TreatMissingData") != "notBreaching" {
+                problems.push(format!(
+                    "{id}: TreatMissingData must be notBreaching (no line, nothing to report)"
                 ));
             }
         }
+        for (service, w) in &self.written {
+            let name = w.values.get("Service").cloned().unwrap_or_default();
+            if rejections.get(&name) != Some(&1) {
+                problems.push(format!(
+                    "{service}: expected one ProtectionRejections alarm on Service={name}, found {:?}",
+                    rejections.get(&name)
+                ));
+            }
+        }
+        if self.written.contains_key("queue-consumer") && dlq != 1 {
+            problems.push(format!(
+                "expected one alarm on the dead-letter queue, found {dlq}"
+            ));
+        }
     }
-    found
+
+    /// Every dashboard row is a metric some service writes (or the dead-letter
+    /// queue's depth), and the rows that matter are there.
+    fn check_dashboards(&self, wanted: &[(&str, &str)], problems: &mut Vec<String>) {
+        let written = self.all_written();
+        let dashboards = of_type(self.resources, "AWS::CloudWatch::Dashboard");
+        if dashboards.is_empty() {
+            problems.push("no AWS::CloudWatch::Dashboard".into());
+        }
+        let mut shown: BTreeSet<(String, String)> = BTreeSet::new();
+        for (id, dashboard) in dashboards {
+            for (identity, stat) in dashboard_rows(id, dashboard, &self.resolve) {
+                if identity.0 == SQS_NAMESPACE {
+                    if identity.1 != DLQ_METRIC || !identity.2.contains_key("QueueName") {
+                        problems.push(format!("{id}: shows {identity:?}, an unexpected metric"));
+                    }
+                } else if !written.contains(&identity) {
+                    problems.push(format!("{id}: shows {identity:?}, which no service writes"));
+                }
+                shown.insert((identity.1, stat));
+            }
+        }
+        for (name, stat) in wanted {
+            if !shown.contains(&((*name).to_owned(), (*stat).to_owned())) {
+                problems.push(format!("no dashboard shows {name} ({stat})"));
+            }
+        }
+    }
 }
 
-/// A dashboard shows only metrics that exist, and at least `wanted` (name, stat).
-fn check_dashboard(
-    resources: &[(String, Value)],
-    namespace: &str,
-    services: &[&str],
-    wanted: &[(&str, &str, &str)],
-    problems: &mut Vec<String>,
-) {
-    let dashboards = of_type(resources, "AWS::CloudWatch::Dashboard");
-    if dashboards.is_empty() {
-        problems.push("no AWS::CloudWatch::Dashboard".into());
-    }
-    let known: BTreeSet<&str> = services.iter().flat_map(|s| written_by(s)).collect();
-    let mut shown_metrics = BTreeSet::new();
-    for (id, dashboard) in dashboards {
-        for (ns, name, stat) in dashboard_metrics(id, dashboard) {
-            if ns == namespace && !known.contains(name.as_str()) {
-                problems.push(format!("{id}: shows {ns}/{name}, which no service writes"));
-            } else if ns != namespace && !(ns == SQS_NAMESPACE && name == DLQ_METRIC) {
-                problems.push(format!("{id}: shows {ns}/{name}, an unexpected metric"));
-            }
-            shown_metrics.insert((ns, name, stat));
-        }
-    }
-    for (ns, name, stat) in wanted {
-        let key = ((*ns).to_owned(), (*name).to_owned(), (*stat).to_owned());
-        if !shown_metrics.contains(&key) {
-            problems.push(format!("no dashboard shows {ns}/{name} ({stat})"));
-        }
-    }
-}
+const WANTED_WEBSOCKET: [(&str, &str); 6] = [
+    ("Connections", "Average"),
+    ("ProtectionEnablePuts", "Sum"),
+    ("ProtectionRefreshPuts", "Sum"),
+    ("ProtectionReleasePuts", "Sum"),
+    ("ProtectionRejections", "Sum"),
+    ("ProtectionAcquireLatency", "p99"),
+];
+const WANTED_WORKER: [(&str, &str); 8] = [
+    ("JobsDone", "Sum"),
+    ("JobsFailed", "Sum"),
+    ("ProtectionEnablePuts", "Sum"),
+    ("ProtectionRefreshPuts", "Sum"),
+    ("ProtectionReleasePuts", "Sum"),
+    ("ProtectionRejections", "Sum"),
+    ("ProtectionAcquireLatency", "p99"),
+    (DLQ_METRIC, "Maximum"),
+];
 
 fn report(what: &str, problems: &[String]) {
     assert!(
@@ -355,268 +515,169 @@ fn report(what: &str, problems: &[String]) {
     );
 }
 
-/// The namespace a manifest or container's variables make the service write to.
-fn namespace_of(vars: Option<String>) -> String {
-    vars.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned())
-}
-
-// --- Copilot --------------------------------------------------------------------------
-
-#[test]
-fn copilot_scales_the_websocket_on_connections_per_task() {
-    let manifest = yaml("copilot/websocket/manifest.yml");
-    let namespace = namespace_of(text_at(&manifest, "variables.METRICS_NAMESPACE"));
-    let mut problems = Vec::new();
-    // Copilot creates the scalable target (AutoScalingTarget) only for a count
-    // with a range; the patched policy attaches to it.
-    if at(&manifest, "count.range").is_none() || at(&manifest, "count.spot").is_some() {
-        problems
-            .push("manifest.yml: count needs a range (and no spot) for AutoScalingTarget".into());
-    }
-    if let Some(envs) = at(&manifest, "environments").and_then(Value::as_mapping) {
-        for (env, config) in envs {
-            if let Some(count) = config.get("count")
-                && count.get("range").is_none()
-            {
-                problems.push(format!(
-                    "environments.{}.count has no range: that environment would have no AutoScalingTarget",
-                    shown(Some(env))
-                ));
-            }
-        }
-    }
-    let relative = "copilot/websocket/overrides/cfn.patches.yml";
-    let added = patches(relative);
-    let parameters: BTreeMap<String, Value> = added
-        .iter()
-        .filter_map(|(path, v)| Some((path.strip_prefix("/Parameters/")?.to_owned(), v.clone())))
-        .collect();
-    for name in parameters.keys() {
-        if COPILOT_TEMPLATE_PARAMETERS.contains(&name.as_str()) {
-            problems.push(format!(
-                "{relative}: adds {name}, which Copilot's template has"
-            ));
-        }
-    }
-    let resources = patched_resources(relative);
-    let policies = of_type(&resources, "AWS::ApplicationAutoScaling::ScalingPolicy");
-    let [(id, policy)] = policies.as_slice() else {
-        panic!(
-            "{relative}: expected one scaling policy, found {}",
-            policies.len()
-        );
-    };
-    if shown(at(policy, "Properties.ScalingTargetId")) != "!Ref AutoScalingTarget" {
+/// Every line carries [Service, Environment] when the deployment sets the environment.
+fn check_dimension_set(service: &str, w: &Written, problems: &mut Vec<String>) {
+    if w.keys != ["Service", "Environment"] {
         problems.push(format!(
-            "{id}: ScalingTargetId must be !Ref AutoScalingTarget (Copilot's target for count.range)"
+            "{service} writes the dimension set {:?}; a deployment must scope it as [Service, Environment]",
+            w.keys
         ));
     }
-    check_connections_policy(
-        id,
-        policy,
-        &namespace,
-        &dims(&[
-            ("Service", "!Ref WorkloadName"),
-            ("Environment", "!Ref EnvName"),
-        ]),
-        &parameters,
-        &mut problems,
-    );
-    report("the websocket's scaling in copilot/", &problems);
 }
 
-#[test]
-fn copilot_alarms_and_dashboards_watch_metrics_the_services_write() {
+#[tokio::test]
+async fn copilots_policy_alarms_and_dashboards_name_what_the_services_write() {
+    let moto = Moto::start().await;
     let mut problems = Vec::new();
     for service in ["queue-consumer", "websocket"] {
         let manifest = yaml(&format!("copilot/{service}/manifest.yml"));
-        let namespace = namespace_of(text_at(&manifest, "variables.METRICS_NAMESPACE"));
-        let addon = format!("copilot/{service}/addons/metrics.yml");
-        let mut resources = template_resources(&addon);
-        let patch = format!("copilot/{service}/overrides/cfn.patches.yml");
-        if crate::deploy::exists(&patch) {
-            resources.extend(patched_resources(&patch));
-        }
-        check_alarm_names(&resources, &namespace, service, &mut problems);
-        // In the addon the service and environment are the Name and Env parameters.
-        check_above_zero_alarm(
-            &template_resources(&addon),
-            &namespace,
-            "ProtectionRejections",
-            "Sum",
-            &dims(&[("Service", "!Ref Name"), ("Environment", "!Ref Env")]),
-            &mut problems,
-        );
-        let mut wanted = vec![
-            (namespace.as_str(), "ProtectionEnablePuts", "Sum"),
-            (namespace.as_str(), "ProtectionRefreshPuts", "Sum"),
-            (namespace.as_str(), "ProtectionReleasePuts", "Sum"),
-            (namespace.as_str(), "ProtectionRejections", "Sum"),
-            (namespace.as_str(), "ProtectionAcquireLatency", "p99"),
-        ];
-        if service == "websocket" {
-            wanted.push((namespace.as_str(), "Connections", "Average"));
-        } else {
-            wanted.push((namespace.as_str(), "JobsDone", "Sum"));
-            wanted.push((namespace.as_str(), "JobsFailed", "Sum"));
-            wanted.push((SQS_NAMESPACE, DLQ_METRIC, "Maximum"));
-            // The dead-letter queue Copilot creates for subscribe.queue.dead_letter.
-            if at(&manifest, "subscribe.queue.dead_letter").is_none() {
-                problems
-                    .push("queue-consumer manifest has no dead_letter queue to alarm on".into());
-            }
-            check_above_zero_alarm(
-                &patched_resources(&patch),
-                SQS_NAMESPACE,
-                DLQ_METRIC,
-                "Maximum",
-                &dims(&[("QueueName", "!GetAtt DeadLetterQueue.QueueName")]),
-                &mut problems,
-            );
-        }
-        check_dashboard(&resources, &namespace, &[service], &wanted, &mut problems);
-    }
-    report("alarms and dashboards in copilot/", &problems);
-}
-
-// --- plain CloudFormation -------------------------------------------------------------
-
-const TEMPLATE: &str = "cloudformation/task-protection.yml";
-
-/// The template's container variables by container name.
-fn container_variables(template: &Value, container: &str) -> BTreeMap<String, String> {
-    let mut vars = BTreeMap::new();
-    for (_, resource) in at(template, "Resources")
-        .and_then(Value::as_mapping)
+        // Copilot gives every task its service and environment names; in the
+        // addons they are the Name and Env parameters, in the service stack
+        // WorkloadName and EnvName.
+        let resolve: BTreeMap<&str, String> = [
+            ("Name", service.to_owned()),
+            ("WorkloadName", service.to_owned()),
+            ("Env", COPILOT_ENV.to_owned()),
+            ("EnvName", COPILOT_ENV.to_owned()),
+            ("App", "task-protection".to_owned()),
+            ("AppName", "task-protection".to_owned()),
+            ("AWS::Region", "us-east-1".to_owned()),
+        ]
         .into_iter()
-        .flatten()
-    {
-        for c in at(resource, "Properties.ContainerDefinitions")
-            .and_then(Value::as_sequence)
+        .collect();
+        let vars: BTreeMap<String, Value> = at(&manifest, "variables")
+            .and_then(Value::as_mapping)
             .into_iter()
             .flatten()
-        {
-            if text_at(c, "Name").as_deref() != Some(container) {
-                continue;
-            }
-            for e in c
-                .get("Environment")
-                .and_then(Value::as_sequence)
-                .into_iter()
-                .flatten()
-            {
-                vars.insert(shown(e.get("Name")), shown(e.get("Value")));
-            }
+            .filter_map(|(k, v)| Some((text(k)?, v.clone())))
+            .collect();
+        let mut env = metrics_variables(&vars, &resolve);
+        env.push(("COPILOT_SERVICE_NAME", service.to_owned()));
+        env.push(("COPILOT_ENVIRONMENT_NAME", COPILOT_ENV.to_owned()));
+        let w = written(service, &env, &moto).await;
+        check_dimension_set(service, &w, &mut problems);
+
+        let mut resources = template_resources(&format!("copilot/{service}/addons/metrics.yml"));
+        let (patched_resources, parameters) =
+            patched(&format!("copilot/{service}/overrides/cfn.patches.yml"));
+        resources.extend(patched_resources);
+        let deployment = Deployment {
+            resources: &resources,
+            parameters: &parameters,
+            resolve,
+            written: [(service.to_owned(), w)].into_iter().collect(),
+        };
+        if service == "websocket" {
+            deployment.check_connections_policy(&mut problems);
+            deployment.check_dashboards(&WANTED_WEBSOCKET, &mut problems);
+        } else {
+            deployment.check_dashboards(&WANTED_WORKER, &mut problems);
         }
+        deployment.check_alarms(&mut problems);
     }
-    vars
+    report("Copilot's metrics resources", &problems);
 }
 
-/// The dimensions a container writes: Service is METRICS_SERVICE or the program's
-/// name (no COPILOT_SERVICE_NAME outside Copilot); Environment only when
-/// METRICS_ENVIRONMENT is set.
-fn written_dimensions(vars: &BTreeMap<String, String>, program: &str) -> BTreeMap<String, String> {
-    let mut d = BTreeMap::new();
-    d.insert(
-        "Service".to_owned(),
-        vars.get("METRICS_SERVICE")
-            .cloned()
-            .unwrap_or_else(|| program.to_owned()),
-    );
-    if let Some(env) = vars.get("METRICS_ENVIRONMENT") {
-        d.insert("Environment".to_owned(), env.clone());
-    }
-    d
-}
-
-#[test]
-fn the_template_scales_the_websocket_on_connections_and_alarms_on_the_metrics() {
+#[tokio::test]
+async fn the_templates_policy_alarms_and_dashboard_name_what_the_services_write() {
+    let moto = Moto::start().await;
     let template = yaml(TEMPLATE);
+    let resources = template_resources(TEMPLATE);
     let parameters: BTreeMap<String, Value> = at(&template, "Parameters")
         .and_then(Value::as_mapping)
         .into_iter()
         .flatten()
         .filter_map(|(k, v)| Some((text(k)?, v.clone())))
         .collect();
-    let resources = template_resources(TEMPLATE);
+    let resolve: BTreeMap<&str, String> = [
+        ("AWS::StackName", STACK.to_owned()),
+        ("AWS::Region", "us-east-1".to_owned()),
+    ]
+    .into_iter()
+    .collect();
     let mut problems = Vec::new();
-
-    let web_vars = container_variables(&template, "websocket");
-    let web_ns = namespace_of(web_vars.get("METRICS_NAMESPACE").cloned());
-    let web_dims = written_dimensions(&web_vars, "websocket");
-    let worker_vars = container_variables(&template, "queue-consumer");
-    let worker_ns = namespace_of(worker_vars.get("METRICS_NAMESPACE").cloned());
-    let worker_dims = written_dimensions(&worker_vars, "queue-consumer");
-    if web_ns != worker_ns {
-        problems.push(format!("the services write to {web_ns} and {worker_ns}"));
-    }
-
-    // The websocket's policy attaches to a scalable target on the websocket service.
-    let policies: Vec<_> = of_type(&resources, "AWS::ApplicationAutoScaling::ScalingPolicy")
-        .into_iter()
-        .filter(|(_, p)| {
-            let target = shown(at(p, "Properties.ScalingTargetId"));
-            let target_id = target.strip_prefix("!Ref ").unwrap_or_default();
-            resources.iter().any(|(id, r)| {
-                id.ends_with(&format!(": {target_id}"))
-                    && shown(at(r, "Properties.ResourceId")).contains("WebsocketService")
-            })
-        })
-        .collect();
-    let [(id, policy)] = policies.as_slice() else {
-        panic!(
-            "{TEMPLATE}: expected one scaling policy on the websocket service, found {}",
-            policies.len()
-        );
-    };
-    check_connections_policy(id, policy, &web_ns, &web_dims, &parameters, &mut problems);
-
-    for (service, ns, d) in [
-        ("queue-consumer", &worker_ns, &worker_dims),
-        ("websocket", &web_ns, &web_dims),
-    ] {
-        let alarms: Vec<(String, Value)> = of_type(&resources, "AWS::CloudWatch::Alarm")
+    let mut written_by = BTreeMap::new();
+    for service in ["queue-consumer", "websocket"] {
+        // The task definition's own variables, as ECS gives them to the container.
+        let container = resources
+            .iter()
+            .filter_map(|(_, r)| at(r, "Properties.ContainerDefinitions")?.as_sequence())
+            .flatten()
+            .find(|c| text_at(c, "Name").as_deref() == Some(service))
+            .unwrap_or_else(|| panic!("{TEMPLATE}: no container {service}"));
+        let vars: BTreeMap<String, Value> = container
+            .get("Environment")
+            .and_then(Value::as_sequence)
             .into_iter()
-            .filter(|(_, a)| {
-                dimensions(at(a, "Properties.Dimensions")).get("Service") == d.get("Service")
-            })
-            .cloned()
+            .flatten()
+            .filter_map(|e| Some((text_at(e, "Name")?, e.get("Value")?.clone())))
             .collect();
-        check_alarm_names(&alarms, ns, service, &mut problems);
-        check_above_zero_alarm(
-            &resources,
-            ns,
-            "ProtectionRejections",
-            "Sum",
-            d,
-            &mut problems,
-        );
+        let w = written(service, &metrics_variables(&vars, &resolve), &moto).await;
+        check_dimension_set(service, &w, &mut problems);
+        written_by.insert(service.to_owned(), w);
     }
-    check_above_zero_alarm(
-        &resources,
-        SQS_NAMESPACE,
-        DLQ_METRIC,
-        "Maximum",
-        &dims(&[("QueueName", "!GetAtt DeadLetterQueue.QueueName")]),
-        &mut problems,
-    );
-    let ns = web_ns.as_str();
-    check_dashboard(
-        &resources,
-        ns,
-        &["queue-consumer", "websocket"],
-        &[
-            (ns, "Connections", "Average"),
-            (ns, "JobsDone", "Sum"),
-            (ns, "JobsFailed", "Sum"),
-            (ns, "ProtectionEnablePuts", "Sum"),
-            (ns, "ProtectionRefreshPuts", "Sum"),
-            (ns, "ProtectionReleasePuts", "Sum"),
-            (ns, "ProtectionRejections", "Sum"),
-            (ns, "ProtectionAcquireLatency", "p99"),
-            (SQS_NAMESPACE, DLQ_METRIC, "Maximum"),
-        ],
-        &mut problems,
-    );
+    let deployment = Deployment {
+        resources: &resources,
+        parameters: &parameters,
+        resolve,
+        written: written_by,
+    };
+    deployment.check_connections_policy(&mut problems);
+    deployment.check_alarms(&mut problems);
+    let mut wanted: Vec<(&str, &str)> = WANTED_WEBSOCKET.to_vec();
+    wanted.extend(WANTED_WORKER);
+    deployment.check_dashboards(&wanted, &mut problems);
     report(TEMPLATE, &problems);
+
+    // Two stacks in one account and Region write apart: the same template under
+    // another stack name names none of this stack's metrics.
+    let other: BTreeMap<&str, String> =
+        [("AWS::StackName", "task-protection-production".to_owned())]
+            .into_iter()
+            .collect();
+    let (_, alarm) = of_type(&resources, "AWS::CloudWatch::Alarm")
+        .into_iter()
+        .find(|(_, a)| {
+            text_at(a, "Properties.MetricName").as_deref() == Some("ProtectionRejections")
+        })
+        .expect("a rejections alarm");
+    let dims = dimensions(at(alarm, "Properties.Dimensions"), &other).unwrap_or_default();
+    assert!(
+        !deployment
+            .all_written()
+            .iter()
+            .any(|(_, name, d)| name == "ProtectionRejections" && *d == dims),
+        "another stack's alarm watches this stack's metric"
+    );
+}
+
+#[test]
+fn substitution_and_references_resolve_as_cloudformation_does() {
+    let resolve: BTreeMap<&str, String> = [("Name", "websocket".to_owned())].into_iter().collect();
+    assert_eq!(
+        substituted("[\"${Name}\", \"${Other}\", \"${AWS::Region}\"]", &resolve),
+        "[\"websocket\", \"${Other}\", \"${AWS::Region}\"]"
+    );
+    let value: Value = serde_norway::from_str("!Ref Name").unwrap();
+    assert_eq!(resolved(&value, &resolve).as_deref(), Some("websocket"));
+    let value: Value = serde_norway::from_str("!Ref Unknown").unwrap();
+    assert_eq!(resolved(&value, &resolve), None);
+    let line = r#"{"_aws":{"Timestamp":1,"CloudWatchMetrics":[{"Namespace":"N","Dimensions":[["Service"]],"Metrics":[{"Name":"Connections","Unit":"Count"}]}]},"Service":"websocket","Connections":3}"#;
+    let w = Written::parse(line);
+    let mut problems = Vec::new();
+    check_dimension_set("websocket", &w, &mut problems);
+    assert_eq!(
+        problems.len(),
+        1,
+        "a line without Environment is not scoped"
+    );
+    assert!(
+        w.identities().contains(&(
+            "N".to_owned(),
+            "Connections".to_owned(),
+            [("Service".to_owned(), "websocket".to_owned())]
+                .into_iter()
+                .collect()
+        ))
+    );
 }
