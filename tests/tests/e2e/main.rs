@@ -8,6 +8,7 @@ mod monitoring;
 mod protection_faults;
 mod queue_consumer;
 mod queue_consumer_metrics;
+mod queue_consumer_mixes;
 mod queue_consumer_sources;
 mod readme;
 mod websocket;
