@@ -289,6 +289,10 @@ async fn protect(
                 return Err(Some(Action::HandBack));
             }
             Some(Err(AcquireError::ShutDown)) => return Err(Some(Action::HandBack)),
+            Some(Err(AcquireError::Draining)) => {
+                tracing::info!(message_id = %id, "{id} - Not started: this task is leaving its service; handing it back");
+                return Err(Some(Action::HandBack));
+            }
             Some(Err(e)) => {
                 tracing::warn!(
                     message_id = %id,

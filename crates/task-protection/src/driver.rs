@@ -49,6 +49,7 @@ pub(crate) async fn drive<B: Backend>(shared: Arc<Shared>, backend: B) -> Shutdo
             machine.note_release(now);
         }
         machine.set_wanted(count(word) > 0);
+        machine.set_draining(shared.draining.load(Ordering::SeqCst));
         if let Some(effect) = machine.take_lapse(now) {
             shared.apply(effect, None);
         }

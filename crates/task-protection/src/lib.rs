@@ -43,6 +43,7 @@
 pub mod backend;
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod drain;
 mod driver;
 mod machine;
 pub mod metrics;

@@ -139,6 +139,9 @@ pub(crate) struct Machine {
     request_timeout: Duration,
 
     wanted: bool,
+    /// The task is leaving its service: release as soon as nobody holds, without the
+    /// maintain window or the quiet second.
+    draining: bool,
     ecs: Ecs,
     in_flight: Option<InFlight>,
     /// Start of the maintain window: the last successful enable.
@@ -186,6 +189,7 @@ impl Machine {
             check_interval: settings.check_interval(),
             request_timeout: settings.request_timeout(),
             wanted: false,
+            draining: false,
             ecs: Ecs::Off,
             in_flight: None,
             last_enable_ok: None,
@@ -200,6 +204,10 @@ impl Machine {
 
     pub(crate) fn set_wanted(&mut self, wanted: bool) {
         self.wanted = wanted;
+    }
+
+    pub(crate) fn set_draining(&mut self, draining: bool) {
+        self.draining = draining;
     }
 
     /// The holder count fell to zero at `now` (possibly only for a moment).
@@ -303,8 +311,16 @@ impl Machine {
             if self.ecs.at_most().is_none() {
                 return Next::Wait(wake);
             }
-            let window_end = self.last_enable_ok.map_or(now, |t| t + self.maintain);
-            let quiet_end = self.last_release.map(|t| t + self.min_put_interval);
+            // A leaving task lets go as soon as nobody holds: the maintain window and
+            // the quiet second only save calls for work that may still come.
+            let (window_end, quiet_end) = if self.draining {
+                (now, None)
+            } else {
+                (
+                    self.last_enable_ok.map_or(now, |t| t + self.maintain),
+                    self.last_release.map(|t| t + self.min_put_interval),
+                )
+            };
             let due = later(backoff(false), later(quiet_end, window_end.max(spacing)));
             // A disable due at or after `bound` never goes: the bound passes first
             // and the protection lapses by itself, which saves the call.

@@ -5,7 +5,7 @@
 //! state machine and is the only caller of the backend.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, OnceCell, broadcast, watch};
@@ -36,6 +36,10 @@ pub enum AcquireError {
     /// Protection has been shut down.
     #[error("task protection is shut down")]
     ShutDown,
+    /// The task is leaving its service ([`TaskProtection::drain`]): it takes on no
+    /// new work.
+    #[error("the task is leaving its service and takes no new work")]
+    Draining,
 }
 
 /// What [`TaskProtection::shutdown`] did.
@@ -71,6 +75,9 @@ pub(crate) struct Shared {
     /// Wakes the driver when the holder count crosses zero.
     pub(crate) wake: Notify,
     pub(crate) stop: watch::Sender<bool>,
+    /// The task is leaving its service: no new holders, and no lingering once the
+    /// last one has gone.
+    pub(crate) draining: AtomicBool,
     pub(crate) state: watch::Sender<ProtectionState>,
     pub(crate) events: broadcast::Sender<ProtectionEvent>,
     pub(crate) counters: AtomicCounters,
@@ -162,6 +169,7 @@ impl TaskProtection {
             holders: AtomicU64::new(0),
             wake: Notify::new(),
             stop,
+            draining: AtomicBool::new(false),
             state,
             events,
             counters: AtomicCounters::default(),
@@ -205,6 +213,53 @@ impl TaskProtection {
         }
     }
 
+    /// Registers a holder at once, unless the task is leaving its service
+    /// ([`drain`](Self::drain)) or protection is shut down: then `None`, and the work
+    /// should go elsewhere.
+    ///
+    /// Use it where new work arrives, such as a websocket upgrade or an HTTP request.
+    #[must_use]
+    pub fn try_hold(&self) -> Option<ProtectionGuard> {
+        let guard = self.hold();
+        // Pairs with `drain`: either the drain sees this holder, or this sees the drain.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        (!self.refuses_new_holders()).then_some(guard)
+    }
+
+    fn refuses_new_holders(&self) -> bool {
+        self.shared().draining.load(Ordering::SeqCst) || *self.shared().stop.borrow()
+    }
+
+    /// The task is leaving its service (a scale-in or a deployment wants it gone):
+    /// from now on [`try_hold`](Self::try_hold) and [`acquire`](Self::acquire) refuse
+    /// new holders, the holders there are keep their protection, and protection is
+    /// released as soon as the last of them has gone, without the maintain window.
+    /// [`hold`](Self::hold) still registers: it is for work already taken on.
+    pub fn drain(&self) {
+        if !self.shared().draining.swap(true, Ordering::SeqCst) {
+            tracing::info!(
+                holders = self.holders(),
+                "Draining: no new holders; protection is released when the last one has gone"
+            );
+            self.shared().wake.notify_one();
+        }
+    }
+
+    /// The task is wanted again: new holders are welcome, and releases wait for the
+    /// maintain window as before.
+    pub fn undrain(&self) {
+        if self.shared().draining.swap(false, Ordering::SeqCst) {
+            tracing::info!("No longer draining: taking new holders again");
+            self.shared().wake.notify_one();
+        }
+    }
+
+    /// Whether [`drain`](Self::drain) is in force.
+    #[must_use]
+    pub fn is_draining(&self) -> bool {
+        self.shared().draining.load(Ordering::SeqCst)
+    }
+
     /// Registers a holder and returns once ECS has confirmed protection.
     ///
     /// Returns at once when the task is already protected. Never waits longer than
@@ -213,7 +268,8 @@ impl TaskProtection {
     /// # Errors
     /// [`AcquireError::Rejected`] as soon as ECS refuses (or at once while a recent
     /// refusal's cool-down lasts), [`AcquireError::TimedOut`] when ECS cannot be
-    /// reached in time, [`AcquireError::ShutDown`] after [`shutdown`](Self::shutdown).
+    /// reached in time, [`AcquireError::ShutDown`] after [`shutdown`](Self::shutdown),
+    /// [`AcquireError::Draining`] while the task is leaving ([`drain`](Self::drain)).
     pub async fn acquire(&self) -> Result<ProtectionGuard, AcquireError> {
         let mut rx = self.shared().state.subscribe();
         let seen = {
@@ -235,6 +291,9 @@ impl TaskProtection {
         std::sync::atomic::fence(Ordering::SeqCst);
         if *self.shared().stop.borrow() {
             return Err(AcquireError::ShutDown);
+        }
+        if self.shared().draining.load(Ordering::SeqCst) {
+            return Err(AcquireError::Draining);
         }
         let after = self.shared().settings.acquire_timeout();
         let deadline = Instant::now() + after;
