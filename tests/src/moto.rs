@@ -189,13 +189,10 @@ pub async fn create_queue_with(
     use aws_sdk_sqs::types::QueueAttributeName;
     let fifo = name.ends_with(".fifo");
     let create = |name: String| {
-        let mut request = client
-            .create_queue()
-            .queue_name(name)
-            .attributes(
-                QueueAttributeName::VisibilityTimeout,
-                visibility_secs.to_string(),
-            );
+        let mut request = client.create_queue().queue_name(name).attributes(
+            QueueAttributeName::VisibilityTimeout,
+            visibility_secs.to_string(),
+        );
         if fifo {
             request = request.attributes(QueueAttributeName::FifoQueue, "true");
         }

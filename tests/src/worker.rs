@@ -127,6 +127,11 @@ impl WorkerSpec {
 
 impl RunningWorker {
     fn start(worker: Worker, protection: TaskProtection) -> Self {
+        if std::env::var_os("E2E_TRACE").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .try_init();
+        }
         let (signals, rx) = mpsc::unbounded_channel();
         let released = protection.clone();
         let task = tokio::spawn(async move {

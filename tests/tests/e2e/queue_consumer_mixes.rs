@@ -97,11 +97,15 @@ async fn queue_consumer_mix_an_idle_queue_does_not_hold_back_a_busy_one() {
     let _ = worker.stop(STEP).await;
 }
 
-/// The median of `gaps`, in milliseconds.
-fn median_ms(mut gaps: Vec<Duration>) -> u128 {
+/// How many of `gaps` are at least 50 ms (the longest the worker ever waits on
+/// purpose for a receive or a delete), and how many there are.
+fn slow(gaps: &[Duration]) -> (usize, usize) {
     assert!(!gaps.is_empty(), "no gaps measured");
-    gaps.sort();
-    gaps[gaps.len() / 2].as_millis()
+    let slow = gaps
+        .iter()
+        .filter(|g| **g >= Duration::from_millis(50))
+        .count();
+    (slow, gaps.len())
 }
 
 /// For each request of `op`, the time since the last answer to `after` that came
@@ -157,12 +161,27 @@ async fn queue_consumer_mix_a_long_job_does_not_slow_short_ones() {
     // A receive follows the delete that freed its slots at once, and a delete
     // follows the receive of jobs that take no time at once: neither waits for the
     // slot the long job holds.
-    let receive = median_ms(gaps(&exchanges, "DeleteMessageBatch", "ReceiveMessage"));
-    let delete = median_ms(gaps(&exchanges, "ReceiveMessage", "DeleteMessageBatch"));
+    if std::env::var_os("E2E_TRACE").is_some() {
+        let t0 = exchanges[0].sent_at;
+        for e in &exchanges {
+            eprintln!(
+                "{:>8.1} {:>8.1} {}",
+                (e.sent_at - t0).as_secs_f64() * 1000.0,
+                e.answered_at
+                    .map_or(-1.0, |a| (a - t0).as_secs_f64() * 1000.0),
+                e.operation
+            );
+        }
+    }
+    // moto and a busy machine add their own delays now and then; a wait for the
+    // long job's slot would be in (nearly) every gap.
+    let receive = gaps(&exchanges, "DeleteMessageBatch", "ReceiveMessage");
+    let delete = gaps(&exchanges, "ReceiveMessage", "DeleteMessageBatch");
+    let (slow_receives, receives) = slow(&receive);
+    let (slow_deletes, deletes) = slow(&delete);
     assert!(
-        receive < 25 && delete < 25,
-        "median wait before a receive {receive} ms, before a delete {delete} ms: {:?}",
-        proxy.counts()
+        slow_receives * 2 < receives && slow_deletes * 2 < deletes,
+        "{slow_receives} of {receives} receives and {slow_deletes} of {deletes} deletes waited 50 ms or more: {receive:?} {delete:?}"
     );
     let _ = worker.stop(STEP).await;
 }
@@ -190,7 +209,11 @@ async fn queue_consumer_mix_one_fifo_group_is_settled_in_batches() {
     wait_counts(&client, &queue, "the group to be deleted", (0, 0), STEP).await;
     // Ten of the group per receive, worked in order, deleted in one call.
     let deletes = proxy.count("DeleteMessageBatch");
-    assert!(deletes <= 7, "{deletes} delete batches: {:?}", proxy.counts());
+    assert!(
+        deletes <= 7,
+        "{deletes} delete batches: {:?}",
+        proxy.counts()
+    );
     worker.terminate();
     assert!(worker.wait_exit(STEP).await.success());
 }
@@ -355,12 +378,16 @@ async fn queue_consumer_mix_a_steady_trickle_does_not_flap_protection() {
         puts.len() <= 2,
         "{} protection PUTs for a minute of one job a second: {:?}",
         puts.len(),
-        puts.iter().map(e2e::agent::Recorded::enabled).collect::<Vec<_>>()
+        puts.iter()
+            .map(e2e::agent::Recorded::enabled)
+            .collect::<Vec<_>>()
     );
     // Idle again: released within the maintain window (and the quiet second).
-    wait_for("protection to be released", Duration::from_secs(15), || async {
-        (!b.agent.ecs_protected_at(std::time::Instant::now())).then_some(())
-    })
+    wait_for(
+        "protection to be released",
+        Duration::from_secs(15),
+        || async { (!b.agent.ecs_protected_at(std::time::Instant::now())).then_some(()) },
+    )
     .await;
     let released = b
         .agent
@@ -389,11 +416,18 @@ async fn queue_consumer_mix_a_failing_delete_keeps_protection_60_s_to_the_second
         .wait_for_line(&format!("{id} - Working for"), STEP)
         .await;
     let ended = std::time::Instant::now();
-    wait_for("protection to be released", Duration::from_secs(90), || async {
-        b.agent.released().then_some(())
-    })
+    wait_for(
+        "protection to be released",
+        Duration::from_secs(90),
+        || async { b.agent.released().then_some(()) },
+    )
     .await;
-    let (released, _) = b.agent.ecs_changes().last().copied().unwrap_or((ended, None));
+    let (released, _) = b
+        .agent
+        .ecs_changes()
+        .last()
+        .copied()
+        .unwrap_or((ended, None));
     let held = released.saturating_duration_since(ended);
     // 60 s of tries, then the quiet second before the release.
     assert!(
@@ -450,8 +484,7 @@ async fn queue_consumer_mix_a_hung_heartbeat_does_not_delay_the_hand_back() {
         .wait_for_line(&format!("{id} - Working for"), STEP)
         .await;
     wait_for("a heartbeat on its way", STEP, || async {
-        (proxy.count("ChangeMessageVisibility") + proxy.count("ChangeMessageVisibilityBatch")
-            >= 1)
+        (proxy.count("ChangeMessageVisibility") + proxy.count("ChangeMessageVisibilityBatch") >= 1)
             .then_some(())
     })
     .await;
@@ -474,7 +507,10 @@ async fn queue_consumer_mix_done_is_logged_before_the_group_moves_on() {
     let b = Binary::start("jobs.fifo", 30).await;
     let proxy = b.proxy().await;
     // SQS deletes at once (the group moves on), the answer comes 3 s later.
-    proxy.fault("DeleteMessageBatch", Fault::DelayAnswer(Duration::from_secs(3)));
+    proxy.fault(
+        "DeleteMessageBatch",
+        Fault::DelayAnswer(Duration::from_secs(3)),
+    );
     let mut worker = b.spawn(
         &proxy.endpoint(),
         &[("WORKER_CONCURRENCY", "2"), ("QUEUE_WAIT_SECONDS", "1")],

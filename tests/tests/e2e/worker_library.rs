@@ -228,7 +228,7 @@ async fn queue_consumer_library_a_panic_is_one_line_in_json_logs() {
         .flatten_event(true)
         .with_writer(move || writer.clone())
         .finish();
-    let _logs = tracing::subscriber::set_default(subscriber);
+    let logs = tracing::subscriber::set_default(subscriber);
     let moto = Moto::start().await;
     let agent = FakeAgent::start().await;
     let client = moto.client();
@@ -238,8 +238,19 @@ async fn queue_consumer_library_a_panic_is_one_line_in_json_logs() {
         panic!("the job {} went wrong\nover two lines", job.body);
     });
     let worker = spawn_worker(handler, &moto, &agent, &queue, &[], |_| {}).await;
-    wait_counts(&client, &queue, "the message retried", (0, 1), STEP).await;
+    let logged = |needle: &'static str| {
+        let captured = captured.clone();
+        move || {
+            let found =
+                String::from_utf8_lossy(&captured.0.lock().unwrap_or_else(PoisonError::into_inner))
+                    .contains(needle);
+            async move { found.then_some(()) }
+        }
+    };
+    wait_for("the message retried", STEP, logged("Visible again in")).await;
     let _ = worker.stop(Duration::from_secs(5)).await;
+    // From here a failed assertion must not go into the captured logs.
+    drop(logs);
     let text = String::from_utf8_lossy(
         &captured
             .0
