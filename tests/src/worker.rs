@@ -5,10 +5,11 @@
 use std::time::Duration;
 
 use queue_consumer::queue::Queue;
-use queue_consumer::{Handler, Outcome, Worker, WorkerSettings};
+use queue_consumer::{BatchHandler, Handler, Outcome, Worker, WorkerSettings};
 use task_protection::cli::Signal;
+use task_protection::drain::Membership;
 use task_protection::{BackendConfig, BackendKind, ProtectionSettings, TaskProtection};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::agent::FakeAgent;
@@ -21,6 +22,8 @@ pub struct RunningWorker {
     task: JoinHandle<Outcome>,
     /// The worker's protection, to watch what it holds.
     pub protection: TaskProtection,
+    /// What its health endpoint would answer.
+    pub health: std::sync::Arc<queue_consumer::health::Health>,
 }
 
 /// Starts a worker on `queue_url` (and the named `topic_queues`) with `handler`,
@@ -49,6 +52,7 @@ pub struct WorkerSpec {
     settings: WorkerSettings,
     protection: ProtectionSettings,
     topics: Vec<(String, String)>,
+    membership: Option<watch::Receiver<Membership>>,
 }
 
 impl WorkerSpec {
@@ -64,7 +68,15 @@ impl WorkerSpec {
             settings,
             protection: ProtectionSettings::default(),
             topics: Vec::new(),
+            membership: None,
         }
+    }
+
+    /// Follows `membership`, as the drain watcher would set it.
+    #[must_use]
+    pub fn membership(mut self, membership: watch::Receiver<Membership>) -> Self {
+        self.membership = Some(membership);
+        self
     }
 
     /// Reaches SQS through `endpoint` (a proxy in front of moto).
@@ -95,7 +107,10 @@ impl WorkerSpec {
         self
     }
 
-    async fn build(self, handler: impl Handler) -> (Worker, TaskProtection) {
+    async fn build(
+        self,
+        worker: impl FnOnce(Queue, TaskProtection, WorkerSettings) -> Worker,
+    ) -> RunningWorker {
         let client = client_for(&self.endpoint);
         let backend = BackendConfig {
             kind: BackendKind::Agent,
@@ -106,27 +121,38 @@ impl WorkerSpec {
             .await
             .unwrap_or_else(|e| panic!("protection: {e}"));
         let url = self.settings.queue_url.clone();
-        let mut worker = Worker::new(
+        let mut worker = worker(
             Queue::new(client.clone(), url),
             protection.clone(),
             self.settings,
-            handler,
         );
         for (name, url) in &self.topics {
             worker = worker.with_queue(name.clone(), Queue::new(client.clone(), url.clone()));
         }
-        (worker, protection)
+        if let Some(membership) = self.membership {
+            worker = worker.with_membership(membership);
+        }
+        RunningWorker::start(worker, protection)
     }
 
     /// Starts the worker with `handler` on its own task.
     pub async fn spawn(self, handler: impl Handler) -> RunningWorker {
-        let (worker, protection) = self.build(handler).await;
-        RunningWorker::start(worker, protection)
+        self.build(|queue, protection, settings| Worker::new(queue, protection, settings, handler))
+            .await
+    }
+
+    /// Starts the worker with the batch handler `handler` on its own task.
+    pub async fn spawn_batched(self, handler: impl BatchHandler) -> RunningWorker {
+        self.build(|queue, protection, settings| {
+            Worker::batched(queue, protection, settings, handler)
+        })
+        .await
     }
 }
 
 impl RunningWorker {
     fn start(worker: Worker, protection: TaskProtection) -> Self {
+        let health = worker.health();
         if std::env::var_os("E2E_TRACE").is_some() {
             let _ = tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -143,6 +169,7 @@ impl RunningWorker {
             signals,
             task,
             protection,
+            health,
         }
     }
 

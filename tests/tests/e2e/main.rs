@@ -12,4 +12,6 @@ mod queue_consumer_mixes;
 mod queue_consumer_sources;
 mod readme;
 mod websocket;
+mod worker_drain;
+mod worker_handlers;
 mod worker_library;
