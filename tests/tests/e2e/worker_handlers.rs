@@ -192,6 +192,9 @@ async fn queue_consumer_handler_the_shutdown_token_lets_a_job_stop_early() {
     assert_eq!(queue_counts(&client, &queue).await, Some((1, 0)));
 }
 
+/// What a job's extension answered, and the job.
+type Extended = (Result<Duration, ExtendError>, Job);
+
 #[tokio::test]
 async fn queue_consumer_handler_a_job_extends_its_own_message() {
     let moto = Moto::start().await;
@@ -199,7 +202,7 @@ async fn queue_consumer_handler_a_job_extends_its_own_message() {
     let client = moto.client();
     let queue = moto.create_queue("jobs", 2).await;
     send(&client, &queue, "keep me").await;
-    let kept: Arc<Mutex<Option<(Result<Duration, ExtendError>, Job)>>> = Arc::default();
+    let kept: Arc<Mutex<Option<Extended>>> = Arc::default();
     let handler = {
         let kept = Arc::clone(&kept);
         handler_fn(move |job: Job| {
