@@ -459,6 +459,11 @@ async fn queue_consumer_bad_config_exits_2_with_one_line() {
         env
     };
     let url = "http://127.0.0.1:9/123456789012/jobs";
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+    let busy_port = busy
+        .local_addr()
+        .map(|a| a.port().to_string())
+        .unwrap_or_default();
     let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
         (with(&[]), "COPILOT_QUEUE_URI"),
         (
@@ -503,6 +508,26 @@ async fn queue_consumer_bad_config_exits_2_with_one_line() {
             ]),
             "ECS_AGENT_URI",
         ),
+        (
+            with(&[("COPILOT_QUEUE_URI", url), ("JOB_TIMEOUT_SECONDS", "0")]),
+            "JOB_TIMEOUT_SECONDS=0 is out of range: allowed 1..=42300 seconds",
+        ),
+        (
+            with(&[("COPILOT_QUEUE_URI", url), ("HEALTH_PORT", "70000")]),
+            "HEALTH_PORT=70000 is out of range",
+        ),
+        (
+            with(&[("COPILOT_QUEUE_URI", url), ("QUEUE_WEIGHTS", "default")]),
+            "QUEUE_WEIGHTS=\"default\" is not valid",
+        ),
+        (
+            with(&[("COPILOT_QUEUE_URI", url), ("QUEUE_WEIGHTS", "typo=2")]),
+            "QUEUE_WEIGHTS names \"typo\", which is not one of the queues: default",
+        ),
+        (
+            with(&[("COPILOT_QUEUE_URI", url), ("HEALTH_PORT", &busy_port)]),
+            "(HEALTH_PORT)",
+        ),
     ];
     for (env, needle) in cases {
         let (status, stdout, stderr) = run_to_exit(BIN, &[], &env).await;
@@ -527,6 +552,9 @@ async fn queue_consumer_bad_config_exits_2_with_one_line() {
         "PROTECTION_MAINTAIN_PERCENT",
         "PROTECTION_REFRESH_PERCENT",
         "PROTECTION_CHECK_INTERVAL_MS",
+        "JOB_TIMEOUT_SECONDS",
+        "QUEUE_WEIGHTS",
+        "HEALTH_PORT",
     ] {
         assert!(
             stdout.contains(&format!("[env: {var}=")),
@@ -1034,4 +1062,47 @@ async fn queue_consumer_short_jobs_cost_about_a_fifth_of_a_request_each() {
     );
     s.wait_counts("the queue to be empty", (0, 0)).await;
     stop(&mut worker, STEP).await;
+}
+
+#[tokio::test]
+async fn queue_consumer_health_endpoint_and_healthcheck_subcommand() {
+    let s = Setup::start(30).await;
+    let proxy = s.sqs_proxy().await;
+    let port = e2e::free_port().to_string();
+    let env = s.env_via(
+        &proxy.endpoint(),
+        &[("HEALTH_PORT", &port), ("QUEUE_WAIT_SECONDS", "1")],
+    );
+    let mut worker = Service::spawn(BIN, &[], &env);
+    worker.wait_for_line("Health endpoint on", START).await;
+    worker
+        .wait_for_line("Long polling for messages", START)
+        .await;
+    let healthz = format!("http://127.0.0.1:{port}/healthz");
+    let check = [("HEALTH_PORT", port.clone())];
+    // Idle and receiving: healthy, without any of the worker's other settings.
+    let (status, stdout, stderr) = run_to_exit(BIN, &["healthcheck"], &check).await;
+    assert!(status.success(), "{stdout} {stderr}");
+    assert_eq!(stdout.trim(), "healthy");
+    // The role may not receive: unhealthy at once, with the reason, until it exits.
+    proxy.fault("ReceiveMessage", Fault::access_denied("sqs:receivemessage"));
+    let reason = wait_for("/healthz to answer 503", STEP, || async {
+        let answer = reqwest::get(&healthz).await.ok()?;
+        (answer.status() == 503).then_some(answer.text().await.ok()?)
+    })
+    .await;
+    assert!(
+        reason.starts_with("receiving from ") && reason.contains("AccessDenied"),
+        "{reason}"
+    );
+    assert_eq!(reason.trim().lines().count(), 1, "{reason}");
+    let status = worker.wait_exit(STEP).await;
+    assert_eq!(status.code(), Some(1));
+    // Nobody there: unhealthy too, saying why.
+    let (status, _, stderr) = run_to_exit(BIN, &["healthcheck"], &check).await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("queue-consumer: unhealthy: cannot reach"),
+        "{stderr}"
+    );
 }
