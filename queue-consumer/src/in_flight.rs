@@ -140,6 +140,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, dispatch: Dispatch) {
         }
     }
     let mut before = order.before;
+    let mut batch = batch;
     if let Some(s) = slot
         .as_mut()
         .filter(|_| action.is_none() && !keeper.is_lost())
@@ -157,7 +158,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, dispatch: Dispatch) {
                 &mut keeper,
                 &message,
                 s,
-                batch,
+                batch.take(),
                 before.is_some(),
             )
             .await;
@@ -167,6 +168,9 @@ pub(crate) async fn handle(shared: Arc<Shared>, dispatch: Dispatch) {
         }
     }
     drop(job_phase);
+    // A message that did not join its batch (handed back unworked) leaves it now, so
+    // the batch need not wait for this one's settle.
+    drop(batch);
     // Done: the group moves on now, on this slot, while this delete is batched.
     if action == Some(Action::Delete)
         && let Some(next) = before.take()
