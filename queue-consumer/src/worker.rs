@@ -517,9 +517,13 @@ async fn receive_loop(shared: Arc<Shared>, lane: usize, messages: TaskTracker) {
             load.borrow_and_update();
             let (ask, full) = shared.shares.ask(lane);
             let gather_until = last.as_ref().and_then(|(at, unsettled)| {
-                (ask < full && unsettled.load(std::sync::atomic::Ordering::SeqCst) > 0)
-                    .then_some(*at + RECEIVE_GATHER)
-                    .filter(|until| Instant::now() < *until)
+                gather_until(
+                    *at,
+                    unsettled.load(std::sync::atomic::Ordering::SeqCst),
+                    ask,
+                    full,
+                    Instant::now(),
+                )
             });
             // A message waiting for protection could not be worked: take no more.
             let waiting = *awaiting.borrow_and_update() > 0;
@@ -666,6 +670,21 @@ fn dispatch(
     unsettled
 }
 
+/// Until when a receive waits before it asks for `ask` messages rather than `full`:
+/// while the chains of the previous receive (answered at `previous`) are not all
+/// settled (`unsettled`), and at most [`RECEIVE_GATHER`] after it. Slots held by
+/// older chains (a long job) are never waited for. `None`: receive now.
+fn gather_until(
+    previous: Instant,
+    unsettled: usize,
+    ask: usize,
+    full: usize,
+    now: Instant,
+) -> Option<Instant> {
+    let until = previous + RECEIVE_GATHER;
+    (ask < full && unsettled > 0 && now < until).then_some(until)
+}
+
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -720,6 +739,19 @@ mod tests {
                 AfterReceive::Retry(..)
             ));
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_receive_waits_only_for_the_receive_before_it() {
+        let t0 = Instant::now();
+        let soon = t0 + Duration::from_millis(10);
+        // Its messages are being settled: wait for them, a moment at most.
+        assert_eq!(gather_until(t0, 3, 7, 10, soon), Some(t0 + RECEIVE_GATHER));
+        assert_eq!(gather_until(t0, 3, 7, 10, t0 + RECEIVE_GATHER), None);
+        // All settled: what is still held belongs to older receives (a long job).
+        assert_eq!(gather_until(t0, 0, 9, 10, soon), None);
+        // A full batch to ask for: no reason to wait.
+        assert_eq!(gather_until(t0, 3, 10, 10, soon), None);
     }
 
     #[test]
