@@ -91,7 +91,9 @@ pub struct FakeAgent {
 
 struct Responder(Arc<Mutex<Inner>>);
 
-fn rfc3339(t: SystemTime) -> String {
+/// `t` as RFC 3339 in UTC, to the second, as the agent writes `ExpirationDate`.
+#[must_use]
+pub fn rfc3339(t: SystemTime) -> String {
     let secs = t
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -270,6 +272,12 @@ impl FakeAgent {
     #[must_use]
     pub fn ecs_changes(&self) -> Vec<(std::time::Instant, Option<std::time::Instant>)> {
         self.lock().changes.clone()
+    }
+
+    /// Forgets the PUTs recorded so far (ECS's history stays), so that a test counts
+    /// from here: after the release a service makes at start, say.
+    pub fn forget_puts(&self) {
+        self.lock().puts.clear();
     }
 
     /// Every PUT so far.

@@ -8,8 +8,10 @@
 pub mod agent;
 pub mod bench;
 pub mod counting;
+pub mod crowd;
 pub mod moto;
 pub mod process;
+pub mod sim;
 pub mod worker;
 
 use std::path::PathBuf;

@@ -199,6 +199,11 @@ impl Service {
         status
     }
 
+    /// The exit status, if the process has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// The process id.
     #[must_use]
     pub fn pid(&self) -> Option<u32> {

@@ -57,6 +57,7 @@ pub struct App {
     shared: Arc<Shared>,
     grace: Duration,
     ping_interval: Duration,
+    drain_notice: Duration,
     http: HttpSettings,
 }
 
@@ -78,6 +79,7 @@ impl App {
             limits: settings.limits,
             allowed_origins: settings.allowed_origins,
             metrics: ServerMetrics::register(),
+            drain: task_protection::drain::Drain::off(),
         });
         Ok(Self {
             listener,
@@ -85,6 +87,7 @@ impl App {
             shared,
             grace: settings.shutdown_grace,
             ping_interval: settings.ping_interval,
+            drain_notice: settings.drain_notice,
             http: HttpSettings {
                 header_timeout: settings.header_timeout,
                 max_pending: MAX_PENDING_CONNECTIONS,
@@ -102,6 +105,18 @@ impl App {
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Follows `drain`: while the service no longer wants this task, new clients are
+    /// refused, `/healthz` answers 503, and after the drain notice the clients are
+    /// told to reconnect elsewhere, at the goodbye's rate; protection is released once
+    /// the last has gone. Without it (the default) the task is always wanted.
+    #[must_use]
+    pub fn with_drain(mut self, drain: task_protection::drain::Drain) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.drain = drain;
+        }
+        self
     }
 
     /// The live connection registry, for tests and status.
@@ -137,11 +152,13 @@ impl App {
             shared,
             grace,
             ping_interval,
+            drain_notice,
             http,
             ..
         } = self;
         let protection = shared.connections.protection().clone();
         let rejections = tokio::spawn(announce_rejections(protection.clone(), Arc::clone(&shared)));
+        let drain = tokio::spawn(follow_drain(Arc::clone(&shared), drain_notice));
         let heartbeat = tokio::spawn({
             let notices = Arc::clone(&shared.notices);
             async move { notices.heartbeat(ping_interval).await }
@@ -204,6 +221,7 @@ impl App {
         // are closed by the graceful shutdown.
         let _ = tokio::time::timeout(HTTP_DRAIN, &mut server).await;
         server.abort();
+        drain.abort();
         rejections.abort();
         heartbeat.abort();
 
@@ -213,12 +231,61 @@ impl App {
     }
 }
 
+/// How long telling `clients` to reconnect takes, at [`GOODBYE_RATE`].
+#[must_use]
+pub fn drain_spread(clients: usize) -> Duration {
+    let clients = u32::try_from(clients).unwrap_or(u32::MAX);
+    Duration::from_secs(1) * clients / GOODBYE_RATE
+}
+
+/// Follows the drain watcher's verdict. Leaving: no new clients (the routes check),
+/// protection drains, and after `notice` (the load balancer has stopped sending
+/// clients here by then) the clients are told to reconnect, at [`GOODBYE_RATE`], so
+/// that they arrive at the other tasks in a steady stream. Wanted again: all of it
+/// stops, and clients are welcome again.
+async fn follow_drain(shared: Arc<Shared>, notice: Duration) {
+    let mut membership = shared.drain.subscribe();
+    let protection = shared.connections.protection().clone();
+    loop {
+        let leaving = membership.borrow_and_update().is_leaving();
+        if leaving {
+            protection.drain();
+            let tell = async {
+                tokio::time::sleep(notice).await;
+                let clients = shared.connections.count();
+                let spread = drain_spread(clients);
+                tracing::info!(
+                    connections = clients,
+                    "Telling {clients} clients to reconnect to other tasks, over {spread:?}"
+                );
+                shared.notices.spread(&Notice::Leave, spread).await;
+                std::future::pending::<()>().await;
+            };
+            tokio::select! {
+                () = tell => {}
+                changed = membership.changed() => if changed.is_err() { return },
+            }
+        } else {
+            protection.undrain();
+            if membership.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// Tells every client `server shutting down soon` when ECS refuses protection, as the
-/// original sample did: the task is probably about to be replaced. While holders
+/// original sample did: the task is probably about to be replaced. Not while the
+/// drain watcher is on: then a refusal (`DEPLOYMENT_BLOCKED` while a deployment's old
+/// tasks still hold protection) is no sign that this task goes, and the watcher says
+/// when it does. While holders
 /// remain the library asks again every check interval; the clients are told once per
 /// refusal, not at every retry, until protection is confirmed again; clients that
 /// arrive meanwhile hear it after their welcome.
 async fn announce_rejections(protection: TaskProtection, shared: Arc<Shared>) {
+    if shared.drain.is_on() {
+        return;
+    }
     let mut events = protection.events();
     drop(protection);
     while let Some(event) = events.recv().await {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use task_protection::ProtectionSettings;
-use task_protection::cli::{LogFormat, MetricsArgs, ProtectionArgs, ranged};
+use task_protection::cli::{DrainArgs, LogFormat, MetricsArgs, ProtectionArgs, ranged};
 
 use crate::connection::limits::Limits;
 
@@ -100,6 +100,14 @@ pub struct Config {
           value_parser = ranged("SHUTDOWN_GRACE_SECONDS", 0, MAX_GRACE_SECONDS, "seconds"))]
     pub shutdown_grace_seconds: u64,
 
+    /// Once the service no longer wants this task (DRAIN), how long its clients stay
+    /// while /healthz answers 503, before they are told to reconnect, in seconds: the
+    /// load balancer's health check interval times its unhealthy threshold (5 s x 2 in
+    /// the deployment files), so that they reconnect to other tasks (0..=600)
+    #[arg(long, env = "DRAIN_NOTICE_SECONDS", value_name = "SECONDS", default_value = "10",
+          value_parser = ranged("DRAIN_NOTICE_SECONDS", 0, 600, "seconds"))]
+    pub drain_notice_seconds: u64,
+
     /// Log output: text or json
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -111,6 +119,10 @@ pub struct Config {
     /// Metrics settings.
     #[command(flatten)]
     pub metrics: MetricsArgs,
+
+    /// Drain settings.
+    #[command(flatten)]
+    pub drain: DrainArgs,
 }
 
 /// What the binary can do besides serving.
@@ -176,6 +188,8 @@ pub struct ServerSettings {
     pub allowed_origins: Vec<String>,
     /// Time a client gets to send request headers, and idle keep-alive lasts.
     pub header_timeout: Duration,
+    /// Once leaving, how long clients stay before they are told to reconnect.
+    pub drain_notice: Duration,
 }
 
 impl Default for ServerSettings {
@@ -189,6 +203,7 @@ impl Default for ServerSettings {
             limits: Limits::default(),
             allowed_origins: Vec::new(),
             header_timeout: Duration::from_secs(65),
+            drain_notice: Duration::from_secs(10),
         }
     }
 }
@@ -210,6 +225,7 @@ impl Config {
             },
             allowed_origins: self.allowed_origins.clone(),
             header_timeout: Duration::from_secs(self.http_header_timeout_seconds),
+            drain_notice: Duration::from_secs(self.drain_notice_seconds),
         }
     }
 }

@@ -42,8 +42,9 @@ async fn main() -> ExitCode {
         .await
         .unwrap_or_else(|e| exit_config_error("websocket", &e.to_string()));
     let listen = server.listen;
+    let drain = config.drain.start().await;
     let app = match App::build(server, protection).await {
-        Ok(app) => app,
+        Ok(app) => app.with_drain(drain),
         Err(e) => {
             tracing::error!("cannot listen on {listen}: {e}");
             return ExitCode::FAILURE;

@@ -31,13 +31,15 @@ pub const CLOSED_ABUSE: &str = "ConnectionsClosedAbuse";
 pub const CLOSED_SHUTDOWN: &str = "ConnectionsClosedShutdown";
 /// The connection reached `MAX_CONNECTION_LIFETIME_SECONDS`.
 pub const CLOSED_LIFETIME: &str = "ConnectionsClosedLifetime";
+/// The task was leaving its service: the client was told to reconnect elsewhere.
+pub const CLOSED_DRAIN: &str = "ConnectionsClosedDrain";
 /// Text and binary messages received from clients.
 pub const MESSAGES_IN: &str = "MessagesIn";
 /// Text and binary messages sent to clients.
 pub const MESSAGES_OUT: &str = "MessagesOut";
 
 /// Every counter, for tests and documentation.
-pub const COUNTERS: [&str; 11] = [
+pub const COUNTERS: [&str; 12] = [
     OPENED,
     REFUSED,
     CLOSED_BY_CLIENT,
@@ -47,6 +49,7 @@ pub const COUNTERS: [&str; 11] = [
     CLOSED_ABUSE,
     CLOSED_SHUTDOWN,
     CLOSED_LIFETIME,
+    CLOSED_DRAIN,
     MESSAGES_IN,
     MESSAGES_OUT,
 ];
@@ -89,6 +92,7 @@ pub struct ServerMetrics {
     closed_abuse: Counter,
     closed_shutdown: Counter,
     closed_lifetime: Counter,
+    closed_drain: Counter,
 }
 
 impl ServerMetrics {
@@ -119,6 +123,7 @@ impl ServerMetrics {
             closed_abuse: zero(CLOSED_ABUSE),
             closed_shutdown: zero(CLOSED_SHUTDOWN),
             closed_lifetime: zero(CLOSED_LIFETIME),
+            closed_drain: zero(CLOSED_DRAIN),
         }
     }
 
@@ -132,6 +137,7 @@ impl ServerMetrics {
             Ended::Refused(_) => &self.closed_abuse,
             Ended::ShuttingDown => &self.closed_shutdown,
             Ended::Expired => &self.closed_lifetime,
+            Ended::Left => &self.closed_drain,
         };
         counter.increment(1);
     }

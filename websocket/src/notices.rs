@@ -54,11 +54,17 @@ impl Notices {
     /// over `spread`: the clients of a stopping task then reconnect to the others in a
     /// steady stream rather than all in the same 100 ms.
     pub async fn goodbye(&self, spread: Duration) {
+        self.spread(&Notice::ShuttingDown, spread).await;
+    }
+
+    /// Sends `notice` to every connection, one slice at a time, the slices evenly
+    /// spaced over `spread`.
+    pub async fn spread(&self, notice: &Notice, spread: Duration) {
         let start = Instant::now();
         let slices = u32::try_from(self.slices.len()).unwrap_or(u32::MAX).max(1);
         for (i, slice) in (0..slices).zip(&self.slices) {
             tokio::time::sleep_until(start + spread * i / slices).await;
-            let _ = slice.send(Notice::ShuttingDown);
+            let _ = slice.send(notice.clone());
         }
     }
 

@@ -53,6 +53,18 @@ pub(crate) struct Shared {
     pub(crate) allowed_origins: Vec<String>,
     /// What the server counts.
     pub(crate) metrics: ServerMetrics,
+    /// Whether the service still wants this task (the drain watcher's verdict).
+    pub(crate) drain: task_protection::drain::Drain,
+}
+
+impl Shared {
+    /// Why the service no longer wants this task, while it is leaving.
+    pub(crate) fn leaving(&self) -> Option<task_protection::drain::LeaveReason> {
+        match self.drain.membership() {
+            task_protection::drain::Membership::Leaving(reason) => Some(reason),
+            _ => None,
+        }
+    }
 }
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
@@ -135,6 +147,11 @@ fn accept(
     if shared.shutdown.is_cancelled() {
         return unavailable("server shutting down");
     }
+    if shared.leaving().is_some() {
+        // The load balancer stops sending clients here once /healthz fails; one that
+        // still comes retries and lands on a task that stays.
+        return unavailable("this task is leaving its service");
+    }
     let Some(mut slot) = shared.connections.try_open() else {
         tracing::warn!(
             limit = shared.connections.limit(),
@@ -184,9 +201,18 @@ fn accept(
         })
 }
 
-/// `GET /healthz`: for the ALB, whose health checks cannot use websockets.
-async fn healthz() -> &'static str {
-    "Healthy"
+/// `GET /healthz`: for the ALB, whose health checks cannot use websockets. 503 while
+/// the task is leaving its service, so that the load balancer sends new clients to
+/// the tasks that stay; the clients already here are told to go soon after.
+async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    match shared.leaving() {
+        None => "Healthy".into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Leaving the service: {reason}"),
+        )
+            .into_response(),
+    }
 }
 
 /// What `GET /status` answers.
@@ -203,6 +229,9 @@ pub struct Status {
     pub protection: serde_json::Value,
     /// The protection calls made so far.
     pub protection_calls: Counters,
+    /// Whether the service still wants this task: `on` (the watcher asks ECS),
+    /// `membership` (`wanted` or `leaving`) and, when leaving, the `reason`.
+    pub drain: serde_json::Value,
 }
 
 /// `GET /status`: the connection count and the protection state, as JSON.
@@ -214,6 +243,11 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
         accepting: !shared.shutdown.is_cancelled(),
         protection: public_state(&protection.current()),
         protection_calls: protection.counters(),
+        drain: serde_json::json!({
+            "on": shared.drain.is_on(),
+            "membership": if shared.leaving().is_some() { "leaving" } else { "wanted" },
+            "reason": shared.leaving().map(|r| r.to_string()),
+        }),
     };
     ([(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
 }

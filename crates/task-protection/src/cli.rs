@@ -9,6 +9,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Command, CommandFactory, FromArgMatches};
 
 use crate::backend::{BackendConfig, BackendKind};
+use crate::drain::{CHECK_SECONDS_RANGE, Drain, DrainMode, DrainSettings};
 use crate::settings::{
     ACQUIRE_TIMEOUT_MS_RANGE, CHECK_INTERVAL_MS_RANGE, MIN_PUT_INTERVAL_MS_RANGE,
     ProtectionSettings, REQUEST_TIMEOUT_MS_RANGE, SettingsError, env, parse_duration_minutes,
@@ -427,5 +428,37 @@ impl MetricsArgs {
         }
         tokio::spawn(handle.clone().run(std::future::pending()));
         Some(handle)
+    }
+}
+
+/// The drain settings as command-line arguments, shared by every service.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Drain")]
+pub struct DrainArgs {
+    /// Whether to ask ECS if the service still wants this task, and leave (take no new
+    /// work, let protection go) when it does not: auto (on inside ECS, where
+    /// ECS_CONTAINER_METADATA_URI_V4 is set) or off
+    #[arg(long, env = "DRAIN", value_enum, default_value_t = DrainMode::Auto)]
+    pub drain: DrainMode,
+
+    /// Mean seconds between two checks, each wait jittered by ±50 %; a check is one
+    /// DescribeServices call (and ListTasks and DescribeTasks when the service runs more
+    /// tasks than it wants and its counts changed) (1..=3600)
+    #[arg(long, env = "DRAIN_CHECK_SECONDS", value_name = "SECONDS", default_value = "30",
+          value_parser = ranged("DRAIN_CHECK_SECONDS", CHECK_SECONDS_RANGE.0, CHECK_SECONDS_RANGE.1, "seconds"))]
+    pub drain_check_seconds: u64,
+}
+
+impl DrainArgs {
+    /// The watcher these arguments describe, started; off outside ECS.
+    pub async fn start(&self) -> Drain {
+        let metadata = std::env::var("ECS_CONTAINER_METADATA_URI_V4")
+            .ok()
+            .filter(|v| !v.trim().is_empty());
+        let settings = DrainSettings {
+            check_interval: Duration::from_secs(self.drain_check_seconds),
+            ..DrainSettings::default()
+        };
+        Drain::start(self.drain, metadata.as_deref(), settings).await
     }
 }

@@ -10,15 +10,17 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::backend::{Backend, ProtectionError, ProtectionRequest};
-use crate::machine::{Effect, Machine, Next};
+use crate::machine::{AGENT_CALL_BUDGET, Effect, Machine, Next};
 use crate::protection::{Shared, ShutdownReport, count, epoch};
 use crate::state::{Count, Phase, ProtectionEvent, rfc3339};
 
-/// How long a request already in flight at shutdown may still take.
-const IN_FLIGHT_GRACE: Duration = Duration::from_millis(500);
-/// How long the final disable at shutdown may take, including the wait for the
-/// 1 s spacing after the previous PUT.
-const SHUTDOWN_BUDGET: Duration = Duration::from_secs(3);
+/// How long shutdown may take in all. A request in flight gets until it can no
+/// longer reach ECS ([`AGENT_CALL_BUDGET`] after it was sent, so at most that much
+/// after shutdown began); the final disable leaves after it, and after the spacing
+/// when the budget allows, and has at least [`FINAL_ANSWER`] to be answered.
+pub(crate) const SHUTDOWN_BUDGET: Duration = Duration::from_secs(6);
+/// The least time the final disable gets for its answer.
+const FINAL_ANSWER: Duration = Duration::from_secs(1);
 
 async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
@@ -32,12 +34,18 @@ async fn sleep_until(until: Option<Instant>) {
 }
 
 pub(crate) async fn drive<B: Backend>(shared: Arc<Shared>, backend: B) -> ShutdownReport {
-    let mut machine = Machine::new(&shared.settings);
+    let mut machine = Machine::new(&shared.settings, Instant::now());
     let mut stop = shared.stop.subscribe();
     let mut epoch_seen = 0;
     // When protection became wanted and was not held: the start of a holder's wait.
     let mut wanted_since: Option<Instant> = None;
     crate::metrics::describe();
+    // When the stop was first seen: shutdown's budget counts from then.
+    let mut stop_seen = None;
+    // When the current drain began, until protection is released: its duration is a
+    // metric.
+    let mut drain_began: Option<Instant> = None;
+    let mut drain_timed = false;
     loop {
         if *stop.borrow_and_update() {
             break;
@@ -48,12 +56,26 @@ pub(crate) async fn drive<B: Backend>(shared: Arc<Shared>, backend: B) -> Shutdo
             epoch_seen = epoch(word);
             machine.note_release(now);
         }
-        machine.set_wanted(count(word) > 0);
-        machine.set_draining(shared.draining.load(Ordering::SeqCst));
+        machine.set_wanted(count(word) > 0, now);
+        let draining = shared.draining.load(Ordering::SeqCst);
+        machine.set_draining(draining);
+        if !draining {
+            (drain_began, drain_timed) = (None, false);
+        } else if drain_began.is_none() {
+            drain_began = Some(now);
+        }
         if let Some(effect) = machine.take_lapse(now) {
             shared.apply(effect, None);
         }
         shared.publish(&machine, now);
+        if let Some(began) = drain_began
+            && !drain_timed
+            && !machine.might_be_protected(now)
+        {
+            drain_timed = true;
+            ::metrics::histogram!(crate::metrics::DRAIN_DURATION)
+                .record(now.duration_since(began).as_secs_f64() * 1000.0);
+        }
         wanted_since = match (count(word) > 0, machine.is_protected(now), wanted_since) {
             (false, _, _) => None,
             (true, false, None) => Some(now),
@@ -77,7 +99,10 @@ pub(crate) async fn drive<B: Backend>(shared: Arc<Shared>, backend: B) -> Shutdo
                         continue;
                     }
                 }
-                send(&shared, &backend, &mut machine, request, &mut stop).await;
+                if let Some(at) = send(&shared, &backend, &mut machine, request, &mut stop).await {
+                    stop_seen = Some(at);
+                    break;
+                }
             }
             Next::Wait(until) => {
                 tokio::select! {
@@ -88,7 +113,8 @@ pub(crate) async fn drive<B: Backend>(shared: Arc<Shared>, backend: B) -> Shutdo
             }
         }
     }
-    shut_down(&shared, &backend, &mut machine).await
+    let stop_seen = stop_seen.unwrap_or_else(Instant::now);
+    shut_down(&shared, &backend, &mut machine, stop_seen).await
 }
 
 /// Counts the PUT by kind and records that it leaves now.
@@ -111,18 +137,19 @@ fn start_put(shared: &Shared, machine: &mut Machine, request: ProtectionRequest)
 
 /// Sends one PUT and applies its answer. While it is on the wire the clock still
 /// rules: a confirmed protection that runs out meanwhile is published as lapsed.
+/// Returns when a stop was seen meanwhile.
 async fn send<B: Backend>(
     shared: &Shared,
     backend: &B,
     machine: &mut Machine,
     request: ProtectionRequest,
     stop: &mut watch::Receiver<bool>,
-) {
+) -> Option<Instant> {
     let sent_at = start_put(shared, machine, request);
     let mut timeout = shared.settings.request_timeout();
     let call = backend.update(request);
     tokio::pin!(call);
-    let mut stopping = false;
+    let mut stopping = None;
     let result = loop {
         tokio::select! {
             r = &mut call => break r,
@@ -136,12 +163,13 @@ async fn send<B: Backend>(
                 }
                 shared.publish(machine, now);
             }
-            () = stopped(stop), if !stopping => {
-                // Shutting down mid-request: no promise from now on. Let the request
-                // land if it is quick, then move on to the final disable.
-                stopping = true;
+            () = stopped(stop), if stopping.is_none() => {
+                // Shutting down mid-request: no promise from now on. Wait for the
+                // answer while the request may still reach ECS, not longer: after
+                // that, the final disable cannot be overtaken by it.
+                stopping = Some(Instant::now());
                 shared.stopping();
-                timeout = timeout.min(sent_at.elapsed() + IN_FLIGHT_GRACE);
+                timeout = timeout.min(AGENT_CALL_BUDGET);
             }
         }
     };
@@ -149,40 +177,48 @@ async fn send<B: Backend>(
     let now = Instant::now();
     let effect = machine.on_answer(now, result);
     shared.apply(effect, task_arn);
-    shared.publish(machine, now);
+    if stopping.is_none() {
+        shared.publish(machine, now);
+    }
+    stopping
 }
 
 async fn shut_down<B: Backend>(
     shared: &Shared,
     backend: &B,
     machine: &mut Machine,
+    start: Instant,
 ) -> ShutdownReport {
-    machine.set_wanted(false);
-    let start = Instant::now();
+    machine.set_wanted(false, Instant::now());
     if let Some(effect) = machine.take_lapse(start) {
         shared.apply(effect, None);
     }
     shared.stopping();
     let report = if machine.might_be_protected(start) {
-        // Keep the spacing (and the wait after an abandoned request) when the budget
-        // allows it; a draining task that stays protected blocks the deployment, so
-        // past that the disable goes anyway, with at least a second to answer.
+        // Wait for the spacing, and for any earlier enable that may still reach ECS,
+        // when the budget allows; a draining task that stays protected blocks the
+        // deployment, so past that the disable goes anyway.
         let budget_end = start + SHUTDOWN_BUDGET;
+        let latest = budget_end - FINAL_ANSWER;
         let mut report;
         loop {
             let now = Instant::now();
-            let latest = budget_end
-                .checked_sub(Duration::from_secs(1))
-                .unwrap_or(now)
-                .max(now);
-            tokio::time::sleep_until(machine.spacing_end(now).min(latest)).await;
+            let send_at = machine.spacing_end(now, false).min(latest.max(now));
+            tokio::time::sleep_until(send_at).await;
             let sent_at = start_put(shared, machine, ProtectionRequest::disable());
-            let left = budget_end.saturating_duration_since(sent_at);
+            let left = budget_end
+                .saturating_duration_since(sent_at)
+                .max(FINAL_ANSWER);
             let result = tokio::time::timeout(left, backend.update(ProtectionRequest::disable()))
                 .await
                 .unwrap_or(Err(ProtectionError::Timeout(left)));
             // The same answer handling as every other request.
-            report = match machine.on_answer(Instant::now(), result) {
+            let now = Instant::now();
+            report = match machine.on_answer(now, result) {
+                Effect::Released if machine.might_be_protected(now) => ShutdownReport::Doubtful(
+                    "an earlier enable whose answer was lost may still reach ECS after the disable"
+                        .to_owned(),
+                ),
                 Effect::Released => ShutdownReport::Released,
                 Effect::Failed { error, .. } => ShutdownReport::Failed(error),
                 Effect::Rejected(r) => ShutdownReport::Failed(ProtectionError::Rejected(r)),
@@ -199,7 +235,7 @@ async fn shut_down<B: Backend>(
             let retry_at = Instant::now() + Duration::from_millis(200);
             let again = matches!(report, ShutdownReport::Failed(_))
                 && machine.might_be_protected(Instant::now())
-                && machine.spacing_end(retry_at) + Duration::from_secs(1) <= budget_end;
+                && machine.spacing_end(retry_at, false) + FINAL_ANSWER <= budget_end;
             if !again {
                 break;
             }
@@ -217,6 +253,9 @@ async fn shut_down<B: Backend>(
                 .send(ProtectionEvent::Unprotected { lapsed: false });
         }
         ShutdownReport::NotProtected => tracing::debug!("Task protection shut down; not protected"),
+        ShutdownReport::Doubtful(why) => {
+            tracing::warn!("Task protection released, but in doubt: {why}");
+        }
         ShutdownReport::Failed(e) => {
             shared.counters.bump(Count::Failure);
             tracing::warn!("Task protection release at shutdown failed: {e}");

@@ -46,19 +46,24 @@ pub mod cli;
 pub mod drain;
 mod driver;
 mod machine;
+#[cfg(any(feature = "ecs-api", feature = "drain"))]
+mod metadata;
 pub mod metrics;
 mod protection;
 pub mod settings;
 mod state;
+pub mod testing;
 
 #[cfg(feature = "agent")]
 pub use backend::AgentBackend;
+#[cfg(feature = "ecs-api")]
+pub use backend::EcsApiBackend;
 pub use backend::{
     AnyBackend, Backend, BackendConfig, BackendConfigError, BackendKind, Grant, LocalBackend,
     ProtectionError, ProtectionRequest, Rejection, ThrottledBy,
 };
-#[cfg(feature = "ecs-api")]
-pub use backend::{EcsApiBackend, TaskIdentity};
+#[cfg(any(feature = "ecs-api", feature = "drain"))]
+pub use metadata::TaskIdentity;
 pub use protection::{AcquireError, ProtectionGuard, ShutdownReport, TaskProtection};
 pub use settings::{ProtectionSettings, ProtectionSettingsBuilder, SettingsError};
 pub use state::{Counters, Events, Phase, ProtectionEvent, ProtectionState, rfc3339};

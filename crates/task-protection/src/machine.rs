@@ -1,23 +1,35 @@
 //! The protection state machine, free of I/O.
 //!
 //! It answers one question, again and again: given whether protection is wanted, what
-//! ECS last confirmed and when the last PUT went out, what is the next PUT and when?
-//! The driver in [`crate::protection`] does the waiting and the calling.
+//! ECS may hold and when the last PUT went out, what is the next PUT and when? The
+//! [driver](crate::driver) does the waiting and the calling.
 //!
 //! The rules, each from a platform fact:
 //! - ECS rate-limits protection calls per account and Region, so PUTs go out only on
 //!   idle→busy and busy→idle transitions and to refresh before expiry, never per
 //!   holder; and never two within `min_put_interval`.
 //! - Every enable PUT resets the expiry to now + duration, so a refresh is just
-//!   another enable, timed from the `ExpirationDate` ECS returned.
+//!   another enable. Expiries are timed on the monotonic clock from when the PUT left
+//!   (ECS applied it no earlier), never from the `ExpirationDate` ECS reports, which
+//!   only a wall clock could read: a skewed clock must change nothing.
 //! - An idle task that stays protected blocks deployments and scale-in, so release
 //!   comes as soon as the maintain window (counted from the last successful enable)
 //!   has passed, on a timer, not at some later tick.
-//! - A stream of short jobs leaves gaps of a few milliseconds with no holder (between
-//!   a delete and the next receive). Releasing in such a gap would cost a disable and
-//!   an enable a second later, so a release also waits until no holder has been seen
-//!   for `min_put_interval`.
+//! - Holders come and go with gaps between them (between a delete and the next
+//!   receive, between one message of a trickle and the next). Releasing in such a gap
+//!   costs a disable and an enable moments later, so a release also waits until no
+//!   holder has been seen for the *linger*: the 1 s spacing, or twice the longest of
+//!   the recent gaps that the maintain window could have bridged, whichever is longer,
+//!   and never longer than the maintain window (or the spacing, if that is longer).
+//! - A request whose answer is lost (a timeout, a 5xx, a 504, a reset) may still reach
+//!   ECS until the agent's own ECS call gives up, up to [`AGENT_CALL_BUDGET`] after it
+//!   was sent. No request of the other kind leaves before then, so a disable can never
+//!   be overtaken by an earlier enable, nor an enable by an earlier disable.
+//! - A new process knows nothing of what an earlier one in the same task left: ECS's
+//!   state is unknown at start, bounded by the duration (the same task definition
+//!   ran it), and an idle start releases it once the maintain window has passed.
 
+use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -28,10 +40,12 @@ use crate::settings::ProtectionSettings;
 /// First retry delay after a transient failure; doubles up to the check interval.
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 
-/// How long the agent may still be working on a request this client gave up on: its
-/// own ECS call has a budget of about 4 s. No other PUT leaves before then, so an
-/// abandoned request can never reach ECS after a later one.
+/// How long after it was sent a request whose answer was lost may still reach ECS:
+/// the agent's own ECS call has a budget of about 4 s, and a margin.
 pub(crate) const AGENT_CALL_BUDGET: Duration = Duration::from_secs(5);
+
+/// How many recent gaps between holders the linger looks at.
+const GAPS_KEPT: usize = 8;
 
 /// What the driver should do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +60,7 @@ pub(crate) enum Next {
 /// What an answer changed, for the driver to log and publish.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Effect {
-    /// Protection was confirmed until `expires_at`; `refreshed` when it was already held.
+    /// Protection was confirmed; `refreshed` when it was already held.
     Protected {
         expires_at: SystemTime,
         refreshed: bool,
@@ -80,17 +94,17 @@ pub(crate) enum Phase {
 /// answer leaves ECS's state unknown, after a disable as much as after an enable.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Ecs {
-    /// Confirmed off, or never turned on by this process.
+    /// Confirmed off.
     Off,
-    /// Confirmed on. It lasts at least until `until` (counted from when the PUT left,
-    /// so a clock ahead of ECS's cannot stretch it) and ends by itself by `at_most`.
+    /// Confirmed on. It lasts at least until `until` (the send time plus the
+    /// duration: ECS applied it no earlier) and ends by itself by `at_most`.
     On {
         until: Instant,
         at_most: Instant,
         reported: SystemTime,
     },
-    /// A change whose outcome is unknown: ECS may hold protection, at the latest
-    /// until `at_most`. Nothing can be promised to a holder.
+    /// Unknown: ECS may hold protection, at the latest until `at_most`. Nothing can
+    /// be promised to a holder.
     Unknown { at_most: Instant },
 }
 
@@ -140,7 +154,7 @@ pub(crate) struct Machine {
 
     wanted: bool,
     /// The task is leaving its service: release as soon as nobody holds, without the
-    /// maintain window or the quiet second.
+    /// maintain window or the linger.
     draining: bool,
     ecs: Ecs,
     in_flight: Option<InFlight>,
@@ -155,11 +169,14 @@ pub(crate) struct Machine {
     retry: Option<(bool, Instant)>,
     /// After ECS refused an enable, no new enable before this. Never gates a release.
     rejected_until: Option<Instant>,
-    /// After a request timed out on this side, no PUT before the agent has surely
-    /// given up on it too (see [`AGENT_CALL_BUDGET`]).
-    abandoned_until: Option<Instant>,
+    /// Until when an earlier disable (`[0]`) or enable (`[1]`) whose answer was lost
+    /// may still reach ECS. A request of the other kind waits for it.
+    may_land: [Option<Instant>; 2],
     /// When the last holder was last seen leaving.
     last_release: Option<Instant>,
+    /// Recent gaps between the last holder leaving and the next one arriving, short
+    /// enough for the maintain window to bridge: they set the linger.
+    gaps: VecDeque<Duration>,
 }
 
 fn later(a: Option<Instant>, b: Instant) -> Instant {
@@ -174,35 +191,51 @@ fn sooner(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 }
 
 impl Machine {
-    pub(crate) fn new(settings: &ProtectionSettings) -> Self {
+    /// A machine for a process starting at `now`, which knows nothing of what ECS
+    /// holds: an earlier process in the same task may have left it protected, for at
+    /// most one duration.
+    pub(crate) fn new(settings: &ProtectionSettings, now: Instant) -> Self {
         Self {
             minutes: settings.duration_minutes(),
             duration: settings.duration(),
             maintain: settings.maintain_window(),
-            // A refresh must be able to take its whole timeout, plus the spacing,
-            // before the expiry; with a lead shorter than that it would lapse.
-            refresh_lead: settings
-                .refresh_lead()
-                .max(settings.request_timeout() + settings.min_put_interval())
-                .min(settings.duration() / 2),
+            refresh_lead: settings.refresh_lead(),
             min_put_interval: settings.min_put_interval(),
             check_interval: settings.check_interval(),
             request_timeout: settings.request_timeout(),
             wanted: false,
             draining: false,
-            ecs: Ecs::Off,
+            ecs: Ecs::Unknown {
+                at_most: now + settings.duration() + AGENT_CALL_BUDGET,
+            },
             in_flight: None,
-            last_enable_ok: None,
+            // An idle start releases that doubt once the maintain window has passed,
+            // as after an enable.
+            last_enable_ok: Some(now),
             last_put_at: None,
             failures: 0,
             retry: None,
             rejected_until: None,
-            abandoned_until: None,
+            may_land: [None, None],
             last_release: None,
+            gaps: VecDeque::with_capacity(GAPS_KEPT),
         }
     }
 
-    pub(crate) fn set_wanted(&mut self, wanted: bool) {
+    pub(crate) fn set_wanted(&mut self, wanted: bool, now: Instant) {
+        if wanted
+            && !self.wanted
+            && let Some(left) = self.last_release
+        {
+            // A holder after a gap: remember it if the maintain window could bridge it.
+            let gap = now.saturating_duration_since(left);
+            if gap <= self.linger_bound() {
+                if self.gaps.len() == GAPS_KEPT {
+                    self.gaps.pop_front();
+                }
+                self.gaps.push_back(gap);
+            }
+        }
         self.wanted = wanted;
     }
 
@@ -213,6 +246,19 @@ impl Machine {
     /// The holder count fell to zero at `now` (possibly only for a moment).
     pub(crate) fn note_release(&mut self, now: Instant) {
         self.last_release = Some(now);
+    }
+
+    /// The longest a release ever lingers after the last holder left.
+    fn linger_bound(&self) -> Duration {
+        self.maintain.max(self.min_put_interval)
+    }
+
+    /// How long no holder must be seen before a release: the spacing, or twice the
+    /// longest recent gap the maintain window could bridge, within
+    /// [`linger_bound`](Self::linger_bound).
+    pub(crate) fn linger(&self) -> Duration {
+        let longest = self.gaps.iter().max().copied().unwrap_or_default();
+        (longest * 2).clamp(self.min_put_interval, self.linger_bound())
     }
 
     /// Whether ECS has confirmed protection that lasts past `now`: the only state in
@@ -270,10 +316,12 @@ impl Machine {
         }
     }
 
-    /// The earliest the next PUT may start for the 1 s spacing alone.
-    pub(crate) fn spacing_end(&self, now: Instant) -> Instant {
+    /// The earliest a PUT of this kind may start: the 1 s spacing, and no earlier
+    /// request of the other kind may still reach ECS after it.
+    pub(crate) fn spacing_end(&self, now: Instant, enabled: bool) -> Instant {
+        let other = self.may_land[usize::from(!enabled)];
         later(
-            self.abandoned_until,
+            other,
             later(self.last_put_at.map(|t| t + self.min_put_interval), now),
         )
     }
@@ -291,7 +339,6 @@ impl Machine {
                 .filter(|(kind, _)| *kind == enabled)
                 .map(|(_, at)| at)
         };
-        let spacing = self.spacing_end(now);
         let (request, due) = if self.wanted {
             if cool_down.is_some() {
                 // ECS refused; wait out the cool-down before asking again. Any
@@ -305,24 +352,27 @@ impl Machine {
             };
             (
                 ProtectionRequest::enable(self.minutes),
-                later(backoff(true), due.max(spacing)),
+                later(backoff(true), due.max(self.spacing_end(now, true))),
             )
         } else {
             if self.ecs.at_most().is_none() {
                 return Next::Wait(wake);
             }
             // A leaving task lets go as soon as nobody holds: the maintain window and
-            // the quiet second only save calls for work that may still come.
+            // the linger only save calls for work that may still come.
             let (window_end, quiet_end) = if self.draining {
                 (now, None)
             } else {
                 (
                     self.last_enable_ok.map_or(now, |t| t + self.maintain),
-                    self.last_release.map(|t| t + self.min_put_interval),
+                    self.last_release.map(|t| t + self.linger()),
                 )
             };
-            let due = later(backoff(false), later(quiet_end, window_end.max(spacing)));
-            // A disable due at or after `bound` never goes: the bound passes first
+            let due = later(
+                backoff(false),
+                later(quiet_end, window_end.max(self.spacing_end(now, false))),
+            );
+            // A disable due at or after the bound never goes: the bound passes first
             // and the protection lapses by itself, which saves the call.
             (ProtectionRequest::disable(), due)
         };
@@ -341,7 +391,10 @@ impl Machine {
         self.ecs = match (request.enabled, before) {
             (true, Ecs::On { .. }) | (false, Ecs::Off) => before,
             (true, _) => Ecs::Unknown {
-                at_most: later(before.at_most(), now + self.request_timeout + self.duration),
+                at_most: later(
+                    before.at_most(),
+                    now + self.request_timeout.max(AGENT_CALL_BUDGET) + self.duration,
+                ),
             },
             (false, Ecs::On { at_most, .. } | Ecs::Unknown { at_most }) => Ecs::Unknown { at_most },
         };
@@ -357,6 +410,12 @@ impl Machine {
         self.failures > 0
     }
 
+    /// The latest an enable that may still land would end: landing by its window,
+    /// then one duration.
+    fn late_enable_end(&self, now: Instant) -> Instant {
+        later(self.may_land[1], now) + self.duration
+    }
+
     /// Applies the answer to the PUT in flight.
     pub(crate) fn on_answer(
         &mut self,
@@ -369,21 +428,19 @@ impl Machine {
             before: self.ecs,
         });
         let request = flight.request;
-        let answer = answer.and_then(|grant| self.check_grant(request, grant));
+        let answer = answer.and_then(|grant| check_grant(request, grant, self.duration));
         match answer {
-            Ok(Some((reported, remaining))) => {
+            Ok(Some(reported)) => {
                 self.failures = 0;
                 self.retry = None;
                 self.rejected_until = None;
                 let refreshed = matches!(self.ecs, Ecs::On { .. });
                 // ECS applied the enable somewhere between sending and now: its
-                // protection lasts at least from the send, at most from now.
-                let until = (now + remaining).min(flight.sent_at + self.duration);
+                // protection lasts at least from the send, and ends at the latest one
+                // duration after now (or after an earlier enable that may still land).
                 self.ecs = Ecs::On {
-                    until,
-                    // ECS applied it before now, for `duration`: a bound that no
-                    // clock can move.
-                    at_most: now + self.duration,
+                    until: flight.sent_at + self.duration,
+                    at_most: self.late_enable_end(now),
                     reported,
                 };
                 self.last_enable_ok = Some(now);
@@ -395,7 +452,14 @@ impl Machine {
             Ok(None) => {
                 self.failures = 0;
                 self.retry = None;
-                self.ecs = Ecs::Off;
+                // Off, unless an earlier enable may still land after this disable did:
+                // it may have landed as soon as it was sent.
+                self.ecs = match self.may_land[1].filter(|t| *t > flight.sent_at) {
+                    Some(_) => Ecs::Unknown {
+                        at_most: self.late_enable_end(now),
+                    },
+                    None => Ecs::Off,
+                };
                 Effect::Released
             }
             Err(ProtectionError::Rejected(rejection)) if request.enabled => {
@@ -406,26 +470,36 @@ impl Machine {
                 self.rejected_until = Some(now + self.check_interval);
                 Effect::Rejected(rejection)
             }
+            Err(ProtectionError::Rejected(rejection)) if rejection.reason == "TASK_NOT_VALID" => {
+                // Not a service task: ECS protects nothing here, so a disable has
+                // nothing left to do.
+                self.ecs = Ecs::Off;
+                self.failures = 0;
+                self.retry = None;
+                Effect::Released
+            }
             Err(error) => {
-                if matches!(error, ProtectionError::Timeout(_)) {
-                    self.abandoned_until = Some(flight.sent_at + AGENT_CALL_BUDGET);
-                }
                 if error.maybe_applied() {
-                    // ECS may have acted: an enable may have extended protection (to at
-                    // most now + duration); a disable leaves it unknown, as on the wire.
+                    // It may still reach ECS until the agent gives up on it.
+                    let window = flight.sent_at + AGENT_CALL_BUDGET;
+                    let slot = &mut self.may_land[usize::from(request.enabled)];
+                    *slot = Some(later(*slot, window));
+                    // ECS may have acted: an enable may have extended protection; a
+                    // disable leaves it unknown, as on the wire.
                     if request.enabled {
+                        let at_most = self.late_enable_end(now);
                         self.ecs = match self.ecs {
                             Ecs::On {
                                 until,
-                                at_most,
+                                at_most: before,
                                 reported,
                             } => Ecs::On {
                                 until,
-                                at_most: at_most.max(now + self.duration),
+                                at_most: before.max(at_most),
                                 reported,
                             },
                             other => Ecs::Unknown {
-                                at_most: later(other.at_most(), now + self.duration),
+                                at_most: later(other.at_most(), at_most),
                             },
                         };
                     }
@@ -445,38 +519,6 @@ impl Machine {
         }
     }
 
-    /// For an enable: the expiry ECS reported and the time left. `None` for a disable.
-    fn check_grant(
-        &self,
-        request: ProtectionRequest,
-        grant: Grant,
-    ) -> Result<Option<(SystemTime, Duration)>, ProtectionError> {
-        let unexpected = |reason: &str| ProtectionError::Malformed {
-            status: 200,
-            reason: reason.to_owned(),
-            excerpt: format!(
-                "ProtectionEnabled={} ExpirationDate={:?}",
-                grant.enabled,
-                grant.expires_at.map(crate::state::rfc3339)
-            ),
-        };
-        match (request.enabled, grant.enabled) {
-            (false, false) => Ok(None),
-            (false, true) => Err(unexpected("protection still enabled after a disable")),
-            (true, false) => Err(unexpected("protection not enabled after an enable")),
-            (true, true) => {
-                let wall_now = SystemTime::now();
-                let expires_at = grant.expires_at.unwrap_or(wall_now + self.duration);
-                match expires_at.duration_since(wall_now) {
-                    Ok(remaining) if !remaining.is_zero() => {
-                        Ok(Some((expires_at, remaining.min(self.duration))))
-                    }
-                    _ => Err(unexpected("ExpirationDate is not in the future")),
-                }
-            }
-        }
-    }
-
     /// Capped exponential backoff with equal jitter: half fixed, half random.
     fn backoff(&self) -> Duration {
         let exp = self.failures.saturating_sub(1).min(16);
@@ -486,6 +528,34 @@ impl Machine {
         let half = full / 2;
         let jitter_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
         half + Duration::from_millis(rand::random_range(0..=jitter_ms))
+    }
+}
+
+/// For an enable: the expiry ECS reported (for display only; timing is monotonic).
+/// `None` for a disable.
+fn check_grant(
+    request: ProtectionRequest,
+    grant: Grant,
+    duration: Duration,
+) -> Result<Option<SystemTime>, ProtectionError> {
+    let unexpected = |reason: &str| ProtectionError::Malformed {
+        status: 200,
+        reason: reason.to_owned(),
+        excerpt: format!(
+            "ProtectionEnabled={} ExpirationDate={:?}",
+            grant.enabled,
+            grant.expires_at.map(crate::state::rfc3339)
+        ),
+    };
+    match (request.enabled, grant.enabled) {
+        (false, false) => Ok(None),
+        (false, true) => Err(unexpected("protection still enabled after a disable")),
+        (true, false) => Err(unexpected("protection not enabled after an enable")),
+        (true, true) => Ok(Some(
+            grant
+                .expires_at
+                .unwrap_or_else(|| SystemTime::now() + duration),
+        )),
     }
 }
 
@@ -510,20 +580,47 @@ mod tests {
         })
     }
 
+    /// A machine past its start: ECS confirmed off.
+    fn released(t0: Instant) -> Machine {
+        let mut m = Machine::new(&settings(), t0);
+        m.on_sent(t0, ProtectionRequest::disable());
+        m.on_answer(t0, ok(false));
+        m
+    }
+
     #[test]
-    fn idle_machine_waits_forever() {
-        let m = Machine::new(&settings());
-        assert_eq!(m.poll(Instant::now()), Next::Wait(None));
+    fn an_idle_start_releases_what_an_earlier_process_may_have_left_then_waits_forever() {
+        let t0 = Instant::now();
+        let m = Machine::new(&settings(), t0);
+        assert!(m.might_be_protected(t0), "unknown at start");
+        assert!(!m.is_protected(t0), "and no promise");
+        // One disable once the maintain window of the start has passed.
+        assert_eq!(m.poll(t0), Next::Wait(Some(t0 + Duration::from_secs(6))));
+        assert_eq!(
+            m.poll(t0 + Duration::from_secs(6)),
+            Next::Put(ProtectionRequest::disable())
+        );
+        let m = released(t0);
+        assert_eq!(m.poll(t0 + Duration::from_secs(7)), Next::Wait(None));
+    }
+
+    #[test]
+    fn a_holder_at_start_enables_at_once() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(&settings(), t0);
+        m.set_wanted(true, t0);
+        assert_eq!(m.poll(t0), Next::Put(ProtectionRequest::enable(1)));
     }
 
     #[test]
     fn enable_then_refresh_then_release_at_the_maintain_mark() {
         let t0 = Instant::now();
-        let mut m = Machine::new(&settings());
-        m.set_wanted(true);
-        assert_eq!(m.poll(t0), Next::Put(ProtectionRequest::enable(1)));
-        m.on_sent(t0, ProtectionRequest::enable(1));
-        let e = m.on_answer(t0, ok(true));
+        let mut m = released(t0);
+        let t1 = t0 + Duration::from_secs(1);
+        m.set_wanted(true, t1);
+        assert_eq!(m.poll(t1), Next::Put(ProtectionRequest::enable(1)));
+        m.on_sent(t1, ProtectionRequest::enable(1));
+        let e = m.on_answer(t1, ok(true));
         assert!(matches!(
             e,
             Effect::Protected {
@@ -531,25 +628,130 @@ mod tests {
                 ..
             }
         ));
-        // Refresh at 80 % of 60 s, give or take the wall-clock read.
-        let Next::Wait(Some(at)) = m.poll(t0) else {
-            panic!("expected a refresh timer")
-        };
-        let secs = (at - t0).as_secs_f64();
-        assert!((47.5..=48.0).contains(&secs), "{secs}");
-        m.set_wanted(false);
-        assert_eq!(m.poll(t0), Next::Wait(Some(t0 + Duration::from_secs(6))));
+        // Refresh at 80 % of 60 s after the send, on the monotonic clock.
+        assert_eq!(m.poll(t1), Next::Wait(Some(t1 + Duration::from_secs(48))));
+        m.set_wanted(false, t1);
+        assert_eq!(m.poll(t1), Next::Wait(Some(t1 + Duration::from_secs(6))));
         assert_eq!(
-            m.poll(t0 + Duration::from_secs(6)),
+            m.poll(t1 + Duration::from_secs(6)),
             Next::Put(ProtectionRequest::disable())
         );
     }
 
     #[test]
+    fn a_skewed_expiry_changes_nothing() {
+        let t0 = Instant::now();
+        for skew in [-3_600_i64, -50, 0, 50, 3_600] {
+            let mut m = released(t0);
+            let t1 = t0 + Duration::from_secs(1);
+            m.set_wanted(true, t1);
+            m.on_sent(t1, ProtectionRequest::enable(1));
+            let wall = SystemTime::now() + Duration::from_secs(60);
+            let reported = if skew >= 0 {
+                wall + Duration::from_secs(skew.unsigned_abs())
+            } else {
+                wall - Duration::from_secs(skew.unsigned_abs())
+            };
+            let e = m.on_answer(
+                t1,
+                Ok(Grant {
+                    enabled: true,
+                    expires_at: Some(reported),
+                    task_arn: None,
+                }),
+            );
+            assert!(matches!(e, Effect::Protected { .. }), "{skew}: {e:?}");
+            assert_eq!(
+                m.poll(t1),
+                Next::Wait(Some(t1 + Duration::from_secs(48))),
+                "{skew}"
+            );
+            assert!(m.is_protected(t1 + Duration::from_secs(59)), "{skew}");
+        }
+    }
+
+    #[test]
+    fn the_linger_follows_the_recent_gaps_within_the_maintain_window() {
+        let t0 = Instant::now();
+        let mut m = released(t0);
+        assert_eq!(m.linger(), Duration::from_secs(1));
+        let mut t = t0;
+        for _ in 0..5 {
+            m.set_wanted(true, t);
+            t += Duration::from_millis(50);
+            m.set_wanted(false, t);
+            m.note_release(t);
+            t += Duration::from_millis(1_200);
+        }
+        assert_eq!(m.linger(), Duration::from_millis(2_400));
+        // A long pause is not a gap the maintain window would bridge: not counted.
+        m.set_wanted(true, t + Duration::from_secs(30));
+        assert_eq!(m.linger(), Duration::from_millis(2_400));
+        // Gaps near the window: the linger stops at the window.
+        for _ in 0..GAPS_KEPT {
+            m.set_wanted(false, t);
+            m.note_release(t);
+            t += Duration::from_secs(5);
+            m.set_wanted(true, t);
+        }
+        assert_eq!(m.linger(), Duration::from_secs(6));
+    }
+
+    #[test]
+    fn no_request_leaves_before_one_of_the_other_kind_can_no_longer_land() {
+        let t0 = Instant::now();
+        let mut m = released(t0);
+        let t1 = t0 + Duration::from_secs(1);
+        m.set_wanted(true, t1);
+        m.on_sent(t1, ProtectionRequest::enable(1));
+        let e = m.on_answer(
+            t1 + Duration::from_secs(4),
+            Err(ProtectionError::Server {
+                status: 504,
+                code: "RequestCanceled".into(),
+                message: String::new(),
+            }),
+        );
+        assert!(matches!(e, Effect::Failed { .. }));
+        // Another enable may go after the backoff; a disable only once the first
+        // enable can no longer land.
+        let t2 = t1 + Duration::from_millis(4_500);
+        assert!(matches!(m.poll(t2), Next::Put(r) if r.enabled));
+        m.set_wanted(false, t2);
+        m.note_release(t2);
+        let Next::Wait(Some(at)) = m.poll(t2) else {
+            panic!("{:?}", m.poll(t2))
+        };
+        assert!(at >= t1 + AGENT_CALL_BUDGET, "{:?}", at - t1);
+    }
+
+    #[test]
+    fn a_release_sent_while_an_earlier_enable_may_land_is_no_release() {
+        // Only shutdown's budget could send it that early; the answer must not claim
+        // ECS off when the earlier enable may land after it.
+        let t0 = Instant::now();
+        let mut m = released(t0);
+        m.on_sent(t0, ProtectionRequest::enable(1));
+        m.on_answer(
+            t0,
+            Err(ProtectionError::Server {
+                status: 500,
+                code: String::new(),
+                message: String::new(),
+            }),
+        );
+        let t1 = t0 + Duration::from_secs(1);
+        m.on_sent(t1, ProtectionRequest::disable());
+        assert_eq!(m.on_answer(t1, ok(false)), Effect::Released);
+        assert!(m.might_be_protected(t1), "the enable may still land");
+        assert!(m.might_be_protected(t0 + Duration::from_secs(64)));
+    }
+
+    #[test]
     fn rejection_cools_down_and_transient_backs_off() {
         let t0 = Instant::now();
-        let mut m = Machine::new(&settings());
-        m.set_wanted(true);
+        let mut m = released(t0);
+        m.set_wanted(true, t0);
         m.on_sent(t0, ProtectionRequest::enable(1));
         let rejected = Err(ProtectionError::Rejected(Rejection {
             reason: "DEPLOYMENT_BLOCKED".into(),
@@ -571,7 +773,7 @@ mod tests {
             "a timed-out enable may have been applied"
         );
         assert!(!m.is_protected(t1), "but it is no promise");
-        m.set_wanted(false);
+        m.set_wanted(false, t1);
         // The agent may still be on the abandoned call for its ~4 s budget.
         assert!(matches!(m.poll(t1 + Duration::from_secs(1)), Next::Wait(_)));
         assert!(matches!(m.poll(t1 + Duration::from_secs(5)), Next::Put(r) if !r.enabled));

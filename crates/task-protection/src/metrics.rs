@@ -20,6 +20,13 @@ pub const FAILURES: &str = "ProtectionFailures";
 /// first holder arrives) to ECS confirming it.
 pub const ACQUIRE_LATENCY: &str = "ProtectionAcquireLatency";
 
+/// Gauge: 1 while the service no longer wants this task (it is leaving), else 0.
+pub const DRAIN_LEAVING: &str = "DrainLeaving";
+/// Counter: ECS API calls the drain watcher made.
+pub const DRAIN_API_CALLS: &str = "DrainApiCalls";
+/// Histogram, milliseconds: from the start of a drain to protection released.
+pub const DRAIN_DURATION: &str = "DrainDuration";
+
 /// Describes the units, and registers every count at zero, so an exporter writes
 /// each from the start: an alarm on rejections needs a zero, not a gap.
 pub(crate) fn describe() {
@@ -30,6 +37,11 @@ pub(crate) fn describe() {
         "time to confirmed protection"
     );
     describe_gauge!(PROTECTED, Unit::Count, "1 while protected");
+    describe_histogram!(
+        DRAIN_DURATION,
+        Unit::Milliseconds,
+        "from the start of a drain to protection released"
+    );
     for name in [
         ENABLE_PUTS,
         REFRESH_PUTS,

@@ -52,6 +52,10 @@ pub enum ShutdownReport {
     Released,
     /// The disable PUT failed; protection runs out at its expiry.
     Failed(ProtectionError),
+    /// The disable was confirmed, but an earlier request whose answer was lost may
+    /// still reach ECS after it (why, in words): the task may stay protected until
+    /// that protection expires.
+    Doubtful(String),
 }
 
 impl std::fmt::Display for ShutdownReport {
@@ -60,6 +64,7 @@ impl std::fmt::Display for ShutdownReport {
             Self::NotProtected => f.write_str("not protected, nothing to release"),
             Self::Released => f.write_str("protection released"),
             Self::Failed(e) => write!(f, "release failed: {e}"),
+            Self::Doubtful(why) => write!(f, "released, in doubt: {why}"),
         }
     }
 }
@@ -360,9 +365,13 @@ impl TaskProtection {
     }
 
     /// Stops managing protection and disables it at once, best effort, within
-    /// about 3.5 s: a request already in flight gets 0.5 s, and the disable 3 s,
-    /// including the 1 s spacing after the previous PUT. A draining task must not stay protected. Holders that remain are
-    /// ignored from now on; later calls return the same report.
+    /// 6 s. Usually that is one round trip to the agent; the rest is for the worst
+    /// case: a request still in flight gets until it can no longer reach ECS (the
+    /// agent gives up on its own ECS call about 4 s after it was sent), and the
+    /// disable leaves after it, and after the 1 s spacing, so that nothing sent
+    /// earlier can protect the task again after the release. A draining task must not
+    /// stay protected. Holders that remain are ignored from now on; later calls return
+    /// the same report.
     pub async fn shutdown(&self) -> ShutdownReport {
         self.handle
             .report

@@ -63,6 +63,9 @@ pub enum SettingsError {
         /// Why it was refused.
         reason: String,
     },
+    /// Each value is in range, but together they would defeat protection.
+    #[error("conflicting protection settings: {0}")]
+    Conflict(String),
 }
 
 fn check_range<T: PartialOrd + fmt::Display + Copy>(
@@ -422,8 +425,48 @@ impl ProtectionSettingsBuilder {
             let ms = u64::try_from(value.as_millis()).unwrap_or(u64::MAX);
             check_range(name, ms, range, "ms")?;
         }
+        check_refresh_timing(&s)?;
         Ok(s)
     }
+}
+
+/// A refresh must leave time for one request to time out and a retry to follow the
+/// spacing before the protection runs out, and the spacing after an enable must not
+/// hold its own refresh back past that point: otherwise every refresh would lapse.
+fn check_refresh_timing(s: &ProtectionSettings) -> Result<(), SettingsError> {
+    let secs = |d: Duration| d.as_secs_f64();
+    let lead = s.refresh_lead();
+    let needed = s.request_timeout + s.min_put_interval;
+    if lead < needed {
+        return Err(SettingsError::Conflict(format!(
+            "{}={} refreshes {}s before the expiry of {} minute(s), less than {} + {} = {}s, \
+             the time for one request to time out and a retry to follow: lower the refresh \
+             percentage, or the timeout or the spacing",
+            env::REFRESH_PERCENT,
+            s.refresh_percent,
+            secs(lead),
+            s.duration_minutes,
+            env::REQUEST_TIMEOUT_MS,
+            env::MIN_PUT_INTERVAL_MS,
+            secs(needed),
+        )));
+    }
+    let first_refresh = s.duration().saturating_sub(lead);
+    if s.min_put_interval > first_refresh {
+        return Err(SettingsError::Conflict(format!(
+            "{}={} holds every PUT back {}s, past the refresh due {}s after an enable \
+             ({}={}, {}={}): lower the spacing",
+            env::MIN_PUT_INTERVAL_MS,
+            s.min_put_interval.as_millis(),
+            secs(s.min_put_interval),
+            secs(first_refresh),
+            env::DURATION_MINUTES,
+            s.duration_minutes,
+            env::REFRESH_PERCENT,
+            s.refresh_percent,
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -502,5 +545,52 @@ mod tests {
                 .build()
                 .is_err()
         );
+    }
+
+    #[test]
+    fn settings_that_would_defeat_the_refresh_are_refused_naming_the_conflict() {
+        let worker = || {
+            ProtectionSettings::builder()
+                .duration_minutes(1)
+                .maintain_percent(10)
+                .refresh_percent(80)
+        };
+        assert!(worker().build().is_ok());
+        // A spacing as long as the refresh lead: every refresh would wait to expiry.
+        let err = worker()
+            .min_put_interval(Duration::from_secs(60))
+            .build()
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, SettingsError::Conflict(_)), "{text}");
+        assert!(!text.contains('\n'), "{text}");
+        for name in [
+            env::REFRESH_PERCENT,
+            env::REQUEST_TIMEOUT_MS,
+            env::MIN_PUT_INTERVAL_MS,
+        ] {
+            assert!(text.contains(name), "{text}");
+        }
+        // Refreshing at the very expiry.
+        let err = worker().refresh_percent(100).build().unwrap_err();
+        assert!(
+            err.to_string().contains("refreshes 0s before the expiry"),
+            "{err}"
+        );
+        // A spacing that holds back the first refresh, with a long enough lead.
+        let err = worker()
+            .refresh_percent(1)
+            .min_put_interval(Duration::from_secs(2))
+            .build()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("past the refresh due 0.6s"),
+            "{err}"
+        );
+        // The same checks from the environment.
+        let err = ProtectionSettings::default()
+            .with_vars(|k| (k == env::REFRESH_PERCENT).then(|| "99".to_owned()))
+            .unwrap_err();
+        assert!(matches!(err, SettingsError::Conflict(_)), "{err}");
     }
 }

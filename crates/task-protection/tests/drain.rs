@@ -24,7 +24,7 @@ async fn a_draining_task_keeps_its_holders_refuses_new_ones_and_lets_go_at_once(
     // The holder it has keeps its protection.
     advance(Duration::from_secs(10)).await;
     settle().await;
-    assert!(ecs.ecs_protected(Instant::now()), "{:?}", ecs.calls());
+    assert!(ecs.protected_at(Instant::now()), "{:?}", ecs.calls());
     assert!(p.current().protected);
     assert_eq!(ecs.disables(), 0);
     // The last holder goes: released at once, without the maintain window or the
@@ -34,7 +34,7 @@ async fn a_draining_task_keeps_its_holders_refuses_new_ones_and_lets_go_at_once(
     advance(Duration::from_millis(1)).await;
     settle().await;
     assert_eq!(ecs.disables(), 1, "{:?}", ecs.calls());
-    assert!(!ecs.ecs_protected(Instant::now()));
+    assert!(!ecs.protected_at(Instant::now()));
 }
 
 #[tokio::test(start_paused = true)]
@@ -47,7 +47,7 @@ async fn a_task_wanted_again_takes_holders_and_keeps_the_maintain_window() {
     assert!(!p.is_draining());
     let job = p.try_hold().expect("taking holders again");
     settle().await;
-    assert!(ecs.ecs_protected(Instant::now()));
+    assert!(ecs.protected_at(Instant::now()));
     drop(job);
     // Not draining: the 6 s maintain window holds.
     advance(Duration::from_secs(5)).await;
@@ -66,12 +66,12 @@ async fn hold_still_registers_while_draining_for_work_already_taken_on() {
     let taken = p.hold();
     settle().await;
     assert_eq!(p.holders(), 1);
-    assert!(ecs.ecs_protected(Instant::now()), "{:?}", ecs.calls());
+    assert!(ecs.protected_at(Instant::now()), "{:?}", ecs.calls());
     drop(taken);
     settle().await;
     advance(Duration::from_millis(1_001)).await;
     settle().await;
-    assert!(!ecs.ecs_protected(Instant::now()), "{:?}", ecs.calls());
+    assert!(!ecs.protected_at(Instant::now()), "{:?}", ecs.calls());
 }
 
 #[tokio::test(start_paused = true)]

@@ -6,8 +6,10 @@ mod support;
 
 use std::time::Duration;
 
-use support::{FakeEcs, Reply, settle, websocket_settings, worker_settings};
-use task_protection::{AcquireError, Phase, ProtectionEvent, ProtectionSettings, TaskProtection};
+use support::{FakeEcs, Landing, Reply, settle, websocket_settings, worker_settings};
+use task_protection::{
+    AcquireError, Phase, ProtectionEvent, ProtectionSettings, ShutdownReport, TaskProtection,
+};
 use tokio::time::{Instant, advance};
 
 /// Protected, then released at the maintain mark (6 s), with the disable answered by `reply`.
@@ -28,26 +30,28 @@ async fn release_answered_with(reply: Reply) -> (FakeEcs, TaskProtection, Instan
 #[tokio::test(start_paused = true)]
 async fn a_release_applied_but_answered_504_leaves_the_task_maybe_unprotected() {
     let (ecs, p, _) = release_answered_with(Reply::AppliedThen504).await;
-    assert!(
-        !ecs.ecs_protected(Instant::now()),
-        "ECS applied the release"
-    );
+    assert!(!ecs.protected_at(Instant::now()), "ECS applied the release");
     assert!(
         !p.current().protected,
         "must not claim protection after a 504 release"
     );
-    // A job arriving now must not start until ECS protects the task again.
+    // A job arriving now must not start until ECS protects the task again, and the
+    // enable waits until the disable can no longer land after it: 5 s after it left.
     let arrived = Instant::now();
     let guard = p.acquire().await.unwrap();
     assert!(
-        ecs.ecs_protected(Instant::now()),
+        ecs.protected_at(Instant::now()),
         "acquire returned unprotected"
     );
-    assert!(
-        arrived.elapsed() <= Duration::from_millis(1_100),
-        "the enable waited {:?}, more than the 1 s spacing",
-        arrived.elapsed()
+    let disable_at = ecs.calls()[1].at;
+    let enable_at = ecs.calls()[2].at;
+    assert_eq!(
+        enable_at - disable_at,
+        Duration::from_secs(5),
+        "{:?}",
+        ecs.calls()
     );
+    assert!(arrived.elapsed() <= Duration::from_secs(5));
     assert_eq!(ecs.enables(), 2, "{:?}", ecs.calls());
     drop(guard);
 }
@@ -64,7 +68,7 @@ async fn a_release_that_timed_out_leaves_the_task_maybe_unprotected() {
     assert!(!p.current().protected);
     let guard = p.acquire().await.unwrap();
     assert!(
-        ecs.ecs_protected(Instant::now()),
+        ecs.protected_at(Instant::now()),
         "acquire returned unprotected"
     );
     drop(guard);
@@ -87,7 +91,7 @@ async fn acquire_during_an_in_flight_release_waits_for_a_later_enable() {
     let last = calls.last().unwrap();
     assert!(last.request.enabled, "{calls:?}");
     assert!(
-        ecs.ecs_protected(Instant::now()),
+        ecs.protected_at(Instant::now()),
         "acquire returned unprotected"
     );
     drop(guard);
@@ -97,13 +101,13 @@ async fn acquire_during_an_in_flight_release_waits_for_a_later_enable() {
 async fn a_throttled_release_keeps_the_confirmed_protection() {
     let (ecs, p, _) = release_answered_with(Reply::Throttled).await;
     // ECS refused before acting: still protected, as confirmed.
-    assert!(ecs.ecs_protected(Instant::now()));
+    assert!(ecs.protected_at(Instant::now()));
     assert!(p.current().protected);
     assert_eq!(p.current().phase, Phase::Releasing);
     // And the release is retried.
     advance(Duration::from_secs(11)).await;
     settle().await;
-    assert!(!ecs.ecs_protected(Instant::now()), "{:?}", ecs.calls());
+    assert!(!ecs.protected_at(Instant::now()), "{:?}", ecs.calls());
     assert_eq!(p.current().phase, Phase::Idle);
 }
 
@@ -127,7 +131,7 @@ async fn after_a_rejection_with_nobody_holding_the_cool_down_ends() {
         2,
         "ECS must be asked again after the cool-down"
     );
-    assert!(ecs.ecs_protected(Instant::now()));
+    assert!(ecs.protected_at(Instant::now()));
     drop(guard);
 }
 
@@ -141,7 +145,7 @@ async fn a_refused_refresh_does_not_delay_the_release() {
     // The refresh at 48 s is refused; the holder leaves at 49 s.
     advance(Duration::from_secs(49)).await;
     settle().await;
-    assert_eq!(ecs.lock().calls.len(), 2);
+    assert_eq!(ecs.calls().len(), 2);
     drop(guard);
     settle().await;
     // The release comes after the quiet second, not after the 10 s cool-down.
@@ -150,7 +154,7 @@ async fn a_refused_refresh_does_not_delay_the_release() {
     assert_eq!(ecs.disables(), 1, "{calls:?}");
     let at = calls.last().unwrap().at - t0;
     assert!(at <= Duration::from_millis(50_010), "released at {at:?}");
-    assert!(!ecs.ecs_protected(Instant::now()));
+    assert!(!ecs.protected_at(Instant::now()));
 }
 
 #[tokio::test(start_paused = true)]
@@ -175,7 +179,7 @@ async fn a_protection_that_runs_out_before_a_release_could_go_is_left_to_lapse()
     advance(Duration::from_secs(30)).await;
     settle().await;
     assert_eq!(ecs.disables(), 0, "{:?}", ecs.calls());
-    assert!(!ecs.ecs_protected(Instant::now()));
+    assert!(!ecs.protected_at(Instant::now()));
     assert!(!p.current().protected);
     assert_eq!(p.current().phase, Phase::Idle);
 }
@@ -185,7 +189,7 @@ async fn a_refresh_hanging_past_the_confirmed_expiry_is_not_protection() {
     let settings = ProtectionSettings::builder()
         .duration_minutes(1)
         .maintain_percent(10)
-        .refresh_percent(95)
+        .refresh_percent(85)
         .check_interval(Duration::from_secs(10))
         .build()
         .unwrap();
@@ -198,14 +202,18 @@ async fn a_refresh_hanging_past_the_confirmed_expiry_is_not_protection() {
         Some(ProtectionEvent::Protected { .. })
     ));
     ecs.always(Reply::HangUnapplied);
-    // The refresh goes at 57 s and hangs until 65 s; ECS's protection ends at 60 s.
-    advance(Duration::from_millis(57_500)).await;
+    // The refresh goes at 51 s, the least lead these settings allow, and hangs until
+    // 59 s; its retry hangs too; ECS's protection ends at 60 s.
+    advance(Duration::from_millis(51_500)).await;
     settle().await;
     assert_eq!(ecs.calls().len(), 2, "the refresh is on the wire");
     assert!(p.current().protected);
-    advance(Duration::from_millis(2_501)).await;
+    for _ in 0..34 {
+        advance(Duration::from_millis(250)).await;
+        settle().await;
+    }
     settle().await;
-    assert!(!ecs.ecs_protected(Instant::now()));
+    assert!(!ecs.protected_at(Instant::now()));
     let state = p.current();
     assert!(!state.protected, "still claims protection after expiry");
     assert_eq!(state.phase, Phase::Acquiring);
@@ -221,7 +229,7 @@ async fn a_refresh_hanging_past_the_confirmed_expiry_is_not_protection() {
     assert!(!waiting.is_finished(), "acquire returned while unprotected");
     ecs.always(Reply::Ok);
     let second = waiting.await.unwrap().unwrap();
-    assert!(ecs.ecs_protected(Instant::now()));
+    assert!(ecs.protected_at(Instant::now()));
     drop((guard, second));
 }
 
@@ -239,7 +247,7 @@ async fn shutdown_keeps_the_one_second_spacing() {
         gap >= Duration::from_secs(1),
         "disable {gap:?} after the enable"
     );
-    assert!(!ecs.ecs_protected(Instant::now()));
+    assert!(!ecs.protected_at(Instant::now()));
 }
 
 #[tokio::test(start_paused = true)]
@@ -251,11 +259,7 @@ async fn shutdown_returns_within_its_budget_when_the_agent_hangs() {
     advance(Duration::from_secs(5)).await;
     let t = Instant::now();
     let report = p.shutdown().await;
-    assert!(
-        t.elapsed() <= Duration::from_millis(3_500),
-        "{:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() <= Duration::from_secs(6), "{:?}", t.elapsed());
     assert!(
         matches!(report, task_protection::ShutdownReport::Failed(_)),
         "{report:?}"
@@ -282,14 +286,33 @@ async fn an_enable_refused_at_the_connection_is_not_in_doubt() {
     // Nothing was sent, so nothing can have been applied: no disable follows.
     let ecs = FakeEcs::new();
     let p = TaskProtection::start(ecs.clone(), worker_settings());
+    released_at_start(&ecs).await;
     ecs.script([Reply::Refused]);
     let guard = p.hold();
     settle().await;
     drop(guard);
-    advance(Duration::from_secs(30)).await;
-    settle().await;
-    assert_eq!(ecs.disables(), 0, "{:?}", ecs.calls());
+    step(Duration::from_secs(30)).await;
+    assert_eq!(ecs.disables(), 1, "{:?}", ecs.calls());
     assert_eq!(p.current().phase, Phase::Idle);
+}
+
+/// Lets `d` pass in 250 ms steps, so every timer fires on time.
+async fn step(d: Duration) {
+    let mut left = d;
+    while !left.is_zero() {
+        let now = left.min(Duration::from_millis(250));
+        advance(now).await;
+        settle().await;
+        left -= now;
+    }
+}
+
+/// Lets the start's release of what an earlier process may have left go (the
+/// worker's maintain window, 6 s), and checks it went.
+async fn released_at_start(ecs: &FakeEcs) {
+    step(Duration::from_millis(6_250)).await;
+    assert_eq!(ecs.disables(), 1, "{:?}", ecs.calls());
+    assert!(!ecs.protected_at(Instant::now()));
 }
 
 /// The release edge under real threads: a holder that `acquire()` told "protected"
@@ -323,7 +346,7 @@ fn no_disable_reaches_ecs_while_an_acquired_guard_is_held() {
                 disables,
                 "a disable went out while a guard was held (round {rounds})"
             );
-            assert!(ecs.ecs_protected(Instant::now()));
+            assert!(ecs.protected_at(Instant::now()));
             drop(guard);
             for _ in 0..(rounds % 5) {
                 tokio::task::yield_now().await;
@@ -338,29 +361,37 @@ fn no_disable_reaches_ecs_while_an_acquired_guard_is_held() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn no_put_leaves_while_the_agent_may_still_work_on_an_abandoned_one() {
+async fn no_disable_leaves_while_the_agent_may_still_work_on_an_abandoned_enable() {
     // The client gives up after 1 s, but the agent's own ECS call lasts up to 4 s: a
-    // later PUT must not overtake it.
+    // disable must not overtake the enable. Another enable may: it changes nothing.
     let settings = worker_settings()
         .to_builder()
         .request_timeout(Duration::from_secs(1))
+        .maintain_percent(0)
         .build()
         .unwrap();
     let ecs = FakeEcs::new();
     let p = TaskProtection::start(ecs.clone(), settings);
-    let t0 = Instant::now();
+    step(Duration::from_millis(1_250)).await;
+    assert_eq!(ecs.disables(), 1, "the start's release");
     ecs.script([Reply::HangUnapplied]);
     let guard = p.hold();
-    let _ = tokio::time::timeout(Duration::from_secs(30), p.acquire()).await;
-    let calls = ecs.calls();
-    assert!(calls.len() >= 2, "{calls:?}");
-    let gap = calls[1].at - calls[0].at;
-    assert!(
-        gap >= Duration::from_secs(5),
-        "retried {gap:?} after an abandoned call"
-    );
-    assert!(calls[0].at - t0 < Duration::from_millis(10));
+    step(Duration::from_millis(1_500)).await;
+    let enable_at = ecs.calls()[1].at;
     drop(guard);
+    step(Duration::from_secs(10)).await;
+    let calls = ecs.calls();
+    let release = calls
+        .iter()
+        .skip(2)
+        .find(|c| !c.request.enabled)
+        .unwrap_or_else(|| panic!("no release: {calls:?}"));
+    assert!(
+        release.at - enable_at >= Duration::from_secs(5),
+        "released {:?} after an abandoned enable: {calls:?}",
+        release.at - enable_at
+    );
+    assert!(!ecs.protected_at(Instant::now()));
 }
 
 #[tokio::test(start_paused = true)]
@@ -392,7 +423,7 @@ async fn shutdown_tries_again_after_a_quick_failure() {
         "{:?}",
         ecs.calls()
     );
-    assert!(!ecs.ecs_protected(Instant::now()));
+    assert!(!ecs.protected_at(Instant::now()));
     let calls = ecs.calls();
     for pair in calls.windows(2) {
         assert!(
@@ -403,11 +434,11 @@ async fn shutdown_tries_again_after_a_quick_failure() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_refresh_late_in_the_duration_still_comes_before_the_expiry() {
-    // Refresh at 100 %: taken literally it would always lapse first.
+async fn a_refresh_at_the_least_lead_the_settings_allow_never_lapses() {
+    // 85 % of a minute leaves 9 s: the 8 s request timeout and the 1 s spacing.
     let settings = worker_settings()
         .to_builder()
-        .refresh_percent(100)
+        .refresh_percent(85)
         .build()
         .unwrap();
     let ecs = FakeEcs::new();
@@ -419,8 +450,166 @@ async fn a_refresh_late_in_the_duration_still_comes_before_the_expiry() {
         settle().await;
         assert!(p.current().protected);
     }
-    assert_eq!(ecs.lock().lapses, 0);
+    assert_eq!(ecs.lapses(), 0);
     while let Ok(Some(e)) = tokio::time::timeout(Duration::ZERO, events.recv()).await {
         assert!(!matches!(e, ProtectionEvent::Unprotected { .. }), "{e:?}");
     }
+}
+
+/// Shutdown with an enable still on the wire whose agent call lands 3 s after it was
+/// sent: the disable must leave after it, or the report must not say released.
+#[tokio::test(start_paused = true)]
+async fn shutdown_reports_released_only_when_no_earlier_request_can_still_land() {
+    let ecs = FakeEcs::new();
+    let p = TaskProtection::start(ecs.clone(), websocket_settings());
+    step(Duration::from_millis(250)).await;
+    assert_eq!(ecs.disables(), 1, "the start's release");
+    step(Duration::from_secs(2)).await;
+    // The enable leaves at 0 s, hangs, and ECS applies it at 3.0 s.
+    ecs.landing(Landing::After(Duration::from_secs(3)));
+    ecs.script([Reply::Hang]);
+    let t0 = Instant::now();
+    let _guard = p.hold();
+    settle().await;
+    advance(Duration::from_millis(100)).await;
+    settle().await;
+    ecs.landing(Landing::OnArrival);
+    let report = p.shutdown().await;
+    let took = t0.elapsed();
+    // Every request sent has landed.
+    step(Duration::from_secs(5)).await;
+    let protected = ecs.protected_at(Instant::now());
+    assert!(
+        !(report == ShutdownReport::Released && protected),
+        "the report says released, but ECS protects the task: {:?} {:?}",
+        ecs.calls(),
+        ecs.changes()
+    );
+    assert_eq!(report, ShutdownReport::Released, "{:?}", ecs.calls());
+    assert!(!protected);
+    assert!(took <= Duration::from_secs(6), "{took:?}");
+}
+
+/// A request on the wire at shutdown that answers quickly is waited for: its answer
+/// is known, so the disable needs no wait for it.
+#[tokio::test(start_paused = true)]
+async fn a_request_on_the_wire_at_shutdown_is_waited_for_while_it_may_land() {
+    let ecs = FakeEcs::new();
+    let p = TaskProtection::start(ecs.clone(), websocket_settings());
+    step(Duration::from_secs(2)).await;
+    ecs.latency(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let _guard = p.hold();
+    settle().await;
+    advance(Duration::from_millis(100)).await;
+    settle().await;
+    let report = p.shutdown().await;
+    assert_eq!(report, ShutdownReport::Released, "{:?}", ecs.calls());
+    // The enable answered at 0.3 s; the disable at the 1 s spacing, answered 0.3 s on.
+    assert_eq!(
+        t0.elapsed(),
+        Duration::from_millis(1_300),
+        "{:?}",
+        ecs.calls()
+    );
+    assert!(!ecs.protected_at(Instant::now()));
+}
+
+/// The spacing is kept at shutdown only while the budget allows: past it, the
+/// disable goes anyway, and shutdown ends within its budget.
+#[tokio::test(start_paused = true)]
+async fn shutdown_ends_within_its_budget_whatever_the_spacing() {
+    let settings = websocket_settings()
+        .to_builder()
+        .min_put_interval(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let ecs = FakeEcs::new();
+    let p = TaskProtection::start(ecs.clone(), settings);
+    step(Duration::from_secs(21)).await;
+    let _guard = p.acquire().await.unwrap();
+    let t0 = Instant::now();
+    ecs.always(Reply::HangUnapplied);
+    let report = p.shutdown().await;
+    assert!(t0.elapsed() <= Duration::from_secs(6), "{:?}", t0.elapsed());
+    assert!(matches!(report, ShutdownReport::Failed(_)), "{report:?}");
+    assert_eq!(ecs.disables(), 2, "{:?}", ecs.calls());
+}
+
+/// A release answered 500 may not have been applied: it is tried again, rather than
+/// counted as done and left to the expiry.
+#[tokio::test(start_paused = true)]
+async fn a_release_answered_500_is_tried_again() {
+    let (ecs, p, _) = release_answered_with(Reply::Unapplied500).await;
+    assert!(ecs.protected_at(Instant::now()), "the 500 applied nothing");
+    step(Duration::from_secs(2)).await;
+    assert!(!ecs.protected_at(Instant::now()), "{:?}", ecs.calls());
+    assert_eq!(p.current().phase, Phase::Idle);
+}
+
+/// Throttling that does not pass is met with a growing backoff, not a PUT a second:
+/// ECS's limits are per account, shared by every task.
+#[tokio::test(start_paused = true)]
+async fn persistent_throttling_is_backed_off() {
+    let ecs = FakeEcs::new();
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    released_at_start(&ecs).await;
+    ecs.always(Reply::Throttled);
+    let _guard = p.hold();
+    step(Duration::from_secs(60)).await;
+    let enables = ecs.enables();
+    // 0.2 s doubling to the 10 s check interval, with jitter: about a dozen a minute.
+    assert!((6..=15).contains(&enables), "{enables} enables in a minute");
+}
+
+/// A start that knows nothing, with the agent unreachable: the release is retried
+/// while ECS may hold protection, and no longer once even an earlier process's
+/// protection would have run out.
+#[tokio::test(start_paused = true)]
+async fn doubt_ends_at_its_bound_and_with_it_the_retries() {
+    let ecs = FakeEcs::new();
+    ecs.always(Reply::Refused);
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    step(Duration::from_secs(66)).await;
+    let tried = ecs.disables();
+    assert!(tried >= 3, "{tried} tries");
+    assert_eq!(p.current().phase, Phase::Idle);
+    step(Duration::from_secs(120)).await;
+    assert_eq!(ecs.disables(), tried, "{:?}", ecs.calls());
+}
+
+/// Shutdown while a refresh is on the wire: nothing is promised from the moment it
+/// begins, not only once the refresh answers.
+#[tokio::test(start_paused = true)]
+async fn shutdown_mid_request_withdraws_the_promise_at_once() {
+    let ecs = FakeEcs::new();
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    let _guard = p.acquire().await.unwrap();
+    ecs.latency(Duration::from_secs(3));
+    // The refresh leaves at 48 s.
+    step(Duration::from_millis(48_250)).await;
+    assert!(ecs.on_wire().is_some_and(|r| r.enabled));
+    assert!(p.current().protected);
+    let p2 = p.clone();
+    let shutting = tokio::spawn(async move { p2.shutdown().await });
+    settle().await;
+    assert!(ecs.on_wire().is_some(), "the refresh is still on the wire");
+    assert!(!p.current().protected, "still promised during shutdown");
+    assert_eq!(p.current().phase, Phase::Stopped);
+    shutting.await.unwrap();
+}
+
+/// An acquire that starts once shutdown has begun fails, even before the driver has
+/// seen the stop: it must not be told "protected" just before the release.
+#[tokio::test(start_paused = true)]
+async fn an_acquire_after_shutdown_began_fails_before_the_driver_runs() {
+    let ecs = FakeEcs::new();
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    let _held = p.acquire().await.unwrap();
+    let mut shutting = Box::pin(p.shutdown());
+    // One poll: the stop is set; the driver has not run since.
+    assert!(futures_util::poll!(&mut shutting).is_pending());
+    assert!(p.current().protected, "the driver has not run");
+    assert_eq!(p.acquire().await.err(), Some(AcquireError::ShutDown));
+    shutting.await;
 }

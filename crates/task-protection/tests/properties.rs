@@ -1,14 +1,24 @@
-//! A model-based check of the promise, over random holders and random agent faults.
+//! A model-based check of the promise, over random holders, random agent faults and
+//! random moments at which ECS applies each request.
 //!
-//! The in-process ECS keeps what it *applied* apart from what it *answered*: it can
-//! be slow, apply a change and lose the answer, apply it and answer 504, answer 500
-//! without applying, throttle, refuse, or be unreachable. Holders come and go through
-//! both `acquire()` and `hold()`. At every step, with no exception for faults:
+//! The scripted ECS keeps what it *applied* apart from what it *answered*: it can be
+//! slow, apply a change and lose the answer, apply it and answer 504, answer 500
+//! without applying, throttle, refuse, or be unreachable; and in half the cases it
+//! applies each request at a random moment of its flight, up to the agent's budget
+//! after it was sent, even after the client gave up, so an earlier request can land
+//! after a later one. Holders come and go through both `acquire()` and `hold()`.
+//! At every step, with no exception for faults:
 //! - whenever `current()` says protected, or an `acquire()` has just returned Ok,
 //!   ECS-side protection is on, and the last confirmed expiry has not passed;
-//! - with no holder for longer than the maintain window + 1 s + the retry budget of
-//!   a healthy agent, ECS-side protection is off (or a release is on the wire);
+//! - with no holder for longer than the stated bound (the linger bound, the spacing
+//!   and the retry budget of a healthy agent, and the agent's budget for a request
+//!   still landing), ECS-side protection is off (or a release is on the wire);
 //! - never two requests in flight, never two PUTs within 1 s.
+//!
+//! Each case ends either with everyone leaving or with a shutdown while holders
+//! remain; a shutdown returns within its budget, and when it reports the task
+//! released (or never protected), ECS holds no protection once every request sent
+//! has landed.
 
 mod support;
 
@@ -17,9 +27,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use proptest::prelude::*;
-use support::{FakeEcs, Reply, settle, worker_settings};
-use task_protection::{ProtectionGuard, ProtectionSettings, TaskProtection};
+use support::{FakeEcs, Landing, Reply, settle, worker_settings};
+use task_protection::{ProtectionGuard, ProtectionSettings, ShutdownReport, TaskProtection};
 use tokio::time::{Instant, advance};
+
+/// How long after it was sent a request may still land, in this fake.
+const LANDING: Duration = task_protection::testing::AGENT_BUDGET;
+/// How long the library waits before a request of the other kind.
+const AGENT_CALL_BUDGET: Duration = Duration::from_secs(5);
+/// The library's stated shutdown budget.
+const SHUTDOWN_BUDGET: Duration = Duration::from_secs(6);
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -78,14 +95,13 @@ struct Run {
 
 /// ECS-side facts a holder's promise rests on, as one line when one fails.
 fn promise_broken(ecs: &FakeEcs, now: Instant) -> Option<String> {
-    let inner = ecs.lock();
-    if inner.ecs_expiry.is_none_or(|e| e <= now) {
-        return Some(format!("ECS has no protection: {:?}", inner.calls));
+    if !ecs.protected_at(now) {
+        return Some(format!("ECS has no protection: {:?}", ecs.changes()));
     }
-    if inner.confirmed_expiry.is_none_or(|e| e <= now) {
+    if ecs.confirmed_expiry().is_none_or(|e| e <= now) {
         return Some(format!(
             "past the last confirmed expiry {:?}",
-            inner.confirmed_expiry
+            ecs.confirmed_expiry()
         ));
     }
     None
@@ -98,7 +114,7 @@ impl Run {
             return Err(TestCaseError::fail(format!("acquire returned Ok but {v}")));
         }
         let calls = self.ecs.calls();
-        prop_assert!(self.ecs.lock().max_in_flight <= 1, "two requests in flight");
+        prop_assert!(self.ecs.max_in_flight() <= 1, "two requests in flight");
         for pair in calls.windows(2) {
             prop_assert!(
                 pair[1].at - pair[0].at >= Duration::from_secs(1),
@@ -119,17 +135,18 @@ impl Run {
             self.idle_since = Some(now);
         }
         if let (Some(idle), Some(healthy)) = (self.idle_since, self.healthy_since) {
-            // A hung request times out, a pending backoff runs out, and the spacing.
-            let retry_budget = self.settings.request_timeout()
-                + self.settings.check_interval()
-                + self.settings.min_put_interval();
-            let due = (idle + self.settings.maintain_window() + Duration::from_secs(1))
-                .max(healthy)
-                + retry_budget;
-            let releasing = self.ecs.lock().on_wire.is_some_and(|r| !r.enabled);
+            let s = &self.settings;
+            // The linger's bound, then a hung request times out, a pending backoff
+            // runs out, the spacing, and a request of the other kind lands.
+            let linger_bound = s.maintain_window().max(s.min_put_interval());
+            let retry_budget = s.request_timeout() + s.check_interval() + s.min_put_interval();
+            let due = (idle + linger_bound + s.min_put_interval()).max(healthy)
+                + retry_budget
+                + AGENT_CALL_BUDGET;
+            let releasing = self.ecs.on_wire().is_some_and(|r| !r.enabled);
             if now > due && !releasing {
                 prop_assert!(
-                    !self.ecs.ecs_protected(now),
+                    !self.ecs.protected_at(now),
                     "idle since {:?} ago, agent healthy since {:?} ago, ECS still protected: {:?}",
                     now - idle,
                     now - healthy,
@@ -191,30 +208,90 @@ impl Run {
             Op::Wait(d) => return self.pass(d).await,
             Op::Agent(reply) => {
                 self.ecs.always(reply);
-                let healthy = reply == Reply::Ok && self.ecs.lock().latency.is_zero();
+                let healthy = reply == Reply::Ok && self.ecs.current_latency().is_zero();
                 self.set_health(healthy);
             }
             Op::Latency(latency) => {
                 self.ecs.latency(latency);
-                let healthy = latency.is_zero() && self.ecs.lock().fallback == Some(Reply::Ok);
+                let healthy = latency.is_zero() && self.ecs.fallback() == Reply::Ok;
                 self.set_health(healthy);
             }
         }
         settle().await;
         self.check()
     }
+
+    /// Everyone leaves and the agent heals: the release must follow.
+    async fn everyone_leaves(&mut self) -> Result<(), TestCaseError> {
+        self.closing.store(true, Ordering::SeqCst);
+        self.guards.lock().unwrap().clear();
+        self.apply(Op::Agent(Reply::Ok)).await?;
+        self.apply(Op::Latency(Duration::ZERO)).await?;
+        let s = &self.settings;
+        let tail = s.acquire_timeout()
+            + s.maintain_window()
+            + s.request_timeout()
+            + s.check_interval()
+            + AGENT_CALL_BUDGET
+            + Duration::from_secs(3);
+        self.pass(tail).await?;
+        prop_assert!(
+            !self.ecs.protected_at(Instant::now()),
+            "still protected after everyone left: {:?}",
+            self.ecs.calls()
+        );
+        Ok(())
+    }
+
+    /// Shuts down with holders left and the agent as it is.
+    async fn shut_down(&mut self) -> Result<(), TestCaseError> {
+        self.closing.store(true, Ordering::SeqCst);
+        let start = Instant::now();
+        let report = self.protection.shutdown().await;
+        let took = start.elapsed();
+        prop_assert!(took <= SHUTDOWN_BUDGET, "shutdown took {took:?}");
+        self.guards.lock().unwrap().clear();
+        // Every request sent has landed by now.
+        advance(LANDING + Duration::from_millis(1)).await;
+        settle().await;
+        prop_assert!(!self.ecs.landing_pending());
+        if matches!(
+            report,
+            ShutdownReport::Released | ShutdownReport::NotProtected
+        ) {
+            prop_assert!(
+                !self.ecs.protected_at(Instant::now()),
+                "shutdown said {report:?} but ECS holds protection: {:?} {:?}",
+                self.ecs.calls(),
+                self.ecs.changes()
+            );
+        }
+        Ok(())
+    }
 }
 
-fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+fn run(
+    ops: Vec<Op>,
+    landing: Option<u64>,
+    shutdown: bool,
+    request_timeout: Duration,
+) -> Result<(), TestCaseError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
     rt.block_on(async {
-        let settings = worker_settings();
+        let settings = worker_settings()
+            .to_builder()
+            .request_timeout(request_timeout)
+            .build()
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
         let ecs = FakeEcs::new();
         ecs.always(Reply::Ok);
+        if let Some(seed) = landing {
+            ecs.landing(Landing::Random { seed });
+        }
         let mut run = Run {
             protection: TaskProtection::start(ecs.clone(), settings.clone()),
             settings,
@@ -228,33 +305,27 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         for op in ops {
             run.apply(op).await?;
         }
-        // Everyone leaves and the agent heals: the release must follow.
-        run.closing.store(true, Ordering::SeqCst);
-        run.guards.lock().unwrap().clear();
-        run.apply(Op::Agent(Reply::Ok)).await?;
-        run.apply(Op::Latency(Duration::ZERO)).await?;
-        let s = &run.settings;
-        let tail = s.acquire_timeout()
-            + s.maintain_window()
-            + s.request_timeout()
-            + s.check_interval()
-            + Duration::from_secs(3);
-        run.pass(tail).await?;
-        prop_assert!(
-            !run.ecs.ecs_protected(Instant::now()),
-            "still protected after everyone left: {:?}",
-            run.ecs.calls()
-        );
-        Ok(())
+        if shutdown {
+            run.shut_down().await
+        } else {
+            run.everyone_leaves().await
+        }
     })
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 384, ..ProptestConfig::default() })]
 
     #[test]
-    fn the_promise_holds_under_any_agent_answers(ops in prop::collection::vec(op(), 1..60)) {
-        run(ops)?;
+    fn the_promise_holds_under_any_agent_answers(
+        ops in prop::collection::vec(op(), 1..60),
+        landing in prop::option::of(any::<u64>()),
+        shutdown in any::<bool>(),
+        // A client that gives up sooner than the agent's budget lets requests land
+        // after it stopped waiting.
+        timeout_secs in prop_oneof![Just(8u64), Just(1u64)],
+    ) {
+        run(ops, landing, shutdown, Duration::from_secs(timeout_secs))?;
     }
 }
 
@@ -267,7 +338,7 @@ async fn with_a_healthy_agent_a_hold_is_confirmed_at_once_and_never_lapses() {
     for round in 0..20u64 {
         let guard = p.hold();
         let held = Instant::now();
-        while !ecs.ecs_protected(Instant::now()) {
+        while !ecs.protected_at(Instant::now()) {
             advance(Duration::from_millis(10)).await;
             settle().await;
             assert!(
@@ -279,7 +350,7 @@ async fn with_a_healthy_agent_a_hold_is_confirmed_at_once_and_never_lapses() {
         drop(guard);
         step(Duration::from_millis(round * 700)).await;
     }
-    assert_eq!(ecs.lock().lapses, 0, "{:?}", ecs.calls());
+    assert_eq!(ecs.lapses(), 0, "{:?}", ecs.calls());
 }
 
 /// Lets `d` pass in 250 ms steps, so timers fire on time.

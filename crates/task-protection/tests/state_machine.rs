@@ -30,7 +30,7 @@ async fn thousand_short_jobs_inside_the_maintain_window_cost_one_enable() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(ecs.disables(), 1);
     assert_eq!(p.counters().puts(), 2);
-    assert!(!ecs.ecs_protected(Instant::now()));
+    assert!(!ecs.protected_at(Instant::now()));
 }
 
 #[tokio::test(start_paused = true)]
@@ -45,7 +45,7 @@ async fn a_hold_for_three_durations_refreshes_at_the_mark_and_never_lapses() {
         advance(Duration::from_secs(1)).await;
         settle().await;
         assert!(
-            ecs.ecs_protected(Instant::now()),
+            ecs.protected_at(Instant::now()),
             "lapsed at {:?}",
             t0.elapsed()
         );
@@ -149,7 +149,7 @@ async fn a_hundred_concurrent_acquires_cost_one_put() {
     assert!(guards.iter().all(Result::is_ok));
     assert_eq!(p.holders(), 100);
     assert_eq!(ecs.calls().len(), 1);
-    assert_eq!(ecs.lock().max_in_flight, 1);
+    assert_eq!(ecs.max_in_flight(), 1);
 }
 
 /// 10,000 holder changes in 3 s: one every 0.3 ms, alternating hold and release.
@@ -181,7 +181,7 @@ async fn a_churn_of_ten_thousand_changes_costs_at_most_four_puts_and_ends_releas
         );
         assert!(calls.len() <= 4, "{} PUTs: {calls:?}", calls.len());
         assert!(!calls.last().unwrap().request.enabled, "ends released");
-        assert!(!ecs.ecs_protected(Instant::now()));
+        assert!(!ecs.protected_at(Instant::now()));
         for pair in calls.windows(2) {
             assert!(pair[1].at - pair[0].at >= Duration::from_secs(1));
         }
@@ -206,7 +206,7 @@ async fn hold_registers_at_once_and_changes_while_in_flight_coalesce() {
     let calls = ecs.calls();
     assert_eq!(calls.len(), 2, "{calls:?}");
     assert!(calls[0].request.enabled && !calls[1].request.enabled);
-    assert_eq!(ecs.lock().max_in_flight, 1);
+    assert_eq!(ecs.max_in_flight(), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -222,7 +222,7 @@ async fn shutdown_while_held_disables_at_once() {
     let calls = ecs.calls();
     assert_eq!(calls.len(), 2);
     assert!(!calls[1].request.enabled);
-    assert!(!ecs.ecs_protected(Instant::now()));
+    assert!(!ecs.protected_at(Instant::now()));
     assert_eq!(p.current().phase, Phase::Stopped);
     assert!(matches!(p.acquire().await, Err(AcquireError::ShutDown)));
     assert_eq!(
@@ -233,11 +233,22 @@ async fn shutdown_while_held_disables_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn shutdown_when_idle_makes_no_call() {
+async fn shutdown_at_start_releases_what_an_earlier_process_may_have_left() {
     let ecs = FakeEcs::new();
     let p = TaskProtection::start(ecs.clone(), worker_settings());
+    assert_eq!(p.shutdown().await, ShutdownReport::Released);
+    assert_eq!(ecs.disables(), 1, "{:?}", ecs.calls());
+    assert_eq!(ecs.calls().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_when_idle_and_released_makes_no_call() {
+    let ecs = FakeEcs::new();
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(ecs.calls().len(), 1, "the start's release");
     assert_eq!(p.shutdown().await, ShutdownReport::NotProtected);
-    assert!(ecs.calls().is_empty());
+    assert_eq!(ecs.calls().len(), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -254,7 +265,7 @@ async fn an_enable_that_timed_out_is_undone_when_no_longer_wanted() {
     assert!(err.is_err(), "still waiting after the first timeout");
     tokio::time::sleep(Duration::from_secs(30)).await;
     // ECS applied the enable that never answered; the client must switch it off.
-    assert!(!ecs.ecs_protected(Instant::now()), "{:?}", ecs.calls());
+    assert!(!ecs.protected_at(Instant::now()), "{:?}", ecs.calls());
     assert!(!ecs.calls().last().unwrap().request.enabled);
 }
 
@@ -295,4 +306,166 @@ async fn a_stream_of_jobs_with_short_gaps_does_not_flap() {
     let at = calls[1].at - idle_from;
     assert!(!calls[1].request.enabled);
     assert!(at <= Duration::from_millis(1_001), "{at:?}");
+}
+
+/// Lets `d` pass in 250 ms steps, so every timer fires on time.
+async fn step(d: Duration) {
+    let mut left = d;
+    while !left.is_zero() {
+        let now = left.min(Duration::from_millis(250));
+        advance(now).await;
+        settle().await;
+        left -= now;
+    }
+}
+
+/// Holds for `job`, then lets `gap` pass with no holder, `n` times.
+async fn trickle(p: &TaskProtection, n: usize, job: Duration, gap: Duration) {
+    for _ in 0..n {
+        let guard = p.acquire().await.unwrap();
+        step(job).await;
+        drop(guard);
+        settle().await;
+        step(gap).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_steady_trickle_of_one_job_a_second_costs_an_enable_and_its_refreshes() {
+    let ecs = FakeEcs::new();
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    step(Duration::from_secs(7)).await;
+    assert_eq!(ecs.calls().len(), 1, "the start's release");
+    // One 50 ms job a second for two minutes: each gap is 950 ms.
+    let t0 = Instant::now();
+    trickle(
+        &p,
+        120,
+        Duration::from_millis(50),
+        Duration::from_millis(950),
+    )
+    .await;
+    let calls: Vec<_> = ecs.calls().into_iter().skip(1).collect();
+    // The first gaps are under the quiet second; then the linger follows the gaps.
+    assert!(
+        calls.iter().all(|c| c.request.enabled),
+        "released within the trickle: {calls:?}"
+    );
+    // An enable and a refresh every 48 s: at most 2 PUTs a minute.
+    assert!(
+        calls.len() <= 4,
+        "{} PUTs in two minutes: {calls:?}",
+        calls.len()
+    );
+    assert_eq!(ecs.lapses(), 0);
+    // The trickle stops: released within the maintain window of the last job.
+    let last_job_end = t0 + Duration::from_secs(120) - Duration::from_millis(950);
+    step(Duration::from_secs(6)).await;
+    let release = ecs.calls().last().copied().unwrap();
+    assert!(!release.request.enabled, "{:?}", ecs.calls());
+    assert!(release.at - last_job_end <= Duration::from_secs(6));
+    assert!(!ecs.protected_at(Instant::now()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_linger_never_passes_the_maintain_window() {
+    let ecs = FakeEcs::new();
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    step(Duration::from_secs(7)).await;
+    // Gaps of 5 s, which the 6 s maintain window could bridge: twice that is 10 s,
+    // but the linger stops at the window.
+    trickle(&p, 4, Duration::from_millis(100), Duration::from_secs(5)).await;
+    let guard = p.acquire().await.unwrap();
+    step(Duration::from_secs(20)).await;
+    drop(guard);
+    settle().await;
+    let left = Instant::now();
+    step(Duration::from_secs(10)).await;
+    let release = ecs.calls().last().copied().unwrap();
+    assert!(!release.request.enabled, "{:?}", ecs.calls());
+    assert_eq!(
+        release.at - left,
+        Duration::from_secs(6),
+        "{:?}",
+        ecs.calls()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_long_idle_a_lone_long_job_is_released_a_quiet_second_after_it() {
+    let ecs = FakeEcs::new();
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    step(Duration::from_secs(600)).await;
+    let guard = p.acquire().await.unwrap();
+    step(Duration::from_secs(20)).await;
+    drop(guard);
+    settle().await;
+    let left = Instant::now();
+    step(Duration::from_secs(3)).await;
+    let release = ecs.calls().last().copied().unwrap();
+    assert!(!release.request.enabled, "{:?}", ecs.calls());
+    assert_eq!(release.at - left, Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_process_releases_the_protection_an_earlier_one_left() {
+    for (settings, within) in [
+        (websocket_settings(), Duration::ZERO),
+        (worker_settings(), Duration::from_secs(6)),
+    ] {
+        let ecs = FakeEcs::new();
+        // An earlier process in this task left it protected for 30 minutes.
+        ecs.protect_until(Instant::now() + Duration::from_secs(1_800));
+        let start = Instant::now();
+        let p = TaskProtection::start(ecs.clone(), settings);
+        settle().await;
+        step(within + Duration::from_millis(250)).await;
+        assert!(!ecs.protected_at(Instant::now()), "{:?}", ecs.calls());
+        let calls = ecs.calls();
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        assert!(calls[0].at - start <= within);
+        assert_eq!(p.shutdown().await, ShutdownReport::NotProtected);
+        assert_eq!(ecs.calls().len(), 1);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_at_start_costs_an_enable_and_no_release() {
+    let ecs = FakeEcs::new();
+    ecs.protect_until(Instant::now() + Duration::from_secs(1_800));
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    let guard = p.acquire().await.unwrap();
+    let calls = ecs.calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(calls[0].request.enabled);
+    drop(guard);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_skewed_wall_clock_changes_no_timing() {
+    for offset in [-3_600, -50, 50, 3_600] {
+        let ecs = FakeEcs::new();
+        ecs.clock_offset(offset);
+        let p = TaskProtection::start(ecs.clone(), worker_settings());
+        let t0 = Instant::now();
+        let guard = p.acquire().await.unwrap();
+        step(Duration::from_secs(60)).await;
+        let calls = ecs.calls();
+        // The enable and one refresh at 48 s, whatever ECS's clock says.
+        assert_eq!(calls.len(), 2, "offset {offset}: {calls:?}");
+        assert_eq!(calls[1].at - t0, Duration::from_secs(48), "offset {offset}");
+        assert_eq!(ecs.lapses(), 0);
+        assert!(p.current().protected);
+        drop(guard);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_standalone_task_stops_asking_once_ecs_says_it_is_not_a_service_task() {
+    let ecs = FakeEcs::new();
+    ecs.always(Reply::Failure("TASK_NOT_VALID"));
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    step(Duration::from_secs(60)).await;
+    assert_eq!(ecs.calls().len(), 1, "{:?}", ecs.calls());
+    assert_eq!(p.current().phase, Phase::Idle);
 }

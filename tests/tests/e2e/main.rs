@@ -4,6 +4,7 @@ mod browser;
 mod cloudformation;
 mod demo;
 mod deploy;
+mod drain;
 mod monitoring;
 mod protection_faults;
 mod queue_consumer;

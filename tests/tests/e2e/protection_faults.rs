@@ -103,8 +103,8 @@ async fn worker_never_starts_a_job_after_a_release_answered_504() {
 #[tokio::test]
 async fn websocket_re_enables_at_once_for_a_client_after_a_release_answered_504() {
     let agent = FakeAgent::start().await;
-    agent.script([Answer::Ok, Answer::AppliedThenRequestCanceled]);
     let server = Server::start(&agent, &[]).await;
+    agent.script([Answer::Ok, Answer::AppliedThenRequestCanceled]);
     let url = format!("ws://127.0.0.1:{}/", server.port);
     let (mut first, _) = connect_async(&url).await.unwrap();
     let _welcome = first.next().await;
@@ -120,9 +120,12 @@ async fn websocket_re_enables_at_once_for_a_client_after_a_release_answered_504(
         agent.ecs_protected_at(Instant::now()).then(Instant::now)
     })
     .await;
+    // The enable waits until the disable, whose answer was lost, can no longer land
+    // after it: 5 s after the disable left.
     let waited = protected_at - arrived;
+    let after_disable = protected_at - agent.puts()[1].at;
     assert!(
-        waited <= Duration::from_millis(1_500),
+        after_disable <= Duration::from_millis(6_500) && waited <= Duration::from_millis(6_500),
         "ECS protected the new client only {waited:?} after it arrived: {:?}",
         agent.puts()
     );

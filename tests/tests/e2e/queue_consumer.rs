@@ -439,15 +439,20 @@ async fn queue_consumer_sigterm_past_the_grace_period_hands_the_job_back() {
 }
 
 #[tokio::test]
-async fn queue_consumer_idle_for_a_minute_makes_no_protection_calls() {
+async fn queue_consumer_idle_for_a_minute_makes_one_protection_call_at_start() {
     let s = Setup::start(30).await;
     let mut worker = s.worker(&[("QUEUE_WAIT_SECONDS", "20")]).await;
     // About absence: nothing to wait for but the time itself.
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert!(worker.count("Long polling for messages") >= 3);
-    assert_eq!(s.agent.all_requests().await, 0);
+    // The release of what an earlier process in the task may have left, once the
+    // maintain window (6 s) of the start has passed; nothing after.
+    let puts = s.agent.puts();
+    assert_eq!(puts.len(), 1, "{puts:?}");
+    assert!(!puts[0].enabled());
+    assert_eq!(s.agent.all_requests().await, 1);
     stop(&mut worker, STEP).await;
-    assert_eq!(s.agent.all_requests().await, 0);
+    assert_eq!(s.agent.all_requests().await, 1);
 }
 
 #[tokio::test]

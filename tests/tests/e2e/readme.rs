@@ -52,6 +52,7 @@ fn readme_settings(
     service: &str,
     column: usize,
     with_metrics: bool,
+    with_drain: bool,
 ) -> BTreeMap<String, String> {
     let mut out: BTreeMap<String, String> = table(readme, &format!("### {service}\n"))
         .into_iter()
@@ -72,6 +73,11 @@ fn readme_settings(
             out.insert(row[0].clone(), row[1].clone());
         }
     }
+    if with_drain {
+        for row in table(readme, "### Drain (both services)") {
+            out.insert(row[0].clone(), row[1].clone());
+        }
+    }
     out
 }
 
@@ -80,7 +86,13 @@ async fn check(service: &str, column: usize) {
     assert!(status.success(), "{service} --help: {stderr}");
     let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
     let actual = settings_from_help(&help);
-    let documented = readme_settings(&readme, service, column, actual.contains_key("METRICS"));
+    let documented = readme_settings(
+        &readme,
+        service,
+        column,
+        actual.contains_key("METRICS"),
+        actual.contains_key("DRAIN"),
+    );
     assert!(
         actual.len() >= 10,
         "too few settings parsed from --help: {actual:?}"

@@ -156,7 +156,12 @@ where
                 self.push(close(close_code::AWAY, SHUTTING_DOWN));
                 self.start_closing(Ended::ShuttingDown);
             }
-            (Notice::Say(_) | Notice::ShuttingDown, Some(_)) => {}
+            (Notice::Leave, None) => {
+                self.push(Message::Text(RECONNECT.into()));
+                self.push(close(close_code::AWAY, RECONNECT));
+                self.start_closing(Ended::Left);
+            }
+            (Notice::Say(_) | Notice::ShuttingDown | Notice::Leave, Some(_)) => {}
         }
         None
     }

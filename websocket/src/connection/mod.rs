@@ -70,6 +70,9 @@ pub enum Notice {
     Heartbeat,
     /// Say goodbye: `server shutting down`, then close with 1001.
     ShuttingDown,
+    /// The task is leaving its service: `please reconnect`, then close with 1001, so
+    /// the client reconnects, through the load balancer, to a task that stays.
+    Leave,
 }
 
 /// Why a connection ended.
@@ -91,6 +94,8 @@ pub enum Ended {
     ShuttingDown,
     /// The connection reached its maximum lifetime; the client was told to reconnect.
     Expired,
+    /// The task is leaving its service; the client was told to reconnect.
+    Left,
 }
 
 /// A socket error, as far as the protocol cares.

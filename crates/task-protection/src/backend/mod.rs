@@ -18,7 +18,7 @@ mod select;
 #[cfg(feature = "agent")]
 pub use agent::AgentBackend;
 #[cfg(feature = "ecs-api")]
-pub use ecs_api::{EcsApiBackend, TaskIdentity};
+pub use ecs_api::EcsApiBackend;
 pub use local::LocalBackend;
 pub use select::{AnyBackend, BackendConfig, BackendConfigError, BackendKind};
 

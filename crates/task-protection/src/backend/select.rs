@@ -194,7 +194,7 @@ impl AnyBackend {
                 variable: "ECS_CONTAINER_METADATA_URI_V4",
                 hint: " (the ECS agent sets it inside a task)",
             })?;
-        let task = super::TaskIdentity::discover(metadata_uri).await?;
+        let task = crate::metadata::TaskIdentity::discover(metadata_uri).await?;
         // The state machine retries with its own backoff and rate limit.
         let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .retry_config(aws_config::retry::RetryConfig::disabled())

@@ -1,0 +1,170 @@
+//! Drain under load, with and without, on a simulated ECS service (`e2e::sim`) at the
+//! deployment files' settings: a check every 30 s (the default), a health check every
+//! 5 s with an unhealthy threshold of 2, a drain notice of 10 s, a deregistration delay
+//! of 20 s and a stop timeout of 35 s.
+//!
+//! - scale-in: 3 tasks and 300 page-like clients, the desired count lowered to 1;
+//! - deployment: 2 tasks and 200 clients, a new deployment.
+//!
+//! Each runs once with `DRAIN=off` (every task protected as long as it has a client,
+//! as before) and once with the drain on. Reported: the time until the service runs
+//! what it wants (or "not within" the limit), the longest any client went without a
+//! server, and the ECS API calls per task per minute. Loopback only; stops by itself
+//! within about ten minutes.
+//!
+//! ```text
+//! cargo build --release -p websocket -p e2e --bins --examples
+//! cargo run --release -p e2e --example bench-drain
+//! ```
+
+use std::time::{Duration, Instant};
+
+use e2e::crowd::Crowd;
+use e2e::sim::{HealthCheck, Model, Ready, SimConfig, Simulator, Status};
+
+struct Outcome {
+    done: Option<Duration>,
+    longest_gap: Duration,
+    calls_per_task_minute: f64,
+    sigkills: u64,
+}
+
+fn config(desired: u32, drain: bool) -> SimConfig {
+    SimConfig {
+        binary: "websocket",
+        env: vec![
+            ("RUST_LOG".to_owned(), "warn".to_owned()),
+            (
+                "DRAIN".to_owned(),
+                if drain { "auto" } else { "off" }.to_owned(),
+            ),
+        ],
+        desired,
+        ready: Ready::Port,
+        health: Some(HealthCheck::deployed()),
+        deregistration_delay: Duration::from_secs(20),
+        stop_timeout: Duration::from_secs(35),
+    }
+}
+
+fn alive(m: &Model) -> usize {
+    m.tasks
+        .iter()
+        .filter(|t| t.status != Status::Stopped)
+        .count()
+}
+
+/// ECS API calls per task per minute, over every task's life so far.
+fn calls_per_task_minute(m: &Model) -> f64 {
+    let now = Instant::now();
+    let calls: u64 = m
+        .tasks
+        .iter()
+        .map(e2e::sim::model::Task::api_call_count)
+        .sum();
+    let minutes: f64 = m
+        .tasks
+        .iter()
+        .map(|t| (t.stopped_at.unwrap_or(now) - t.created).as_secs_f64() / 60.0)
+        .sum();
+    if minutes > 0.0 {
+        calls as f64 / minutes
+    } else {
+        0.0
+    }
+}
+
+async fn run(
+    desired: u32,
+    clients: usize,
+    drain: bool,
+    limit: Duration,
+    change: impl FnOnce(&Simulator),
+    done: impl Fn(&Model) -> bool,
+) -> Outcome {
+    let sim = Simulator::start(config(desired, drain)).await;
+    let port = sim.balancer().map(e2e::sim::Balancer::port).unwrap_or(0);
+    let crowd = Crowd::start(
+        &format!("ws://127.0.0.1:{port}/"),
+        clients,
+        Duration::from_secs(5),
+    );
+    let settle = Instant::now();
+    while crowd.connected() < clients && settle.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let the clients settle and protection be taken everywhere.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let start = Instant::now();
+    change(&sim);
+    let mut finished = None;
+    while start.elapsed() < limit {
+        if done(&sim.model()) {
+            finished = Some(start.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Every client back before the gap is read.
+    let back = Instant::now();
+    while crowd.connected() < clients && back.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = sim.model();
+    Outcome {
+        done: finished,
+        longest_gap: crowd.longest_gap(),
+        calls_per_task_minute: calls_per_task_minute(&m),
+        sigkills: m.sigkills,
+    }
+}
+
+fn row(what: &str, drain: bool, limit: Duration, o: &Outcome) {
+    let done = o.done.map_or_else(
+        || format!("not within {} s", limit.as_secs()),
+        |d| format!("{:.1} s", d.as_secs_f64()),
+    );
+    println!(
+        "| {what} | {} | {done} | {:.1} s | {:.2} | {} |",
+        if drain { "on" } else { "off" },
+        o.longest_gap.as_secs_f64(),
+        o.calls_per_task_minute,
+        o.sigkills
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    println!(
+        "| scenario | drain | until the service runs what it wants | longest gap a client saw | ECS API calls per task per minute | SIGKILLs |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for drain in [false, true] {
+        let limit = Duration::from_secs(120);
+        let o = run(
+            3,
+            300,
+            drain,
+            limit,
+            |sim| sim.set_desired(1),
+            |m| alive(m) == 1,
+        )
+        .await;
+        row("scale-in 3 → 1, 300 clients", drain, limit, &o);
+    }
+    for drain in [false, true] {
+        let limit = Duration::from_secs(150);
+        let o = run(
+            2,
+            200,
+            drain,
+            limit,
+            |sim| {
+                sim.deploy();
+            },
+            |m| m.deployments.len() == 1 && m.deployments[0].completed.is_some() && alive(m) == 2,
+        )
+        .await;
+        row("deployment of 2 tasks, 200 clients", drain, limit, &o);
+    }
+}

@@ -1,0 +1,312 @@
+//! Drain: a protected service still scales in and finishes its deployments under
+//! load. Each test runs the real binaries as the tasks of a simulated ECS service
+//! (`e2e::sim`): a scheduler that stops only unprotected tasks, a load balancer that
+//! sends new connections to healthy tasks, and clients that reconnect as the page
+//! does.
+
+use std::time::Duration;
+
+use e2e::crowd::Crowd;
+use e2e::sim::{ApiFault, HealthCheck, Ready, SimConfig, Simulator, Status};
+use e2e::wait_for;
+
+/// Checks every 3 s (the default is 30 s), a health check every second, and a
+/// deregistration delay of 3 s: the shape of a deployment, at a test's pace.
+fn websocket(desired: u32, extra: &[(&str, &str)]) -> SimConfig {
+    let mut env: Vec<(String, String)> = [
+        ("RUST_LOG", "info"),
+        ("DRAIN_CHECK_SECONDS", "3"),
+        // Two failed health checks a second apart, and a margin.
+        ("DRAIN_NOTICE_SECONDS", "3"),
+        ("SHUTDOWN_GRACE_SECONDS", "5"),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    env.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    SimConfig {
+        binary: "websocket",
+        env,
+        desired,
+        ready: Ready::Port,
+        health: Some(HealthCheck {
+            interval: Duration::from_secs(1),
+            healthy: 2,
+            unhealthy: 2,
+            timeout: Duration::from_secs(1),
+        }),
+        deregistration_delay: Duration::from_secs(3),
+        stop_timeout: Duration::from_secs(30),
+    }
+}
+
+/// `n` page-like clients through the load balancer, all connected.
+async fn crowd(sim: &Simulator, n: usize) -> Crowd {
+    let port = sim.balancer().map(e2e::sim::Balancer::port).unwrap_or(0);
+    let crowd = Crowd::start(
+        &format!("ws://127.0.0.1:{port}/"),
+        n,
+        Duration::from_secs(2),
+    );
+    wait_for(
+        "every client to connect",
+        Duration::from_secs(60),
+        || async { (crowd.connected() == n).then_some(()) },
+    )
+    .await;
+    crowd
+}
+
+/// Waits until every task the service wants is protected in ECS.
+async fn all_protected(sim: &Simulator) {
+    sim.wait_for("every task to be protected", Duration::from_secs(30), |m| {
+        let now = std::time::Instant::now();
+        m.wanted().all(|t| t.protected(now))
+    })
+    .await;
+}
+
+/// Tasks not yet stopped.
+fn alive(m: &e2e::sim::Model) -> usize {
+    m.tasks
+        .iter()
+        .filter(|t| t.status != Status::Stopped)
+        .count()
+}
+
+/// The end state every drain must reach: every client connected, none without a
+/// server for more than 10 s, no task killed, none crashed.
+async fn every_client_served(sim: &Simulator, crowd: &Crowd, n: usize) {
+    wait_for(
+        "every client to be connected",
+        Duration::from_secs(30),
+        || async { (crowd.connected() == n).then_some(()) },
+    )
+    .await;
+    let gap = crowd.longest_gap();
+    assert!(
+        gap <= Duration::from_secs(10),
+        "a client waited {gap:?} for a server"
+    );
+    let m = sim.model();
+    assert_eq!((m.sigkills, m.crashes), (0, 0), "{}", sim.describe());
+}
+
+#[tokio::test]
+async fn websocket_scale_in_under_load_reaches_the_desired_count() {
+    let sim = Simulator::start(websocket(3, &[])).await;
+    let crowd = crowd(&sim, 300).await;
+    all_protected(&sim).await;
+    sim.set_desired(1);
+    let took = sim
+        .wait_for(
+            "the service to run one task",
+            Duration::from_secs(120),
+            |m| alive(m) == 1,
+        )
+        .await;
+    eprintln!("scale-in 3 -> 1 with 300 clients took {took:?}");
+    every_client_served(&sim, &crowd, 300).await;
+    // The one left is protected again, for its clients.
+    all_protected(&sim).await;
+}
+
+#[tokio::test]
+async fn websocket_deployment_under_load_completes() {
+    let sim = Simulator::start(websocket(2, &[])).await;
+    let crowd = crowd(&sim, 200).await;
+    all_protected(&sim).await;
+    let deployment = sim.deploy();
+    let took = sim
+        .wait_for(
+            "the deployment to complete",
+            Duration::from_secs(150),
+            |m| m.deployments.len() == 1 && m.deployments[0].completed.is_some() && alive(m) == 2,
+        )
+        .await;
+    eprintln!("deployment of 2 tasks with 200 clients took {took:?}");
+    assert!(
+        sim.model()
+            .tasks
+            .iter()
+            .filter(|t| t.status != Status::Stopped)
+            .all(|t| t.deployment == deployment),
+        "{}",
+        sim.describe()
+    );
+    every_client_served(&sim, &crowd, 200).await;
+}
+
+/// The port of the task that is leaving, once one is.
+async fn leaving_task(sim: &Simulator) -> (String, u16) {
+    wait_for("a task to leave", Duration::from_secs(30), || async {
+        for (id, port) in ports(sim) {
+            if status(port).await["drain"]["membership"] == "leaving" {
+                return Some((id, port));
+            }
+        }
+        None
+    })
+    .await
+}
+
+fn ports(sim: &Simulator) -> Vec<(String, u16)> {
+    sim.model()
+        .wanted()
+        .filter_map(|t| t.port.map(|p| (t.id.clone(), p)))
+        .collect()
+}
+
+async fn status(port: u16) -> serde_json::Value {
+    let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/status")).await else {
+        return serde_json::Value::Null;
+    };
+    r.json().await.unwrap_or_default()
+}
+
+async fn healthz(port: u16) -> u16 {
+    reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+        .await
+        .map_or(0, |r| r.status().as_u16())
+}
+
+#[tokio::test]
+async fn a_leaving_task_is_wanted_again_when_the_desired_count_rises() {
+    // Clients stay a minute after the task starts leaving: time to change one's mind.
+    let sim = Simulator::start(websocket(2, &[("DRAIN_NOTICE_SECONDS", "60")])).await;
+    let crowd = crowd(&sim, 20).await;
+    all_protected(&sim).await;
+    sim.set_desired(1);
+    let (id, port) = leaving_task(&sim).await;
+    assert_eq!(healthz(port).await, 503);
+    let reason = status(port).await["drain"]["reason"].clone();
+    assert!(
+        reason
+            .as_str()
+            .is_some_and(|r| r.contains("runs 2 tasks and wants 1")),
+        "{reason}"
+    );
+    // Its clients keep it protected, so ECS cannot stop it yet.
+    sim.set_desired(2);
+    wait_for(
+        "the task to be wanted again",
+        Duration::from_secs(30),
+        || async { (status(port).await["drain"]["membership"] == "wanted").then_some(()) },
+    )
+    .await;
+    assert_eq!(healthz(port).await, 200);
+    // It takes clients again.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/"))
+        .await
+        .unwrap_or_else(|e| panic!("a wanted task refused a client: {e}"));
+    let welcome = futures_util::StreamExt::next(&mut ws).await;
+    assert!(matches!(welcome, Some(Ok(_))), "{welcome:?}");
+    let m = sim.model();
+    let task = m.tasks.iter().find(|t| t.id == id).unwrap();
+    assert_eq!(task.status, Status::Running, "{}", sim.describe());
+    assert!(!task.stopping);
+    drop(m);
+    assert_eq!(crowd.connected(), 20);
+}
+
+/// Starts two tasks with the ECS API answering `fault`, lowers the desired count to
+/// one, and checks that nobody leaves on doubt; then ECS heals and one leaves.
+async fn never_leaves_on(fault: ApiFault, expected_line: &str) {
+    let sim = Simulator::start(websocket(2, &[])).await;
+    let _crowd = crowd(&sim, 10).await;
+    all_protected(&sim).await;
+    sim.model().fault = fault;
+    sim.set_desired(1);
+    // Three check intervals and more: no verdict to leave without an answer.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    for (_, port) in ports(&sim) {
+        assert_eq!(
+            healthz(port).await,
+            200,
+            "left on doubt: {}",
+            sim.describe()
+        );
+    }
+    assert_eq!(alive(&sim.model()), 2);
+    let lines = sim.lines();
+    assert!(
+        lines.iter().any(|(_, l)| l.contains(expected_line)),
+        "no line with {expected_line:?}"
+    );
+    sim.model().fault = ApiFault::None;
+    sim.wait_for(
+        "the service to run one task",
+        Duration::from_secs(60),
+        |m| alive(m) == 1,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_unreachable_ecs_api_keeps_the_last_answer() {
+    never_leaves_on(
+        ApiFault::Slow(Duration::from_secs(30)),
+        "Drain check failed, keeping the last answer (wanted)",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_unreadable_ecs_answer_keeps_the_last_answer() {
+    never_leaves_on(ApiFault::Malformed, "unreadable answer").await;
+}
+
+#[tokio::test]
+async fn access_denied_turns_drain_off_and_the_service_works_as_before() {
+    let sim = Simulator::start(websocket(1, &[])).await;
+    sim.model().fault = ApiFault::Denied;
+    // The first check comes within one interval.
+    wait_for("the drain to turn off", Duration::from_secs(20), || async {
+        sim.lines()
+            .iter()
+            .any(|(_, l)| l.contains("Drain is off: the task role may not ask ECS"))
+            .then_some(())
+    })
+    .await;
+    let crowd = crowd(&sim, 5).await;
+    all_protected(&sim).await;
+    // One warning, then no call at all.
+    let calls = sim.model().tasks[0].api_call_count();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(sim.model().tasks[0].api_call_count(), calls);
+    let warnings = sim
+        .lines()
+        .iter()
+        .filter(|(_, l)| l.contains("Drain is off"))
+        .count();
+    assert_eq!(warnings, 1);
+    assert_eq!(crowd.connected(), 5);
+}
+
+#[tokio::test]
+async fn a_throttled_watcher_backs_off() {
+    let sim = Simulator::start(websocket(1, &[("DRAIN_CHECK_SECONDS", "1")])).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = sim.model().tasks[0]
+        .api_calls
+        .get("DescribeServices")
+        .copied();
+    sim.model().fault = ApiFault::Throttled;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let after = sim.model().tasks[0]
+        .api_calls
+        .get("DescribeServices")
+        .copied();
+    let asked = after.unwrap_or(0) - before.unwrap_or(0);
+    // Twenty seconds at one a second would be twenty; backing off, a handful.
+    assert!(asked <= 8, "{asked} checks in 20 s while throttled");
+    assert!(
+        sim.lines()
+            .iter()
+            .any(|(_, l)| l.contains("Drain check throttled by ECS")),
+    );
+}
