@@ -8,9 +8,9 @@
 //! exactly while it holds work. Concurrency is shared between the queues by
 //! [`shares`](crate::shares): a poll holds no slot while it waits, and asks for no
 //! more messages than its queue's share leaves room for (at most ten, SQS's limit).
-//! Right after a receive, the next one waits up to [`RECEIVE_GATHER`] for that
-//! receive's messages to be settled, so jobs that end together are followed by one
-//! receive for all of them. While a message waits for protection, no more are
+//! Once a slot is free, a receive waits up to [`RECEIVE_GATHER`] for the rest of the
+//! previous receive's messages to be settled, so jobs that end together are followed
+//! by one receive for all of them. While a message waits for protection, no more are
 //! received.
 //!
 //! Leaving the service ([`Worker::with_membership`]): no new poll starts (one on its
@@ -46,10 +46,11 @@ use crate::settle::{SettleQueue, Settler};
 use crate::shares::Shares;
 use crate::stats::Stats;
 
-/// How long a receive waits, after the one before it, for that receive's messages to
-/// be settled before it asks for fewer than a full batch: one `ReceiveMessage` for
-/// ten jobs that end together rather than several, at the cost of starting a job up
-/// to this much later. It never waits for messages of older receives (a long job).
+/// How long a receive waits, once a slot is free, for the rest of the previous
+/// receive's messages to be settled before it asks for fewer than a full batch: one
+/// `ReceiveMessage` for ten jobs that end together rather than several, at the cost
+/// of starting a job up to this much later. It never waits for messages of older
+/// receives (a long job).
 pub const RECEIVE_GATHER: Duration = Duration::from_millis(50);
 
 /// How long a long poll on its way at SIGTERM may still take. An answer already on
@@ -507,24 +508,33 @@ async fn receive_loop(shared: Arc<Shared>, lane: usize, messages: TaskTracker) {
     let mut awaiting = shared.awaiting_protection.subscribe();
     let mut load = shared.shares.subscribe();
     let mut leaving = shared.leaving.subscribe();
-    // The last receive: when it came back, and how many of its chains are unsettled.
-    let mut last: Option<(Instant, Arc<AtomicUsize>)> = None;
+    // How many chains of the last receive are not yet settled.
+    let mut last: Option<Arc<AtomicUsize>> = None;
     loop {
+        // When a slot first became free for this receive.
+        let mut free_since = None;
         let ask = loop {
             if shared.stop_receiving.is_cancelled() {
                 return;
             }
             load.borrow_and_update();
             let (ask, full) = shared.shares.ask(lane);
-            let gather_until = last.as_ref().and_then(|(at, unsettled)| {
-                gather_until(
-                    *at,
-                    unsettled.load(std::sync::atomic::Ordering::SeqCst),
-                    ask,
-                    full,
-                    Instant::now(),
-                )
-            });
+            let now = Instant::now();
+            if ask > 0 {
+                free_since.get_or_insert(now);
+            }
+            let gather_until = last
+                .as_ref()
+                .zip(free_since)
+                .and_then(|(unsettled, since)| {
+                    gather_until(
+                        since,
+                        unsettled.load(std::sync::atomic::Ordering::SeqCst),
+                        ask,
+                        full,
+                        now,
+                    )
+                });
             // A message waiting for protection could not be worked: take no more.
             let waiting = *awaiting.borrow_and_update() > 0;
             let gone = *leaving.borrow_and_update();
@@ -562,7 +572,7 @@ async fn receive_loop(shared: Arc<Shared>, lane: usize, messages: TaskTracker) {
         }
         match policy.after(received) {
             AfterReceive::Dispatch(batch) => {
-                last = Some((Instant::now(), dispatch(&shared, lane, batch, &messages)));
+                last = Some(dispatch(&shared, lane, batch, &messages));
             }
             AfterReceive::Poll => {}
             AfterReceive::Retry(wait, e) => {
@@ -671,17 +681,18 @@ fn dispatch(
 }
 
 /// Until when a receive waits before it asks for `ask` messages rather than `full`:
-/// while the chains of the previous receive (answered at `previous`) are not all
-/// settled (`unsettled`), and at most [`RECEIVE_GATHER`] after it. Slots held by
+/// while the chains of the previous receive are not all settled (`unsettled`: their
+/// slots free in a bunch, as their batch of deletes comes back), and at most
+/// [`RECEIVE_GATHER`] after the first slot became free (`free_since`). Slots held by
 /// older chains (a long job) are never waited for. `None`: receive now.
 fn gather_until(
-    previous: Instant,
+    free_since: Instant,
     unsettled: usize,
     ask: usize,
     full: usize,
     now: Instant,
 ) -> Option<Instant> {
-    let until = previous + RECEIVE_GATHER;
+    let until = free_since + RECEIVE_GATHER;
     (ask < full && unsettled > 0 && now < until).then_some(until)
 }
 

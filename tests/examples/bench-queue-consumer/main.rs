@@ -4,7 +4,7 @@
 //! ```text
 //! cargo build --release --bin queue-consumer
 //! cargo run --release -p e2e --example bench-queue-consumer -- [--jobs 2000] [--idle-seconds 120]
-//! cargo run --release -p e2e --example bench-queue-consumer -- --mixes [--trickle-seconds 60]
+//! cargo run --release -p e2e --example bench-queue-consumer -- --mixes [--trickle-seconds 60] [--rounds 3]
 //! ```
 //!
 //! `--mixes` runs the mixes of queues and jobs instead ([`mixes`]), each beside a plain
@@ -45,6 +45,7 @@ struct Args {
     idle: Duration,
     mixes: bool,
     trickle: Duration,
+    rounds: usize,
 }
 
 fn args() -> Args {
@@ -53,6 +54,7 @@ fn args() -> Args {
         idle: Duration::from_secs(120),
         mixes: false,
         trickle: Duration::from_secs(60),
+        rounds: 3,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -68,8 +70,9 @@ fn args() -> Args {
             "--jobs" => args.jobs = usize::try_from(value).unwrap_or(2000),
             "--idle-seconds" => args.idle = Duration::from_secs(value),
             "--trickle-seconds" => args.trickle = Duration::from_secs(value),
+            "--rounds" => args.rounds = usize::try_from(value).unwrap_or(3).max(1),
             other => panic!(
-                "unknown flag {other}; use --jobs N --idle-seconds N, or --mixes --trickle-seconds N"
+                "unknown flag {other}; use --jobs N --idle-seconds N, or --mixes --trickle-seconds N --rounds N"
             ),
         }
     }
@@ -382,7 +385,7 @@ async fn main() {
     let args = args();
     let moto = Moto::start().await;
     if args.mixes {
-        mixes::run(&moto, args.trickle).await;
+        mixes::run(&moto, args.trickle, args.rounds).await;
         return;
     }
     println!(

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, QueueAttributeName};
 use e2e::agent::FakeAgent;
-use e2e::counting::CountingProxy;
+use e2e::counting::{CountingProxy, Exchange};
 use e2e::moto::{Moto, aws_env, client_for, queue_counts, send_all};
 use e2e::process::binary;
 use e2e::wait_for;
@@ -147,6 +147,38 @@ struct Row {
     jobs: usize,
     secs: f64,
     requests: u64,
+    /// Median waits, in ms, from a delete's answer to the next receive, and from a
+    /// receive's answer to the next delete.
+    waits: (f64, f64),
+}
+
+/// For each request of `op`, the time since the last answer to `after` before it
+/// (and after the previous request of `op`), in ms; their median.
+fn median_wait(exchanges: &[Exchange], after: &str, op: &str) -> f64 {
+    let mut waits = Vec::new();
+    let mut since = None;
+    for e in exchanges.iter().filter(|e| e.operation == op) {
+        let answer = exchanges
+            .iter()
+            .filter(|a| a.operation == after)
+            .filter_map(|a| a.answered_at)
+            .filter(|t| *t <= e.sent_at && since.is_none_or(|s| *t >= s))
+            .max();
+        if let Some(answered) = answer {
+            waits.push((e.sent_at - answered).as_secs_f64() * 1000.0);
+        }
+        since = Some(e.sent_at);
+    }
+    waits.sort_by(f64::total_cmp);
+    waits.get(waits.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn waits_of(proxy: &CountingProxy) -> (f64, f64) {
+    let exchanges = proxy.exchanges();
+    (
+        median_wait(&exchanges, "DeleteMessageBatch", "ReceiveMessage"),
+        median_wait(&exchanges, "ReceiveMessage", "DeleteMessageBatch"),
+    )
 }
 
 impl Row {
@@ -158,13 +190,15 @@ impl Row {
     #[allow(clippy::cast_precision_loss)]
     fn print(&self, baseline: &Row) {
         println!(
-            "| {} | {} | {} | {:.2} | {:.1} | {:.3} | {:.2} × |",
+            "| {} | {} | {} | {:.2} | {:.1} | {:.3} | {:.0} / {:.0} | {:.2} × |",
             self.mix,
             self.run,
             self.jobs,
             self.secs,
             self.rate(),
             self.requests as f64 / self.jobs as f64,
+            self.waits.0,
+            self.waits.1,
             self.rate() / baseline.rate()
         );
     }
@@ -196,7 +230,7 @@ async fn plain(
     batch: i32,
     job: Duration,
     wait: i32,
-) -> (f64, u64) {
+) -> Measured {
     let proxy = CountingProxy::start(([127, 0, 0, 1], moto.port()).into()).await;
     let client = client_for(&proxy.endpoint());
     let fifo = queue.ends_with(".fifo");
@@ -243,7 +277,11 @@ async fn plain(
             .expect("delete batch");
         done += messages.len();
     }
-    (start.elapsed().as_secs_f64(), proxy.total())
+    (
+        start.elapsed().as_secs_f64(),
+        proxy.total(),
+        waits_of(&proxy),
+    )
 }
 
 /// Runs the worker on `queue` (with `env`) until `jobs` are done and deleted.
@@ -253,14 +291,18 @@ async fn worker(
     jobs: usize,
     env: &[(&str, String)],
     emptied: &[&str],
-) -> (f64, u64) {
+) -> Measured {
     let w = Worker::start(moto, queue, env).await;
     w.wait_done(jobs).await;
     let client = moto.client();
     for q in emptied {
         wait_empty(&client, q).await;
     }
-    let result = (w.started.elapsed().as_secs_f64(), w.proxy.total());
+    let result = (
+        w.started.elapsed().as_secs_f64(),
+        w.proxy.total(),
+        waits_of(&w.proxy),
+    );
     w.stop().await;
     result
 }
@@ -269,164 +311,158 @@ fn env(pairs: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
     pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
 }
 
-async fn two_queues(moto: &Moto) -> Vec<Row> {
-    const JOBS: usize = 300;
-    let client = moto.client();
-    let mut rows = Vec::new();
-    // The same queue alone.
-    let busy = moto.create_queue(&format!("busy-{}", unique()), 30).await;
-    send_all(&client, &busy, None, &bodies("200", JOBS)).await;
-    let (secs, requests) = worker(
-        moto,
-        &busy,
-        JOBS,
-        &env(&[("WORKER_CONCURRENCY", "10")]),
-        &[&busy],
-    )
-    .await;
-    rows.push(Row {
-        mix: "two queues, one idle",
-        run: "queue-consumer, the busy queue alone".into(),
-        jobs: JOBS,
-        secs,
-        requests,
-    });
-    // Beside an idle main queue.
-    let idle = moto.create_queue(&format!("idle-{}", unique()), 30).await;
-    let busy = moto.create_queue(&format!("busy-{}", unique()), 30).await;
-    send_all(&client, &busy, None, &bodies("200", JOBS)).await;
-    let topics = format!(r#"{{"busyEventsQueue":"{busy}"}}"#);
-    let (secs, requests) = worker(
-        moto,
-        &idle,
-        JOBS,
-        &env(&[
-            ("WORKER_CONCURRENCY", "10"),
-            ("COPILOT_TOPIC_QUEUE_URIS", &topics),
-        ]),
-        &[&busy],
-    )
-    .await;
-    rows.push(Row {
-        mix: "two queues, one idle",
-        run: "queue-consumer, beside an idle queue (20 s polls)".into(),
-        jobs: JOBS,
-        secs,
-        requests,
-    });
-    let plainq = moto.create_queue(&format!("plain-{}", unique()), 30).await;
-    send_all(&client, &plainq, None, &bodies("200", JOBS)).await;
-    let (secs, requests) = plain(moto, &plainq, JOBS, 10, Duration::from_millis(200), 1).await;
-    rows.insert(
-        0,
-        Row {
-            mix: "two queues, one idle",
-            run: "plain loop, receive 10, 10 jobs at once, delete batch".into(),
-            jobs: JOBS,
-            secs,
-            requests,
-        },
-    );
-    rows
+/// One run's seconds, SQS requests and median waits (ms) before a receive and a
+/// delete.
+type Measured = (f64, u64, (f64, f64));
+
+/// The runs the mixes are made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    /// The plain loop: batch, job length, FIFO.
+    Plain { batch: i32, job_ms: u64, fifo: bool },
+    /// The worker on one queue of 200 ms jobs.
+    Alone,
+    /// The worker on an idle main queue and a topic queue of 200 ms jobs.
+    BesideIdle,
+    /// The worker at concurrency 9, zero-millisecond jobs.
+    Nine,
+    /// The worker at concurrency 10, zero-millisecond jobs and one of 600 s.
+    TenWithLongJob,
+    /// The worker on one FIFO group of zero-millisecond jobs.
+    FifoGroup,
 }
 
-async fn long_job(moto: &Moto) -> Vec<Row> {
-    const JOBS: usize = 500;
-    let client = moto.client();
-    let mut rows = Vec::new();
-    let plainq = moto.create_queue(&format!("plain-{}", unique()), 30).await;
-    send_all(&client, &plainq, None, &bodies("0", JOBS)).await;
-    let (secs, requests) = plain(moto, &plainq, JOBS, 9, Duration::ZERO, 1).await;
-    rows.push(Row {
-        mix: "one long job",
-        run: "plain loop, receive 9, delete batch".into(),
-        jobs: JOBS,
-        secs,
-        requests,
-    });
-    let q9 = moto.create_queue(&format!("c9-{}", unique()), 30).await;
-    send_all(&client, &q9, None, &bodies("0", JOBS)).await;
-    let (secs, requests) = worker(
-        moto,
-        &q9,
-        JOBS,
-        &env(&[("WORKER_CONCURRENCY", "9")]),
-        &[&q9],
-    )
-    .await;
-    rows.push(Row {
-        mix: "one long job",
-        run: "queue-consumer, concurrency 9, no long job".into(),
-        jobs: JOBS,
-        secs,
-        requests,
-    });
-    let q10 = moto.create_queue(&format!("c10-{}", unique()), 30).await;
-    let mut jobs = bodies("600000", 1);
-    jobs.extend(bodies("0", JOBS));
-    send_all(&client, &q10, None, &jobs).await;
-    let w = Worker::start(
-        moto,
-        &q10,
-        &env(&[
-            ("WORKER_CONCURRENCY", "10"),
-            ("SHUTDOWN_GRACE_SECONDS", "0"),
-        ]),
-    )
-    .await;
-    w.wait_done(JOBS).await;
-    wait_for(
-        "the short jobs deleted",
-        Duration::from_secs(60),
-        || async { (queue_counts(&client, &q10).await == Some((0, 1))).then_some(()) },
-    )
-    .await;
-    let (secs, requests) = (w.started.elapsed().as_secs_f64(), w.proxy.total());
-    w.stop().await;
-    rows.push(Row {
-        mix: "one long job",
-        run: "queue-consumer, concurrency 10, one 600 s job running".into(),
-        jobs: JOBS,
-        secs,
-        requests,
-    });
-    rows
+impl Run {
+    fn describe(self) -> String {
+        match self {
+            Self::Plain {
+                batch,
+                job_ms,
+                fifo,
+            } => format!(
+                "plain loop: receive {batch}, {}, delete batch",
+                match (job_ms, fifo) {
+                    (0, _) => "no job".to_owned(),
+                    (ms, true) => format!("{ms} ms jobs one after the other"),
+                    (ms, false) => format!("{batch} jobs of {ms} ms at once"),
+                }
+            ),
+            Self::Alone => "queue-consumer, concurrency 10, the busy queue alone".into(),
+            Self::BesideIdle => {
+                "queue-consumer, concurrency 10, beside an idle queue (20 s polls)".into()
+            }
+            Self::Nine => "queue-consumer, concurrency 9, no long job".into(),
+            Self::TenWithLongJob => "queue-consumer, concurrency 10, one 600 s job running".into(),
+            Self::FifoGroup => "queue-consumer, concurrency 10, QUEUE_WAIT_SECONDS=1".into(),
+        }
+    }
+
+    /// One run on fresh queues holding `jobs` jobs: (seconds, SQS requests, waits).
+    async fn measure(self, moto: &Moto, jobs: usize) -> Measured {
+        let client = moto.client();
+        let queue = |name: &str| format!("{name}-{}", unique());
+        let ten = env(&[("WORKER_CONCURRENCY", "10")]);
+        match self {
+            Self::Plain {
+                batch,
+                job_ms,
+                fifo,
+            } => {
+                let q = if fifo {
+                    fifo_queue(&client).await
+                } else {
+                    moto.create_queue(&queue("plain"), 30).await
+                };
+                let group = fifo.then_some("g");
+                send_all(&client, &q, group, &bodies(&job_ms.to_string(), jobs)).await;
+                plain(moto, &q, jobs, batch, Duration::from_millis(job_ms), 1).await
+            }
+            Self::Alone => {
+                let q = moto.create_queue(&queue("busy"), 30).await;
+                send_all(&client, &q, None, &bodies("200", jobs)).await;
+                worker(moto, &q, jobs, &ten, &[&q]).await
+            }
+            Self::BesideIdle => {
+                let idle = moto.create_queue(&queue("idle"), 30).await;
+                let busy = moto.create_queue(&queue("busy"), 30).await;
+                send_all(&client, &busy, None, &bodies("200", jobs)).await;
+                let topics = format!(r#"{{"busyEventsQueue":"{busy}"}}"#);
+                let mut e = ten.clone();
+                e.push(("COPILOT_TOPIC_QUEUE_URIS", topics));
+                worker(moto, &idle, jobs, &e, &[&busy]).await
+            }
+            Self::Nine => {
+                let q = moto.create_queue(&queue("c9"), 30).await;
+                send_all(&client, &q, None, &bodies("0", jobs)).await;
+                worker(moto, &q, jobs, &env(&[("WORKER_CONCURRENCY", "9")]), &[&q]).await
+            }
+            Self::TenWithLongJob => {
+                let q = moto.create_queue(&queue("c10"), 30).await;
+                let mut all = bodies("600000", 1);
+                all.extend(bodies("0", jobs));
+                send_all(&client, &q, None, &all).await;
+                let mut e = ten.clone();
+                e.push(("SHUTDOWN_GRACE_SECONDS", "0".to_owned()));
+                let w = Worker::start(moto, &q, &e).await;
+                w.wait_done(jobs).await;
+                wait_for(
+                    "the short jobs deleted",
+                    Duration::from_secs(60),
+                    || async { (queue_counts(&client, &q).await == Some((0, 1))).then_some(()) },
+                )
+                .await;
+                let result = (
+                    w.started.elapsed().as_secs_f64(),
+                    w.proxy.total(),
+                    waits_of(&w.proxy),
+                );
+                w.stop().await;
+                result
+            }
+            Self::FifoGroup => {
+                let q = fifo_queue(&client).await;
+                send_all(&client, &q, Some("g"), &bodies("0", jobs)).await;
+                // moto's long poll on a FIFO queue leaves out the groups in flight at
+                // its start for its whole wait: 1 s polls, as the plain loop's.
+                let mut e = ten.clone();
+                e.push(("QUEUE_WAIT_SECONDS", "1".to_owned()));
+                worker(moto, &q, jobs, &e, &[&q]).await
+            }
+        }
+    }
 }
 
-async fn fifo_group(moto: &Moto) -> Vec<Row> {
-    const JOBS: usize = 200;
-    let client = moto.client();
-    let mut rows = Vec::new();
-    let plainq = fifo_queue(&client).await;
-    send_all(&client, &plainq, Some("g"), &bodies("0", JOBS)).await;
-    let (secs, requests) = plain(moto, &plainq, JOBS, 10, Duration::ZERO, 1).await;
-    rows.push(Row {
-        mix: "one FIFO group",
-        run: "plain loop, receive 10, delete batch".into(),
-        jobs: JOBS,
-        secs,
-        requests,
-    });
-    let q = fifo_queue(&client).await;
-    send_all(&client, &q, Some("g"), &bodies("0", JOBS)).await;
-    // moto's long poll on a FIFO queue leaves out the groups in flight at its start
-    // for its whole wait: 1 s polls, as the plain loop's.
-    let (secs, requests) = worker(
-        moto,
-        &q,
-        JOBS,
-        &env(&[("WORKER_CONCURRENCY", "10"), ("QUEUE_WAIT_SECONDS", "1")]),
-        &[&q],
-    )
-    .await;
-    rows.push(Row {
-        mix: "one FIFO group",
-        run: "queue-consumer, concurrency 10, QUEUE_WAIT_SECONDS=1".into(),
-        jobs: JOBS,
-        secs,
-        requests,
-    });
-    rows
+/// Runs `runs` in turn, `rounds` times, so that a change of load on the shared
+/// machine falls on all of them; one row each, with the median round.
+async fn mix(
+    moto: &Moto,
+    name: &'static str,
+    jobs: usize,
+    runs: &[Run],
+    rounds: usize,
+) -> Vec<Row> {
+    let mut results: Vec<Vec<Measured>> = vec![Vec::new(); runs.len()];
+    for _ in 0..rounds {
+        for (i, run) in runs.iter().enumerate() {
+            results[i].push(run.measure(moto, jobs).await);
+        }
+    }
+    runs.iter()
+        .zip(results)
+        .map(|(run, mut r)| {
+            r.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let rounds: Vec<String> = r.iter().map(|x| format!("{:.2}", x.0)).collect();
+            let (secs, requests, waits) = r[r.len() / 2];
+            Row {
+                mix: name,
+                run: format!("{} (rounds: {} s)", run.describe(), rounds.join(", ")),
+                jobs,
+                secs,
+                requests,
+                waits,
+            }
+        })
+        .collect()
 }
 
 /// Latencies, in milliseconds: p50, p99, max.
@@ -573,21 +609,48 @@ async fn trickles(moto: &Moto, length: Duration) {
     w.stop().await;
 }
 
-/// Runs every mix and prints the tables.
-pub(crate) async fn run(moto: &Moto, trickle: Duration) {
+/// Runs every mix (each run `rounds` times, in turn) and prints the tables.
+pub(crate) async fn run(moto: &Moto, trickle: Duration, rounds: usize) {
     println!(
         "mixes on moto_server on loopback, {} cores",
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
-    let mut groups = Vec::new();
-    groups.push(two_queues(moto).await);
-    groups.push(long_job(moto).await);
-    groups.push(fifo_group(moto).await);
+    let plain = |batch, job_ms, fifo| Run::Plain {
+        batch,
+        job_ms,
+        fifo,
+    };
+    let groups = vec![
+        mix(
+            moto,
+            "two queues, one idle",
+            300,
+            &[plain(10, 200, false), Run::Alone, Run::BesideIdle],
+            rounds,
+        )
+        .await,
+        mix(
+            moto,
+            "one long job",
+            500,
+            &[plain(9, 0, false), Run::Nine, Run::TenWithLongJob],
+            rounds,
+        )
+        .await,
+        mix(
+            moto,
+            "one FIFO group",
+            200,
+            &[plain(10, 0, true), Run::FifoGroup],
+            rounds,
+        )
+        .await,
+    ];
     println!();
     println!(
-        "| mix | run | jobs | seconds | jobs/s | SQS requests/job | jobs/s against the first row |"
+        "| mix | run | jobs | seconds | jobs/s | SQS requests/job | median ms before a receive / a delete | jobs/s against the first row |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
     for rows in &groups {
         for row in rows {
             row.print(&rows[0]);
