@@ -1,6 +1,9 @@
 //! The worker library run in-process, against moto and the fake agent: for handler
 //! and ordering tests that need job code of their own. Signals and exit codes are
 //! tested on the binary.
+//!
+//! With `E2E_TRACE` set, the in-process worker logs to stderr, filtered by `RUST_LOG`
+//! (`E2E_TRACE=1 RUST_LOG=queue_consumer=debug cargo nextest run ... --no-capture`).
 
 use std::time::Duration;
 
