@@ -7,10 +7,12 @@
 //! - deployment: 2 tasks and 200 clients, a new deployment.
 //!
 //! Each runs once with `DRAIN=off` (every task protected as long as it has a client,
-//! as before) and once with the drain on. Reported: the time until the service runs
-//! what it wants (or "not within" the limit), the longest any client went without a
-//! server, and the ECS API calls per task per minute. Loopback only; stops by itself
-//! within about ten minutes.
+//! as before) and once with the drain on, the clients connected for two minutes before
+//! the change and the run going on for a minute after it. Reported: the time until the
+//! service runs what it wants (or "not within" the limit), the longest any client went
+//! without a server, and the ECS API calls per task per minute, over the two steady
+//! minutes and over every task's whole life. Loopback only; stops by itself within
+//! about twenty minutes.
 //!
 //! ```text
 //! cargo build --release -p websocket -p e2e --bins --examples
@@ -25,8 +27,21 @@ use e2e::sim::{HealthCheck, Model, Ready, SimConfig, Simulator, Status};
 struct Outcome {
     done: Option<Duration>,
     longest_gap: Duration,
+    steady_calls_per_task_minute: f64,
     calls_per_task_minute: f64,
     sigkills: u64,
+}
+
+/// Before the change: clients connected, nothing happening.
+const STEADY: Duration = Duration::from_secs(120);
+/// After the service runs what it wants (or the limit).
+const AFTER: Duration = Duration::from_secs(60);
+
+fn total_calls(m: &Model) -> u64 {
+    m.tasks
+        .iter()
+        .map(e2e::sim::model::Task::api_call_count)
+        .sum()
 }
 
 fn config(desired: u32, drain: bool) -> SimConfig {
@@ -93,8 +108,13 @@ async fn run(
     while crowd.connected() < clients && settle.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Let the clients settle and protection be taken everywhere.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Steady: the clients stay, every task protected, the watchers asking.
+    let (calls_before, tasks) = {
+        let m = sim.model();
+        (total_calls(&m), alive(&m))
+    };
+    tokio::time::sleep(STEADY).await;
+    let steady_calls = total_calls(&sim.model()) - calls_before;
     let start = Instant::now();
     change(&sim);
     let mut finished = None;
@@ -105,15 +125,13 @@ async fn run(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Every client back before the gap is read.
-    let back = Instant::now();
-    while crowd.connected() < clients && back.elapsed() < Duration::from_secs(30) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    tokio::time::sleep(AFTER).await;
     let m = sim.model();
     Outcome {
         done: finished,
         longest_gap: crowd.longest_gap(),
+        steady_calls_per_task_minute: steady_calls as f64
+            / (tasks as f64 * STEADY.as_secs_f64() / 60.0),
         calls_per_task_minute: calls_per_task_minute(&m),
         sigkills: m.sigkills,
     }
@@ -125,9 +143,10 @@ fn row(what: &str, drain: bool, limit: Duration, o: &Outcome) {
         |d| format!("{:.1} s", d.as_secs_f64()),
     );
     println!(
-        "| {what} | {} | {done} | {:.1} s | {:.2} | {} |",
+        "| {what} | {} | {done} | {:.1} s | {:.2} | {:.2} | {} |",
         if drain { "on" } else { "off" },
         o.longest_gap.as_secs_f64(),
+        o.steady_calls_per_task_minute,
         o.calls_per_task_minute,
         o.sigkills
     );
@@ -136,9 +155,9 @@ fn row(what: &str, drain: bool, limit: Duration, o: &Outcome) {
 #[tokio::main]
 async fn main() {
     println!(
-        "| scenario | drain | until the service runs what it wants | longest gap a client saw | ECS API calls per task per minute | SIGKILLs |"
+        "| scenario | drain | until the service runs what it wants | longest gap a client saw | ECS API calls per task per minute, steady | the same, over every task's life | SIGKILLs |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for drain in [false, true] {
         let limit = Duration::from_secs(120);
         let o = run(

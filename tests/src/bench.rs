@@ -96,6 +96,24 @@ pub mod procfs {
         kb_field(&status, "VmRSS")
     }
 
+    /// `VmHWM` of process `pid`: the most its resident set has been, in KiB, since
+    /// it started or since [`reset_peak_rss`].
+    #[must_use]
+    pub fn peak_rss_kb(pid: u32) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        kb_field(&status, "VmHWM")
+    }
+
+    /// Sets the peak that [`peak_rss_kb`] reads to the resident set of now (Linux
+    /// 4.0 and later).
+    ///
+    /// # Errors
+    /// When `/proc/<pid>/clear_refs` cannot be written: another user's process, or
+    /// an older kernel.
+    pub fn reset_peak_rss(pid: u32) -> std::io::Result<()> {
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
+    }
+
     /// User plus system CPU time of process `pid`, in clock ticks (1/100 s here).
     #[must_use]
     pub fn cpu_ticks(pid: u32) -> Option<u64> {
@@ -135,6 +153,8 @@ mod tests {
     fn this_process_has_a_resident_set_and_cpu_time() {
         let pid = std::process::id();
         assert!(procfs::rss_kb(pid).is_some_and(|kb| kb > 0));
+        let rss = procfs::rss_kb(pid).unwrap();
+        assert!(procfs::peak_rss_kb(pid).is_some_and(|kb| kb >= rss));
         assert!(procfs::cpu_ticks(pid).is_some());
         assert!(procfs::meminfo_kb("MemTotal").is_some_and(|kb| kb > 0));
         assert_eq!(procfs::meminfo_kb("NoSuchField"), None);

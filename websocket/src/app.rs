@@ -38,15 +38,15 @@ use crate::routes::{Shared, router};
 /// How long HTTP requests still in flight get after the websockets are done.
 const HTTP_DRAIN: Duration = Duration::from_secs(1);
 
-/// Most clients told to leave per second at shutdown, while the grace period allows.
+/// Most clients told to leave per second by default (`GOODBYE_RATE`), at shutdown and
+/// when the task leaves its service.
 pub const GOODBYE_RATE: u32 = 1_000;
 
-/// Over how long the goodbye to `clients` is spread: at [`GOODBYE_RATE`], but within
+/// Over how long the goodbye to `clients` is spread: at `rate` a second, but within
 /// the first half of `grace`, so the last clients told still have time to close.
 #[must_use]
-pub fn goodbye_spread(clients: usize, grace: Duration) -> Duration {
-    let clients = u32::try_from(clients).unwrap_or(u32::MAX);
-    (Duration::from_secs(1) * clients / GOODBYE_RATE).min(grace / 2)
+pub fn goodbye_spread(clients: usize, grace: Duration, rate: u32) -> Duration {
+    drain_spread(clients, rate).min(grace / 2)
 }
 
 /// A bound server, ready to run.
@@ -58,6 +58,7 @@ pub struct App {
     grace: Duration,
     ping_interval: Duration,
     drain_notice: Duration,
+    goodbye_rate: u32,
     http: HttpSettings,
 }
 
@@ -88,6 +89,7 @@ impl App {
             grace: settings.shutdown_grace,
             ping_interval: settings.ping_interval,
             drain_notice: settings.drain_notice,
+            goodbye_rate: settings.goodbye_rate,
             http: HttpSettings {
                 header_timeout: settings.header_timeout,
                 max_pending: MAX_PENDING_CONNECTIONS,
@@ -153,12 +155,17 @@ impl App {
             grace,
             ping_interval,
             drain_notice,
+            goodbye_rate,
             http,
             ..
         } = self;
         let protection = shared.connections.protection().clone();
         let rejections = tokio::spawn(announce_rejections(protection.clone(), Arc::clone(&shared)));
-        let drain = tokio::spawn(follow_drain(Arc::clone(&shared), drain_notice));
+        let drain = tokio::spawn(follow_drain(
+            Arc::clone(&shared),
+            drain_notice,
+            goodbye_rate,
+        ));
         let heartbeat = tokio::spawn({
             let notices = Arc::clone(&shared.notices);
             async move { notices.heartbeat(ping_interval).await }
@@ -183,7 +190,7 @@ impl App {
 
         let deadline = Instant::now() + grace;
         let clients = shared.connections.count();
-        let spread = goodbye_spread(clients, grace);
+        let spread = goodbye_spread(clients, grace, goodbye_rate);
         tracing::info!(
             connections = clients,
             "Shutting down: no new clients; telling {clients} clients to leave over {spread:?}"
@@ -231,11 +238,11 @@ impl App {
     }
 }
 
-/// How long telling `clients` to reconnect takes, at [`GOODBYE_RATE`].
+/// How long telling `clients` to reconnect takes, at `rate` a second.
 #[must_use]
-pub fn drain_spread(clients: usize) -> Duration {
+pub fn drain_spread(clients: usize, rate: u32) -> Duration {
     let clients = u32::try_from(clients).unwrap_or(u32::MAX);
-    Duration::from_secs(1) * clients / GOODBYE_RATE
+    Duration::from_secs(1) * clients / rate.max(1)
 }
 
 /// Follows the drain watcher's verdict. Leaving: no new clients (the routes check),
@@ -243,7 +250,7 @@ pub fn drain_spread(clients: usize) -> Duration {
 /// clients here by then) the clients are told to reconnect, at [`GOODBYE_RATE`], so
 /// that they arrive at the other tasks in a steady stream. Wanted again: all of it
 /// stops, and clients are welcome again.
-async fn follow_drain(shared: Arc<Shared>, notice: Duration) {
+async fn follow_drain(shared: Arc<Shared>, notice: Duration, rate: u32) {
     let mut membership = shared.drain.subscribe();
     let protection = shared.connections.protection().clone();
     loop {
@@ -253,7 +260,7 @@ async fn follow_drain(shared: Arc<Shared>, notice: Duration) {
             let tell = async {
                 tokio::time::sleep(notice).await;
                 let clients = shared.connections.count();
-                let spread = drain_spread(clients);
+                let spread = drain_spread(clients, rate);
                 tracing::info!(
                     connections = clients,
                     "Telling {clients} clients to reconnect to other tasks, over {spread:?}"
@@ -314,11 +321,17 @@ mod tests {
     #[test]
     fn the_goodbye_is_spread_by_the_rate_within_half_the_grace() {
         let grace = Duration::from_secs(20);
-        assert_eq!(goodbye_spread(0, grace), Duration::ZERO);
-        assert_eq!(goodbye_spread(1, grace), Duration::from_millis(1));
-        assert_eq!(goodbye_spread(600, grace), Duration::from_millis(600));
-        assert_eq!(goodbye_spread(15_000, grace), Duration::from_secs(10));
-        assert_eq!(goodbye_spread(15_000, Duration::ZERO), Duration::ZERO);
-        assert_eq!(goodbye_spread(usize::MAX, grace), Duration::from_secs(10));
+        let rate = GOODBYE_RATE;
+        assert_eq!(goodbye_spread(0, grace, rate), Duration::ZERO);
+        assert_eq!(goodbye_spread(1, grace, rate), Duration::from_millis(1));
+        assert_eq!(goodbye_spread(600, grace, rate), Duration::from_millis(600));
+        assert_eq!(goodbye_spread(15_000, grace, rate), Duration::from_secs(10));
+        assert_eq!(goodbye_spread(15_000, Duration::ZERO, rate), Duration::ZERO);
+        assert_eq!(
+            goodbye_spread(usize::MAX, grace, rate),
+            Duration::from_secs(10)
+        );
+        assert_eq!(goodbye_spread(600, grace, 100), Duration::from_secs(6));
+        assert_eq!(drain_spread(600, 0), Duration::from_secs(600));
     }
 }

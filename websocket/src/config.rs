@@ -57,7 +57,7 @@ pub struct Config {
     pub ws_ping_interval_seconds: u64,
 
     /// Most clients connected at once; past it new clients get HTTP 503. Each costs
-    /// at most about 20 KB however it behaves (BENCHMARKS.md), so the default fits a
+    /// at most about 22 KB however it behaves (BENCHMARKS.md), so the default fits a
     /// 512 MiB task with room to spare (1..=1000000)
     #[arg(long, env = "MAX_CONNECTIONS", value_name = "N", default_value = "10000",
           value_parser = ranged("MAX_CONNECTIONS", 1, MAX_CONNECTIONS_LIMIT, ""))]
@@ -99,6 +99,14 @@ pub struct Config {
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", value_name = "SECONDS", default_value = "20",
           value_parser = ranged("SHUTDOWN_GRACE_SECONDS", 0, MAX_GRACE_SECONDS, "seconds"))]
     pub shutdown_grace_seconds: u64,
+
+    /// Most clients told to leave per second, at shutdown and when the task leaves its
+    /// service, so that they arrive at the other tasks in a steady stream; at shutdown
+    /// the goodbye still ends within the first half of SHUTDOWN_GRACE_SECONDS
+    /// (1..=1000000)
+    #[arg(long, env = "GOODBYE_RATE", value_name = "CLIENTS", default_value = "1000",
+          value_parser = ranged("GOODBYE_RATE", 1, 1_000_000, "clients per second"))]
+    pub goodbye_rate: u64,
 
     /// Once the service no longer wants this task (DRAIN), how long its clients stay
     /// while /healthz answers 503, before they are told to reconnect, in seconds: the
@@ -190,6 +198,8 @@ pub struct ServerSettings {
     pub header_timeout: Duration,
     /// Once leaving, how long clients stay before they are told to reconnect.
     pub drain_notice: Duration,
+    /// Most clients told to leave per second.
+    pub goodbye_rate: u32,
 }
 
 impl Default for ServerSettings {
@@ -204,6 +214,7 @@ impl Default for ServerSettings {
             allowed_origins: Vec::new(),
             header_timeout: Duration::from_secs(65),
             drain_notice: Duration::from_secs(10),
+            goodbye_rate: crate::app::GOODBYE_RATE,
         }
     }
 }
@@ -226,6 +237,7 @@ impl Config {
             allowed_origins: self.allowed_origins.clone(),
             header_timeout: Duration::from_secs(self.http_header_timeout_seconds),
             drain_notice: Duration::from_secs(self.drain_notice_seconds),
+            goodbye_rate: u32::try_from(self.goodbye_rate).unwrap_or(u32::MAX),
         }
     }
 }

@@ -11,6 +11,13 @@ use task_protection::cli::{
 use websocket::config::{Command, Config, protection_defaults};
 use websocket::{App, healthcheck};
 
+/// jemalloc rather than glibc's malloc: after a burst of clients has gone, glibc keeps
+/// the freed memory (RSS stayed at the burst's peak); jemalloc's background thread
+/// hands it back within about a second (`dirty_decay_ms` in `.cargo/config.toml`),
+/// and an idle client costs about the same. BENCHMARKS.md has the figures.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config: Config =

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::ws::{WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -15,12 +15,14 @@ use task_protection::{Counters, ProtectionState};
 
 /// The longest error text `/status` shows.
 pub const MAX_PUBLIC_TEXT: usize = 120;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::connection;
 use crate::connection::limits::{Limits, MAX_WRITE_BUFFER_BYTES, Meter};
-use crate::connections::Connections;
+use crate::connection::{self, Notice};
+use crate::connections::{Connections, Slot};
 use crate::metrics::ServerMetrics;
 
 /// The page, compiled in so the binary needs no files at run time.
@@ -29,9 +31,11 @@ pub const PAGE: &str = include_str!("../static/index.html");
 /// The read buffer of each websocket. tungstenite's default is 128 KiB per
 /// connection, which makes 10,000 idle clients cost 1.3 GB, and tungstenite fills
 /// the whole buffer on every read, so each idle connection pays for all of it. This
-/// protocol's messages are a few bytes; a larger one (up to `MAX_MESSAGE_BYTES`)
-/// still arrives, the buffer growing for it and keeping that size.
-pub const READ_BUFFER_BYTES: usize = 1024;
+/// protocol's messages are a few bytes (a `ping` frame is 10), so 256 bytes hold
+/// dozens of them; a larger one (up to `MAX_MESSAGE_BYTES`) still arrives, the
+/// buffer growing for it and keeping that size, and one over the limit is refused
+/// before it grows anything.
+pub const READ_BUFFER_BYTES: usize = 256;
 
 /// What every request handler shares.
 #[derive(Debug)]
@@ -152,7 +156,7 @@ fn accept(
         // still comes retries and lands on a task that stays.
         return unavailable("this task is leaving its service");
     }
-    let Some(mut slot) = shared.connections.try_open() else {
+    let Some(slot) = shared.connections.try_open() else {
         tracing::warn!(
             limit = shared.connections.limit(),
             "Refused a client: MAX_CONNECTIONS reached"
@@ -160,45 +164,68 @@ fn accept(
         shared.metrics.refused.increment(1);
         return unavailable("too many connections");
     };
-    let mut notices = shared.notices.subscribe();
-    let shutdown = shared.shutdown.clone();
-    let refused = shared.refused.load(Ordering::Relaxed);
-    let limits = shared.limits;
-    let metrics = shared.metrics.clone();
+    // Subscribed now, so that no notice sent before the upgrade is missed.
+    let notices = shared.notices.subscribe();
+    let max_message = shared.limits.max_message_bytes;
     // From the 101 on, the connection's bytes are websocket frames.
-    meter.start_websocket();
+    meter.start_websocket(max_message);
+    let shared = Arc::clone(shared);
     upgrade
         .read_buffer_size(READ_BUFFER_BYTES)
-        .max_message_size(limits.max_message_bytes)
-        .max_frame_size(limits.max_message_bytes)
+        .max_message_size(max_message)
+        .max_frame_size(max_message)
         .write_buffer_size(0)
         .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
         .on_failed_upgrade(|error| tracing::debug!("websocket upgrade failed: {error}"))
-        .on_upgrade(move |mut socket| async move {
-            slot.opened();
-            metrics.opened.increment(1);
-            metrics.connections.increment(1.0);
-            let count = slot.count_when_opened();
-            let greeting = connection::Greeting {
-                connections: count,
-                refused,
-            };
-            let ended = connection::serve(
-                &mut socket,
-                greeting,
-                &mut notices,
-                &shutdown,
-                &limits,
-                &meter,
-                &metrics.messages,
-            )
-            .await;
-            tracing::debug!(?ended, "websocket ended");
-            metrics.closed(ended);
-            metrics.connections.decrement(1.0);
-            drop(slot);
-            drop(tracked);
-        })
+        .on_upgrade(move |socket| client(socket, shared, slot, notices, meter, tracked))
+}
+
+/// One client, from its welcome to its goodbye.
+///
+/// What this future holds is most of what an idle client costs, and what it
+/// captures is held twice (by the upgrade's closure too): so it keeps one handle on
+/// what every client shares instead of copies of the parts it uses. It is an
+/// `async` block rather than an `async fn`, whose arguments would be stored twice
+/// (the socket among them).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice"
+)]
+fn client(
+    mut socket: WebSocket,
+    shared: Arc<Shared>,
+    mut slot: Slot,
+    mut notices: broadcast::Receiver<Notice>,
+    meter: Arc<Meter>,
+    tracked: TaskTrackerToken,
+) -> impl Future<Output = ()> {
+    async move {
+        // Read after subscribing, as announce_rejections sets it before it tells
+        // everyone: a refusal is heard one way or the other.
+        let greeting = connection::Greeting {
+            connections: slot.count_when_opened(),
+            refused: shared.refused.load(Ordering::Relaxed),
+        };
+        slot.opened();
+        let metrics = &shared.metrics;
+        metrics.opened.increment(1);
+        metrics.connections.increment(1.0);
+        let ended = connection::serve(
+            &mut socket,
+            greeting,
+            &mut notices,
+            &shared.shutdown,
+            &shared.limits,
+            &meter,
+            &metrics.messages,
+        )
+        .await;
+        tracing::debug!(?ended, "websocket ended");
+        metrics.closed(ended);
+        metrics.connections.decrement(1.0);
+        drop(slot);
+        drop(tracked);
+    }
 }
 
 /// `GET /healthz`: for the ALB, whose health checks cannot use websockets. 503 while

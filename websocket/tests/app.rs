@@ -8,7 +8,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use websocket::{App, ServerSettings};
 
-const STEP: Duration = Duration::from_secs(10);
+const STEP: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn serves_until_the_shutdown_future_then_says_goodbye_and_releases() {
@@ -90,9 +90,28 @@ struct Crowd {
 }
 
 async fn crowd(n: usize) -> Crowd {
+    crowd_with(n, ServerSettings::default()).await
+}
+
+/// A crowd whose goodbye, at 50 clients a second, takes a minute for 3,000: long enough
+/// that what the test looks for (the goodbye cut short) cannot be mistaken for a
+/// slow machine's delays.
+async fn slow_goodbye_crowd(n: usize) -> Crowd {
+    crowd_with(
+        n,
+        ServerSettings {
+            goodbye_rate: 50,
+            shutdown_grace: Duration::from_secs(240),
+            ..ServerSettings::default()
+        },
+    )
+    .await
+}
+
+async fn crowd_with(n: usize, settings: ServerSettings) -> Crowd {
     websocket::http::raise_open_file_limit(n * 2);
     let protection = TaskProtection::start(LocalBackend::new(), ProtectionSettings::default());
-    let app = App::build(ServerSettings::default(), protection)
+    let app = App::build(settings, protection)
         .await
         .expect("binds port 0 on loopback");
     let port = app.port();
@@ -213,28 +232,28 @@ async fn the_goodbye_to_many_clients_is_spread_out() {
 /// when the last client is gone, not when the spread goodbye would have reached it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shutdown_ends_when_the_last_client_has_left() {
-    // 3,000 clients: a goodbye spread over 3 s.
+    // 3,000 clients: a goodbye spread over a minute.
     let Crowd {
         stop,
         server,
         clients,
         ..
-    } = crowd(3_000).await;
+    } = slow_goodbye_crowd(3_000).await;
     stop.send(()).expect("the server is running");
     let start = std::time::Instant::now();
     drop(clients);
     served(server).await;
     let took = start.elapsed();
     assert!(
-        took < Duration::from_millis(2_000),
-        "the shutdown took {took:?} after every client had gone"
+        took < Duration::from_secs(20),
+        "the shutdown took {took:?} after every client had gone, as if it waited out the goodbye"
     );
 }
 
 /// A second signal (`hurry`) tells every client still waiting for its turn at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_tells_every_remaining_client_at_once() {
-    // 3,000 clients: a goodbye spread over 3 s.
+    // 3,000 clients: a goodbye spread over a minute.
     const CLIENTS: usize = 3_000;
     let Crowd {
         stop,
@@ -242,7 +261,7 @@ async fn a_second_signal_tells_every_remaining_client_at_once() {
         server,
         clients,
         ..
-    } = crowd(CLIENTS).await;
+    } = slow_goodbye_crowd(CLIENTS).await;
     let (mut heard, readers) = listen_for_goodbyes(clients);
     let start = std::time::Instant::now();
     stop.send(()).expect("the server is running");
@@ -257,8 +276,8 @@ async fn a_second_signal_tells_every_remaining_client_at_once() {
     assert_eq!(times.len(), CLIENTS, "every client hears the goodbye");
     let last = times.iter().max().expect("some");
     assert!(
-        *last - start < Duration::from_millis(1_500),
-        "the last goodbye came {:?} after the shutdown began",
+        *last - start < Duration::from_secs(20),
+        "the last goodbye came {:?} after the shutdown began, as if the spread went on",
         *last - start
     );
     served(server).await;

@@ -1,13 +1,44 @@
 //! CloudWatch metrics from a container with no agent and no API call: a recorder for
-//! the [`metrics`] facade that writes one [Embedded Metric Format] line per interval
-//! to stdout, where the awslogs driver ships it and CloudWatch extracts the metrics.
+//! the [`metrics`] facade that writes [Embedded Metric Format] lines to stdout, where
+//! the awslogs driver ships them and CloudWatch extracts the metrics.
 //!
 //! Libraries and services call `metrics::counter!`, `gauge!` and `histogram!` as
 //! usual; `main` installs this recorder (or any other exporter) once. The cost stays
-//! flat whatever the load: a counter is one atomic add, and the line written each
-//! interval holds each metric once — counters as their increase over the interval,
-//! gauges as their current value, histograms as a uniform sample of at most 100
-//! values (EMF's limit for a value array).
+//! flat whatever the load: a counter is one atomic add, and each interval's lines
+//! hold each series once:
+//!
+//! - a **counter** as its increase over the interval (`Counter::absolute` sets a
+//!   total kept elsewhere; the line holds how much it grew, and a total lower than
+//!   the last one counts as a restart from zero);
+//! - a **gauge** as its current value;
+//! - a **histogram** as EMF's distribution object, `{"Values": [...], "Counts":
+//!   [...], "Count", "Sum", "Min", "Max"}`, at most 100 values whose counts add up
+//!   to the exact count and whose value × count add up to the exact sum, at any
+//!   rate (percentiles are approximate: buckets 12.5 % wide).
+//!
+//! **Labels are dimensions.** `counter!("Closed", "cause" => "client")` is the
+//! metric `Closed` with the dimensions configured for the process (such as
+//! `Service` and `Environment`) and `cause = client`. Each set of label values is
+//! its own line, since a line carries one value per dimension. Mind the
+//! cardinality: every distinct combination is a CloudWatch custom metric.
+//!
+//! **Within CloudWatch's limits**, by one rule: what CloudWatch would refuse is left
+//! out, with a warning logged once, and the rest is written.
+//! - A metric whose name is empty or over 255 bytes, or is `_aws` or a configured
+//!   dimension's name, is not recorded.
+//! - A label whose name or value CloudWatch refuses as a dimension (see
+//!   [`check_dimension`]), or that is named like a configured dimension or like the
+//!   metric itself, is not a dimension; the series is written without it.
+//! - A metric has at most 30 dimensions: the configured ones first, then its labels
+//!   in name order; labels past the 30th are left out.
+//! - A line holds at most 100 metrics; more make more lines.
+//! - Values CloudWatch refuses (NaN, infinities, beyond ±2^360) are dropped; a
+//!   histogram without values and a gauge without a usable value are left out of
+//!   the line.
+//!
+//! The unit given to `describe_*` is kept whatever the metric's name, as the
+//! CloudWatch unit; nanoseconds are written as microseconds and binary multiples of
+//! bytes as bytes, converted, since CloudWatch has neither.
 //!
 //! ```
 //! use std::time::Duration;
@@ -21,18 +52,27 @@
 //! metrics::with_local_recorder(&recorder, || {
 //!     metrics::counter!("JobsDone").increment(3);
 //!     metrics::gauge!("JobsInFlight").set(2.0);
+//!     metrics::histogram!("JobDuration").record(12.5);
 //! });
-//! let line = handle.render();
-//! let doc: serde_json::Value = serde_json::from_str(&line).unwrap();
+//! let lines = handle.render();
+//! let doc: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
 //! assert_eq!(doc["JobsDone"], 3);
 //! assert_eq!(doc["Service"], "worker");
+//! assert_eq!(doc["JobDuration"]["Count"], 1);
+//! assert_eq!(doc["_aws"]["CloudWatchMetrics"][0]["Dimensions"][0][1], "Environment");
 //! ```
+//!
+//! The distribution object is the one the OpenTelemetry collector's EMF exporter
+//! writes for histograms (`Values`, `Counts`, `Max`, `Min`, `Count`, `Sum`); the
+//! `Values`/`Counts` semantics are those of CloudWatch's `PutMetricData`.
 //!
 //! [Embedded Metric Format]: https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/CloudWatch_Embedded_Metric_Format_Specification.html
 
 #![warn(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+mod distribution;
 mod recorder;
+mod rules;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -40,8 +80,10 @@ use std::time::Duration;
 
 pub use recorder::EmfRecorder;
 use recorder::Registry;
+pub use rules::check_dimension;
 
-/// EMF allows at most this many values in one metric's array.
+/// EMF allows at most this many values in one metric's array: a histogram's
+/// `Values` hold at most this many.
 pub const MAX_SAMPLES: usize = 100;
 
 /// Where the metrics go and how they are labelled.
@@ -63,8 +105,10 @@ impl EmfConfig {
         }
     }
 
-    /// Adds a dimension, such as the service or environment name. Empty values are
-    /// left out: CloudWatch rejects a dimension without a value.
+    /// Adds a dimension to every metric, such as the service or environment name.
+    /// Empty values are left out: CloudWatch rejects a dimension without a value.
+    /// So is a dimension CloudWatch would refuse (see [`check_dimension`]), a name
+    /// given twice, and any past the 30th, with a warning when the recorder starts.
     #[must_use]
     pub fn dimension(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         let value = value.into();
@@ -109,26 +153,32 @@ pub struct EmfHandle {
 }
 
 impl EmfHandle {
-    /// The EMF line for what was recorded since the last one, without a newline.
-    /// Counters restart from zero and histogram samples are cleared.
+    /// The EMF lines for what was recorded since the last call, each one JSON
+    /// document without a newline: one line per set of label values (and per 100
+    /// metrics), none when no metric is registered. Counters restart from zero and
+    /// histograms are emptied.
     #[must_use]
-    pub fn render(&self) -> String {
+    pub fn render(&self) -> Vec<String> {
         self.registry.render(now_millis())
     }
 
-    /// Writes one line to stdout in a single write, so it never interleaves with a
+    /// Writes the lines to stdout in a single write, so they never interleave with a
     /// log line written through the same stdout.
     pub fn flush(&self) {
-        let mut line = self.render();
-        line.push('\n');
+        let lines = self.render();
+        if lines.is_empty() {
+            return;
+        }
+        let mut text = lines.join("\n");
+        text.push('\n');
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
-        if let Err(e) = out.write_all(line.as_bytes()).and_then(|()| out.flush()) {
+        if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
             tracing::warn!("cannot write metrics: {e}");
         }
     }
 
-    /// Writes a line every interval until `stop` resolves, then one last line.
+    /// Writes the lines every interval until `stop` resolves, then once more.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
         let interval = self.registry.config.interval;
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
@@ -149,3 +199,8 @@ fn now_millis() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
+
+// The README's examples are compiled and run with the doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;

@@ -318,7 +318,7 @@ pub enum MetricsMode {
     /// set), `off` elsewhere.
     #[default]
     Auto,
-    /// One CloudWatch Embedded Metric Format line per interval on stdout.
+    /// CloudWatch Embedded Metric Format lines on stdout every interval.
     Emf,
     /// No metrics.
     Off,
@@ -334,17 +334,20 @@ fn namespace(raw: &str) -> Result<String, SettingsError> {
         })
 }
 
-fn dimension(variable: &'static str) -> impl Fn(&str) -> Result<String, SettingsError> + Clone {
+/// A value for the dimension `name`, as CloudWatch accepts it: 1 to 1024 ASCII
+/// characters, not only whitespace, no control characters.
+fn dimension(
+    variable: &'static str,
+    name: &'static str,
+) -> impl Fn(&str) -> Result<String, SettingsError> + Clone {
     move |raw| {
-        if raw.trim().is_empty() || raw.len() > 1024 {
-            Err(SettingsError::Invalid {
+        metrics_emf::check_dimension(name, raw)
+            .map(|()| raw.to_owned())
+            .map_err(|reason| SettingsError::Invalid {
                 variable,
                 value: raw.to_owned(),
-                reason: "must be 1 to 1024 characters".to_owned(),
+                reason,
             })
-        } else {
-            Ok(raw.to_owned())
-        }
     }
 }
 
@@ -353,7 +356,7 @@ fn dimension(variable: &'static str) -> impl Fn(&str) -> Result<String, Settings
 #[command(next_help_heading = "Metrics")]
 pub struct MetricsArgs {
     /// Where metrics go: auto (emf inside ECS, off elsewhere), emf (CloudWatch
-    /// Embedded Metric Format lines on stdout, one per interval), or off
+    /// Embedded Metric Format lines on stdout every interval), or off
     #[arg(long, env = "METRICS", value_enum, default_value_t = MetricsMode::Auto)]
     pub metrics: MetricsMode,
 
@@ -369,12 +372,12 @@ pub struct MetricsArgs {
 
     /// The Service dimension; unset: COPILOT_SERVICE_NAME, else the program's name
     #[arg(long, env = "METRICS_SERVICE", value_name = "NAME",
-          value_parser = dimension("METRICS_SERVICE"))]
+          value_parser = dimension("METRICS_SERVICE", "Service"))]
     pub metrics_service: Option<String>,
 
     /// The Environment dimension; unset: COPILOT_ENVIRONMENT_NAME, else none
     #[arg(long, env = "METRICS_ENVIRONMENT", value_name = "NAME",
-          value_parser = dimension("METRICS_ENVIRONMENT"))]
+          value_parser = dimension("METRICS_ENVIRONMENT", "Environment"))]
     pub metrics_environment: Option<String>,
 }
 

@@ -36,15 +36,51 @@
 //!
 //! Backends: the ECS agent endpoint ([`AgentBackend`], the default inside ECS), the
 //! ECS API ([`EcsApiBackend`]), and a local simulation ([`LocalBackend`]) for running
-//! outside ECS. [`AnyBackend::connect`] picks one from the environment.
+//! outside ECS. [`AnyBackend::connect`] picks one from the environment; your own
+//! [`Backend`] plugs in the same way.
+//!
+//! # Features
+//!
+//! | Feature | Default | Adds |
+//! |---|---|---|
+//! | `agent` | yes | [`AgentBackend`], through the agent endpoint `$ECS_AGENT_URI/task-protection/v1/state` (agent 1.65.0 and later, and Fargate). Plain http, no TLS: the endpoint is link-local. |
+//! | `ecs-api` | no | [`EcsApiBackend`], ECS `UpdateTaskProtection` through `aws-sdk-ecs`, for tasks whose agent lacks the endpoint. Brings the AWS SDK. |
+//! | `drain` | no | [`drain::EcsService`], the ECS calls of the [drain watcher](drain), which tells a task when its service no longer wants it. Brings the AWS SDK. |
+//! | `tower` | no | [`layer::ProtectionLayer`], a tower layer that holds protection for every HTTP request in flight (axum, tonic, hyper). |
+//! | `cli` | no | [`cli`], what the services built on this crate share: settings as clap arguments with one-line errors, logging, shutdown signals, CloudWatch EMF metrics, and `drain`. Application glue, not needed by a library. |
+//!
+//! With no feature at all, [`LocalBackend`] and your own [`Backend`] remain. The
+//! crate's README counts the crates each set of features brings.
+//!
+//! # Metrics
+//!
+//! Protection's costs are recorded through the [`metrics`](::metrics) facade, for
+//! whatever exporter the service installs: see [`mod@metrics`].
 
 #![warn(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+// The crate docs link items of every feature; a build without some of them (docs.rs
+// has them all) cannot resolve those links.
+#![cfg_attr(
+    not(all(
+        feature = "agent",
+        feature = "ecs-api",
+        feature = "drain",
+        feature = "tower",
+        feature = "cli"
+    )),
+    allow(rustdoc::broken_intra_doc_links)
+)]
 
 pub mod backend;
 #[cfg(feature = "cli")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
 pub mod cli;
 pub mod drain;
 mod driver;
+#[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+pub mod layer;
 mod machine;
 #[cfg(any(feature = "ecs-api", feature = "drain"))]
 mod metadata;
@@ -55,15 +91,23 @@ mod state;
 pub mod testing;
 
 #[cfg(feature = "agent")]
+#[cfg_attr(docsrs, doc(cfg(feature = "agent")))]
 pub use backend::AgentBackend;
 #[cfg(feature = "ecs-api")]
+#[cfg_attr(docsrs, doc(cfg(feature = "ecs-api")))]
 pub use backend::EcsApiBackend;
 pub use backend::{
     AnyBackend, Backend, BackendConfig, BackendConfigError, BackendKind, Grant, LocalBackend,
     ProtectionError, ProtectionRequest, Rejection, ThrottledBy,
 };
 #[cfg(any(feature = "ecs-api", feature = "drain"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "ecs-api", feature = "drain"))))]
 pub use metadata::TaskIdentity;
 pub use protection::{AcquireError, ProtectionGuard, ShutdownReport, TaskProtection};
 pub use settings::{ProtectionSettings, ProtectionSettingsBuilder, SettingsError};
 pub use state::{Counters, Events, Phase, ProtectionEvent, ProtectionState, rfc3339};
+
+// The README's examples are compiled and run with the doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;

@@ -1,4 +1,4 @@
-//! The metrics this crate records through the [`metrics`](::metrics) facade, for any
+//! The metrics this crate records through the [`metrics`] facade, for any
 //! exporter the service installs (the services here write CloudWatch EMF lines).
 //! Each count is also in [`Counters`](crate::Counters).
 

@@ -13,12 +13,24 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use crate::backend::{ProtectionError, Rejection};
 
-/// Formats a wall-clock time as RFC 3339, e.g. `2026-11-28T10:00:00Z`.
+/// Formats a wall-clock time as RFC 3339 in UTC, e.g. `2026-11-28T10:00:00Z`, to the
+/// microsecond, with as many fractional digits as that needs (none for a whole second).
 #[must_use]
 pub fn rfc3339(t: SystemTime) -> String {
-    aws_smithy_types::DateTime::from(t)
-        .fmt(aws_smithy_types::date_time::Format::DateTime)
-        .unwrap_or_else(|_| format!("{t:?}"))
+    use time::format_description::well_known::Rfc3339;
+    use time::{Duration, OffsetDateTime};
+    let utc = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(after) => Duration::try_from(after)
+            .ok()
+            .and_then(|d| OffsetDateTime::UNIX_EPOCH.checked_add(d)),
+        Err(before) => Duration::try_from(before.duration())
+            .ok()
+            .and_then(|d| OffsetDateTime::UNIX_EPOCH.checked_sub(d)),
+    };
+    // Past year 9999 RFC 3339 has no spelling; say what the time is anyway.
+    utc.and_then(|utc| utc.replace_microsecond(utc.microsecond()).ok())
+        .and_then(|utc| utc.format(&Rfc3339).ok())
+        .unwrap_or_else(|| format!("{t:?}"))
 }
 
 /// Where the task's protection stands.
@@ -230,5 +242,33 @@ impl AtomicCounters {
             failures: get(&self.failures),
             rejections: get(&self.rejections),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::rfc3339;
+
+    #[test]
+    fn rfc3339_is_utc_to_the_microsecond() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_665_023_356);
+        assert_eq!(rfc3339(t), "2022-10-06T02:29:16Z");
+        assert_eq!(
+            rfc3339(t + Duration::from_millis(250)),
+            "2022-10-06T02:29:16.25Z"
+        );
+        assert_eq!(
+            rfc3339(t + Duration::from_nanos(123_456_789)),
+            "2022-10-06T02:29:16.123456Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH - Duration::from_secs(1)),
+            "1969-12-31T23:59:59Z"
+        );
+        // Years past 9999 have no RFC 3339 form; the text still names the time.
+        let far = UNIX_EPOCH + Duration::from_secs(253_402_300_800);
+        assert!(rfc3339(far).contains("253402300800"), "{}", rfc3339(far));
     }
 }

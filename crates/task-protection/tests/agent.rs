@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use task_protection::{
-    AcquireError, AgentBackend, Backend, ProtectionError, ProtectionEvent, ProtectionRequest,
-    ProtectionSettings, ShutdownReport, TaskProtection, ThrottledBy,
+    AcquireError, AgentBackend, Backend, BackendConfig, BackendKind, ProtectionError,
+    ProtectionEvent, ProtectionRequest, ProtectionSettings, ShutdownReport, TaskProtection,
+    ThrottledBy,
 };
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -345,4 +346,32 @@ fn a_bad_agent_uri_is_a_clear_error() {
     assert!(err.to_string().contains("ECS_AGENT_URI"), "{err}");
     let err = AgentBackend::new("ftp://169.254.170.2/api").unwrap_err();
     assert!(err.to_string().contains("http"), "{err}");
+}
+
+/// The agent endpoint is plain http on a link-local address, and this client has no
+/// TLS: an https URL would fail at the first request, so it is refused at start, in
+/// one line that says why.
+#[tokio::test]
+async fn an_https_agent_uri_is_refused_at_start() {
+    let uri = "https://169.254.170.2/api/0123";
+    let err = AgentBackend::new(uri).unwrap_err();
+    let text = err.to_string();
+    assert!(text.starts_with("ECS_AGENT_URI=\"https://"), "{text}");
+    assert!(text.contains("https is not supported"), "{text}");
+    assert!(text.contains("plain http"), "{text}");
+    assert_eq!(text.lines().count(), 1, "{text}");
+    for kind in [BackendKind::Agent, BackendKind::Auto] {
+        let config = BackendConfig {
+            kind,
+            agent_uri: Some(uri.to_owned()),
+            metadata_uri: None,
+        };
+        let err = TaskProtection::connect(&config, fast_settings())
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), text);
+    }
+    // Upper case is the same scheme.
+    assert!(AgentBackend::new("HTTPS://169.254.170.2/api/0123").is_err());
+    assert!(AgentBackend::new("HTTP://169.254.170.2/api/0123").is_ok());
 }

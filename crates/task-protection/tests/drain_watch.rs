@@ -331,3 +331,29 @@ async fn off_is_always_wanted() {
         "an idle channel waits"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_wanted_task_does_not_list_again_as_the_surplus_stops() {
+    let api = steady();
+    api.state().service = Some(service(1, &[("d1", true, 1, 3)]));
+    let c = Drain::watch(api.clone(), me("c", "d1"), settings());
+    pass(INTERVAL * 2).await;
+    assert_eq!(c.membership(), Membership::Wanted);
+    let lists = api.calls("ListTasks");
+    assert_eq!(lists, 1);
+    // a and b stop, one after the other.
+    for running in [2, 1] {
+        {
+            let mut s = api.state();
+            s.service = Some(service(1, &[("d1", true, 1, running)]));
+            s.tasks.remove(0);
+        }
+        pass(INTERVAL * 2).await;
+        assert_eq!(c.membership(), Membership::Wanted);
+    }
+    assert_eq!(
+        api.calls("ListTasks"),
+        lists,
+        "listed again while only stops happened"
+    );
+}

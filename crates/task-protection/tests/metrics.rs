@@ -21,11 +21,11 @@ async fn puts_rejections_and_the_time_to_protection_are_recorded() {
     ecs.latency(Duration::from_millis(300));
     let p = TaskProtection::start(ecs.clone(), worker_settings());
     let guard = p.acquire().await.unwrap();
-    let doc: Value = serde_json::from_str(&handle.render()).unwrap();
+    let doc: Value = serde_json::from_str(&handle.render()[0]).unwrap();
     assert_eq!(doc["ProtectionProtected"], 1.0, "{doc}");
     assert_eq!(doc["ProtectionEnablePuts"], 1);
     assert_eq!(doc["ProtectionRejections"], 0, "registered at zero");
-    let latency = doc["ProtectionAcquireLatency"][0].as_f64().unwrap();
+    let latency = doc["ProtectionAcquireLatency"]["Max"].as_f64().unwrap();
     assert!((300.0..=310.0).contains(&latency), "{latency}");
     drop(guard);
     settle().await;
@@ -33,7 +33,7 @@ async fn puts_rejections_and_the_time_to_protection_are_recorded() {
     settle().await;
     ecs.script([Reply::Failure("DEPLOYMENT_BLOCKED")]);
     assert!(p.acquire().await.is_err());
-    let doc: Value = serde_json::from_str(&handle.render()).unwrap();
+    let doc: Value = serde_json::from_str(&handle.render()[0]).unwrap();
     assert_eq!(doc["ProtectionProtected"], 0.0, "{doc}");
     assert_eq!(doc["ProtectionEnablePuts"], 1, "{doc}");
     assert_eq!(doc["ProtectionReleasePuts"], 1);

@@ -533,6 +533,14 @@ async fn queue_consumer_bad_config_exits_2_with_one_line() {
             with(&[("COPILOT_QUEUE_URI", url), ("HEALTH_PORT", &busy_port)]),
             "(HEALTH_PORT)",
         ),
+        (
+            // The agent endpoint is plain http; the client has no TLS.
+            with(&[
+                ("COPILOT_QUEUE_URI", url),
+                ("ECS_AGENT_URI", "https://169.254.170.2/api/0123"),
+            ]),
+            "ECS_AGENT_URI=\"https://169.254.170.2/api/0123\" is not valid: https is not supported",
+        ),
     ];
     for (env, needle) in cases {
         let (status, stdout, stderr) = run_to_exit(BIN, &[], &env).await;

@@ -119,15 +119,29 @@ fn check_emf(
             let sum = totals.get(name).and_then(Value::as_u64).unwrap_or(0) + n;
             totals.insert(name.to_owned(), sum.into());
         }
-        if let Some(durations) = doc.get("JobDuration").and_then(Value::as_array) {
+        // A histogram is EMF's distribution object: Values with their Counts, and
+        // the exact Count, Sum, Min and Max.
+        if let Some(durations) = doc.get("JobDuration") {
+            let n = durations["Count"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no Count: {line}"));
+            let counts: u64 = durations["Counts"]
+                .as_array()
+                .unwrap_or_else(|| panic!("no Counts: {line}"))
+                .iter()
+                .filter_map(Value::as_u64)
+                .sum();
+            assert_eq!(counts, n, "{line}");
+            assert_eq!(
+                durations["Values"].as_array().map(Vec::len),
+                durations["Counts"].as_array().map(Vec::len),
+                "{line}"
+            );
             let count = totals
                 .get("JobDurationCount")
                 .and_then(Value::as_u64)
                 .unwrap_or(0);
-            totals.insert(
-                "JobDurationCount".to_owned(),
-                (count + durations.len() as u64).into(),
-            );
+            totals.insert("JobDurationCount".to_owned(), (count + n).into());
         }
     }
     assert!(emf_lines >= 1, "no EMF line");

@@ -327,6 +327,119 @@ async fn websocket_oversized_message_gets_1009() {
     .await;
 }
 
+/// The next frame the server sends on a raw connection: its opcode and payload
+/// (a server's frames are never masked).
+async fn server_frame(tcp: &mut (impl tokio::io::AsyncRead + Unpin)) -> (u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut head = [0_u8; 2];
+        tcp.read_exact(&mut head).await?;
+        let len = match head[1] & 0x7f {
+            126 => {
+                let mut len = [0_u8; 2];
+                tcp.read_exact(&mut len).await?;
+                u64::from(u16::from_be_bytes(len))
+            }
+            127 => {
+                let mut len = [0_u8; 8];
+                tcp.read_exact(&mut len).await?;
+                u64::from_be_bytes(len)
+            }
+            n => u64::from(n),
+        };
+        let mut payload = vec![0_u8; usize::try_from(len).unwrap()];
+        tcp.read_exact(&mut payload).await?;
+        Ok::<_, std::io::Error>((head[0] & 0x0f, payload))
+    };
+    tokio::time::timeout(STEP, read)
+        .await
+        .expect("a frame from the server in time")
+        .expect("the connection is open")
+}
+
+/// Reads the server's frames up to its close frame, and returns the close code.
+async fn server_close_code(tcp: &mut (impl tokio::io::AsyncRead + Unpin)) -> u16 {
+    loop {
+        let (opcode, payload) = server_frame(tcp).await;
+        if opcode == 0x8 {
+            assert!(payload.len() >= 2, "a close frame without a code");
+            return u16::from_be_bytes([payload[0], payload[1]]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn websocket_message_over_the_limit_is_refused_at_the_fragment_header_that_crosses_it() {
+    use tokio::io::AsyncWriteExt;
+    let agent = FakeAgent::start().await;
+    let server = Server::start(&agent, &[]).await;
+    let mut tcp = raw_upgrade(server.port, "").await;
+    assert_eq!(server_frame(&mut tcp).await.0, 0x1, "the welcome");
+    // Each fragment is under the 1 KiB limit; together they are over it. The second
+    // fragment's header says so: the server must refuse there, not wait for its
+    // payload (here it never comes whole: the last byte is held back).
+    let mut message = client_frame(false, 0x1, &[b'x'; 1000]);
+    message.extend_from_slice(&client_frame(true, 0x9, b"in between"));
+    let mut crossing = client_frame(true, 0x0, &[b'x'; 1000]);
+    crossing.pop();
+    message.extend_from_slice(&crossing);
+    tcp.write_all(&message).await.unwrap();
+    loop {
+        let (opcode, payload) = server_frame(&mut tcp).await;
+        match opcode {
+            0xA => assert_eq!(payload, b"in between", "the ping's pong"),
+            // The server's own heartbeat.
+            0x9 => {}
+            0x8 => {
+                assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1009);
+                break;
+            }
+            other => panic!("unexpected frame {other:#x}"),
+        }
+    }
+    server.wait_for_connections(0).await;
+}
+
+#[tokio::test]
+async fn websocket_oversized_frame_is_refused_from_its_header_while_the_client_still_sends() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    /// Far more than the kernel buffers between the two ends can hold, so the client
+    /// can only send it all if the server reads it.
+    const ANNOUNCED: usize = 64 * 1024 * 1024;
+    let agent = FakeAgent::start().await;
+    let server = Server::start(&agent, &[]).await;
+    let tcp = raw_upgrade(server.port, "").await;
+    let (mut from_server, mut to_server) = tcp.into_split();
+    assert_eq!(server_frame(&mut from_server).await.0, 0x1, "the welcome");
+    let sent = Arc::new(AtomicUsize::new(0));
+    let sender = tokio::spawn({
+        let sent = Arc::clone(&sent);
+        async move {
+            let mut header = client_frame(true, 0x2, &[]);
+            header[1] = 0x80 | 127;
+            header.splice(2..2, (ANNOUNCED as u64).to_be_bytes());
+            to_server.write_all(&header).await?;
+            let chunk = vec![b'x'; 16 * 1024];
+            while sent.load(Ordering::SeqCst) < ANNOUNCED {
+                to_server.write_all(&chunk).await?;
+                sent.fetch_add(chunk.len(), Ordering::SeqCst);
+            }
+            Ok::<_, std::io::Error>(())
+        }
+    });
+    assert_eq!(server_close_code(&mut from_server).await, 1009);
+    let sent_then = sent.load(Ordering::SeqCst);
+    assert!(
+        sent_then < ANNOUNCED,
+        "the close came after the whole payload ({sent_then} bytes) was sent"
+    );
+    eprintln!("1009 arrived after {sent_then} of {ANNOUNCED} payload bytes");
+    sender.abort();
+    server.wait_for_connections(0).await;
+}
+
 #[tokio::test]
 async fn websocket_max_connections_gets_503() {
     let agent = FakeAgent::start().await;
@@ -399,11 +512,18 @@ async fn websocket_sigterm_closes_every_client_with_1001_and_exits_0() {
 
 #[tokio::test]
 async fn websocket_second_ctrl_c_tells_every_client_at_once() {
-    // 5,000 clients: the goodbye would be spread over 5 s. A second ctrl-c at a
-    // terminal means "now", as it does for the worker.
+    // 5,000 clients at 100 a second: the goodbye would be spread over 50 s. A second
+    // ctrl-c at a terminal means "now", as it does for the worker.
     const CLIENTS: u64 = 5_000;
     let agent = FakeAgent::start().await;
-    let mut server = Server::start(&agent, &[]).await;
+    let mut server = Server::start(
+        &agent,
+        &[
+            ("GOODBYE_RATE", "100".to_owned()),
+            ("SHUTDOWN_GRACE_SECONDS", "120".to_owned()),
+        ],
+    )
+    .await;
     let mut readers = Vec::new();
     for _ in 0..CLIENTS {
         let mut ws = server.connect().await;
@@ -420,12 +540,12 @@ async fn websocket_second_ctrl_c_tells_every_client_at_once() {
     server.service.wait_for_line("Shutting down", STEP).await;
     let asked = std::time::Instant::now();
     server.service.signal(nix::sys::signal::Signal::SIGINT);
-    let status = server.service.wait_exit(STEP).await;
+    let status = server.service.wait_exit(Duration::from_secs(60)).await;
     assert_eq!(status.code(), Some(0), "exit status {status}");
     let took = asked.elapsed();
     assert!(
-        took < Duration::from_secs(3),
-        "exit took {took:?} after the second ctrl-c"
+        took < Duration::from_secs(20),
+        "exit took {took:?} after the second ctrl-c, as if the goodbye went on"
     );
     assert_eq!(server.service.count("SIGINT received again"), 1);
     for reader in readers {
@@ -697,6 +817,82 @@ async fn websocket_large_and_unfinished_messages_leave_no_large_buffers() {
         "{per_client} bytes per client stayed behind ({connected} of {CLIENTS} still connected)"
     );
     drop(clients);
+}
+
+/// RSS once two readings 300 ms apart agree (at most 5 s).
+async fn settled_rss(pid: u32) -> u64 {
+    let mut last = rss(pid);
+    for _ in 0..16 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = rss(pid);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
+#[tokio::test]
+async fn websocket_memory_taken_by_a_burst_of_oversized_messages_is_given_back() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    const CLIENTS: usize = 1_000;
+    /// The target is 10 s (BENCHMARKS.md); twice that for a slow machine.
+    const WITHIN: Duration = Duration::from_secs(20);
+    let agent = FakeAgent::start().await;
+    let server = Server::start(&agent, &[]).await;
+    let pid = server.service.pid().unwrap();
+    // Warm up: the runtime's and the allocator's first growth is not the burst's.
+    let warm: Vec<Ws> = join_all((0..100).map(|_| server.connect())).await;
+    drop(warm);
+    server.wait_for_connections(0).await;
+    let idle = settled_rss(pid).await;
+
+    // All at once, each sends a 60 KiB message in fragments under the limit, and is
+    // refused with 1009.
+    let codes = join_all((0..CLIENTS).map(|_| async {
+        let mut ws = server.connect().await;
+        next_text(&mut ws).await;
+        let fragment = |opcode, fin| Message::Frame(Frame::message(vec![b'x'; 1000], opcode, fin));
+        let _ = ws.feed(fragment(OpCode::Data(Data::Text), false)).await;
+        for i in 1..61 {
+            if ws
+                .feed(fragment(OpCode::Data(Data::Continue), i == 60))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let _ = ws.flush().await;
+        read_to_end(ws).await
+    }))
+    .await;
+    // A client still sending when the server hangs up may see its connection reset
+    // before it reads the 1009.
+    assert!(
+        codes.iter().all(|code| matches!(code, Some(1009) | None)),
+        "{codes:?}"
+    );
+    assert!(
+        codes.contains(&Some(1009)),
+        "no client was refused with 1009"
+    );
+    let burst = rss(pid);
+    server.wait_for_connections(0).await;
+    let left = std::time::Instant::now();
+    wait_for(
+        "the RSS back within 10 % of its level before the burst",
+        WITHIN,
+        || async { (rss(pid) * 10 <= idle * 11).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "RSS {idle} bytes at rest, {burst} after {CLIENTS} refused clients, back within 10 % \
+         {:?} after they left",
+        left.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -1183,8 +1379,9 @@ const METRIC_NAMES: [&str; 12] = [
 /// Checks one EMF line against the specification and returns it parsed: a JSON
 /// object with `_aws.Timestamp` in milliseconds and `_aws.CloudWatchMetrics[0]` whose
 /// namespace is `namespace`, whose dimension names and metric names are all members
-/// of the object with a number (or an array of at most 100 numbers) as value, and
-/// whose metrics include every websocket metric.
+/// of the object with a number (or a histogram's distribution object, at most 100
+/// `Values` with their `Counts`) as value, and whose metrics include every websocket
+/// metric.
 fn check_emf(line: &str, namespace: &str) -> serde_json::Map<String, Value> {
     let doc: Value = serde_json::from_str(line)
         .unwrap_or_else(|e| panic!("an EMF line is not one whole JSON object ({e}): {line}"));
@@ -1223,11 +1420,18 @@ fn check_emf(line: &str, namespace: &str) -> serde_json::Map<String, Value> {
         .collect();
     for name in &defined {
         let value = &doc[*name];
-        let values_ok = value
-            .as_array()
-            .is_some_and(|a| !a.is_empty() && a.len() <= 100 && a.iter().all(Value::is_number));
+        let numbers = |v: &Value| {
+            v.as_array()
+                .is_some_and(|a| !a.is_empty() && a.len() <= 100 && a.iter().all(Value::is_number))
+        };
+        let distribution_ok = numbers(&value["Values"])
+            && numbers(&value["Counts"])
+            && value["Values"].as_array().map(Vec::len) == value["Counts"].as_array().map(Vec::len)
+            && ["Count", "Sum", "Min", "Max"]
+                .iter()
+                .all(|k| value[*k].is_number());
         assert!(
-            value.is_number() || values_ok,
+            value.is_number() || distribution_ok,
             "metric {name} is not a member: {line}"
         );
     }

@@ -35,7 +35,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use self::limits::{Limits, Meter, PingRate};
+use self::limits::{Limits, MessageTooBig, Meter, PingRate};
 use self::link::Link;
 use crate::metrics::MessageCounters;
 
@@ -114,6 +114,9 @@ impl SocketError for axum::Error {
             if let Some(ws) = error.downcast_ref::<Error>() {
                 return match ws {
                     Error::Capacity(_) => Some(close_code::SIZE),
+                    Error::Io(io) if io.get_ref().is_some_and(|e| e.is::<MessageTooBig>()) => {
+                        Some(close_code::SIZE)
+                    }
                     Error::Utf8(_) => Some(close_code::INVALID),
                     Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
                     Error::Protocol(_) => Some(close_code::PROTOCOL),
@@ -141,73 +144,82 @@ pub struct Greeting {
 /// shutdown and messages for every client; `shutdown` is checked in case a notice
 /// was missed; `meter` shows what the client's socket carries; `messages` counts the
 /// text and binary messages each way.
-pub async fn serve<S, E>(
-    socket: &mut S,
+///
+/// An idle connection is mostly this future, so it is an `async` block rather than
+/// an `async fn`: the latter would store its arguments twice.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice"
+)]
+pub fn serve<'a, S, E>(
+    socket: &'a mut S,
     greeting: Greeting,
-    notices: &mut broadcast::Receiver<Notice>,
-    shutdown: &CancellationToken,
-    limits: &Limits,
-    meter: &Meter,
-    messages: &MessageCounters,
-) -> Ended
+    notices: &'a mut broadcast::Receiver<Notice>,
+    shutdown: &'a CancellationToken,
+    limits: &'a Limits,
+    meter: &'a Meter,
+    messages: &'a MessageCounters,
+) -> impl Future<Output = Ended> + 'a
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message, Error = E> + Unpin,
     E: SocketError,
 {
-    // The socket is borrowed, not moved: a future keeps its arguments for its whole
-    // life, so a moved copy would cost every idle connection the socket's size twice.
-    let mut link = Link {
-        socket,
-        head: None,
-        queue: VecDeque::new(),
-        unflushed: false,
-        reading: true,
-        unanswered: 0,
-        closing: None,
-        stall: None,
-        pings: PingRate::new(),
-        meter,
-        messages,
-        unfinished_seen: None,
-        expires: limits
-            .max_lifetime
-            .map(|lifetime| Instant::now() + lifetime),
-    };
-    link.push(Message::Text(welcome(greeting.connections).into()));
-    if greeting.refused {
-        link.push(Message::Text(SHUTTING_DOWN_SOON.into()));
-    }
-    if shutdown.is_cancelled() {
-        link.on_notice(Notice::ShuttingDown);
-    }
-    let mut listening = true;
-    loop {
-        if link.overflowed() {
-            return Ended::SlowReader;
+    async move {
+        // The socket is borrowed, not moved: a future keeps its arguments for its whole
+        // life, so a moved copy would cost every idle connection the socket's size twice.
+        let mut link = Link {
+            socket,
+            head: None,
+            queue: VecDeque::new(),
+            unflushed: false,
+            reading: true,
+            unanswered: 0,
+            closing: None,
+            stall: None,
+            pings: PingRate::new(),
+            meter,
+            messages,
+            unfinished_seen: None,
+            expires: limits
+                .max_lifetime
+                .map(|lifetime| Instant::now() + lifetime),
+        };
+        link.push(Message::Text(welcome(greeting.connections).into()));
+        if greeting.refused {
+            link.push(Message::Text(SHUTTING_DOWN_SOON.into()));
         }
-        tokio::select! {
-            // Notices first: a client that sends nonstop would otherwise delay its own
-            // heartbeat and goodbye.
-            biased;
-            notice = notices.recv(), if listening => {
-                let notice = match notice {
-                    Ok(notice) => notice,
-                    // A connection that lagged behind skips what it missed, but never
-                    // the shutdown.
-                    Err(RecvError::Lagged(_)) if shutdown.is_cancelled() => Notice::ShuttingDown,
-                    Err(RecvError::Lagged(_)) => continue,
-                    Err(RecvError::Closed) => {
-                        listening = false;
-                        continue;
-                    }
-                };
-                if let Some(ended) = link.on_notice(notice) {
-                    return ended;
-                }
+        if shutdown.is_cancelled() {
+            link.on_notice(Notice::ShuttingDown);
+        }
+        let mut listening = true;
+        loop {
+            if link.overflowed() {
+                return Ended::SlowReader;
             }
-            event = link.next_event() => {
-                if let Some(ended) = link.on_event(event) {
-                    return ended;
+            tokio::select! {
+                // Notices first: a client that sends nonstop would otherwise delay its own
+                // heartbeat and goodbye.
+                biased;
+                notice = notices.recv(), if listening => {
+                    let notice = match notice {
+                        Ok(notice) => notice,
+                        // A connection that lagged behind skips what it missed, but never
+                        // the shutdown.
+                        Err(RecvError::Lagged(_)) if shutdown.is_cancelled() => Notice::ShuttingDown,
+                        Err(RecvError::Lagged(_)) => continue,
+                        Err(RecvError::Closed) => {
+                            listening = false;
+                            continue;
+                        }
+                    };
+                    if let Some(ended) = link.on_notice(notice) {
+                        return ended;
+                    }
+                }
+                event = link.next_event() => {
+                    if let Some(ended) = link.on_event(event) {
+                        return ended;
+                    }
                 }
             }
         }

@@ -64,21 +64,31 @@ struct ErrorBody {
 impl AgentBackend {
     /// A backend for the agent at `agent_uri`, the value of `ECS_AGENT_URI`.
     ///
+    /// The agent serves plain `http` on a link-local address
+    /// (`http://169.254.170.2/api/<id>`), and this client carries no TLS stack, so
+    /// that an agent-only build stays small: an `https` URL is refused here rather
+    /// than failing at the first request.
+    ///
     /// # Errors
-    /// When `agent_uri` is not an absolute `http` or `https` URL.
+    /// When `agent_uri` is not an absolute `http://` URL.
     pub fn new(agent_uri: &str) -> Result<Self, super::BackendConfigError> {
-        let base = agent_uri.trim().trim_end_matches('/');
-        let parsed = reqwest::Url::parse(base).map_err(|e| super::BackendConfigError::Invalid {
+        let invalid = |reason: String| super::BackendConfigError::Invalid {
             variable: "ECS_AGENT_URI",
             value: agent_uri.to_owned(),
-            reason: e.to_string(),
-        })?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(super::BackendConfigError::Invalid {
-                variable: "ECS_AGENT_URI",
-                value: agent_uri.to_owned(),
-                reason: "expected an http:// URL".to_owned(),
-            });
+            reason,
+        };
+        let base = agent_uri.trim().trim_end_matches('/');
+        let parsed = reqwest::Url::parse(base).map_err(|e| invalid(e.to_string()))?;
+        match parsed.scheme() {
+            "http" => {}
+            "https" => {
+                return Err(invalid(
+                    "https is not supported: the ECS agent endpoint is plain http on a \
+                     link-local address (http://169.254.170.2/api/...)"
+                        .to_owned(),
+                ));
+            }
+            _ => return Err(invalid("expected an http:// URL".to_owned())),
         }
         // Timeouts are the state machine's; a pooled connection to the agent is reused.
         // The agent is link-local: never send it through HTTP_PROXY/HTTPS_PROXY, which
@@ -87,11 +97,7 @@ impl AgentBackend {
             .no_proxy()
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .build()
-            .map_err(|e| super::BackendConfigError::Invalid {
-                variable: "ECS_AGENT_URI",
-                value: agent_uri.to_owned(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| invalid(e.to_string()))?;
         Ok(Self {
             client,
             url: format!("{base}/task-protection/v1/state"),
@@ -225,47 +231,35 @@ pub(crate) fn classify(status: u16, body: &[u8]) -> Result<Grant, ProtectionErro
 
 /// Reads any RFC 3339 date-time: `Z` or a numeric offset (`+00:00`, `-08:00`, as
 /// an agent on a host outside UTC may send), `T`, `t` or a space between date and
-/// time, and any number of fractional digits.
+/// time, any number of fractional digits, and a leap second (`23:59:60`).
 pub(crate) fn parse_rfc3339(text: &str) -> Option<std::time::SystemTime> {
+    use time::OffsetDateTime;
+    use time::format_description::well_known::Rfc3339;
     let text = text.trim();
-    let (local, offset_secs) = if let Some(local) = text.strip_suffix(['Z', 'z']) {
-        (local, 0_i64)
-    } else {
-        // A numeric offset is the last six characters: ±HH:MM.
-        let split = text.len().checked_sub(6)?;
-        let (local, offset) = (text.get(..split)?, text.get(split..)?);
-        let sign = match offset.as_bytes().first()? {
-            b'+' => 1,
-            b'-' => -1,
-            _ => return None,
-        };
-        let (hours, minutes) = offset.get(1..)?.split_once(':')?;
-        let field = |f: &str, max: i64| {
-            (f.len() == 2 && f.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| f.parse::<i64>().ok())
-                .flatten()
-                .filter(|v| *v <= max)
-        };
-        (
-            local,
-            sign * (field(hours, 23)? * 3600 + field(minutes, 59)? * 60),
-        )
-    };
-    let mut local = local.to_owned();
-    if matches!(local.as_bytes().get(10), Some(b't' | b' ')) {
-        local.replace_range(10..11, "T");
+    // `time` takes any character between date and time; RFC 3339 names `T` and allows
+    // a space, and ECS only ever sends `T`.
+    if !matches!(text.as_bytes().get(10), Some(b'T' | b't' | b' ')) {
+        return None;
     }
-    local.push('Z');
-    let dt =
-        aws_smithy_types::DateTime::from_str(&local, aws_smithy_types::date_time::Format::DateTime)
-            .ok()?;
-    let utc = std::time::SystemTime::try_from(dt).ok()?;
-    // Local time = UTC + offset, so UTC = local - offset.
-    let shift = std::time::Duration::from_secs(offset_secs.unsigned_abs());
-    if offset_secs >= 0 {
-        utc.checked_sub(shift)
-    } else {
-        utc.checked_add(shift)
+    match OffsetDateTime::parse(text, &Rfc3339) {
+        Ok(at) => Some(at.into()),
+        // `time` accepts a leap second only where it falls in UTC; a host may write
+        // one at the end of its own local day, as 23:59:60 on the last day of a month
+        // with its offset. Read it as the last instant of the second before.
+        Err(_) if text.get(11..19) == Some("23:59:60") => {
+            let mut shifted = text.to_owned();
+            shifted.replace_range(17..19, "59");
+            let at = OffsetDateTime::parse(&shifted, &Rfc3339).ok()?;
+            let last_day = at
+                .date()
+                .next_day()
+                .is_none_or(|next| next.month() != at.month());
+            if !last_day {
+                return None;
+            }
+            at.replace_nanosecond(999_999_999).ok().map(Into::into)
+        }
+        Err(_) => None,
     }
 }
 
@@ -340,6 +334,22 @@ mod tests {
         assert_eq!(epoch("2022-10-06 02:29:16Z"), z);
         assert!((epoch("2022-10-06T02:29:16.250+00:00") - (z + 0.25)).abs() < 1e-6);
         assert!((epoch("2022-10-06T02:29:16.123456789Z") - (z + 0.123_456_789)).abs() < 1e-6);
+        // Digits past the nanosecond are read and dropped.
+        assert!((epoch("2022-10-06T02:29:16.1234567891234Z") - (z + 0.123_456_789)).abs() < 1e-6);
+        assert_eq!(epoch("2022-10-06T02:29:16-00:00"), z);
+        assert_eq!(epoch(" 2022-10-06T02:29:16Z\n"), z);
+        assert_eq!(epoch("2022-10-06T16:29:16+14:00"), z);
+        assert_eq!(epoch("2022-10-05T02:30:16-23:59"), z);
+        assert_eq!(epoch("2024-02-29T00:00:00Z"), 1_709_164_800.0);
+        // A leap second, read as the last instant of the second before: in UTC, at
+        // the end of a month in local time (as the old parser read it), and at the
+        // end of a UTC month written in local time.
+        let new_year = 1_672_531_200.0;
+        assert!((epoch("2022-12-31T23:59:60Z") - new_year).abs() < 1e-6);
+        assert!((epoch("2022-12-31T23:59:60.5Z") - new_year).abs() < 1e-6);
+        assert!((epoch("2022-12-31T23:59:60-08:00") - (new_year + 8.0 * 3600.0)).abs() < 1e-6);
+        assert!((epoch("2022-12-31T15:59:60-08:00") - new_year).abs() < 1e-6);
+        assert!((epoch("2024-02-29T23:59:60+01:00") - 1_709_247_600.0).abs() < 1e-6);
         for bad in [
             "",
             "yesterday",
@@ -351,9 +361,41 @@ mod tests {
             "2022-10-06X02:29:16Z",
             "2022-13-06T02:29:16Z",
             "\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}",
+            "2022-10-06_02:29:16Z",
+            "2022-10-0602:29:16Z",
+            "2022-10-06T02:29:16 Z",
+            "2022-10-06T02:29:16ZZ",
+            "2022-10-06T02:29:16Z trailing",
+            "2022-10-06T02:29:16.Z",
+            "2022-10-06T02:29:16,5Z",
+            "2022-10-06T02:29:16.5a",
+            "2022-10-06T02:29Z",
+            "2022-10-06T2:29:16Z",
+            "22-10-06T02:29:16Z",
+            "2022-1-06T02:29:16Z",
+            "2022/10/06T02:29:16Z",
+            "2022-10-06T02:29:16+05",
+            "2022-10-06T02:29:16+5:00",
+            "2022-10-06T02:29:16+05:00:00",
+            "2022-10-06T02:29:16UTC",
+            "2022-00-06T02:29:16Z",
+            "2022-10-00T02:29:16Z",
+            "2022-02-29T02:29:16Z",
+            "2022-04-31T02:29:16Z",
+            "2022-10-06T24:00:00Z",
+            "2022-10-06T02:60:16Z",
+            "2022-10-06T02:29:61Z",
+            // Leap seconds anywhere but the end of a day that ends a month.
+            "2022-10-06T02:29:60Z",
+            "2022-10-06T23:59:60Z",
+            "2022-12-31T23:58:60Z",
+            "2022-12-31T15:59:60Z",
         ] {
             assert!(parse_rfc3339(bad).is_none(), "{bad:?} accepted");
         }
+        // What this crate writes reads back as itself.
+        let t = std::time::UNIX_EPOCH + std::time::Duration::new(1_665_023_356, 123_456_000);
+        assert_eq!(parse_rfc3339(&crate::rfc3339(t)), Some(t));
         // Through the whole answer, as the agent sends it.
         let g = classify(
             200,

@@ -16,8 +16,10 @@ mod local;
 mod select;
 
 #[cfg(feature = "agent")]
+#[cfg_attr(docsrs, doc(cfg(feature = "agent")))]
 pub use agent::AgentBackend;
 #[cfg(feature = "ecs-api")]
+#[cfg_attr(docsrs, doc(cfg(feature = "ecs-api")))]
 pub use ecs_api::EcsApiBackend;
 pub use local::LocalBackend;
 pub use select::{AnyBackend, BackendConfig, BackendConfigError, BackendKind};

@@ -134,9 +134,11 @@ impl BackendConfig {
 pub enum AnyBackend {
     /// The ECS agent.
     #[cfg(feature = "agent")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "agent")))]
     Agent(super::AgentBackend),
     /// The ECS API.
     #[cfg(feature = "ecs-api")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "ecs-api")))]
     EcsApi(super::EcsApiBackend),
     /// The local simulation.
     Local(LocalBackend),

@@ -33,6 +33,17 @@ pub(super) struct Watcher<A> {
     listed: Option<(ServiceView, Vec<TaskView>, u32)>,
 }
 
+/// The same service with fewer tasks running: only stops happened.
+fn fewer_running(before: &ServiceView, now: &ServiceView) -> bool {
+    let ids = |s: &ServiceView| {
+        s.deployments
+            .iter()
+            .map(|d| (d.id.clone(), d.primary, d.desired))
+            .collect::<Vec<_>>()
+    };
+    now.desired == before.desired && now.running < before.running && ids(now) == ids(before)
+}
+
 /// A wait of `interval` times a random factor in 0.5..1.5: tasks that started together
 /// spread their calls instead of asking ECS at the same moment.
 fn jittered(interval: Duration) -> Duration {
@@ -164,13 +175,30 @@ impl<A: ServiceApi> Watcher<A> {
                 Checked::Membership(membership)
             }
             Decision::NeedTasks => {
+                let wanted = !self.tx.borrow().is_leaving();
                 let reuse = match &mut self.listed {
-                    Some((seen, _, uses)) if *seen == service && *uses < LIST_REUSE_CHECKS => {
+                    Some((seen, _, uses))
+                        if *uses < LIST_REUSE_CHECKS
+                            && (*seen == service || wanted && fewer_running(seen, &service)) =>
+                    {
                         *uses += 1;
                         true
                     }
                     _ => false,
                 };
+                if reuse {
+                    // A wanted task stays wanted while tasks stop and nothing else
+                    // changes: whichever stopped, its rank among the rest and the
+                    // surplus both fall by one at most.
+                    if wanted
+                        && self
+                            .listed
+                            .as_ref()
+                            .is_some_and(|(seen, _, _)| *seen != service)
+                    {
+                        return Checked::Membership(Membership::Wanted);
+                    }
+                }
                 if !reuse {
                     match self.running_tasks().await {
                         Ok(tasks) => self.listed = Some((service.clone(), tasks, 0)),
