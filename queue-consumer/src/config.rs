@@ -6,6 +6,7 @@
 //! running it by hand. Each value is checked against the range SQS accepts, so a bad
 //! value stops the worker at start-up with one line that names the variable.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use clap::Parser;
@@ -26,6 +27,15 @@ pub const MAX_JOB_MARGIN_SECONDS: u64 = 15 * 60;
 pub const MAX_JOB_MS_LIMIT: u64 = (MAX_VISIBILITY_SECONDS - MAX_JOB_MARGIN_SECONDS) * 1000;
 /// Most jobs one worker runs at once.
 pub const MAX_CONCURRENCY: u64 = 1000;
+/// The longest `JOB_TIMEOUT_SECONDS`: 11 h 45 min, as `MAX_JOB_MS`.
+pub const MAX_JOB_TIMEOUT_SECONDS: u64 = MAX_JOB_MS_LIMIT / 1000;
+/// The largest weight of a queue in `QUEUE_WEIGHTS`.
+pub const MAX_WEIGHT: u32 = 100;
+/// How long receives may fail in a row before the worker is unhealthy: three long
+/// polls, and three of the longest waits between failed receives.
+pub const UNHEALTHY_AFTER: Duration = Duration::from_secs(60);
+/// The name of `COPILOT_QUEUE_URI`'s queue in `QUEUE_WEIGHTS`.
+pub const DEFAULT_QUEUE: &str = "default";
 /// The longest shutdown grace period accepted.
 pub const MAX_GRACE_SECONDS: u64 = 3600;
 
@@ -36,6 +46,7 @@ pub const MAX_GRACE_SECONDS: u64 = 3600;
     version,
     about = "Works jobs from an SQS queue, protecting its ECS task from scale-in only while it holds work",
     long_about = None,
+    after_help = "`queue-consumer healthcheck` asks a running worker's /healthz on HEALTH_PORT and exits 0 when it is healthy, 1 otherwise: a container health check without curl.",
 )]
 pub struct Config {
     /// URL of the SQS queue to work; Copilot sets it for a Worker Service
@@ -84,6 +95,26 @@ pub struct Config {
           value_parser = ranged("SHUTDOWN_GRACE_SECONDS", 0, MAX_GRACE_SECONDS, "seconds"))]
     pub shutdown_grace_seconds: u64,
 
+    /// Longest a job may run, in seconds, before it is stopped and its message retried
+    /// with backoff like a failure; unset: no limit (1..=42300)
+    #[arg(long, env = "JOB_TIMEOUT_SECONDS", value_name = "SECONDS",
+          value_parser = ranged("JOB_TIMEOUT_SECONDS", 1, MAX_JOB_TIMEOUT_SECONDS, "seconds"))]
+    pub job_timeout_seconds: Option<u64>,
+
+    /// Weights of the queues when several have work, as name=weight pairs separated by
+    /// commas: the topic queues by their names in COPILOT_TOPIC_QUEUE_URIS, and
+    /// COPILOT_QUEUE_URI's queue as `default`; each unnamed queue weighs 1 (1..=100)
+    #[arg(long, env = "QUEUE_WEIGHTS", value_name = "NAME=WEIGHT,...", value_parser = parse_queue_weights)]
+    pub queue_weights: Option<QueueWeights>,
+
+    /// Port of the health endpoint, `GET /healthz` on 127.0.0.1: 200 while receiving
+    /// works, 503 with the reason once receives have failed for 60 s in a row (or in a
+    /// way retrying cannot fix); unset: no endpoint. `queue-consumer healthcheck` asks
+    /// it, for a container health check (1..=65535)
+    #[arg(long, env = "HEALTH_PORT", value_name = "PORT",
+          value_parser = ranged("HEALTH_PORT", 1, u64::from(u16::MAX), ""))]
+    pub health_port: Option<u64>,
+
     /// Log output: text or json
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -115,6 +146,10 @@ pub fn protection_defaults() -> ProtectionSettings {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TopicQueues(pub Vec<(String, String)>);
 
+/// Queue weights by queue name (`default` for `COPILOT_QUEUE_URI`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueWeights(pub BTreeMap<String, u32>);
+
 /// The worker's own settings, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerSettings {
@@ -132,6 +167,13 @@ pub struct WorkerSettings {
     pub max_job: Duration,
     /// Time running jobs get after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Longest a job may run; `None`: no limit.
+    pub job_timeout: Option<Duration>,
+    /// Weights of the queues, by name ([`DEFAULT_QUEUE`] for the first); 1 when
+    /// unnamed.
+    pub weights: BTreeMap<String, u32>,
+    /// How long receives may fail in a row before the worker is unhealthy.
+    pub unhealthy_after: Duration,
 }
 
 impl WorkerSettings {
@@ -146,7 +188,40 @@ impl WorkerSettings {
             visibility: Duration::from_secs(30),
             max_job: Duration::from_millis(3_600_000),
             shutdown_grace: Duration::from_secs(25),
+            job_timeout: None,
+            weights: BTreeMap::new(),
+            unhealthy_after: UNHEALTHY_AFTER,
         }
+    }
+
+    /// The weight of the queue called `name` (`None`: `COPILOT_QUEUE_URI`'s).
+    #[must_use]
+    pub fn weight(&self, name: Option<&str>) -> u32 {
+        self.weights
+            .get(name.unwrap_or(DEFAULT_QUEUE))
+            .copied()
+            .unwrap_or(1)
+    }
+
+    /// A weight that names no queue of these settings.
+    ///
+    /// # Errors
+    /// [`ConfigError::UnknownQueue`] for the first such name.
+    pub fn check_weights(&self) -> Result<(), ConfigError> {
+        for name in self.weights.keys() {
+            let known =
+                name == DEFAULT_QUEUE || self.topic_queues.iter().any(|(topic, _)| topic == name);
+            if !known {
+                return Err(ConfigError::UnknownQueue {
+                    name: name.clone(),
+                    known: std::iter::once(DEFAULT_QUEUE.to_owned())
+                        .chain(self.topic_queues.iter().map(|(n, _)| n.clone()))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -162,7 +237,16 @@ impl Config {
             visibility: Duration::from_secs(self.visibility_timeout_seconds),
             max_job: Duration::from_millis(self.max_job_ms),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+            job_timeout: self.job_timeout_seconds.map(Duration::from_secs),
+            weights: self.queue_weights.clone().unwrap_or_default().0,
+            unhealthy_after: UNHEALTHY_AFTER,
         }
+    }
+
+    /// The health endpoint's port, when it is on.
+    #[must_use]
+    pub fn health_port(&self) -> Option<u16> {
+        self.health_port.and_then(|p| u16::try_from(p).ok())
     }
 }
 
@@ -185,6 +269,54 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
+    /// Not a list of queue weights.
+    #[error("QUEUE_WEIGHTS={value:?} is not valid: {reason}")]
+    Weights {
+        /// The value given (its start).
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A weight for a queue the worker does not work.
+    #[error("QUEUE_WEIGHTS names {name:?}, which is not one of the queues: {known}")]
+    UnknownQueue {
+        /// The name given.
+        name: String,
+        /// The names of the queues.
+        known: String,
+    },
+}
+
+/// Parses `QUEUE_WEIGHTS`: `name=weight` pairs separated by commas, such as
+/// `default=3,merchantOrdersEventsQueue=1`.
+///
+/// # Errors
+/// When a pair is not `name=weight` or a weight is not in 1..=100.
+pub fn parse_queue_weights(raw: &str) -> Result<QueueWeights, ConfigError> {
+    let err = |reason: String| ConfigError::Weights {
+        value: raw.chars().take(200).collect(),
+        reason,
+    };
+    let mut weights = BTreeMap::new();
+    for pair in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, weight) = pair
+            .split_once('=')
+            .ok_or_else(|| err(format!("{pair:?} is not name=weight")))?;
+        let weight: u32 = weight
+            .trim()
+            .parse()
+            .ok()
+            .filter(|w| (1..=MAX_WEIGHT).contains(w))
+            .ok_or_else(|| {
+                err(format!(
+                    "the weight of {name:?} is not a whole number in 1..=100"
+                ))
+            })?;
+        if weights.insert(name.trim().to_owned(), weight).is_some() {
+            return Err(err(format!("{name:?} is named twice")));
+        }
+    }
+    Ok(QueueWeights(weights))
 }
 
 /// Parses `COPILOT_TOPIC_QUEUE_URIS`: a JSON object from a topic-specific queue's
@@ -292,6 +424,29 @@ mod tests {
             let e = parse_topic_queue_uris(bad).unwrap_err().to_string();
             assert!(e.starts_with("COPILOT_TOPIC_QUEUE_URIS="), "{e}");
         }
+    }
+
+    #[test]
+    fn queue_weights_are_name_weight_pairs_of_known_queues() {
+        let w = parse_queue_weights("default=3, orders=1,").unwrap().0;
+        assert_eq!(w.get("default"), Some(&3));
+        assert_eq!(w.get("orders"), Some(&1));
+        for bad in ["default", "default=0", "default=101", "a=1,a=2", "x=y"] {
+            let e = parse_queue_weights(bad).unwrap_err().to_string();
+            assert!(e.starts_with("QUEUE_WEIGHTS="), "{e}");
+        }
+        let mut s = WorkerSettings::new("http://localhost/1/q");
+        s.topic_queues = vec![("orders".to_owned(), "http://localhost/1/o".to_owned())];
+        s.weights = w;
+        assert_eq!(s.check_weights(), Ok(()));
+        assert_eq!(s.weight(None), 3);
+        assert_eq!(s.weight(Some("orders")), 1);
+        assert_eq!(s.weight(Some("other")), 1);
+        s.weights.insert("typo".to_owned(), 2);
+        assert_eq!(
+            s.check_weights().unwrap_err().to_string(),
+            "QUEUE_WEIGHTS names \"typo\", which is not one of the queues: default, orders"
+        );
     }
 
     #[test]

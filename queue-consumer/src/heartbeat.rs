@@ -9,19 +9,32 @@
 //! when the call is sent (a retry is sent later than planned), and once nothing is
 //! left the heartbeat stops.
 //!
-//! A [`Keeper`] runs the heartbeat of one message *inline*: the message's task awaits
-//! each extension before it does anything else with the message, so an extension is
-//! never in flight while the message is handed back (it would make it invisible
-//! again). When the heartbeat stops for good (the handle is no longer valid, the task
-//! role may not extend, the 12 h limit), the keeper says so once and cancels
-//! [`Keeper::lost`] when the message may be received by another worker.
+//! A [`Keeper`] runs the heartbeat of one message on the message's own task, while the
+//! task does other things ([`Keeper::keep_while`]). Its extensions go through the
+//! queue's batcher ([`settle`](crate::settle)), so the messages of one receive, which
+//! fall due together, are extended in one `ChangeMessageVisibilityBatch`. The job also
+//! reaches its keeper, to extend its own message ([`Job::extend_visibility`]).
+//!
+//! The work never waits for an extension: when it ends, an extension may still be on
+//! its way, and [`Keeper::take_in_flight`] hands its answer to the settle, which sends
+//! a hand-back again if that extension may have landed after it.
+//!
+//! When the heartbeat stops for good (the handle is no longer valid, the task role may
+//! not extend, the 12 h limit), the keeper says so once and cancels [`Keeper::lost`]
+//! when the message may be received by another worker.
+//!
+//! [`Job::extend_visibility`]: crate::handler::Job::extend_visibility
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::queue::{ErrorKind, Message, Queue, SqsError};
+use crate::handler::{ExtendError, ExtendRequest, Visibility};
+use crate::queue::{ErrorKind, Message, SqsError};
+use crate::settle::{Answer, Call, SettleQueue};
 
 /// SQS's limit on a message's time in flight.
 pub const MAX_IN_FLIGHT: Duration = Duration::from_secs(12 * 60 * 60);
@@ -108,6 +121,13 @@ impl Heartbeat {
         self.retry_at = None;
     }
 
+    /// The longest timeout a call sent at `now` may ask for: what is left before the
+    /// 12 h limit, counted from receipt.
+    #[must_use]
+    pub fn cap_at(&self, now: Instant) -> Duration {
+        self.cap_end.saturating_duration_since(now)
+    }
+
     /// An extension sent at `now` failed in a way that may pass: try again soon, but
     /// not hot.
     pub fn failed(&mut self, now: Instant) {
@@ -126,10 +146,20 @@ enum Hold {
     Lost,
 }
 
+/// An extension on its way.
+#[derive(Debug)]
+struct Extension {
+    sent_at: Instant,
+    timeout: Duration,
+    answer: oneshot::Receiver<Answer>,
+    /// The job, when it asked for this one.
+    asker: Option<oneshot::Sender<Result<Duration, ExtendError>>>,
+}
+
 /// Keeps one message invisible while its task does other things.
 #[derive(Debug)]
 pub(crate) struct Keeper {
-    queue: Queue,
+    settle: SettleQueue,
     id: String,
     handle: String,
     heartbeat: Heartbeat,
@@ -138,40 +168,51 @@ pub(crate) struct Keeper {
     failures: u32,
     /// Cancelled once the message may be received by another worker.
     pub(crate) lost: CancellationToken,
-    /// Stops an extension in flight: the worker is exiting.
-    give_up: CancellationToken,
+    in_flight: Option<Extension>,
+    /// The job's requests to extend, and the sending side the job gets.
+    requests: mpsc::UnboundedReceiver<ExtendRequest>,
+    requester: mpsc::UnboundedSender<ExtendRequest>,
+    /// Requests of the job waiting for the extension on its way.
+    asked: VecDeque<ExtendRequest>,
 }
 
 impl Keeper {
-    pub(crate) fn new(
-        queue: Queue,
-        message: &Message,
-        visibility: Duration,
-        give_up: CancellationToken,
-    ) -> Self {
+    pub(crate) fn new(settle: SettleQueue, message: &Message, visibility: Duration) -> Self {
+        let (requester, requests) = mpsc::unbounded_channel();
         Self {
-            queue,
+            settle,
             id: message.id.clone(),
             handle: message.receipt_handle.clone(),
             heartbeat: Heartbeat::new(message.received_at, visibility),
             hold: Hold::Kept,
             failures: 0,
             lost: CancellationToken::new(),
-            give_up,
+            in_flight: None,
+            requests,
+            requester,
+            asked: VecDeque::new(),
         }
     }
 
-    /// Polls `work` to completion, extending the message's visibility meanwhile. An
-    /// extension is awaited before `work` is polled again, so when this returns no
-    /// extension is in flight.
+    /// The job's handle on this keeper.
+    pub(crate) fn visibility(&self) -> Visibility {
+        Visibility::new(self.requester.clone())
+    }
+
+    /// Polls `work` to completion, extending the message's visibility meanwhile.
+    /// `work` never waits for an extension; one may still be on its way when this
+    /// returns (see [`take_in_flight`](Self::take_in_flight)).
     pub(crate) async fn keep_while<F: Future>(&mut self, work: F) -> F::Output {
         let mut work = std::pin::pin!(work);
         loop {
+            self.send_asked();
             let wake = self.wake_at();
             tokio::select! {
                 biased;
                 r = &mut work => return r,
-                () = sleep_until_opt(wake) => self.step().await,
+                answer = answer_of(self.in_flight.as_mut()) => self.landed(answer),
+                Some(request) = self.requests.recv() => self.asked.push_back(request),
+                () = sleep_until_opt(wake) => self.step(),
             }
         }
     }
@@ -181,7 +222,25 @@ impl Keeper {
         self.hold == Hold::Lost
     }
 
+    /// The answer of the extension on its way, if any: the caller now owns it.
+    pub(crate) fn take_in_flight(&mut self) -> Option<oneshot::Receiver<Answer>> {
+        let e = self.in_flight.take()?;
+        if let Some(asker) = e.asker {
+            let _ = asker.send(Err(ExtendError::NotHeld));
+        }
+        Some(e.answer)
+    }
+
+    /// The visibility a retry after `after` may ask for now: `after`, cut to what is
+    /// left before SQS's 12 h limit.
+    pub(crate) fn retry_after(&self, after: Duration) -> Duration {
+        after.min(self.heartbeat.cap_at(Instant::now()))
+    }
+
     fn wake_at(&self) -> Option<Instant> {
+        if self.in_flight.is_some() {
+            return None;
+        }
         match self.hold {
             Hold::Kept => Some(match self.heartbeat.next() {
                 Beat::Extend { at } => at,
@@ -192,7 +251,7 @@ impl Keeper {
         }
     }
 
-    async fn step(&mut self) {
+    fn step(&mut self) {
         match (self.hold, self.heartbeat.next()) {
             (Hold::Ending { .. }, _) => self.lose(),
             (Hold::Kept, Beat::CapReached { lapses_at }) => {
@@ -204,35 +263,84 @@ impl Keeper {
                 self.hold = Hold::Ending { at: lapses_at };
                 self.lose();
             }
-            (Hold::Kept, Beat::Extend { .. }) => self.extend().await,
+            (Hold::Kept, Beat::Extend { .. }) => {
+                let now = Instant::now();
+                match self.heartbeat.timeout_at(now) {
+                    Some(timeout) => self.send(now, timeout, None),
+                    None => {
+                        self.hold = Hold::Ending {
+                            at: self.heartbeat.lapses_at(),
+                        };
+                    }
+                }
+            }
             (Hold::Lost, _) => {}
         }
     }
 
-    async fn extend(&mut self) {
-        let sent_at = Instant::now();
-        let Some(timeout) = self.heartbeat.timeout_at(sent_at) else {
-            self.hold = Hold::Ending {
-                at: self.heartbeat.lapses_at(),
-            };
+    /// Sends the job's next request, when no extension is on its way.
+    fn send_asked(&mut self) {
+        if self.in_flight.is_some() {
+            return;
+        }
+        while let Ok(request) = self.requests.try_recv() {
+            self.asked.push_back(request);
+        }
+        let Some((timeout, asker)) = self.asked.pop_front() else {
             return;
         };
+        if self.hold != Hold::Kept {
+            let _ = asker.send(Err(ExtendError::NotHeld));
+            return;
+        }
+        let now = Instant::now();
+        let timeout = timeout
+            .min(self.heartbeat.cap_at(now))
+            .max(Duration::from_secs(1));
+        self.send(now, timeout, Some(asker));
+    }
+
+    fn send(
+        &mut self,
+        now: Instant,
+        timeout: Duration,
+        asker: Option<oneshot::Sender<Result<Duration, ExtendError>>>,
+    ) {
         let secs = i32::try_from(timeout.as_secs()).unwrap_or(i32::MAX);
-        let result = tokio::select! {
-            r = self.queue.change_visibility(&self.handle, secs) => r,
-            () = self.give_up.cancelled() => return,
+        let answer = self.settle.submit(
+            &self.handle,
+            Call::Visibility {
+                secs,
+                extension: true,
+            },
+            None,
+        );
+        self.in_flight = Some(Extension {
+            sent_at: now,
+            timeout: Duration::from_secs(u64::try_from(secs).unwrap_or(0)),
+            answer,
+            asker,
+        });
+    }
+
+    fn landed(&mut self, answer: Result<Answer, oneshot::error::RecvError>) {
+        let Some(e) = self.in_flight.take() else {
+            return;
         };
         let id = &self.id;
-        match result {
-            Ok(()) => {
+        let reply = match answer {
+            // Not sent: the worker is exiting.
+            Err(_) => Err(ExtendError::NotHeld),
+            Ok(Ok(())) => {
                 if self.failures > 0 {
                     tracing::info!(message_id = %id, "{id} - Visibility extended again");
                 }
-                tracing::debug!(message_id = %id, "{id} - Visibility extended by {secs}s");
-                self.heartbeat.extended(sent_at, timeout);
+                tracing::debug!(message_id = %id, "{id} - Visibility extended by {}s", e.timeout.as_secs());
+                self.heartbeat.extended(e.sent_at, e.timeout);
                 self.failures = 0;
+                Ok(e.timeout)
             }
-            Err(e) if e.kind.may_pass() => {
+            Ok(Err(error)) if error.kind.may_pass() => {
                 if self.failures == 0 {
                     let left = self
                         .heartbeat
@@ -240,14 +348,21 @@ impl Keeper {
                         .saturating_duration_since(Instant::now());
                     tracing::warn!(
                         message_id = %id,
-                        "{id} - Extending visibility failed, retrying until it works ({}s of visibility left): {e}",
+                        "{id} - Extending visibility failed, retrying until it works ({}s of visibility left): {error}",
                         left.as_secs()
                     );
                 }
                 self.failures += 1;
                 self.heartbeat.failed(Instant::now());
+                Err(ExtendError::Sqs(error))
             }
-            Err(e) => self.stop(&e),
+            Ok(Err(error)) => {
+                self.stop(&error);
+                Err(ExtendError::Sqs(error))
+            }
+        };
+        if let Some(asker) = e.asker {
+            let _ = asker.send(reply);
         }
     }
 
@@ -278,6 +393,14 @@ impl Keeper {
     fn lose(&mut self) {
         self.hold = Hold::Lost;
         self.lost.cancel();
+    }
+}
+
+/// The answer of the extension on its way; never resolves when there is none.
+async fn answer_of(in_flight: Option<&mut Extension>) -> Result<Answer, oneshot::error::RecvError> {
+    match in_flight {
+        Some(e) => (&mut e.answer).await,
+        None => std::future::pending().await,
     }
 }
 

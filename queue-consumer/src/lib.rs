@@ -15,23 +15,30 @@
 //! handlers and signals of their own.
 //!
 //! - [`config`]: settings, from flags or environment variables;
-//! - [`handler`]: the [`Handler`] trait, the [`handler::Job`] it is given, and SNS
-//!   envelopes;
-//! - [`worker`]: receiving, concurrency, shutdown;
+//! - [`handler`]: the [`Handler`] and [`BatchHandler`] traits, the [`handler::Job`]
+//!   they are given, and SNS envelopes;
+//! - [`worker`]: receiving, leaving the service, shutdown;
+//! - `shares`: how the queues share the slots;
 //! - `in_flight`: one message from receipt to settle, protection and job included;
+//! - `batch`: one call of a batch handler;
 //! - [`heartbeat`]: keeping a held message invisible;
-//! - `settle`: batched deletes and hand-backs;
+//! - `settle`: batched deletes, visibility changes and extensions;
 //! - [`queue`]: the SQS calls, their time limits, and what their errors mean;
+//! - [`health`]: `/healthz` and the `healthcheck` subcommand;
 //! - [`signals`]: SIGTERM and ctrl-c, the first and any later.
 
 pub mod backoff;
+mod batch;
 pub mod config;
 pub mod handler;
+pub mod health;
 pub mod heartbeat;
 mod in_flight;
 pub mod metrics;
+mod panics;
 pub mod queue;
 mod settle;
+mod shares;
 pub mod signals;
 pub mod stats;
 pub mod worker;
@@ -45,7 +52,10 @@ use task_protection::{BackendConfigError, SettingsError, TaskProtection};
 use tokio::sync::mpsc;
 
 pub use config::{Config, WorkerSettings};
-pub use handler::{Handler, Job, Verdict, handler_fn};
+pub use handler::{
+    BatchHandler, BatchResponse, Handler, Job, Verdict, batch_handler_fn, handler_fn,
+};
+pub use in_flight::{FIFO_ATTEMPTS, PROTECTED_SETTLE};
 pub use queue::Queue;
 pub use worker::{Outcome, Worker};
 
@@ -64,6 +74,17 @@ pub enum StartError {
     /// The Region is not a Region name.
     #[error("the AWS Region {0:?} is not valid (set QUEUE_REGION or AWS_REGION)")]
     BadRegion(String),
+    /// A setting names something that is not there.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The health endpoint's port cannot be used.
+    #[error("cannot listen on 127.0.0.1:{port} (HEALTH_PORT): {source}")]
+    HealthPort {
+        /// The port.
+        port: u16,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Runs the worker with `config` and `handler` until a signal arrives on `signals` (or ECS refuses
@@ -77,9 +98,44 @@ pub async fn run(
     handler: impl Handler,
     signals: mpsc::UnboundedReceiver<Signal>,
 ) -> Result<Outcome, StartError> {
+    start(config, signals, |queue, protection, settings| {
+        Worker::new(queue, protection, settings, handler)
+    })
+    .await
+}
+
+/// As [`run`], with a handler that works the messages of each receive at once.
+///
+/// # Errors
+/// [`StartError`] when the configuration cannot work; nothing has been received then.
+pub async fn run_batch(
+    config: Config,
+    handler: impl BatchHandler,
+    signals: mpsc::UnboundedReceiver<Signal>,
+) -> Result<Outcome, StartError> {
+    start(config, signals, |queue, protection, settings| {
+        Worker::batched(queue, protection, settings, handler)
+    })
+    .await
+}
+
+async fn start(
+    config: Config,
+    signals: mpsc::UnboundedReceiver<Signal>,
+    worker: impl FnOnce(Queue, TaskProtection, WorkerSettings) -> Worker,
+) -> Result<Outcome, StartError> {
     let settings = config.worker_settings();
+    settings.check_weights()?;
     let protection_settings = config.protection.settings()?;
     let client = sqs_client(&settings.queue_url, config.queue_region.as_deref()).await?;
+    let health = match config.health_port() {
+        Some(port) => Some(
+            health::listen(port)
+                .await
+                .map_err(|source| StartError::HealthPort { port, source })?,
+        ),
+        None => None,
+    };
     let protection =
         TaskProtection::connect(&config.protection.backend_config(), protection_settings).await?;
     tracing::info!(
@@ -91,10 +147,15 @@ pub async fn run(
     );
     let queue = Queue::new(client.clone(), settings.queue_url.clone());
     let topic_queues = settings.topic_queues.clone();
-    let mut worker = Worker::new(queue, protection.clone(), settings, handler);
+    let mut worker = worker(queue, protection.clone(), settings);
     for (name, url) in topic_queues {
         tracing::info!(queue = %url, "Working the topic queue {name} as well: {url}");
         worker = worker.with_queue(name, Queue::new(client.clone(), url));
+    }
+    if let Some(listener) = health {
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+        tracing::info!(port, "Health endpoint on http://127.0.0.1:{port}/healthz");
+        tokio::spawn(health::serve(listener, worker.health()));
     }
     let outcome = worker.run(signals).await;
     // A draining task must not stay protected: release now rather than at expiry.

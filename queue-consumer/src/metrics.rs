@@ -8,6 +8,8 @@ pub const JOBS_RECEIVED: &str = "JobsReceived";
 pub const JOBS_DONE: &str = "JobsDone";
 /// Counter: jobs that failed (an error, a retry asked for, a panic) and will be retried.
 pub const JOBS_FAILED: &str = "JobsFailed";
+/// Counter: jobs stopped by `JOB_TIMEOUT_SECONDS` (counted in `JobsFailed` too).
+pub const JOBS_TIMED_OUT: &str = "JobsTimedOut";
 /// Counter: messages handed back for another worker (shutdown, refused protection).
 pub const JOBS_HANDED_BACK: &str = "JobsHandedBack";
 /// Counter: messages the handler refused as bad input, left for the dead-letter queue.
@@ -37,6 +39,7 @@ pub(crate) fn describe() {
         JOBS_RECEIVED,
         JOBS_DONE,
         JOBS_FAILED,
+        JOBS_TIMED_OUT,
         JOBS_HANDED_BACK,
         BAD_BODIES,
         SQS_ERRORS,

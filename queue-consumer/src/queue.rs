@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
@@ -21,6 +21,8 @@ use aws_sdk_sqs::types::{
     MessageSystemAttributeName,
 };
 use tokio::time::Instant;
+
+use crate::handler::Attribute;
 
 /// Most messages one receive or batch call handles: SQS's limit.
 pub const MAX_BATCH: usize = 10;
@@ -244,8 +246,37 @@ pub struct Message {
     pub group_id: Option<String>,
     /// The deduplication id, on a FIFO queue.
     pub deduplication_id: Option<String>,
-    /// SQS message attributes with a string value, by name.
-    pub attributes: std::collections::BTreeMap<String, String>,
+    /// When it was sent (`SentTimestamp`).
+    pub sent_at: Option<SystemTime>,
+    /// When SQS first delivered it (`ApproximateFirstReceiveTimestamp`).
+    pub first_received_at: Option<SystemTime>,
+    /// The X-Ray trace header (`AWSTraceHeader`).
+    pub trace_header: Option<String>,
+    /// SQS message attributes, by name, binary ones included.
+    pub attributes: std::collections::BTreeMap<String, Attribute>,
+}
+
+/// An SQS timestamp attribute: milliseconds since the epoch.
+fn epoch_ms(text: &str) -> Option<SystemTime> {
+    let ms: u64 = text.parse().ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(ms))
+}
+
+/// A message attribute as the handler sees it; `None` for one without a value of
+/// its type.
+fn attribute(value: &aws_sdk_sqs::types::MessageAttributeValue) -> Option<Attribute> {
+    let data_type = value.data_type().to_owned();
+    if data_type.starts_with("Binary") {
+        Some(Attribute::Binary {
+            value: value.binary_value()?.as_ref().to_vec(),
+            data_type,
+        })
+    } else {
+        Some(Attribute::Text {
+            value: value.string_value()?.to_owned(),
+            data_type,
+        })
+    }
 }
 
 /// A queue and the client that reaches it.
@@ -355,9 +386,7 @@ impl Queue {
             .max_number_of_messages(max)
             .wait_time_seconds(i32::try_from(wait.as_secs()).unwrap_or(20))
             .visibility_timeout(i32::try_from(visibility.as_secs()).unwrap_or(i32::MAX))
-            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
-            .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
-            .message_system_attribute_names(MessageSystemAttributeName::MessageDeduplicationId)
+            .message_system_attribute_names(MessageSystemAttributeName::All)
             .message_attribute_names("All")
             .send();
         let output = self
@@ -381,11 +410,19 @@ impl Queue {
                 .unwrap_or(1);
             let group_id = system(MessageSystemAttributeName::MessageGroupId);
             let deduplication_id = system(MessageSystemAttributeName::MessageDeduplicationId);
+            let sent_at = system(MessageSystemAttributeName::SentTimestamp)
+                .as_deref()
+                .and_then(epoch_ms);
+            let first_received_at =
+                system(MessageSystemAttributeName::ApproximateFirstReceiveTimestamp)
+                    .as_deref()
+                    .and_then(epoch_ms);
+            let trace_header = system(MessageSystemAttributeName::AwsTraceHeader);
             let attributes = m
                 .message_attributes()
                 .map(|a| {
                     a.iter()
-                        .filter_map(|(k, v)| Some((k.clone(), v.string_value()?.to_owned())))
+                        .filter_map(|(k, v)| Some((k.clone(), attribute(v)?)))
                         .collect()
                 })
                 .unwrap_or_default();
@@ -397,6 +434,9 @@ impl Queue {
                 received_at,
                 group_id,
                 deduplication_id,
+                sent_at,
+                first_received_at,
+                trace_header,
                 attributes,
             });
         }

@@ -209,21 +209,7 @@ mod tests {
     }
 
     fn job(body: &str) -> Job {
-        Job {
-            message_id: "m".to_owned(),
-            body: body.to_owned(),
-            attributes: std::collections::BTreeMap::new(),
-            receive_count: 1,
-            source: queue_consumer::handler::Source {
-                queue_url: "http://localhost/1/q".to_owned(),
-                queue_name: None,
-                topic_arn: None,
-            },
-            sns_message_id: None,
-            group_id: None,
-            deduplication_id: None,
-            lost: tokio_util::sync::CancellationToken::new(),
-        }
+        Job::new("m", body)
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,13 +1,22 @@
-//! The worker loop: receive while there are free slots, hand each message to its own
-//! task ([`in_flight`](crate::in_flight)), and drain on shutdown.
+//! The worker loop: receive for each queue while its share of the slots allows,
+//! hand each message to its own task ([`in_flight`](crate::in_flight)), leave the
+//! service when it no longer wants this task, and drain on shutdown.
 //!
 //! The task polls SQS unprotected. A received job takes a protection guard before it
 //! starts and keeps it until its message is deleted or handed back, so an idle worker
 //! makes no protection calls and ECS can scale it in, while a busy one is protected
-//! exactly while it holds work. Concurrency is a semaphore of slots: a receive asks for
-//! at most the free slots (and at most ten, SQS's limit; it waits [`RECEIVE_GATHER`] for
-//! more slots to free up first), and a message holds its slot
-//! until it is settled. While a message waits for protection, no more are received.
+//! exactly while it holds work. Concurrency is shared between the queues by
+//! [`shares`](crate::shares): a poll holds no slot while it waits, and asks for no
+//! more messages than its queue's share leaves room for (at most ten, SQS's limit).
+//! Once a slot is free, a receive waits up to [`RECEIVE_GATHER`] for the rest of the
+//! previous receive's messages to be settled, so jobs that end together are followed
+//! by one receive for all of them. While a message waits for protection, no more are
+//! received.
+//!
+//! Leaving the service ([`Worker::with_membership`]): no new poll starts (one on its
+//! way is let finish, and its messages are handed straight back), running jobs finish
+//! and are settled, and the protection library releases protection once the last one
+//! is gone. Wanted again, the worker receives again.
 //!
 //! Shutdown has a fixed budget, whatever SQS and ECS do: after the first signal no
 //! new poll starts (one already on its way is let finish and its messages handed
@@ -15,27 +24,33 @@
 //! once; then the last deletes and hand-backs get [`SETTLE_BUDGET`].
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use task_protection::cli::Signal;
+use task_protection::drain::Membership;
 use task_protection::{Rejection, TaskProtection};
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
 use crate::config::WorkerSettings;
-use crate::handler::{BoxedHandler, Handler};
-use crate::in_flight::{self, Order};
-use crate::queue::{ErrorKind, MAX_BATCH, Message, Queue, SqsError};
+use crate::handler::{BatchHandler, BoxedHandler, Handler};
+use crate::health::Health;
+use crate::in_flight::{self, Dispatch, Order};
+use crate::queue::{ErrorKind, Message, Queue, SqsError};
 use crate::settle::{SettleQueue, Settler};
+use crate::shares::Shares;
 use crate::stats::Stats;
 
-/// How long a receive waits for more slots to free up before it asks for fewer
-/// messages than a full batch: one `ReceiveMessage` for ten jobs rather than three
-/// for three, four and three, at the cost of starting a job up to this much later.
+/// How long a receive waits, once a slot is free, for the rest of the previous
+/// receive's messages to be settled before it asks for fewer than a full batch: one
+/// `ReceiveMessage` for ten jobs that end together rather than several, at the cost
+/// of starting a job up to this much later. It never waits for messages of older
+/// receives (a long job).
 pub const RECEIVE_GATHER: Duration = Duration::from_millis(50);
 
 /// How long a long poll on its way at SIGTERM may still take. An answer already on
@@ -140,9 +155,11 @@ pub struct Worker {
     protection: TaskProtection,
     settings: WorkerSettings,
     handler: BoxedHandler,
+    membership: Option<watch::Receiver<Membership>>,
+    health: Arc<Health>,
 }
 
-/// One queue the worker works, and the settler of its messages.
+/// One queue the worker works, and the batcher of its calls.
 #[derive(Debug)]
 pub(crate) struct Lane {
     pub(crate) queue: Queue,
@@ -160,18 +177,26 @@ pub(crate) struct Shared {
     pub(crate) settings: WorkerSettings,
     /// No new receives and no new jobs: on a signal, a refusal, or a fatal receive.
     pub(crate) stop_receiving: CancellationToken,
+    /// A signal came: the handlers' [`Job::shutdown`](crate::Job::shutdown).
+    pub(crate) shutdown: CancellationToken,
     /// The grace period is over: hand back running jobs.
     pub(crate) abandon: CancellationToken,
     /// The settle budget is over: stop every SQS call and retry.
     pub(crate) give_up: CancellationToken,
-    /// Messages waiting for protection; the receive loop waits while there are any.
+    /// The task is leaving its service: no new receives and no new jobs, until it is
+    /// wanted again.
+    pub(crate) leaving: watch::Sender<bool>,
+    /// Messages waiting for protection; the receive loops wait while there are any.
     pub(crate) awaiting_protection: watch::Sender<usize>,
+    /// How the queues share the slots.
+    pub(crate) shares: Arc<Shares>,
     pub(crate) stats: Arc<Stats>,
-    /// Running jobs, for the settler and the drain.
+    pub(crate) health: Arc<Health>,
+    /// Running jobs, for the drain.
     jobs: TaskTracker,
     refusal: Mutex<Option<Rejection>>,
     fatal: Mutex<Option<SqsError>>,
-    /// Cancelled when the receive loop has ended.
+    /// Cancelled when the receive loops have ended.
     receiving_ended: CancellationToken,
 }
 
@@ -189,6 +214,21 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Whether the task is leaving its service now.
+    pub(crate) fn is_leaving(&self) -> bool {
+        *self.leaving.borrow()
+    }
+
+    /// Resolves once the task is leaving its service (at once if it is).
+    pub(crate) fn leaving(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.leaving.subscribe();
+        async move {
+            if rx.wait_for(|leaving| *leaving).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 }
 
@@ -210,22 +250,62 @@ impl Worker {
         settings: WorkerSettings,
         handler: impl Handler,
     ) -> Self {
+        Self::with_handler(queue, protection, settings, BoxedHandler::each(handler))
+    }
+
+    /// A worker on `queue` running `handler` once for the messages of each receive
+    /// (up to ten), protecting its task through `protection`.
+    #[must_use]
+    pub fn batched(
+        queue: Queue,
+        protection: TaskProtection,
+        settings: WorkerSettings,
+        handler: impl BatchHandler,
+    ) -> Self {
+        Self::with_handler(queue, protection, settings, BoxedHandler::batch(handler))
+    }
+
+    fn with_handler(
+        queue: Queue,
+        protection: TaskProtection,
+        settings: WorkerSettings,
+        handler: BoxedHandler,
+    ) -> Self {
         Self {
             queues: vec![(None, queue)],
             protection,
+            health: Arc::new(Health::new(settings.unhealthy_after)),
             settings,
-            handler: BoxedHandler::new(handler),
+            handler,
+            membership: None,
         }
     }
 
     /// Works `queue` as well, a topic-specific queue called `name`. All queues share
-    /// the worker's slots; each has its own long poll, and a freed slot goes to the
-    /// queue that has waited longest for one, so a flooded queue does not starve
-    /// the others.
+    /// the worker's slots, by the weights in [`WorkerSettings::weights`]; each has its
+    /// own long poll, which holds no slot while it waits.
     #[must_use]
     pub fn with_queue(mut self, name: impl Into<String>, queue: Queue) -> Self {
         self.queues.push((Some(name.into()), queue));
         self
+    }
+
+    /// Follows whether the service still wants this task. While `membership` says
+    /// [`Membership::Leaving`], the worker takes no new work: it drains protection
+    /// ([`TaskProtection::drain`]), starts no new receive (the messages of a poll
+    /// already on its way go straight back), and lets running jobs finish and be
+    /// settled; protection is released once the last one is gone. Wanted again, it
+    /// undrains and receives again.
+    #[must_use]
+    pub fn with_membership(mut self, membership: watch::Receiver<Membership>) -> Self {
+        self.membership = Some(membership);
+        self
+    }
+
+    /// What `/healthz` reports for this worker: whether receiving works.
+    #[must_use]
+    pub fn health(&self) -> Arc<Health> {
+        Arc::clone(&self.health)
     }
 
     /// Works the queue until a signal arrives on `signals`, ECS refuses protection or
@@ -233,15 +313,20 @@ impl Worker {
     /// second signal ends it), and every message received is deleted after success or
     /// made visible again, within [`SETTLE_BUDGET`].
     ///
+    /// A panic in a handler is logged as one error event (one line in JSON logs).
+    ///
     /// It does not release protection; the caller shuts [`TaskProtection`] down.
     pub async fn run(self, mut signals: mpsc::UnboundedReceiver<Signal>) -> Outcome {
         crate::metrics::describe();
-        let jobs = TaskTracker::new();
+        crate::panics::log_as_events();
         let mut lanes = Vec::new();
         let mut settlers = Vec::new();
+        let mut weights = Vec::new();
         for (name, queue) in self.queues {
-            let (settler, settle) = Settler::new(queue.clone(), jobs.clone());
+            let (settler, settle) = Settler::new(queue.clone());
             settlers.push(tokio::spawn(settler.run()));
+            weights.push(self.settings.weight(name.as_deref()));
+            self.health.watch(queue.url());
             lanes.push(Lane {
                 queue,
                 name,
@@ -250,31 +335,34 @@ impl Worker {
         }
         let stats = Arc::new(Stats::default());
         let grace = self.settings.shutdown_grace;
+        let shares = Shares::new(self.settings.concurrency, &weights);
+        let jobs = TaskTracker::new();
         let shared = Arc::new(Shared {
             lanes,
             handler: self.handler,
             protection: self.protection,
             settings: self.settings,
             stop_receiving: CancellationToken::new(),
+            shutdown: CancellationToken::new(),
             abandon: CancellationToken::new(),
             give_up: CancellationToken::new(),
+            leaving: watch::Sender::new(false),
             awaiting_protection: watch::Sender::new(0),
+            shares,
             stats: Arc::clone(&stats),
+            health: self.health,
             jobs: jobs.clone(),
             refusal: Mutex::new(None),
             fatal: Mutex::new(None),
             receiving_ended: CancellationToken::new(),
         });
+        if let Some(membership) = self.membership {
+            tokio::spawn(follow_membership(Arc::clone(&shared), membership));
+        }
         let messages = TaskTracker::new();
-        let slots = Arc::new(Semaphore::new(shared.settings.concurrency.max(1)));
         let loops = TaskTracker::new();
         for lane in 0..shared.lanes.len() {
-            loops.spawn(receive_loop(
-                Arc::clone(&shared),
-                lane,
-                Arc::clone(&slots),
-                messages.clone(),
-            ));
+            loops.spawn(receive_loop(Arc::clone(&shared), lane, messages.clone()));
         }
         loops.close();
         {
@@ -289,6 +377,9 @@ impl Worker {
             s = next_signal(&mut signals) => Some(s),
             () = shared.receiving_ended.cancelled() => None,
         };
+        if signal.is_some() {
+            shared.shutdown.cancel();
+        }
         shared.stop_receiving.cancel();
         jobs.close();
         messages.close();
@@ -312,7 +403,10 @@ impl Worker {
             );
             tokio::select! {
                 () = jobs.wait() => {}
-                s = next_signal(&mut signals) => signal = Some(s),
+                s = next_signal(&mut signals) => {
+                    shared.shutdown.cancel();
+                    signal = Some(s);
+                }
             }
         }
         if let Some(s) = signal {
@@ -368,7 +462,7 @@ impl Worker {
             // The receive loop only ends on a refusal, a fatal error or a signal.
             (None, None, None) => Outcome::Stopped(Signal::Term),
         };
-        // Every message task has ended; dropping the last sender ends the settler.
+        // Every message task has ended; dropping the last sender ends the settlers.
         drop(shared);
         let _ = tokio::time::timeout(
             Duration::from_secs(1),
@@ -380,121 +474,105 @@ impl Worker {
     }
 }
 
-/// Receives from one queue while there are free slots and no message waits for
-/// protection, until the worker stops receiving; stores a fatal error in `shared`
-/// and stops every queue's loop then.
-async fn receive_loop(
-    shared: Arc<Shared>,
-    lane: usize,
-    slots: Arc<Semaphore>,
-    messages: TaskTracker,
-) {
+/// Leaves the service and comes back as `membership` says.
+async fn follow_membership(shared: Arc<Shared>, mut membership: watch::Receiver<Membership>) {
+    loop {
+        let now = membership.borrow_and_update().clone();
+        let leaving = now.is_leaving();
+        if leaving != shared.is_leaving() {
+            if let Membership::Leaving(reason) = &now {
+                tracing::warn!(
+                    jobs = shared.jobs.len(),
+                    "Leaving the service: {reason}; taking no new work"
+                );
+                shared.protection.drain();
+            } else {
+                tracing::info!("Wanted by the service again; receiving");
+                shared.protection.undrain();
+            }
+            shared.leaving.send_replace(leaving);
+        }
+        tokio::select! {
+            r = membership.changed() => if r.is_err() { return },
+            () = shared.stop_receiving.cancelled() => return,
+        }
+    }
+}
+
+/// Receives from one queue while its share allows, no message waits for protection
+/// and the task is not leaving, until the worker stops receiving; stores a fatal
+/// error in `shared` and stops every queue's loop then.
+async fn receive_loop(shared: Arc<Shared>, lane: usize, messages: TaskTracker) {
     let queue = shared.lanes[lane].queue.clone();
-    let fifo = queue.is_fifo();
     let mut policy = ReceivePolicy::new(shared.settings.wait);
     let mut awaiting = shared.awaiting_protection.subscribe();
+    let mut load = shared.shares.subscribe();
+    let mut leaving = shared.leaving.subscribe();
+    // How many chains of the last receive are not yet settled.
+    let mut last: Option<Arc<AtomicUsize>> = None;
     loop {
-        let first = tokio::select! {
-            biased;
-            () = shared.stop_receiving.cancelled() => break,
-            p = Arc::clone(&slots).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let mut permits = vec![first];
-        // Slots free in bunches, as a batch of deletes comes back: wait a moment for
-        // the rest of a bunch, so one receive asks for all of them.
-        let full = shared.settings.concurrency.clamp(1, MAX_BATCH);
-        let gather_until = Instant::now() + RECEIVE_GATHER;
-        while permits.len() < full {
-            if let Ok(p) = Arc::clone(&slots).try_acquire_owned() {
-                permits.push(p);
-                continue;
+        // When a slot first became free for this receive.
+        let mut free_since = None;
+        let ask = loop {
+            if shared.stop_receiving.is_cancelled() {
+                return;
+            }
+            load.borrow_and_update();
+            let (ask, full) = shared.shares.ask(lane);
+            let now = Instant::now();
+            if ask > 0 {
+                free_since.get_or_insert(now);
+            }
+            let gather_until = last
+                .as_ref()
+                .zip(free_since)
+                .and_then(|(unsettled, since)| {
+                    gather_until(
+                        since,
+                        unsettled.load(std::sync::atomic::Ordering::SeqCst),
+                        ask,
+                        full,
+                        now,
+                    )
+                });
+            // A message waiting for protection could not be worked: take no more.
+            let waiting = *awaiting.borrow_and_update() > 0;
+            let gone = *leaving.borrow_and_update();
+            if ask > 0 && gather_until.is_none() && !waiting && !gone {
+                break ask;
             }
             tokio::select! {
                 biased;
-                () = shared.stop_receiving.cancelled() => break,
-                p = Arc::clone(&slots).acquire_owned() => match p {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
-                },
-                () = tokio::time::sleep_until(gather_until) => break,
+                () = shared.stop_receiving.cancelled() => return,
+                _ = load.changed() => {}
+                _ = awaiting.changed() => {}
+                _ = leaving.changed() => {}
+                () = sleep_until_opt(gather_until) => last = None,
             }
-        }
-        // A message waiting for protection could not be worked: take no more.
-        let clear = async {
-            let _ = awaiting.wait_for(|n| *n == 0).await.is_ok();
         };
-        tokio::select! {
-            biased;
-            () = shared.stop_receiving.cancelled() => break,
-            () = clear => {}
-        }
         tracing::info!("Long polling for messages");
         // A poll on its way at SIGTERM gets `POLL_DRAIN` to bring its answer: its
         // messages are handed straight back instead of waiting out their visibility.
+        // One on its way when the task starts to leave is let finish.
         let stopped = async {
             shared.stop_receiving.cancelled().await;
             tokio::time::sleep(POLL_DRAIN).await;
         };
         let received = tokio::select! {
             biased;
-            () = shared.abandon.cancelled() => break,
-            () = stopped => break,
-            r = queue.receive(permits.len(), shared.settings.wait, shared.settings.visibility) => r,
+            () = shared.abandon.cancelled() => return,
+            () = stopped => return,
+            r = queue.receive(ask, shared.settings.wait, shared.settings.visibility) => r,
         };
+        shared
+            .health
+            .received(lane, received.as_ref().map(Vec::len));
+        if let Ok(batch) = &received {
+            shared.shares.received(lane, ask, batch.len());
+        }
         match policy.after(received) {
             AfterReceive::Dispatch(batch) => {
-                // On a FIFO queue, the messages of one group in a batch run one after
-                // the other, each on the slot of the one before, so the slots left
-                // over go to other groups at once.
-                let mut last_of_group: HashMap<String, usize> = HashMap::new();
-                let mut orders: Vec<Order> = Vec::new();
-                for (i, message) in batch.iter().enumerate() {
-                    let mut order = Order::default();
-                    if fifo
-                        && let Some(group) = &message.group_id
-                        && let Some(prev) = last_of_group.insert(group.clone(), i)
-                    {
-                        let (tx, rx) = oneshot::channel();
-                        orders[prev].before = Some(tx);
-                        order.after = Some(rx);
-                    }
-                    orders.push(order);
-                }
-                for (message, order) in batch.into_iter().zip(orders) {
-                    let Some(permit) = permits.pop() else {
-                        tracing::warn!(
-                            "{} - Received more messages than asked for; it comes back after its visibility timeout",
-                            message.id
-                        );
-                        continue;
-                    };
-                    // A message waiting for its group's turn holds no slot.
-                    let permit = if order.after.is_some() {
-                        drop(permit);
-                        None
-                    } else {
-                        Some(permit)
-                    };
-                    shared
-                        .stats
-                        .received
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    crate::metrics::count(crate::metrics::JOBS_RECEIVED);
-                    let id = &message.id;
-                    tracing::info!(message_id = %id, receive_count = message.receive_count, "{id} - Received");
-                    let token = shared.jobs.token();
-                    messages.spawn(in_flight::handle(
-                        Arc::clone(&shared),
-                        lane,
-                        message,
-                        permit,
-                        order,
-                        token,
-                    ));
-                }
+                last = Some(dispatch(&shared, lane, batch, &messages));
             }
             AfterReceive::Poll => {}
             AfterReceive::Retry(wait, e) => {
@@ -502,16 +580,14 @@ async fn receive_loop(
                     "Receiving messages failed, retrying in {:.1}s: {e}",
                     wait.as_secs_f64()
                 );
-                drop(permits);
                 tokio::select! {
-                    () = shared.stop_receiving.cancelled() => break,
+                    () = shared.stop_receiving.cancelled() => return,
                     () = tokio::time::sleep(wait) => {}
                 }
             }
             AfterReceive::Pause(wait) => {
-                drop(permits);
                 tokio::select! {
-                    () = shared.stop_receiving.cancelled() => break,
+                    () = shared.stop_receiving.cancelled() => return,
                     () = tokio::time::sleep(wait) => {}
                 }
             }
@@ -522,9 +598,108 @@ async fn receive_loop(
                     .unwrap_or_else(PoisonError::into_inner)
                     .get_or_insert(e);
                 shared.stop_receiving.cancel();
-                break;
+                return;
             }
         }
+    }
+}
+
+/// Starts a task for each message of a receive; returns the count of its chains not
+/// yet settled.
+///
+/// On a FIFO queue with a handler of one job at a time, the messages of one group in
+/// the batch form a chain: they run one after the other on one slot, so the slots
+/// left over go to other groups at once. A batch handler gets the whole batch in
+/// order instead, each message on its own slot.
+fn dispatch(
+    shared: &Arc<Shared>,
+    lane: usize,
+    batch: Vec<Message>,
+    messages: &TaskTracker,
+) -> Arc<AtomicUsize> {
+    let fifo = shared.lanes[lane].queue.is_fifo();
+    let unsettled = Arc::new(AtomicUsize::new(0));
+    let cohort = TaskTracker::new();
+    let mut members = match &shared.handler {
+        BoxedHandler::Batch(h) => crate::batch::start(
+            Arc::clone(h),
+            batch.len(),
+            crate::batch::Limits {
+                timeout: shared.settings.job_timeout,
+                abandon: shared.abandon.clone(),
+                fifo,
+            },
+        )
+        .into_iter()
+        .map(Some)
+        .collect(),
+        BoxedHandler::Each(_) => Vec::new(),
+    };
+    let chains = fifo && members.is_empty();
+    let mut last_of_group: HashMap<String, usize> = HashMap::new();
+    let mut orders: Vec<Order> = Vec::new();
+    for (i, message) in batch.iter().enumerate() {
+        let mut order = Order::default();
+        if chains
+            && let Some(group) = &message.group_id
+            && let Some(prev) = last_of_group.insert(group.clone(), i)
+        {
+            let (tx, rx) = oneshot::channel();
+            orders[prev].before = Some(tx);
+            order.after = Some(rx);
+        }
+        orders.push(order);
+    }
+    for (i, (message, order)) in batch.into_iter().zip(orders).enumerate() {
+        // A message waiting for its group's turn gets the chain's slot then.
+        let slot = order
+            .after
+            .is_none()
+            .then(|| shared.shares.slot(lane, &unsettled));
+        shared
+            .stats
+            .received
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        crate::metrics::count(crate::metrics::JOBS_RECEIVED);
+        let id = &message.id;
+        tracing::info!(message_id = %id, receive_count = message.receive_count, "{id} - Received");
+        let job_phase = (shared.jobs.token(), cohort.token());
+        messages.spawn(in_flight::handle(
+            Arc::clone(shared),
+            Dispatch {
+                lane,
+                message,
+                slot,
+                order,
+                cohort: cohort.clone(),
+                job_phase,
+                batch: members.get_mut(i).and_then(Option::take),
+            },
+        ));
+    }
+    unsettled
+}
+
+/// Until when a receive waits before it asks for `ask` messages rather than `full`:
+/// while the chains of the previous receive are not all settled (`unsettled`: their
+/// slots free in a bunch, as their batch of deletes comes back), and at most
+/// [`RECEIVE_GATHER`] after the first slot became free (`free_since`). Slots held by
+/// older chains (a long job) are never waited for. `None`: receive now.
+fn gather_until(
+    free_since: Instant,
+    unsettled: usize,
+    ask: usize,
+    full: usize,
+    now: Instant,
+) -> Option<Instant> {
+    let until = free_since + RECEIVE_GATHER;
+    (ask < full && unsettled > 0 && now < until).then_some(until)
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -575,6 +750,19 @@ mod tests {
                 AfterReceive::Retry(..)
             ));
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_receive_waits_only_for_the_receive_before_it() {
+        let t0 = Instant::now();
+        let soon = t0 + Duration::from_millis(10);
+        // Its messages are being settled: wait for them, a moment at most.
+        assert_eq!(gather_until(t0, 3, 7, 10, soon), Some(t0 + RECEIVE_GATHER));
+        assert_eq!(gather_until(t0, 3, 7, 10, t0 + RECEIVE_GATHER), None);
+        // All settled: what is still held belongs to older receives (a long job).
+        assert_eq!(gather_until(t0, 0, 9, 10, soon), None);
+        // A full batch to ask for: no reason to wait.
+        assert_eq!(gather_until(t0, 3, 10, 10, soon), None);
     }
 
     #[test]

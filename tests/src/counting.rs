@@ -12,6 +12,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -29,6 +31,8 @@ pub enum Fault {
     Unanswered,
     /// Forwarded after this delay.
     Delay(Duration),
+    /// Forwarded at once, so SQS applies it, but its answer is held back this long.
+    DelayAnswer(Duration),
     /// Answered by the proxy with this SQS error, not forwarded.
     Error {
         /// HTTP status.
@@ -65,9 +69,22 @@ impl Fault {
     }
 }
 
+/// One request as the proxy saw it: when it arrived and when its answer started back.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    /// The SQS operation.
+    pub operation: String,
+    /// When the whole request had arrived.
+    pub sent_at: Instant,
+    /// When the first byte of its answer was passed back; `None` while unanswered.
+    pub answered_at: Option<Instant>,
+}
+
 #[derive(Debug, Default)]
 struct Rules {
     counts: BTreeMap<String, u64>,
+    /// Every request, in order of arrival.
+    exchanges: Vec<Exchange>,
     /// Requests passed on to SQS, by operation (a delayed one once its delay is over).
     forwarded: BTreeMap<String, u64>,
     /// Operation → (fault, how many more requests it applies to; None: until cleared).
@@ -148,6 +165,12 @@ impl CountingProxy {
             .unwrap_or(0)
     }
 
+    /// Every request so far, in order of arrival, with when it was answered.
+    #[must_use]
+    pub fn exchanges(&self) -> Vec<Exchange> {
+        lock(&self.shared).exchanges.clone()
+    }
+
     /// Requests so far.
     #[must_use]
     pub fn total(&self) -> u64 {
@@ -180,11 +203,24 @@ impl Drop for CountingProxy {
     }
 }
 
-/// Counts the request and returns the fault to apply to it, if any.
-fn decide(shared: &Shared, operation: Option<&str>) -> Option<Fault> {
+/// Counts the request and returns the fault to apply to it, if any, and its place in
+/// the exchanges.
+fn decide(shared: &Shared, operation: Option<&str>) -> (Option<Fault>, Option<usize>) {
     let mut rules = lock(shared);
-    let op = operation?;
+    let Some(op) = operation else {
+        return (None, None);
+    };
     *rules.counts.entry(op.to_owned()).or_default() += 1;
+    rules.exchanges.push(Exchange {
+        operation: op.to_owned(),
+        sent_at: Instant::now(),
+        answered_at: None,
+    });
+    let index = Some(rules.exchanges.len() - 1);
+    (decide_fault(&mut rules, op), index)
+}
+
+fn decide_fault(rules: &mut Rules, op: &str) -> Option<Fault> {
     let (fault, left) = rules.faults.get_mut(op)?;
     let fault = fault.clone();
     if let Some(n) = left {
@@ -196,15 +232,27 @@ fn decide(shared: &Shared, operation: Option<&str>) -> Option<Fault> {
     Some(fault)
 }
 
+/// What the answer pump of one connection needs to know about the request in flight.
+#[derive(Debug, Default)]
+struct InFlight {
+    /// Its place in the exchanges, to stamp when its answer starts back.
+    exchange: Option<usize>,
+    /// Hold its answer until then.
+    hold_until: Option<Instant>,
+}
+
 async fn forward(inbound: TcpStream, outbound: TcpStream, shared: Shared) {
     let (mut client_read, client_write) = inbound.into_split();
     let (mut server_read, mut server_write) = outbound.into_split();
     let client_write = Arc::new(tokio::sync::Mutex::new(client_write));
     // Set once an answer must not reach the client: every later byte is dropped.
     let mute = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let in_flight: Arc<Mutex<InFlight>> = Arc::default();
     let answers = {
         let client_write = Arc::clone(&client_write);
         let mute = Arc::clone(&mute);
+        let in_flight = Arc::clone(&in_flight);
+        let shared = Arc::clone(&shared);
         tokio::spawn(async move {
             let mut buf = vec![0u8; 64 * 1024];
             loop {
@@ -214,6 +262,18 @@ async fn forward(inbound: TcpStream, outbound: TcpStream, shared: Shared) {
                 };
                 if mute.load(std::sync::atomic::Ordering::SeqCst) {
                     continue;
+                }
+                let (exchange, hold) = {
+                    let mut f = in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+                    (f.exchange.take(), f.hold_until.take())
+                };
+                if let Some(until) = hold {
+                    tokio::time::sleep_until(until).await;
+                }
+                if let Some(i) = exchange
+                    && let Some(e) = lock(&shared).exchanges.get_mut(i)
+                {
+                    e.answered_at = Some(Instant::now());
                 }
                 if client_write
                     .lock()
@@ -234,8 +294,17 @@ async fn forward(inbound: TcpStream, outbound: TcpStream, shared: Shared) {
         }
     };
     while let Some((request, operation)) = read_request(&mut client_read, &mut pending).await {
-        match decide(&shared, operation.as_deref()) {
-            None => {
+        let (fault, exchange) = decide(&shared, operation.as_deref());
+        {
+            let mut f = in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+            f.exchange = exchange;
+            f.hold_until = match &fault {
+                Some(Fault::DelayAnswer(d)) => Some(Instant::now() + *d),
+                _ => None,
+            };
+        }
+        match fault {
+            None | Some(Fault::DelayAnswer(_)) => {
                 let sent = server_write.write_all(&request).await;
                 forwarded(operation.as_deref());
                 if sent.is_err() {
@@ -256,6 +325,11 @@ async fn forward(inbound: TcpStream, outbound: TcpStream, shared: Shared) {
                 message,
             }) => {
                 let answer = error_answer(status, code, &message);
+                if let Some(i) = exchange
+                    && let Some(e) = lock(&shared).exchanges.get_mut(i)
+                {
+                    e.answered_at = Some(Instant::now());
+                }
                 if write_locked(&client_write, &answer).await.is_err() {
                     break;
                 }

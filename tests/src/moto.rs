@@ -142,6 +142,105 @@ pub async fn send(client: &Client, queue: &str, body: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Sends `bodies` to `queue`, ten per call, in order; on a FIFO queue each in
+/// `group`. Panics if SQS refuses one.
+pub async fn send_all(client: &Client, queue: &str, group: Option<&str>, bodies: &[String]) {
+    use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    for chunk in bodies.chunks(10) {
+        let entries = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, body)| {
+                let entry = SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(body);
+                match group {
+                    Some(g) => entry.message_group_id(g).message_deduplication_id(
+                        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                            .to_string(),
+                    ),
+                    None => entry,
+                }
+                .build()
+                .unwrap_or_else(|e| panic!("entry: {e}"))
+            })
+            .collect();
+        let out = client
+            .send_message_batch()
+            .queue_url(queue)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("send_message_batch: {e:?}"));
+        assert!(out.failed().is_empty(), "{:?}", out.failed());
+    }
+}
+
+/// Creates queue `name` (FIFO when it ends in `.fifo`) with this visibility timeout,
+/// and, when `max_receives` is given, a dead-letter queue `<name>-dlq` it redrives
+/// to after that many receives. Returns the queue's URL and the dead-letter queue's.
+pub async fn create_queue_with(
+    client: &Client,
+    name: &str,
+    visibility_secs: u32,
+    max_receives: Option<u32>,
+) -> (String, Option<String>) {
+    use aws_sdk_sqs::types::QueueAttributeName;
+    let fifo = name.ends_with(".fifo");
+    let create = |name: String| {
+        let mut request = client.create_queue().queue_name(name).attributes(
+            QueueAttributeName::VisibilityTimeout,
+            visibility_secs.to_string(),
+        );
+        if fifo {
+            request = request.attributes(QueueAttributeName::FifoQueue, "true");
+        }
+        request
+    };
+    let dlq = match max_receives {
+        None => None,
+        Some(max) => {
+            let base = name.trim_end_matches(".fifo");
+            let dlq_name = if fifo {
+                format!("{base}-dlq.fifo")
+            } else {
+                format!("{base}-dlq")
+            };
+            let url = create(dlq_name)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("create the dead-letter queue: {e:?}"))
+                .queue_url
+                .unwrap_or_default();
+            let arn = client
+                .get_queue_attributes()
+                .queue_url(&url)
+                .attribute_names(QueueAttributeName::QueueArn)
+                .send()
+                .await
+                .ok()
+                .and_then(|o| o.attributes?.get(&QueueAttributeName::QueueArn).cloned())
+                .unwrap_or_else(|| panic!("no ARN for the dead-letter queue"));
+            Some((url, arn, max))
+        }
+    };
+    let mut request = create(name.to_owned());
+    if let Some((_, arn, max)) = &dlq {
+        request = request.attributes(
+            QueueAttributeName::RedrivePolicy,
+            format!(r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"{max}"}}"#),
+        );
+    }
+    let url = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("create_queue {name}: {e:?}"))
+        .queue_url
+        .unwrap_or_else(|| panic!("create_queue {name}: no URL"));
+    (url, dlq.map(|(u, _, _)| u))
+}
+
 /// (visible, in flight) message counts of `queue`, or `None` when SQS cannot say.
 pub async fn queue_counts(client: &Client, queue: &str) -> Option<(u64, u64)> {
     use aws_sdk_sqs::types::QueueAttributeName;

@@ -1,24 +1,32 @@
 //! The worker library run in-process, against moto and the fake agent: for handler
 //! and ordering tests that need job code of their own. Signals and exit codes are
 //! tested on the binary.
+//!
+//! With `E2E_TRACE` set, the in-process worker logs to stderr, filtered by `RUST_LOG`
+//! (`E2E_TRACE=1 RUST_LOG=queue_consumer=debug cargo nextest run ... --no-capture`).
 
 use std::time::Duration;
 
 use queue_consumer::queue::Queue;
-use queue_consumer::{Handler, Outcome, Worker, WorkerSettings};
+use queue_consumer::{BatchHandler, Handler, Outcome, Worker, WorkerSettings};
 use task_protection::cli::Signal;
+use task_protection::drain::Membership;
 use task_protection::{BackendConfig, BackendKind, ProtectionSettings, TaskProtection};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::agent::FakeAgent;
-use crate::moto::Moto;
+use crate::moto::{Moto, client_for};
 
 /// A worker running on its own task.
 #[derive(Debug)]
 pub struct RunningWorker {
     signals: mpsc::UnboundedSender<Signal>,
     task: JoinHandle<Outcome>,
+    /// The worker's protection, to watch what it holds.
+    pub protection: TaskProtection,
+    /// What its health endpoint would answer.
+    pub health: std::sync::Arc<queue_consumer::health::Health>,
 }
 
 /// Starts a worker on `queue_url` (and the named `topic_queues`) with `handler`,
@@ -32,40 +40,155 @@ pub async fn spawn_worker(
     topic_queues: &[(&str, &str)],
     settings: impl FnOnce(&mut WorkerSettings),
 ) -> RunningWorker {
-    let client = moto.client();
-    let mut s = WorkerSettings::new(queue_url);
-    s.wait = Duration::from_secs(1);
-    settings(&mut s);
-    let backend = BackendConfig {
-        kind: BackendKind::Agent,
-        agent_uri: Some(agent.uri()),
-        metadata_uri: None,
-    };
-    let protection = TaskProtection::connect(&backend, ProtectionSettings::default())
-        .await
-        .unwrap_or_else(|e| panic!("protection: {e}"));
-    let mut worker = Worker::new(
-        Queue::new(client.clone(), queue_url),
-        protection.clone(),
-        s,
-        handler,
-    );
+    let mut spec = WorkerSpec::new(moto, agent, queue_url).settings(settings);
     for (name, url) in topic_queues {
-        worker = worker.with_queue(*name, Queue::new(client.clone(), *url));
+        spec = spec.topic(name, url);
     }
-    let (signals, rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        let outcome = worker.run(rx).await;
-        let _ = protection.shutdown().await;
-        outcome
-    });
-    RunningWorker { signals, task }
+    spec.spawn(handler).await
+}
+
+/// A worker to start: where its SQS and its agent are, its queues and settings.
+#[derive(Debug)]
+pub struct WorkerSpec {
+    endpoint: String,
+    agent_uri: String,
+    settings: WorkerSettings,
+    protection: ProtectionSettings,
+    topics: Vec<(String, String)>,
+    membership: Option<watch::Receiver<Membership>>,
+}
+
+impl WorkerSpec {
+    /// A worker on `queue_url`, long-polling `moto` for 1 s, protected through
+    /// `agent` with the library's default protection settings.
+    #[must_use]
+    pub fn new(moto: &Moto, agent: &FakeAgent, queue_url: &str) -> Self {
+        let mut settings = WorkerSettings::new(queue_url);
+        settings.wait = Duration::from_secs(1);
+        Self {
+            endpoint: moto.endpoint(),
+            agent_uri: agent.uri(),
+            settings,
+            protection: ProtectionSettings::default(),
+            topics: Vec::new(),
+            membership: None,
+        }
+    }
+
+    /// Follows `membership`, as the drain watcher would set it.
+    #[must_use]
+    pub fn membership(mut self, membership: watch::Receiver<Membership>) -> Self {
+        self.membership = Some(membership);
+        self
+    }
+
+    /// Reaches SQS through `endpoint` (a proxy in front of moto).
+    #[must_use]
+    pub fn via(mut self, endpoint: &str) -> Self {
+        endpoint.clone_into(&mut self.endpoint);
+        self
+    }
+
+    /// Works the topic queue `name` at `url` as well.
+    #[must_use]
+    pub fn topic(mut self, name: &str, url: &str) -> Self {
+        self.topics.push((name.to_owned(), url.to_owned()));
+        self
+    }
+
+    /// Adjusts the worker settings.
+    #[must_use]
+    pub fn settings(mut self, f: impl FnOnce(&mut WorkerSettings)) -> Self {
+        f(&mut self.settings);
+        self
+    }
+
+    /// Protection settings other than the library's defaults.
+    #[must_use]
+    pub fn protection(mut self, settings: ProtectionSettings) -> Self {
+        self.protection = settings;
+        self
+    }
+
+    async fn build(
+        self,
+        worker: impl FnOnce(Queue, TaskProtection, WorkerSettings) -> Worker,
+    ) -> RunningWorker {
+        let client = client_for(&self.endpoint);
+        let backend = BackendConfig {
+            kind: BackendKind::Agent,
+            agent_uri: Some(self.agent_uri.clone()),
+            metadata_uri: None,
+        };
+        let protection = TaskProtection::connect(&backend, self.protection)
+            .await
+            .unwrap_or_else(|e| panic!("protection: {e}"));
+        let url = self.settings.queue_url.clone();
+        let mut worker = worker(
+            Queue::new(client.clone(), url),
+            protection.clone(),
+            self.settings,
+        );
+        for (name, url) in &self.topics {
+            worker = worker.with_queue(name.clone(), Queue::new(client.clone(), url.clone()));
+        }
+        if let Some(membership) = self.membership {
+            worker = worker.with_membership(membership);
+        }
+        RunningWorker::start(worker, protection)
+    }
+
+    /// Starts the worker with `handler` on its own task.
+    pub async fn spawn(self, handler: impl Handler) -> RunningWorker {
+        self.build(|queue, protection, settings| Worker::new(queue, protection, settings, handler))
+            .await
+    }
+
+    /// Starts the worker with the batch handler `handler` on its own task.
+    pub async fn spawn_batched(self, handler: impl BatchHandler) -> RunningWorker {
+        self.build(|queue, protection, settings| {
+            Worker::batched(queue, protection, settings, handler)
+        })
+        .await
+    }
 }
 
 impl RunningWorker {
+    fn start(worker: Worker, protection: TaskProtection) -> Self {
+        let health = worker.health();
+        if std::env::var_os("E2E_TRACE").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .try_init();
+        }
+        let (signals, rx) = mpsc::unbounded_channel();
+        let released = protection.clone();
+        let task = tokio::spawn(async move {
+            let outcome = worker.run(rx).await;
+            let _ = released.shutdown().await;
+            outcome
+        });
+        Self {
+            signals,
+            task,
+            protection,
+            health,
+        }
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn terminate(&self) {
+        let _ = self.signals.send(Signal::Term);
+    }
+
     /// Sends SIGTERM and waits up to `within` for the worker to stop.
     pub async fn stop(self, within: Duration) -> Outcome {
-        let _ = self.signals.send(Signal::Term);
+        self.terminate();
+        self.stopped(within).await
+    }
+
+    /// Waits up to `within` for the worker to stop by itself.
+    pub async fn stopped(self, within: Duration) -> Outcome {
         tokio::time::timeout(within, self.task)
             .await
             .unwrap_or_else(|_| panic!("the worker did not stop within {within:?}"))

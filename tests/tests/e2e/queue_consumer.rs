@@ -293,12 +293,12 @@ async fn queue_consumer_bad_bodies_are_kept_for_the_dead_letter_queue() {
     worker
         .wait_for_line(&format!("{} - Done", late[0]), STEP)
         .await;
+    s.wait_counts("the good one deleted", (0, 6)).await;
     assert_eq!(
         worker.count(" - Received"),
         seen + 1,
         "a bad message came back"
     );
-    assert_eq!(s.counts().await, Some((0, 6)));
     stop(&mut worker, STEP).await;
 }
 
@@ -335,10 +335,13 @@ async fn queue_consumer_recovers_from_an_sqs_outage_without_losing_messages() {
         &proxy.endpoint(),
         &[("WORKER_CONCURRENCY", "2"), ("QUEUE_WAIT_SECONDS", "1")],
     );
-    let ids = s.send(&["300"; 10]).await;
+    let mut ids = s.send(&["300"; 2]).await;
     let mut worker = Service::spawn(BIN, &[], &env);
     worker.wait_for_count(" - Done", 2, START).await;
+    s.wait_counts("the first two deleted", (0, 0)).await;
     proxy.cut();
+    // The rest arrive during the outage.
+    ids.extend(s.send(&["300"; 8]).await);
     worker
         .wait_for_line("Receiving messages failed", STEP)
         .await;
@@ -461,6 +464,11 @@ async fn queue_consumer_bad_config_exits_2_with_one_line() {
         env
     };
     let url = "http://127.0.0.1:9/123456789012/jobs";
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+    let busy_port = busy
+        .local_addr()
+        .map(|a| a.port().to_string())
+        .unwrap_or_default();
     let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
         (with(&[]), "COPILOT_QUEUE_URI"),
         (
@@ -506,6 +514,26 @@ async fn queue_consumer_bad_config_exits_2_with_one_line() {
             "ECS_AGENT_URI",
         ),
         (
+            with(&[("COPILOT_QUEUE_URI", url), ("JOB_TIMEOUT_SECONDS", "0")]),
+            "JOB_TIMEOUT_SECONDS=0 is out of range: allowed 1..=42300 seconds",
+        ),
+        (
+            with(&[("COPILOT_QUEUE_URI", url), ("HEALTH_PORT", "70000")]),
+            "HEALTH_PORT=70000 is out of range",
+        ),
+        (
+            with(&[("COPILOT_QUEUE_URI", url), ("QUEUE_WEIGHTS", "default")]),
+            "QUEUE_WEIGHTS=\"default\" is not valid",
+        ),
+        (
+            with(&[("COPILOT_QUEUE_URI", url), ("QUEUE_WEIGHTS", "typo=2")]),
+            "QUEUE_WEIGHTS names \"typo\", which is not one of the queues: default",
+        ),
+        (
+            with(&[("COPILOT_QUEUE_URI", url), ("HEALTH_PORT", &busy_port)]),
+            "(HEALTH_PORT)",
+        ),
+        (
             // The agent endpoint is plain http; the client has no TLS.
             with(&[
                 ("COPILOT_QUEUE_URI", url),
@@ -537,6 +565,9 @@ async fn queue_consumer_bad_config_exits_2_with_one_line() {
         "PROTECTION_MAINTAIN_PERCENT",
         "PROTECTION_REFRESH_PERCENT",
         "PROTECTION_CHECK_INTERVAL_MS",
+        "JOB_TIMEOUT_SECONDS",
+        "QUEUE_WEIGHTS",
+        "HEALTH_PORT",
     ] {
         assert!(
             stdout.contains(&format!("[env: {var}=")),
@@ -772,7 +803,7 @@ async fn queue_consumer_purged_message_stops_its_heartbeat_and_its_job() {
     // Said once, asked once or twice, never again.
     assert_eq!(worker.count(&format!("{id} - No longer held")), 1);
     assert!(
-        proxy.count("ChangeMessageVisibility") <= 2,
+        proxy.count("ChangeMessageVisibilityBatch") <= 2,
         "{:?}",
         proxy.counts()
     );
@@ -788,7 +819,7 @@ async fn queue_consumer_change_visibility_denied_is_said_once_and_not_retried() 
     let s = Setup::start(3).await;
     let proxy = s.sqs_proxy().await;
     proxy.fault(
-        "ChangeMessageVisibility",
+        "ChangeMessageVisibilityBatch",
         Fault::access_denied("sqs:changemessagevisibility"),
     );
     let env = s.env_via(&proxy.endpoint(), &[("VISIBILITY_TIMEOUT_SECONDS", "3")]);
@@ -797,20 +828,15 @@ async fn queue_consumer_change_visibility_denied_is_said_once_and_not_retried() 
     worker
         .wait_for_line(&format!("{} - Done", ids[0]), START)
         .await;
+    // Within the minute neither a heartbeat nor a hand-back is sent.
     let more = s.send(&["2500"]).await;
     worker
         .wait_for_line(&format!("{} - Done", more[0]), STEP)
         .await;
-    // The batch call needs the same permission: within the minute it is not sent.
-    proxy.fault(
-        "ChangeMessageVisibilityBatch",
-        Fault::access_denied("sqs:changemessagevisibility"),
-    );
     let bad = s.send(&["abc"]).await;
     worker
         .wait_for_line(&format!("{} - Hand-back failed", bad[0]), STEP)
         .await;
-    assert_eq!(proxy.count("ChangeMessageVisibilityBatch"), 0);
     let denied: Vec<String> = worker
         .lines()
         .into_iter()
@@ -821,7 +847,7 @@ async fn queue_consumer_change_visibility_denied_is_said_once_and_not_retried() 
     assert!(denied[0].contains("task role"), "{}", denied[0]);
     // One call, then none for a minute.
     assert_eq!(
-        proxy.count("ChangeMessageVisibility"),
+        proxy.count("ChangeMessageVisibilityBatch"),
         1,
         "{:?}",
         proxy.counts()
@@ -936,8 +962,10 @@ async fn queue_consumer_queue_url_region_wins_over_aws_region() {
 async fn queue_consumer_heartbeat_in_flight_lands_before_the_hand_back() {
     let s = Setup::start(4).await;
     let proxy = s.sqs_proxy().await;
+    // Every visibility change reaches SQS 2 s late: the heartbeat is still on its way
+    // when the hand-back is sent, and lands first.
     proxy.fault(
-        "ChangeMessageVisibility",
+        "ChangeMessageVisibilityBatch",
         Fault::Delay(Duration::from_secs(2)),
     );
     let env = s.env_via(
@@ -952,16 +980,16 @@ async fn queue_consumer_heartbeat_in_flight_lands_before_the_hand_back() {
     worker
         .wait_for_line(&format!("{} - Working for", ids[0]), START)
         .await;
-    // The heartbeat is on its way (held 2 s by the proxy) when SIGTERM ends the job.
     wait_for("a heartbeat in flight", STEP, || async {
-        (proxy.count("ChangeMessageVisibility") >= 1).then_some(())
+        (proxy.count("ChangeMessageVisibilityBatch") >= 1).then_some(())
     })
     .await;
     let took = time_to_exit(&mut worker, STEP).await;
     assert!(took < Duration::from_secs(8), "{took:?}");
-    wait_for("the heartbeat to reach SQS", STEP, || async {
-        (proxy.forwarded("ChangeMessageVisibility") >= proxy.count("ChangeMessageVisibility"))
-            .then_some(())
+    wait_for("every change to reach SQS", STEP, || async {
+        (proxy.forwarded("ChangeMessageVisibilityBatch")
+            >= proxy.count("ChangeMessageVisibilityBatch"))
+        .then_some(())
     })
     .await;
     // Handed back after the heartbeat landed: visible now.
@@ -1047,4 +1075,47 @@ async fn queue_consumer_short_jobs_cost_about_a_fifth_of_a_request_each() {
     );
     s.wait_counts("the queue to be empty", (0, 0)).await;
     stop(&mut worker, STEP).await;
+}
+
+#[tokio::test]
+async fn queue_consumer_health_endpoint_and_healthcheck_subcommand() {
+    let s = Setup::start(30).await;
+    let proxy = s.sqs_proxy().await;
+    let port = e2e::free_port().to_string();
+    let env = s.env_via(
+        &proxy.endpoint(),
+        &[("HEALTH_PORT", &port), ("QUEUE_WAIT_SECONDS", "1")],
+    );
+    let mut worker = Service::spawn(BIN, &[], &env);
+    worker.wait_for_line("Health endpoint on", START).await;
+    worker
+        .wait_for_line("Long polling for messages", START)
+        .await;
+    let healthz = format!("http://127.0.0.1:{port}/healthz");
+    let check = [("HEALTH_PORT", port.clone())];
+    // Idle and receiving: healthy, without any of the worker's other settings.
+    let (status, stdout, stderr) = run_to_exit(BIN, &["healthcheck"], &check).await;
+    assert!(status.success(), "{stdout} {stderr}");
+    assert_eq!(stdout.trim(), "healthy");
+    // The role may not receive: unhealthy at once, with the reason, until it exits.
+    proxy.fault("ReceiveMessage", Fault::access_denied("sqs:receivemessage"));
+    let reason = wait_for("/healthz to answer 503", STEP, || async {
+        let answer = reqwest::get(&healthz).await.ok()?;
+        (answer.status() == 503).then_some(answer.text().await.ok()?)
+    })
+    .await;
+    assert!(
+        reason.starts_with("receiving from ") && reason.contains("AccessDenied"),
+        "{reason}"
+    );
+    assert_eq!(reason.trim().lines().count(), 1, "{reason}");
+    let status = worker.wait_exit(STEP).await;
+    assert_eq!(status.code(), Some(1));
+    // Nobody there: unhealthy too, saying why.
+    let (status, _, stderr) = run_to_exit(BIN, &["healthcheck"], &check).await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("queue-consumer: unhealthy: cannot reach"),
+        "{stderr}"
+    );
 }

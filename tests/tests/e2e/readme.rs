@@ -113,19 +113,22 @@ async fn readme_configuration_matches_websocket_help() {
     check("websocket", 2).await;
 }
 
-/// The README's custom-handler example is the example the workspace compiles.
+/// The README's handler examples are the examples the workspace compiles.
 #[test]
 fn readme_custom_handler_is_the_compiled_example() {
     let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
-    let example =
-        std::fs::read_to_string(workspace_root().join("queue-consumer/examples/custom-handler.rs"))
-            .unwrap();
-    let code = example
-        .find("use queue_consumer::config")
-        .map(|at| &example[at..])
-        .unwrap_or_else(|| panic!("the example has no imports"));
-    assert!(
-        readme.contains(&format!("```rust\n{code}```")),
-        "README's custom handler differs from queue-consumer/examples/custom-handler.rs"
-    );
+    for name in ["custom-handler", "batch-handler"] {
+        let example = std::fs::read_to_string(
+            workspace_root().join(format!("queue-consumer/examples/{name}.rs")),
+        )
+        .unwrap();
+        let code = example
+            .find("use queue_consumer::config")
+            .map(|at| &example[at..])
+            .unwrap_or_else(|| panic!("the example {name} has no imports"));
+        assert!(
+            readme.contains(&format!("```rust\n{code}```")),
+            "README's {name} differs from queue-consumer/examples/{name}.rs"
+        );
+    }
 }

@@ -199,3 +199,85 @@ async fn queue_consumer_library_a_failed_fifo_message_holds_back_only_its_group(
     };
     assert!(pos("b6", "end", 0) < pos("a2", "start", 1), "{events:?}");
 }
+
+/// A tracing writer into a shared buffer.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn queue_consumer_library_a_panic_is_one_line_in_json_logs() {
+    // The JSON logs of this thread, where the runtime (current-thread) runs the job.
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_writer(move || writer.clone())
+        .finish();
+    let logs = tracing::subscriber::set_default(subscriber);
+    let moto = Moto::start().await;
+    let agent = FakeAgent::start().await;
+    let client = moto.client();
+    let queue = moto.create_queue("jobs", 30).await;
+    send(&client, &queue, "boom").await;
+    let handler = handler_fn(|job: Job| async move {
+        panic!("the job {} went wrong\nover two lines", job.body);
+    });
+    let worker = spawn_worker(handler, &moto, &agent, &queue, &[], |_| {}).await;
+    let logged = |needle: &'static str| {
+        let captured = captured.clone();
+        move || {
+            let found =
+                String::from_utf8_lossy(&captured.0.lock().unwrap_or_else(PoisonError::into_inner))
+                    .contains(needle);
+            async move { found.then_some(()) }
+        }
+    };
+    wait_for("the message retried", STEP, logged("Visible again in")).await;
+    let _ = worker.stop(Duration::from_secs(5)).await;
+    // From here a failed assertion must not go into the captured logs.
+    drop(logs);
+    let text = String::from_utf8_lossy(
+        &captured
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone(),
+    )
+    .into_owned();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let panics: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("panicked") && m.contains("went wrong"))
+                && l["level"] == "ERROR"
+        })
+        .collect();
+    assert!(!panics.is_empty(), "no panic line in {text}");
+    // The message's own line says where, in one line.
+    assert!(
+        panics.iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("worker_library.rs"))),
+        "{text}"
+    );
+}

@@ -4,7 +4,11 @@
 //! ```text
 //! cargo build --release --bin queue-consumer
 //! cargo run --release -p e2e --example bench-queue-consumer -- [--jobs 2000] [--idle-seconds 120]
+//! cargo run --release -p e2e --example bench-queue-consumer -- --mixes [--trickle-seconds 60] [--rounds 3]
 //! ```
+//!
+//! `--mixes` runs the mixes of queues and jobs instead ([`mixes`]), each beside a plain
+//! receive/delete loop in the same run.
 //!
 //! For each run: a fresh queue holding `--jobs` zero-millisecond jobs, SQS requests
 //! counted by a proxy that reads each request's `x-amz-target`, and protection PUTs
@@ -31,21 +35,33 @@ use e2e::wait_for;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::Notify;
 
+mod mixes;
+
 /// How long the protection is kept after the last job: 10 % of 1 minute.
 const MAINTAIN_WINDOW: Duration = Duration::from_secs(6);
 
 struct Args {
     jobs: usize,
     idle: Duration,
+    mixes: bool,
+    trickle: Duration,
+    rounds: usize,
 }
 
 fn args() -> Args {
     let mut args = Args {
         jobs: 2000,
         idle: Duration::from_secs(120),
+        mixes: false,
+        trickle: Duration::from_secs(60),
+        rounds: 3,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--mixes" {
+            args.mixes = true;
+            continue;
+        }
         let value: u64 = it
             .next()
             .and_then(|v| v.parse().ok())
@@ -53,7 +69,11 @@ fn args() -> Args {
         match flag.as_str() {
             "--jobs" => args.jobs = usize::try_from(value).unwrap_or(2000),
             "--idle-seconds" => args.idle = Duration::from_secs(value),
-            other => panic!("unknown flag {other}; use --jobs N --idle-seconds N"),
+            "--trickle-seconds" => args.trickle = Duration::from_secs(value),
+            "--rounds" => args.rounds = usize::try_from(value).unwrap_or(3).max(1),
+            other => panic!(
+                "unknown flag {other}; use --jobs N --idle-seconds N, or --mixes --trickle-seconds N --rounds N"
+            ),
         }
     }
     args
@@ -233,6 +253,7 @@ async fn run_worker(
     } else {
         env.push(("METRICS", "off".to_owned()));
     }
+    let mut emptied = Vec::new();
     let (queue, what) = match shape {
         Shape::One => {
             let queue = moto
@@ -274,6 +295,7 @@ async fn run_worker(
                 .await;
             fill(&client, &queue, jobs / 2, None).await;
             fill(&client, &other, jobs - jobs / 2, None).await;
+            emptied.push(other.clone());
             env.push((
                 "COPILOT_TOPIC_QUEUE_URIS",
                 format!(r#"{{"otherEventsQueue":"{other}"}}"#),
@@ -325,6 +347,11 @@ async fn run_worker(
             .await
             .expect("the worker stalled");
     }
+    // "Done" is logged before the delete: the run ends when the queues are empty.
+    emptied.push(queue.clone());
+    for q in &emptied {
+        mixes::wait_empty(&client, q).await;
+    }
     let secs = start.elapsed().as_secs_f64();
     let requests = proxy.total();
     let mut detail = format!("{:?}", proxy.counts());
@@ -357,6 +384,10 @@ async fn run_worker(
 async fn main() {
     let args = args();
     let moto = Moto::start().await;
+    if args.mixes {
+        mixes::run(&moto, args.trickle, args.rounds).await;
+        return;
+    }
     println!(
         "{} zero-ms jobs per run, moto_server on loopback, {} cores",
         args.jobs,

@@ -1,0 +1,199 @@
+//! The worker leaving its service (`Worker::with_membership`), in-process against
+//! moto and the fake agent, with the membership driven by the test as the drain
+//! watcher would: no new work, what is held finished and settled, protection
+//! released, and work again once wanted again. Nothing lost, nothing done twice.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use aws_sdk_sqs::Client;
+use e2e::agent::FakeAgent;
+use e2e::counting::{CountingProxy, Fault};
+use e2e::moto::{Moto, queue_counts, send};
+use e2e::wait_for;
+use e2e::worker::WorkerSpec;
+use queue_consumer::{Job, Outcome, Verdict, handler_fn};
+use task_protection::cli::Signal;
+use task_protection::drain::{LeaveReason, Membership};
+use tokio::sync::watch;
+
+const STEP: Duration = Duration::from_secs(20);
+
+async fn wait_counts(client: &Client, queue: &str, what: &str, want: (u64, u64)) {
+    wait_for(what, STEP, || async {
+        (queue_counts(client, queue).await == Some(want)).then_some(())
+    })
+    .await;
+}
+
+/// How many times each body's job started, and a handler that waits the
+/// milliseconds the body's last word names.
+#[derive(Debug, Clone, Default)]
+struct Runs(Arc<Mutex<BTreeMap<String, usize>>>);
+
+impl Runs {
+    fn handler(&self) -> impl queue_consumer::Handler {
+        let runs = self.clone();
+        handler_fn(move |job: Job| {
+            let runs = runs.clone();
+            async move {
+                *runs.lock().entry(job.body.clone()).or_default() += 1;
+                let ms = job
+                    .body
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Verdict::Done
+            }
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, usize>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn of(&self, body: &str) -> usize {
+        self.lock().get(body).copied().unwrap_or(0)
+    }
+}
+
+fn surplus() -> Membership {
+    Membership::Leaving(LeaveReason::Surplus {
+        running: 3,
+        desired: 1,
+    })
+}
+
+#[tokio::test]
+async fn queue_consumer_drain_finishes_what_it_holds_then_takes_work_again() {
+    let moto = Moto::start().await;
+    let agent = FakeAgent::start().await;
+    let client = moto.client();
+    let queue = moto.create_queue("jobs", 30).await;
+    let proxy = CountingProxy::start(([127, 0, 0, 1], moto.port()).into()).await;
+    let (membership, follows) = watch::channel(Membership::Wanted);
+    let runs = Runs::default();
+    let worker = WorkerSpec::new(&moto, &agent, &queue)
+        .via(&proxy.endpoint())
+        .settings(|s| s.concurrency = 2)
+        .membership(follows)
+        .spawn(runs.handler())
+        .await;
+    for body in ["a 2000", "b 2000"] {
+        send(&client, &queue, body).await;
+    }
+    wait_for("both jobs to start", STEP, || async {
+        (runs.of("a 2000") == 1 && runs.of("b 2000") == 1).then_some(())
+    })
+    .await;
+    membership.send_replace(surplus());
+    wait_for("the drain", STEP, || async {
+        worker.protection.is_draining().then_some(())
+    })
+    .await;
+    for body in ["c 10", "d 10", "e 10"] {
+        send(&client, &queue, body).await;
+    }
+    // The two running jobs finish and are deleted; the new messages are left alone.
+    wait_counts(&client, &queue, "a and b deleted, c, d, e waiting", (3, 0)).await;
+    // Protection is released at once, not after the maintain window, and the task
+    // keeps running unprotected for ECS to stop.
+    wait_for("protection released", Duration::from_secs(5), || async {
+        agent.released().then_some(())
+    })
+    .await;
+    let receives = proxy.count("ReceiveMessage");
+    // About absence: three of the worker's 1 s polls' worth of time.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        proxy.count("ReceiveMessage"),
+        receives,
+        "received while leaving"
+    );
+    assert_eq!(queue_counts(&client, &queue).await, Some((3, 0)));
+    // Wanted again: it takes the work.
+    membership.send_replace(Membership::Wanted);
+    wait_counts(&client, &queue, "c, d and e done", (0, 0)).await;
+    assert!(!worker.protection.is_draining());
+    for body in ["a 2000", "b 2000", "c 10", "d 10", "e 10"] {
+        assert_eq!(runs.of(body), 1, "{body}: {:?}", runs.lock());
+    }
+    let outcome = worker.stop(STEP).await;
+    assert_eq!(outcome, Outcome::Stopped(Signal::Term));
+}
+
+#[tokio::test]
+async fn queue_consumer_drain_hands_back_what_a_poll_on_its_way_brings() {
+    let moto = Moto::start().await;
+    let agent = FakeAgent::start().await;
+    let client = moto.client();
+    let queue = moto.create_queue("jobs", 30).await;
+    for body in ["a 10", "b 10"] {
+        send(&client, &queue, body).await;
+    }
+    let proxy = CountingProxy::start(([127, 0, 0, 1], moto.port()).into()).await;
+    // The first receive reaches SQS 1.5 s late: the task starts to leave meanwhile.
+    proxy.fault_times(
+        "ReceiveMessage",
+        Fault::Delay(Duration::from_millis(1500)),
+        1,
+    );
+    let (membership, follows) = watch::channel(Membership::Wanted);
+    let runs = Runs::default();
+    let worker = WorkerSpec::new(&moto, &agent, &queue)
+        .via(&proxy.endpoint())
+        .settings(|s| s.concurrency = 2)
+        .membership(follows)
+        .spawn(runs.handler())
+        .await;
+    wait_for("a receive on its way", STEP, || async {
+        (proxy.count("ReceiveMessage") >= 1).then_some(())
+    })
+    .await;
+    membership.send_replace(surplus());
+    // Its messages go straight back, unworked, without protection.
+    wait_for("the poll to land", STEP, || async {
+        (proxy.forwarded("ReceiveMessage") >= 1).then_some(())
+    })
+    .await;
+    wait_counts(&client, &queue, "both handed back", (2, 0)).await;
+    assert_eq!(runs.lock().len(), 0, "{:?}", runs.lock());
+    // No enable: only the release a worker makes at start, if any.
+    assert!(
+        agent.puts().iter().all(|p| !p.enabled()),
+        "{:?}",
+        agent.puts()
+    );
+    // SIGTERM while leaving: it stops as usual.
+    let outcome = worker.stop(Duration::from_secs(10)).await;
+    assert_eq!(outcome, Outcome::Stopped(Signal::Term));
+    assert_eq!(queue_counts(&client, &queue).await, Some((2, 0)));
+}
+
+#[tokio::test]
+async fn queue_consumer_drain_sigterm_while_leaving_finishes_the_running_job() {
+    let moto = Moto::start().await;
+    let agent = FakeAgent::start().await;
+    let client = moto.client();
+    let queue = moto.create_queue("jobs", 30).await;
+    let (membership, follows) = watch::channel(Membership::Wanted);
+    let runs = Runs::default();
+    let worker = WorkerSpec::new(&moto, &agent, &queue)
+        .membership(follows)
+        .spawn(runs.handler())
+        .await;
+    send(&client, &queue, "a 1500").await;
+    wait_for("the job to start", STEP, || async {
+        (runs.of("a 1500") == 1).then_some(())
+    })
+    .await;
+    membership.send_replace(surplus());
+    let outcome = worker.stop(Duration::from_secs(10)).await;
+    assert_eq!(outcome, Outcome::Stopped(Signal::Term));
+    // Finished within the grace period and deleted; released at exit.
+    assert_eq!(queue_counts(&client, &queue).await, Some((0, 0)));
+    assert!(agent.released(), "{:?}", agent.puts());
+}
