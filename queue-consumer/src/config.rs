@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use task_protection::ProtectionSettings;
-use task_protection::cli::{LogFormat, MetricsArgs, ProtectionArgs, ranged};
+use task_protection::cli::{DrainArgs, LogFormat, MetricsArgs, ProtectionArgs, ranged};
 
 /// SQS's limit on `WaitTimeSeconds`.
 pub const MAX_WAIT_SECONDS: u64 = 20;
@@ -88,9 +88,9 @@ pub struct Config {
     pub max_job_ms: u64,
 
     /// After SIGTERM, how long running jobs may still take before their messages are
-    /// handed back, in seconds; a second SIGTERM or ctrl-c ends it at once. Keep it 6 s
-    /// below the task's stop timeout: 3 s for the last deletes and hand-backs, and
-    /// about 2.5 s to release protection (0..=3600)
+    /// handed back, in seconds; a second SIGTERM or ctrl-c ends it at once. Keep it 9 s
+    /// below the task's stop timeout: 3 s for the last deletes and hand-backs, and up
+    /// to 6 s to release protection (0..=3600)
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", value_name = "SECONDS", default_value = "25",
           value_parser = ranged("SHUTDOWN_GRACE_SECONDS", 0, MAX_GRACE_SECONDS, "seconds"))]
     pub shutdown_grace_seconds: u64,
@@ -126,6 +126,10 @@ pub struct Config {
     /// Metrics settings.
     #[command(flatten)]
     pub metrics: MetricsArgs,
+
+    /// Drain: whether the service still wants this task.
+    #[command(flatten)]
+    pub drain: DrainArgs,
 }
 
 /// This service's protection defaults, the seed worker's: protect for 1 minute, keep

@@ -138,6 +138,9 @@ async fn start(
     };
     let protection =
         TaskProtection::connect(&config.protection.backend_config(), protection_settings).await?;
+    // Off outside ECS, and with DRAIN=off: then the worker follows no membership, and a
+    // refusal of protection ends it as the task is being replaced.
+    let drain = config.drain.start().await;
     tracing::info!(
         queue = %settings.queue_url,
         concurrency = settings.concurrency,
@@ -152,6 +155,9 @@ async fn start(
         tracing::info!(queue = %url, "Working the topic queue {name} as well: {url}");
         worker = worker.with_queue(name, Queue::new(client.clone(), url));
     }
+    if drain.is_on() {
+        worker = worker.with_membership(drain.subscribe());
+    }
     if let Some(listener) = health {
         let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
         tracing::info!(port, "Health endpoint on http://127.0.0.1:{port}/healthz");
@@ -161,6 +167,7 @@ async fn start(
     // A draining task must not stay protected: release now rather than at expiry.
     let report = protection.shutdown().await;
     tracing::debug!("Task protection at exit: {report}");
+    drop(drain);
     Ok(outcome)
 }
 

@@ -195,13 +195,43 @@ pub(crate) struct Shared {
     /// Running jobs, for the drain.
     jobs: TaskTracker,
     refusal: Mutex<Option<Rejection>>,
+    /// Whether the worker follows its service's membership (the drain watcher is
+    /// on): then a refusal is no sign that this task goes, only that it may not take
+    /// work now.
+    follows_membership: bool,
+    /// Until when the receive loops wait after a refusal that did not end the worker.
+    pub(crate) refused_until: watch::Sender<Option<Instant>>,
     fatal: Mutex<Option<SqsError>>,
     /// Cancelled when the receive loops have ended.
     receiving_ended: CancellationToken,
 }
 
 impl Shared {
+    /// ECS refused protection. Without a membership to follow the task is being
+    /// replaced: the worker takes no more work and ends. Following one, a refusal
+    /// (`DEPLOYMENT_BLOCKED` while a deployment's old tasks still hold protection) is
+    /// no sign that this task goes, and the drain watcher says when it does: the
+    /// worker receives nothing for the protection's check interval, the cool-down
+    /// during which ECS is not asked again, then receives again.
     pub(crate) fn refuse(&self, rejection: Rejection) {
+        if self.follows_membership {
+            let pause = self.protection.settings().check_interval();
+            let now = Instant::now();
+            let paused = self.refused_until.send_if_modified(|until| {
+                let fresh = until.is_none_or(|t| t <= now);
+                if fresh {
+                    *until = Some(now + pause);
+                }
+                fresh
+            });
+            if paused {
+                tracing::warn!(
+                    "Task protection refused ({rejection}) while the service still wants this task; receiving again in {}s",
+                    pause.as_secs_f64()
+                );
+            }
+            return;
+        }
         self.refusal
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -296,6 +326,10 @@ impl Worker {
     /// already on its way go straight back), and lets running jobs finish and be
     /// settled; protection is released once the last one is gone. Wanted again, it
     /// undrains and receives again.
+    ///
+    /// A worker that follows a membership does not end when ECS refuses protection:
+    /// the membership says when the task goes. It hands the message back and
+    /// receives nothing for the protection's check interval, then goes on.
     #[must_use]
     pub fn with_membership(mut self, membership: watch::Receiver<Membership>) -> Self {
         self.membership = Some(membership);
@@ -353,6 +387,8 @@ impl Worker {
             health: self.health,
             jobs: jobs.clone(),
             refusal: Mutex::new(None),
+            follows_membership: self.membership.is_some(),
+            refused_until: watch::Sender::new(None),
             fatal: Mutex::new(None),
             receiving_ended: CancellationToken::new(),
         });
@@ -508,6 +544,7 @@ async fn receive_loop(shared: Arc<Shared>, lane: usize, messages: TaskTracker) {
     let mut awaiting = shared.awaiting_protection.subscribe();
     let mut load = shared.shares.subscribe();
     let mut leaving = shared.leaving.subscribe();
+    let mut refused = shared.refused_until.subscribe();
     // How many chains of the last receive are not yet settled.
     let mut last: Option<Arc<AtomicUsize>> = None;
     loop {
@@ -538,7 +575,8 @@ async fn receive_loop(shared: Arc<Shared>, lane: usize, messages: TaskTracker) {
             // A message waiting for protection could not be worked: take no more.
             let waiting = *awaiting.borrow_and_update() > 0;
             let gone = *leaving.borrow_and_update();
-            if ask > 0 && gather_until.is_none() && !waiting && !gone {
+            let refused_until = refused.borrow_and_update().filter(|t| *t > now);
+            if ask > 0 && gather_until.is_none() && !waiting && !gone && refused_until.is_none() {
                 break ask;
             }
             tokio::select! {
@@ -547,6 +585,8 @@ async fn receive_loop(shared: Arc<Shared>, lane: usize, messages: TaskTracker) {
                 _ = load.changed() => {}
                 _ = awaiting.changed() => {}
                 _ = leaving.changed() => {}
+                _ = refused.changed() => {}
+                () = sleep_until_opt(refused_until) => {}
                 () = sleep_until_opt(gather_until) => last = None,
             }
         };

@@ -310,3 +310,108 @@ async fn a_throttled_watcher_backs_off() {
             .any(|(_, l)| l.contains("Drain check throttled by ECS")),
     );
 }
+
+#[tokio::test]
+async fn queue_consumer_deployment_with_a_steady_backlog_loses_and_repeats_nothing() {
+    let moto = e2e::moto::Moto::start().await;
+    let queue = moto.create_queue("jobs", 30).await;
+    let mut env: Vec<(String, String)> = moto
+        .env()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    env.extend(
+        [
+            ("COPILOT_QUEUE_URI", queue.as_str()),
+            ("WORKER_CONCURRENCY", "4"),
+            ("QUEUE_WAIT_SECONDS", "2"),
+            ("DRAIN_CHECK_SECONDS", "3"),
+            ("RUST_LOG", "info"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    let sim = Simulator::start(SimConfig {
+        binary: "queue-consumer",
+        env,
+        desired: 2,
+        ready: Ready::Line("Long polling"),
+        health: None,
+        deregistration_delay: Duration::ZERO,
+        stop_timeout: Duration::from_secs(40),
+    })
+    .await;
+    // Jobs of 800 ms at 20 a second, twice what two tasks of four slots can work:
+    // a backlog that grows for as long as they come, and lasts a minute more.
+    let client = moto.client();
+    let producer = tokio::spawn({
+        let client = client.clone();
+        let queue = queue.clone();
+        async move {
+            let mut ids = Vec::new();
+            for _ in 0..600 {
+                ids.push(e2e::moto::send(&client, &queue, "800").await);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            ids
+        }
+    });
+    wait_for("a backlog", Duration::from_secs(60), || async {
+        let (visible, _) = e2e::moto::queue_counts(&client, &queue).await?;
+        (visible >= 20).then_some(())
+    })
+    .await;
+    let deployment = sim.deploy();
+    let took = sim
+        .wait_for(
+            "the deployment to complete",
+            Duration::from_secs(120),
+            |m| m.deployments.len() == 1 && m.deployments[0].completed.is_some() && alive(m) == 2,
+        )
+        .await;
+    eprintln!("worker deployment with a backlog took {took:?}");
+    let (backlog, _) = e2e::moto::queue_counts(&client, &queue)
+        .await
+        .expect("the queue's counts");
+    assert!(
+        backlog > 0,
+        "the deployment waited for the backlog to end: {}",
+        sim.describe()
+    );
+    assert!(
+        sim.model()
+            .tasks
+            .iter()
+            .filter(|t| t.status != Status::Stopped)
+            .all(|t| t.deployment == deployment)
+    );
+    let ids = producer.await.expect("the producer finishes");
+    wait_for("every job to be done", Duration::from_secs(120), || async {
+        let done = sim
+            .lines()
+            .iter()
+            .filter(|(_, l)| l.contains(" - Done"))
+            .count();
+        (done >= ids.len()).then_some(())
+    })
+    .await;
+    let lines = sim.lines();
+    for id in &ids {
+        let started = lines
+            .iter()
+            .filter(|(_, l)| l.contains(&format!("{id} - Started")))
+            .count();
+        let done = lines
+            .iter()
+            .filter(|(_, l)| l.contains(&format!("{id} - Done")))
+            .count();
+        assert_eq!((started, done), (1, 1), "message {id}: {}", sim.describe());
+    }
+    assert_eq!(
+        e2e::moto::queue_counts(&client, &queue).await,
+        Some((0, 0)),
+        "the queue is empty"
+    );
+    let m = sim.model();
+    assert_eq!((m.sigkills, m.crashes), (0, 0), "{}", sim.describe());
+}

@@ -8,12 +8,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use aws_sdk_sqs::Client;
-use e2e::agent::FakeAgent;
+use e2e::agent::{Answer, FakeAgent};
 use e2e::counting::{CountingProxy, Fault};
 use e2e::moto::{Moto, queue_counts, send};
 use e2e::wait_for;
 use e2e::worker::WorkerSpec;
 use queue_consumer::{Job, Outcome, Verdict, handler_fn};
+use task_protection::ProtectionSettings;
 use task_protection::cli::Signal;
 use task_protection::drain::{LeaveReason, Membership};
 use tokio::sync::watch;
@@ -196,4 +197,60 @@ async fn queue_consumer_drain_sigterm_while_leaving_finishes_the_running_job() {
     // Finished within the grace period and deleted; released at exit.
     assert_eq!(queue_counts(&client, &queue).await, Some((0, 0)));
     assert!(agent.released(), "{:?}", agent.puts());
+}
+
+#[tokio::test]
+async fn queue_consumer_refused_while_wanted_pauses_then_works_the_message() {
+    // With the drain watcher on, a refusal (DEPLOYMENT_BLOCKED while a deployment's
+    // old tasks hold protection) is no sign that this task goes: the worker hands the
+    // message back, receives nothing for the protection's check interval, then takes
+    // work again. It does not end, and it does not spend the message's receives.
+    let moto = Moto::start().await;
+    let agent = FakeAgent::start().await;
+    agent.always(Answer::Failure("DEPLOYMENT_BLOCKED"));
+    let client = moto.client();
+    let queue = moto.create_queue("jobs", 30).await;
+    let (_membership, follows) = watch::channel(Membership::Wanted);
+    let receives = Arc::new(Mutex::new(Vec::new()));
+    let handler = {
+        let receives = Arc::clone(&receives);
+        handler_fn(move |job: Job| {
+            receives
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(job.receive_count);
+            async { Verdict::Done }
+        })
+    };
+    let worker = WorkerSpec::new(&moto, &agent, &queue)
+        .protection(
+            ProtectionSettings::builder()
+                .check_interval(Duration::from_secs(2))
+                .build()
+                .expect("settings"),
+        )
+        .membership(follows)
+        .spawn(handler)
+        .await;
+    send(&client, &queue, "a").await;
+    let enables = || agent.puts().iter().filter(|p| p.enabled()).count();
+    wait_for("two refused enables", STEP, || async {
+        (enables() >= 2).then_some(())
+    })
+    .await;
+    agent.always(Answer::Ok);
+    wait_counts(&client, &queue, "the message done", (0, 0)).await;
+    let receives = receives
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    assert_eq!(receives.len(), 1, "worked once: {receives:?}");
+    // One receive per refusal and one that works it, give or take the one a refusal
+    // meets on its way; not one per poll.
+    assert!(receives[0] <= 4, "received {} times", receives[0]);
+    assert_eq!(
+        worker.stop(STEP).await,
+        Outcome::Stopped(Signal::Term),
+        "a refusal ended the worker"
+    );
 }
