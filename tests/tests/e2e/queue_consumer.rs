@@ -376,6 +376,12 @@ async fn queue_consumer_protection_refused_hands_the_message_back_and_exits() {
     );
     assert_eq!(worker.count(&format!("{} - Handed back", ids[0])), 1);
     assert!(worker.count("DEPLOYMENT_BLOCKED") >= 1);
+    // Outside ECS the drain is off (one line says so), so a refusal means the task
+    // is being replaced.
+    assert_eq!(
+        worker.count("Drain is off: ECS_CONTAINER_METADATA_URI_V4 is not set"),
+        1
+    );
     // Visible again at once, for another task.
     let got = s.receive_now().await;
     assert_eq!(got, vec![(ids[0].clone(), 2)]);

@@ -622,6 +622,15 @@ async fn websocket_healthz_status_page_and_healthcheck() {
     assert_eq!(idle["protection"]["phase"], "idle");
     assert_eq!(idle["protection"]["protected"], false);
     assert_eq!(idle["protection"]["simulated"], false);
+    // Outside ECS (no task metadata endpoint) the drain is off, and one line says so.
+    assert_eq!(idle["drain"]["on"], false, "{idle}");
+    assert_eq!(idle["drain"]["membership"], "wanted", "{idle}");
+    assert_eq!(
+        server
+            .service
+            .count("Drain is off: ECS_CONTAINER_METADATA_URI_V4 is not set"),
+        1
+    );
 
     let mut ws = server.connect().await;
     next_text(&mut ws).await;
