@@ -613,3 +613,37 @@ async fn an_acquire_after_shutdown_began_fails_before_the_driver_runs() {
     assert_eq!(p.acquire().await.err(), Some(AcquireError::ShutDown));
     shutting.await;
 }
+
+/// An enable that ECS applied late in its flight protects until one duration after
+/// it landed, not after it was sent: a task that could not release since must not
+/// believe its protection over at send + duration.
+#[tokio::test(start_paused = true)]
+async fn an_enable_that_landed_late_is_not_believed_over_before_it_can_have_ended() {
+    let ecs = FakeEcs::new();
+    let p = TaskProtection::start(ecs.clone(), worker_settings());
+    released_at_start(&ecs).await;
+    // The enable is applied, and answered, 4 s after it leaves.
+    ecs.latency(Duration::from_secs(4));
+    ecs.landing(Landing::After(Duration::from_secs(4)));
+    let sent = Instant::now();
+    let guard = p.acquire().await.unwrap();
+    ecs.latency(Duration::ZERO);
+    ecs.landing(Landing::OnArrival);
+    // From now on the agent cannot be reached: the release never gets through.
+    ecs.always(Reply::Refused);
+    drop(guard);
+    // Past send + duration, and before landing + duration.
+    let expiry = ecs.expiry().expect("ECS holds protection");
+    assert!(expiry >= sent + Duration::from_secs(64), "{expiry:?}");
+    step(Duration::from_secs(61) - sent.elapsed()).await;
+    assert!(ecs.protected_at(Instant::now()));
+    let report = p.shutdown().await;
+    assert!(
+        !matches!(
+            report,
+            ShutdownReport::NotProtected | ShutdownReport::Released
+        ),
+        "ECS still protects the task, but the report says {report:?}: {:?}",
+        ecs.calls()
+    );
+}
