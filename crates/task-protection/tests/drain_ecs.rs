@@ -2,9 +2,12 @@
 //! speaks the ECS JSON protocol (awsJson1_1): the requests it sends, the answers it
 //! reads, and how it sorts the errors.
 
+mod support;
+
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::{Value, json};
+use support::ecs_client;
 use task_protection::drain::{ApiError, EcsService, ServiceApi};
 use wiremock::matchers::{body_partial_json, header, method};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -17,16 +20,7 @@ fn service(server: &MockServer) -> EcsService {
 }
 
 fn service_at(endpoint: &str) -> EcsService {
-    let config = aws_sdk_ecs::Config::builder()
-        .behavior_version(aws_sdk_ecs::config::BehaviorVersion::latest())
-        .region(aws_sdk_ecs::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_ecs::config::Credentials::new(
-            "AKID", "SECRET", None, None, "test",
-        ))
-        .retry_config(aws_sdk_ecs::config::retry::RetryConfig::disabled())
-        .endpoint_url(endpoint)
-        .build();
-    EcsService::new(aws_sdk_ecs::Client::from_conf(config))
+    EcsService::new(ecs_client(endpoint))
 }
 
 fn answer(status: u16, body: &Value) -> ResponseTemplate {

@@ -1,9 +1,12 @@
 //! The ECS API backend against a wiremock ECS endpoint (awsJson1_1) and a wiremock
 //! task metadata endpoint.
 
+mod support;
+
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::ecs_client;
 use task_protection::{
     AcquireError, Backend, BackendConfig, BackendConfigError, BackendKind, EcsApiBackend,
     ProtectionError, ProtectionRequest, ProtectionSettings, TaskIdentity, TaskProtection,
@@ -16,22 +19,9 @@ const TARGET: &str = "AmazonEC2ContainerServiceV20141113.UpdateTaskProtection";
 const CLUSTER: &str = "arn:aws:ecs:us-east-1:123456789012:cluster/app-test-Cluster";
 const TASK: &str = "arn:aws:ecs:us-east-1:123456789012:task/app-test-Cluster/0123";
 
-fn client(endpoint: &str) -> aws_sdk_ecs::Client {
-    let config = aws_sdk_ecs::Config::builder()
-        .behavior_version(aws_sdk_ecs::config::BehaviorVersion::latest())
-        .region(aws_sdk_ecs::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_ecs::config::Credentials::new(
-            "AKID", "SECRET", None, None, "test",
-        ))
-        .retry_config(aws_sdk_ecs::config::retry::RetryConfig::disabled())
-        .endpoint_url(endpoint)
-        .build();
-    aws_sdk_ecs::Client::from_conf(config)
-}
-
 fn backend(server: &MockServer) -> EcsApiBackend {
     EcsApiBackend::new(
-        client(&server.uri()),
+        ecs_client(&server.uri()),
         TaskIdentity {
             cluster: CLUSTER.into(),
             task_arn: TASK.into(),

@@ -1,6 +1,6 @@
 //! What the crate's tests share: the scripted ECS (public, in
-//! `task_protection::testing`), the two services' settings, and a way to let the
-//! driver run on paused time.
+//! `task_protection::testing`), the two services' settings, a way to let the
+//! driver run on paused time, and an ECS API client for a wiremock ECS.
 #![allow(dead_code, unreachable_pub, unused_imports)]
 
 use std::time::Duration;
@@ -35,4 +35,20 @@ pub async fn settle() {
     for _ in 0..20 {
         tokio::task::yield_now().await;
     }
+}
+
+/// An ECS API client that sends to `endpoint` (a wiremock ECS): a fixed Region and
+/// test credentials, and no retries, so each call the test sees is one the code made.
+#[cfg(any(feature = "ecs-api", feature = "drain"))]
+pub fn ecs_client(endpoint: &str) -> aws_sdk_ecs::Client {
+    let config = aws_sdk_ecs::Config::builder()
+        .behavior_version(aws_sdk_ecs::config::BehaviorVersion::latest())
+        .region(aws_sdk_ecs::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_ecs::config::Credentials::new(
+            "AKID", "SECRET", None, None, "test",
+        ))
+        .retry_config(aws_sdk_ecs::config::retry::RetryConfig::disabled())
+        .endpoint_url(endpoint)
+        .build();
+    aws_sdk_ecs::Client::from_conf(config)
 }
