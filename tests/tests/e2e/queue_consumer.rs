@@ -8,7 +8,7 @@ use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use e2e::agent::{Answer, FakeAgent};
 use e2e::counting::{CountingProxy, Fault};
-use e2e::moto::{Moto, TcpProxy, aws_env, queue_counts};
+use e2e::moto::{Moto, TcpProxy, aws_env, create_queue_with, queue_counts};
 use e2e::process::{Service, run_to_exit};
 use e2e::wait_for;
 
@@ -46,40 +46,14 @@ impl Setup {
         let moto = Moto::start().await;
         let agent = FakeAgent::start().await;
         let client = moto.client();
-        let dlq_url = moto.create_queue("jobs-dlq", 30).await;
-        let dlq_arn = client
-            .get_queue_attributes()
-            .queue_url(&dlq_url)
-            .attribute_names(QueueAttributeName::QueueArn)
-            .send()
-            .await
-            .ok()
-            .and_then(|o| o.attributes?.get(&QueueAttributeName::QueueArn).cloned())
-            .unwrap_or_else(|| panic!("no ARN for the dead-letter queue"));
-        let queue_url = client
-            .create_queue()
-            .queue_name("jobs")
-            .attributes(
-                QueueAttributeName::VisibilityTimeout,
-                visibility_secs.to_string(),
-            )
-            .attributes(
-                QueueAttributeName::RedrivePolicy,
-                format!(
-                    r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{max_receives}"}}"#
-                ),
-            )
-            .send()
-            .await
-            .ok()
-            .and_then(|o| o.queue_url)
-            .unwrap_or_else(|| panic!("cannot create the queue"));
+        let (queue_url, dlq_url) =
+            create_queue_with(&client, "jobs", visibility_secs, Some(max_receives)).await;
         Self {
             moto,
             agent,
             client,
             queue_url,
-            dlq_url: Some(dlq_url),
+            dlq_url,
         }
     }
 
