@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::{
-    DeleteMessageBatchRequestEntry, QueueAttributeName, SendMessageBatchRequestEntry,
+    DeleteMessageBatchRequestEntry, Message, QueueAttributeName, SendMessageBatchRequestEntry,
 };
 use e2e::agent::FakeAgent;
 use e2e::bench::procfs;
@@ -143,28 +143,33 @@ async fn plain(client: &Client, queue: &str, jobs: usize, max: i32) {
                     .expect("delete");
             }
         } else if !messages.is_empty() {
-            let entries = messages
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    DeleteMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(m.receipt_handle().unwrap_or_default())
-                        .build()
-                        .expect("entry")
-                })
-                .collect();
-            let out = client
-                .delete_message_batch()
-                .queue_url(queue)
-                .set_entries(Some(entries))
-                .send()
-                .await
-                .expect("delete batch");
-            assert!(out.failed().is_empty(), "{:?}", out.failed());
+            delete_batch(client, queue, &messages).await;
         }
         done += messages.len();
     }
+}
+
+/// Deletes `messages` of `queue` in one `DeleteMessageBatch`, as a plain loop does.
+async fn delete_batch(client: &Client, queue: &str, messages: &[Message]) {
+    let entries = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            DeleteMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(m.receipt_handle().unwrap_or_default())
+                .build()
+                .expect("entry")
+        })
+        .collect();
+    let out = client
+        .delete_message_batch()
+        .queue_url(queue)
+        .set_entries(Some(entries))
+        .send()
+        .await
+        .expect("delete batch");
+    assert!(out.failed().is_empty(), "{:?}", out.failed());
 }
 
 struct Row {

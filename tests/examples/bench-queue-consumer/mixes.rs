@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::Client;
-use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, QueueAttributeName};
+use aws_sdk_sqs::types::QueueAttributeName;
 use e2e::agent::FakeAgent;
 use e2e::counting::{CountingProxy, Exchange};
 use e2e::moto::{Moto, aws_env, client_for, queue_counts, send_all};
@@ -29,7 +29,7 @@ use e2e::wait_for;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::Notify;
 
-use super::unique;
+use super::{delete_batch, unique};
 
 /// Waits until `queue` holds nothing, visible or in flight.
 pub(crate) async fn wait_empty(client: &Client, queue: &str) {
@@ -257,24 +257,7 @@ async fn plain(
         } else {
             futures_util::future::join_all(messages.iter().map(|_| tokio::time::sleep(job))).await;
         }
-        let entries = messages
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                DeleteMessageBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .receipt_handle(m.receipt_handle().unwrap_or_default())
-                    .build()
-                    .expect("entry")
-            })
-            .collect();
-        client
-            .delete_message_batch()
-            .queue_url(queue)
-            .set_entries(Some(entries))
-            .send()
-            .await
-            .expect("delete batch");
+        delete_batch(&client, queue, &messages).await;
         done += messages.len();
     }
     (
