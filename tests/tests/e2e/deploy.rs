@@ -612,20 +612,25 @@ async fn the_web_manifest_matches_the_websocket_server() {
     report("websocket", &problems);
 }
 
+/// The one managed policy of the addon template at `relative`, with its logical id.
+fn the_managed_policy<'a>(relative: &str, template: &'a Value) -> (&'a Value, &'a Value) {
+    let resources = at(template, "Resources")
+        .and_then(Value::as_mapping)
+        .unwrap_or_else(|| panic!("{relative} has no Resources"));
+    let policies: Vec<(&Value, &Value)> = resources
+        .iter()
+        .filter(|(_, r)| text_at(r, "Type").as_deref() == Some("AWS::IAM::ManagedPolicy"))
+        .collect();
+    assert_eq!(policies.len(), 1, "{relative}: expected one managed policy");
+    policies[0]
+}
+
 #[test]
 fn the_addons_grant_only_task_protection_in_the_environment_cluster() {
     for service in ["queue-consumer", "websocket"] {
         let relative = format!("copilot/{service}/addons/task-protection.yml");
         let template = yaml(&relative);
-        let resources = at(&template, "Resources")
-            .and_then(Value::as_mapping)
-            .unwrap_or_else(|| panic!("{relative} has no Resources"));
-        let policies: Vec<(&Value, &Value)> = resources
-            .iter()
-            .filter(|(_, r)| text_at(r, "Type").as_deref() == Some("AWS::IAM::ManagedPolicy"))
-            .collect();
-        assert_eq!(policies.len(), 1, "{relative}: expected one managed policy");
-        let (id, policy) = policies[0];
+        let (id, policy) = the_managed_policy(&relative, &template);
         let statements = at(policy, "Properties.PolicyDocument.Statement")
             .and_then(Value::as_sequence)
             .unwrap_or_else(|| panic!("{relative}: the policy has no statements"));
@@ -1014,15 +1019,7 @@ fn the_drain_addons_grant_exactly_the_ecs_reads_the_watcher_needs() {
     for service in ["queue-consumer", "websocket"] {
         let relative = format!("copilot/{service}/addons/drain.yml");
         let template = yaml(&relative);
-        let resources = at(&template, "Resources")
-            .and_then(Value::as_mapping)
-            .unwrap_or_else(|| panic!("{relative} has no Resources"));
-        let policies: Vec<(&Value, &Value)> = resources
-            .iter()
-            .filter(|(_, r)| text_at(r, "Type").as_deref() == Some("AWS::IAM::ManagedPolicy"))
-            .collect();
-        assert_eq!(policies.len(), 1, "{relative}: expected one managed policy");
-        let (id, policy) = policies[0];
+        let (id, policy) = the_managed_policy(&relative, &template);
         let statements = at(policy, "Properties.PolicyDocument.Statement")
             .unwrap_or_else(|| panic!("{relative}: the policy has no statements"));
         assert_eq!(
