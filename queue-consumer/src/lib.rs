@@ -77,6 +77,9 @@ pub enum StartError {
     /// A setting names something that is not there.
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    /// A drain setting is out of range.
+    #[error(transparent)]
+    Drain(#[from] task_protection::drain::DrainSettingsError),
     /// The health endpoint's port cannot be used.
     #[error("cannot listen on 127.0.0.1:{port} (HEALTH_PORT): {source}")]
     HealthPort {
@@ -140,7 +143,7 @@ async fn start(
         TaskProtection::connect(&config.protection.backend_config(), protection_settings).await?;
     // Off outside ECS, and with DRAIN=off: then the worker follows no membership, and a
     // refusal of protection ends it as the task is being replaced.
-    let drain = config.drain.start().await;
+    let drain = config.drain.start().await?;
     tracing::info!(
         queue = %settings.queue_url,
         concurrency = settings.concurrency,

@@ -49,7 +49,11 @@ async fn main() -> ExitCode {
         .await
         .unwrap_or_else(|e| exit_config_error("websocket", &e.to_string()));
     let listen = server.listen;
-    let drain = config.drain.start().await;
+    let drain = config
+        .drain
+        .start()
+        .await
+        .unwrap_or_else(|e| exit_config_error("websocket", &e.to_string()));
     let app = match App::build(server, protection).await {
         Ok(app) => app.with_drain(drain),
         Err(e) => {

@@ -9,7 +9,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Command, CommandFactory, FromArgMatches};
 
 use crate::backend::{BackendConfig, BackendKind};
-use crate::drain::{CHECK_SECONDS_RANGE, Drain, DrainMode, DrainSettings};
+use crate::drain::{CHECK_SECONDS_RANGE, Drain, DrainMode, DrainSettings, SETTLE_SECONDS_RANGE};
 use crate::settings::{
     ACQUIRE_TIMEOUT_MS_RANGE, CHECK_INTERVAL_MS_RANGE, MIN_PUT_INTERVAL_MS_RANGE,
     ProtectionSettings, REQUEST_TIMEOUT_MS_RANGE, SettingsError, env, parse_duration_minutes,
@@ -434,7 +434,8 @@ impl MetricsArgs {
     }
 }
 
-/// The drain settings as command-line arguments, shared by every service.
+/// The drain watcher's settings as command-line arguments, each also read from its
+/// environment variable.
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "Drain")]
 pub struct DrainArgs {
@@ -444,24 +445,62 @@ pub struct DrainArgs {
     #[arg(long, env = "DRAIN", value_enum, default_value_t = DrainMode::Auto)]
     pub drain: DrainMode,
 
-    /// Mean seconds between two checks, each wait jittered by ±50 %; a check is one
-    /// DescribeServices call (and ListTasks and DescribeTasks when the service runs more
-    /// tasks than it wants and its counts changed) (1..=3600)
+    /// Mean seconds between two decisions, each jittered by ±50 %: one per service when
+    /// DRAIN_TABLE is set, one per task otherwise. A decision is one DescribeServices
+    /// call, and ListTasks and DescribeTasks while the service moves (1..=3600)
     #[arg(long, env = "DRAIN_CHECK_SECONDS", value_name = "SECONDS", default_value = "30",
           value_parser = ranged("DRAIN_CHECK_SECONDS", CHECK_SECONDS_RANGE.0, CHECK_SECONDS_RANGE.1, "seconds"))]
     pub drain_check_seconds: u64,
+
+    /// Seconds a new deployment's task must have run, past the service's health check
+    /// grace period, before an old task leaves for it: at least the load balancer's
+    /// unhealthy threshold times its interval (0..=3600)
+    #[arg(long, env = "DRAIN_SETTLE_SECONDS", value_name = "SECONDS", default_value = "30",
+          value_parser = ranged("DRAIN_SETTLE_SECONDS", SETTLE_SECONDS_RANGE.0, SETTLE_SECONDS_RANGE.1, "seconds"))]
+    pub drain_settle_seconds: u64,
+
+    /// A DynamoDB table (partition key `service`, a string) through which the service's
+    /// tasks share one decision, so that its ECS calls do not grow with its tasks;
+    /// unset, each task decides for itself (services of up to 50 tasks)
+    #[arg(long, env = "DRAIN_TABLE", value_name = "TABLE")]
+    pub drain_table: Option<String>,
+
+    /// The ECS service's name; unset, each task asks ECS once (DescribeTasks on itself)
+    #[arg(long, env = "DRAIN_SERVICE", value_name = "NAME")]
+    pub drain_service: Option<String>,
 }
 
 impl DrainArgs {
+    /// The settings these arguments describe.
+    ///
+    /// # Errors
+    /// A table or service name the drain cannot use.
+    pub fn settings(&self) -> Result<DrainSettings, crate::drain::DrainSettingsError> {
+        let mut builder = DrainSettings::builder()
+            .check_interval(Duration::from_secs(self.drain_check_seconds))
+            .settle(Duration::from_secs(self.drain_settle_seconds));
+        if let Some(table) = self.drain_table.as_deref().filter(|t| !t.trim().is_empty()) {
+            builder = builder.table(table.trim());
+        }
+        if let Some(service) = self
+            .drain_service
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+        {
+            builder = builder.service(service.trim());
+        }
+        builder.build()
+    }
+
     /// The watcher these arguments describe, started; off outside ECS.
-    pub async fn start(&self) -> Drain {
+    ///
+    /// # Errors
+    /// A table or service name the drain cannot use.
+    pub async fn start(&self) -> Result<Drain, crate::drain::DrainSettingsError> {
+        let settings = self.settings()?;
         let metadata = std::env::var("ECS_CONTAINER_METADATA_URI_V4")
             .ok()
             .filter(|v| !v.trim().is_empty());
-        let settings = DrainSettings {
-            check_interval: Duration::from_secs(self.drain_check_seconds),
-            ..DrainSettings::default()
-        };
-        Drain::start(self.drain, metadata.as_deref(), settings).await
+        Ok(Drain::start(self.drain, metadata.as_deref(), settings).await)
     }
 }

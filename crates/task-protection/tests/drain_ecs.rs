@@ -2,13 +2,12 @@
 //! speaks the ECS JSON protocol (awsJson1_1): the requests it sends, the answers it
 //! reads, and how it sorts the errors.
 
-mod support;
-
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::{Value, json};
-use support::ecs_client;
-use task_protection::drain::{ApiError, EcsService, ServiceApi};
+use task_protection::drain::{
+    ApiError, Controller, EcsService, Health, Rollout, ServiceApi, Strategy,
+};
 use wiremock::matchers::{body_partial_json, header, method};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -20,7 +19,7 @@ fn service(server: &MockServer) -> EcsService {
 }
 
 fn service_at(endpoint: &str) -> EcsService {
-    EcsService::new(ecs_client(endpoint))
+    EcsService::for_endpoint(endpoint)
 }
 
 fn answer(status: u16, body: &Value) -> ResponseTemplate {
@@ -39,7 +38,7 @@ async fn on(server: &MockServer, operation: &str, request: Value, response: Resp
 }
 
 #[tokio::test]
-async fn describe_service_reads_counts_and_deployments() {
+async fn describe_service_reads_counts_deployments_and_their_configuration() {
     let server = MockServer::start().await;
     on(
         &server,
@@ -49,9 +48,17 @@ async fn describe_service_reads_counts_and_deployments() {
             200,
             &json!({"services": [{
                 "serviceName": "web", "status": "ACTIVE", "desiredCount": 2, "runningCount": 3,
-                "pendingCount": 0,
+                "pendingCount": 1, "schedulingStrategy": "REPLICA",
+                "deploymentController": {"type": "ECS"},
+                "deploymentConfiguration": {"maximumPercent": 100, "minimumHealthyPercent": 50,
+                    "strategy": "BLUE_GREEN", "bakeTimeInMinutes": 5,
+                    "deploymentCircuitBreaker": {"enable": true, "rollback": true}},
+                "healthCheckGracePeriodSeconds": 45,
+                "currentServiceDeployment": "arn:aws:ecs:us-east-1:123456789012:service-deployment/app/web/abc",
                 "deployments": [
                     {"id": "ecs-svc/2", "status": "PRIMARY", "desiredCount": 2, "runningCount": 1,
+                     "pendingCount": 1, "failedTasks": 3,
+                     "taskDefinition": "arn:aws:ecs:us-east-1:123456789012:task-definition/web:8",
                      "createdAt": 1_700_000_100.5, "rolloutState": "IN_PROGRESS"},
                     {"id": "ecs-svc/1", "status": "ACTIVE", "desiredCount": 2, "runningCount": 2,
                      "createdAt": 1_700_000_000.0, "rolloutState": "COMPLETED"}
@@ -63,16 +70,65 @@ async fn describe_service_reads_counts_and_deployments() {
         .describe_service(CLUSTER, "web")
         .await
         .unwrap();
-    assert_eq!((view.desired, view.running), (2, 3));
+    assert_eq!((view.desired, view.running, view.pending), (2, 3, 1));
+    assert!(!view.daemon);
+    assert_eq!(view.controller, Controller::Ecs);
+    assert_eq!(view.strategy, Strategy::TrafficShift("BLUE_GREEN".into()));
+    assert_eq!(
+        (view.maximum_percent, view.minimum_healthy_percent),
+        (100, 50)
+    );
+    assert_eq!(view.grace, Duration::from_secs(45));
+    assert!(view.current_deployment.unwrap().ends_with("/abc"));
     assert_eq!(view.deployments.len(), 2);
     let primary = &view.deployments[0];
     assert!(primary.primary && primary.id == "ecs-svc/2");
-    assert_eq!((primary.desired, primary.running), (2, 1));
+    assert_eq!(
+        (
+            primary.desired,
+            primary.running,
+            primary.pending,
+            primary.failed_tasks
+        ),
+        (2, 1, 1, 3)
+    );
+    assert_eq!(primary.rollout, Rollout::InProgress);
+    assert!(primary.task_definition.ends_with("web:8"));
     assert_eq!(
         primary.created_at,
         Some(UNIX_EPOCH + Duration::from_millis(1_700_000_100_500))
     );
     assert!(!view.deployments[1].primary);
+    assert_eq!(view.deployments[1].rollout, Rollout::Completed);
+}
+
+#[tokio::test]
+async fn a_service_without_a_configuration_gets_ecs_s_defaults() {
+    let server = MockServer::start().await;
+    on(
+        &server,
+        "DescribeServices",
+        json!({}),
+        answer(
+            200,
+            &json!({"services": [{"serviceName": "web", "desiredCount": 1, "runningCount": 1,
+                "pendingCount": 0, "schedulingStrategy": "DAEMON",
+                "deploymentController": {"type": "CODE_DEPLOY"}, "deployments": []}]}),
+        ),
+    )
+    .await;
+    let view = service(&server)
+        .describe_service(CLUSTER, "web")
+        .await
+        .unwrap();
+    assert!(view.daemon);
+    assert_eq!(view.controller, Controller::CodeDeploy);
+    assert_eq!(view.strategy, Strategy::Rolling);
+    assert_eq!(
+        (view.maximum_percent, view.minimum_healthy_percent),
+        (200, 100)
+    );
+    assert_eq!(view.grace, Duration::ZERO);
 }
 
 #[tokio::test]
@@ -135,6 +191,9 @@ async fn describe_tasks_asks_in_calls_of_a_hundred() {
                 .map(|arn| {
                     json!({"taskArn": arn, "group": "service:web", "startedBy": "ecs-svc/1",
                            "lastStatus": "RUNNING", "desiredStatus": "RUNNING",
+                           "healthStatus": "HEALTHY", "availabilityZone": "us-east-1b",
+                           "containerInstanceArn": "arn:ci/1",
+                           "taskDefinitionArn": "arn:td/web:3",
                            "startedAt": 1_700_000_000.0})
                 })
                 .collect();
@@ -153,7 +212,13 @@ async fn describe_tasks_asks_in_calls_of_a_hundred() {
             .iter()
             .all(|t| t.running && t.group.as_deref() == Some("service:web"))
     );
-    assert_eq!(tasks[0].deployment.as_deref(), Some("ecs-svc/1"));
+    let t = &tasks[0];
+    assert_eq!(t.deployment.as_deref(), Some("ecs-svc/1"));
+    assert_eq!(t.health, Health::Healthy);
+    assert!(!t.stopping);
+    assert_eq!(t.zone.as_deref(), Some("us-east-1b"));
+    assert_eq!(t.instance.as_deref(), Some("arn:ci/1"));
+    assert_eq!(t.task_definition.as_deref(), Some("arn:td/web:3"));
     let calls = server.received_requests().await.unwrap();
     let sizes: Vec<usize> = calls
         .iter()
@@ -208,4 +273,71 @@ async fn errors_are_sorted_by_what_the_watcher_should_do() {
         .await
         .unwrap_err();
     assert!(matches!(err, ApiError::Malformed(_)), "{err}");
+}
+
+#[tokio::test]
+async fn a_task_ecs_is_stopping_reads_as_stopping() {
+    let server = MockServer::start().await;
+    on(
+        &server,
+        "DescribeTasks",
+        json!({}),
+        answer(
+            200,
+            &json!({"tasks": [{"taskArn": "arn:t/1", "lastStatus": "DEACTIVATING",
+                "desiredStatus": "STOPPED", "healthStatus": "UNKNOWN"}], "failures": []}),
+        ),
+    )
+    .await;
+    let tasks = service(&server)
+        .describe_tasks(CLUSTER, &["arn:t/1".to_owned()])
+        .await
+        .unwrap();
+    assert!(tasks[0].stopping && !tasks[0].running);
+    assert_eq!(tasks[0].health, Health::Unknown);
+}
+
+#[tokio::test]
+async fn draining_instances_are_read_from_describe_container_instances() {
+    let server = MockServer::start().await;
+    on(
+        &server,
+        "DescribeContainerInstances",
+        json!({"cluster": CLUSTER, "containerInstances": ["arn:ci/1", "arn:ci/2"]}),
+        answer(
+            200,
+            &json!({"containerInstances": [
+                {"containerInstanceArn": "arn:ci/1", "status": "ACTIVE"},
+                {"containerInstanceArn": "arn:ci/2", "status": "DRAINING"}], "failures": []}),
+        ),
+    )
+    .await;
+    let draining = service(&server)
+        .draining_instances(CLUSTER, &["arn:ci/1".to_owned(), "arn:ci/2".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(draining.into_iter().collect::<Vec<_>>(), ["arn:ci/2"]);
+}
+
+#[tokio::test]
+async fn a_service_deployment_s_stage_is_read_from_describe_service_deployments() {
+    let server = MockServer::start().await;
+    on(
+        &server,
+        "DescribeServiceDeployments",
+        json!({"serviceDeploymentArns": ["arn:sd/1"]}),
+        answer(
+            200,
+            &json!({"serviceDeployments": [{"serviceDeploymentArn": "arn:sd/1",
+                "status": "IN_PROGRESS", "lifecycleStage": "BAKE_TIME"}], "failures": []}),
+        ),
+    )
+    .await;
+    let shift = service(&server)
+        .service_deployment("arn:sd/1")
+        .await
+        .unwrap();
+    assert_eq!(shift.status, "IN_PROGRESS");
+    assert_eq!(shift.stage.as_deref(), Some("BAKE_TIME"));
+    assert!(!shift.old_side_released());
 }

@@ -1,26 +1,28 @@
 //! The drain watcher on paused time, against a scripted ECS service: what it decides,
-//! how often it asks, and what it does when ECS cannot answer.
+//! how often it asks, alone and sharing one decision, and what it does when ECS cannot
+//! answer.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use task_protection::drain::{
-    ApiError, DeploymentView, Drain, DrainSettings, LeaveReason, Membership, ServiceApi,
-    ServiceView, TaskInfo, TaskView,
+    ApiError, Controller, DeploymentFacts, Drain, DrainSettings, Health, LeaveReason, LocalStore,
+    Membership, Rollout, ServiceApi, ServiceFacts, ShiftFacts, Strategy, TaskFacts, TaskInfo,
 };
 use tokio::time::advance;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
-    service: Option<ServiceView>,
-    tasks: Vec<TaskView>,
+    service: ServiceFacts,
+    tasks: Vec<TaskFacts>,
     fault: Option<ApiError>,
     /// Answers take this long.
     delay: Duration,
     calls: Vec<&'static str>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Scripted(Arc<Mutex<State>>);
 
 impl Scripted {
@@ -30,6 +32,10 @@ impl Scripted {
 
     fn calls(&self, op: &str) -> usize {
         self.state().calls.iter().filter(|c| **c == op).count()
+    }
+
+    fn all_calls(&self) -> usize {
+        self.state().calls.len()
     }
 
     async fn answer<T>(
@@ -49,10 +55,39 @@ impl Scripted {
             None => Ok(f(&s)),
         }
     }
+
+    /// Sets the desired count; running follows the tasks listed.
+    fn desire(&self, desired: u32) {
+        let mut s = self.state();
+        s.service.desired = desired;
+        s.service.deployments[0].desired = desired;
+    }
+
+    /// Adds a task; the service's running count follows.
+    fn add(&self, task: TaskFacts) {
+        let mut s = self.state();
+        s.tasks.push(task);
+        s.service.running = u32::try_from(s.tasks.len()).unwrap();
+    }
 }
 
 impl ServiceApi for Scripted {
-    async fn describe_tasks(&self, _: &str, arns: &[String]) -> Result<Vec<TaskView>, ApiError> {
+    async fn describe_service(&self, _: &str, _: &str) -> Result<ServiceFacts, ApiError> {
+        self.answer("DescribeServices", |s| s.service.clone()).await
+    }
+
+    async fn list_tasks(&self, _: &str, _: &str) -> Result<Vec<String>, ApiError> {
+        self.answer("ListTasks", |s| {
+            s.tasks
+                .iter()
+                .filter(|t| !t.stopping)
+                .map(|t| t.arn.clone())
+                .collect()
+        })
+        .await
+    }
+
+    async fn describe_tasks(&self, _: &str, arns: &[String]) -> Result<Vec<TaskFacts>, ApiError> {
         self.answer("DescribeTasks", |s| {
             s.tasks
                 .iter()
@@ -63,84 +98,99 @@ impl ServiceApi for Scripted {
         .await
     }
 
-    async fn describe_service(&self, _: &str, _: &str) -> Result<ServiceView, ApiError> {
-        let answer = self
-            .answer("DescribeServices", |s| s.service.clone())
-            .await?;
-        answer.ok_or_else(|| ApiError::Refused("MISSING".to_owned()))
+    async fn draining_instances(
+        &self,
+        _: &str,
+        _: &[String],
+    ) -> Result<BTreeSet<String>, ApiError> {
+        self.answer("DescribeContainerInstances", |_| BTreeSet::new())
+            .await
     }
 
-    async fn list_tasks(&self, _: &str, _: &str) -> Result<Vec<String>, ApiError> {
-        self.answer("ListTasks", |s| {
-            s.tasks.iter().map(|t| t.arn.clone()).collect()
+    async fn service_deployment(&self, _: &str) -> Result<ShiftFacts, ApiError> {
+        self.answer("DescribeServiceDeployments", |_| ShiftFacts {
+            status: "IN_PROGRESS".into(),
+            stage: Some("BAKE_TIME".into()),
         })
         .await
     }
 }
 
-fn at(secs: u64) -> Option<SystemTime> {
-    Some(UNIX_EPOCH + Duration::from_secs(secs))
+fn arn(id: &str) -> String {
+    format!("arn:aws:ecs:us-east-1:123456789012:task/c/{id}")
 }
 
-fn task(arn: &str, deployment: &str, started: u64) -> TaskView {
-    TaskView {
-        arn: arn.to_owned(),
-        group: Some("service:web".to_owned()),
-        deployment: Some(deployment.to_owned()),
-        started_at: at(started),
+/// A task of `deployment` that started `ago` before the test's first instant.
+fn task(id: &str, deployment: &str, ago: u64) -> TaskFacts {
+    TaskFacts {
+        arn: arn(id),
+        group: Some("service:web".into()),
+        deployment: Some(deployment.into()),
+        task_definition: Some(format!("td:{deployment}")),
         running: true,
+        stopping: false,
+        health: Health::Unknown,
+        started_at: Some(SystemTime::now() - Duration::from_secs(ago)),
+        zone: Some("z1".into()),
+        instance: None,
     }
 }
 
-fn service(desired: u32, deployments: &[(&str, bool, u32, u32)]) -> ServiceView {
-    ServiceView {
+fn deployment(id: &str, primary: bool, desired: u32) -> DeploymentFacts {
+    DeploymentFacts {
+        id: id.into(),
+        primary,
+        task_definition: format!("td:{id}"),
         desired,
-        running: deployments.iter().map(|d| d.3).sum(),
-        deployments: deployments
-            .iter()
-            .enumerate()
-            .map(|(i, (id, primary, desired, running))| DeploymentView {
-                id: (*id).to_owned(),
-                primary: *primary,
-                desired: *desired,
-                running: *running,
-                created_at: at(u64::try_from(i).unwrap() * 100),
-            })
-            .collect(),
+        running: desired,
+        pending: 0,
+        failed_tasks: 0,
+        rollout: if primary {
+            Rollout::Completed
+        } else {
+            Rollout::InProgress
+        },
+        created_at: Some(SystemTime::now()),
     }
 }
 
-fn me(arn: &str, deployment: &str) -> TaskInfo {
-    TaskInfo {
-        cluster: "c".to_owned(),
-        task_arn: arn.to_owned(),
-        service: "web".to_owned(),
-        deployment: Some(deployment.to_owned()),
-    }
+/// A service of `n` tasks of one deployment, all wanted, started 1,000 s ago and more.
+fn steady(n: u32) -> Scripted {
+    let tasks: Vec<TaskFacts> = (0..n)
+        .map(|i| task(&format!("t{i:03}"), "d1", 2_000 - u64::from(i)))
+        .collect();
+    Scripted(Arc::new(Mutex::new(State {
+        service: ServiceFacts {
+            desired: n,
+            running: n,
+            pending: 0,
+            daemon: false,
+            controller: Controller::Ecs,
+            strategy: Strategy::Rolling,
+            minimum_healthy_percent: 100,
+            maximum_percent: 200,
+            grace: Duration::ZERO,
+            deployments: vec![deployment("d1", true, n)],
+            current_deployment: None,
+        },
+        tasks,
+        fault: None,
+        delay: Duration::ZERO,
+        calls: Vec::new(),
+    })))
 }
 
 const INTERVAL: Duration = Duration::from_secs(30);
 
 fn settings() -> DrainSettings {
-    DrainSettings {
-        check_interval: INTERVAL,
-        call_timeout: Duration::from_secs(5),
-    }
+    DrainSettings::builder()
+        .check_interval(INTERVAL)
+        .build()
+        .unwrap()
 }
 
-/// Three tasks of one deployment, all wanted.
-fn steady() -> Scripted {
-    let api = Scripted::default();
-    {
-        let mut s = api.state();
-        s.service = Some(service(3, &[("d1", true, 3, 3)]));
-        s.tasks = vec![
-            task("a", "d1", 10),
-            task("b", "d1", 20),
-            task("c", "d1", 30),
-        ];
-    }
-    api
+fn me(id: &str) -> TaskInfo {
+    TaskInfo::new("c", arn(id), "web")
 }
 
 /// Lets `d` pass in one-second steps, so timers fire on time.
@@ -156,25 +206,23 @@ async fn pass(d: Duration) {
     }
 }
 
+fn leaving(drains: &[Drain]) -> Vec<bool> {
+    drains.iter().map(|d| d.membership().is_leaving()).collect()
+}
+
 #[tokio::test(start_paused = true)]
 async fn scale_in_makes_exactly_the_surplus_leave_and_a_rise_brings_it_back() {
-    let api = steady();
-    let drains: Vec<Drain> = ["a", "b", "c"]
+    let api = steady(3);
+    let drains: Vec<Drain> = ["t000", "t001", "t002"]
         .iter()
-        .map(|arn| Drain::watch(api.clone(), me(arn, "d1"), settings()))
+        .map(|id| Drain::watch(api.clone(), me(id), settings()))
         .collect();
     pass(INTERVAL * 2).await;
-    assert!(drains.iter().all(|d| d.membership() == Membership::Wanted));
-    assert_eq!(
-        api.calls("ListTasks"),
-        0,
-        "no list while nothing is surplus"
-    );
-    api.state().service = Some(service(1, &[("d1", true, 1, 3)]));
-    pass(INTERVAL * 2).await;
-    let leaving: Vec<bool> = drains.iter().map(|d| d.membership().is_leaving()).collect();
-    // a and b started first: they go.
-    assert_eq!(leaving, [true, true, false]);
+    assert_eq!(leaving(&drains), [false, false, false]);
+    api.desire(1);
+    pass(INTERVAL * 3).await;
+    // t000 and t001 started first: they go.
+    assert_eq!(leaving(&drains), [true, true, false]);
     assert_eq!(
         drains[0].membership(),
         Membership::Leaving(LeaveReason::Surplus {
@@ -183,65 +231,62 @@ async fn scale_in_makes_exactly_the_surplus_leave_and_a_rise_brings_it_back() {
         })
     );
     // The desired count rises before ECS stopped them: wanted again.
-    api.state().service = Some(service(3, &[("d1", true, 3, 3)]));
-    pass(INTERVAL * 2).await;
-    assert!(drains.iter().all(|d| d.membership() == Membership::Wanted));
+    api.desire(3);
+    pass(INTERVAL * 3).await;
+    assert_eq!(leaving(&drains), [false, false, false]);
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_deployment_replaces_the_old_tasks_once_the_new_ones_run() {
-    let api = steady();
-    let old = Drain::watch(api.clone(), me("a", "d1"), settings());
-    {
-        let mut s = api.state();
-        // The new deployment has started one of three tasks.
-        s.service = Some(service(3, &[("d1", false, 3, 3), ("d2", true, 3, 1)]));
-        s.tasks.push(task("n1", "d2", 500));
-    }
-    pass(INTERVAL * 2).await;
-    // Four running, three wanted: the oldest goes first, already.
-    assert!(old.membership().is_leaving(), "{}", old.membership());
-    let b = Drain::watch(api.clone(), me("b", "d1"), settings());
-    pass(INTERVAL * 2).await;
-    assert_eq!(b.membership(), Membership::Wanted, "only the surplus");
-    api.state().service = Some(service(3, &[("d1", false, 3, 3), ("d2", true, 3, 3)]));
-    pass(INTERVAL * 2).await;
-    assert_eq!(
-        b.membership(),
-        Membership::Leaving(LeaveReason::Replaced {
-            deployment: "d1".to_owned(),
-            primary: "d2".to_owned()
+async fn tasks_sharing_a_store_make_one_decision_per_interval_for_the_service() {
+    let api = steady(40);
+    let store = LocalStore::common();
+    let drains: Vec<Drain> = (0..40)
+        .map(|i| {
+            Drain::watch_with(
+                api.clone(),
+                store.clone(),
+                me(&format!("t{i:03}")),
+                settings(),
+            )
         })
-    );
+        .collect();
+    pass(Duration::from_secs(600)).await;
+    // Twenty intervals: twenty decisions for the service, not twenty per task.
+    let decisions = api.calls("DescribeServices");
+    assert!((18..=22).contains(&decisions), "{decisions}");
+    api.desire(30);
+    pass(INTERVAL * 3).await;
+    let gone: usize = leaving(&drains).iter().filter(|l| **l).count();
+    assert_eq!(gone, 10);
+    // The ten oldest.
+    assert_eq!(leaving(&drains)[..10], [true; 10]);
 }
 
 #[tokio::test(start_paused = true)]
-async fn it_asks_about_twice_a_minute_and_lists_only_when_the_counts_change() {
-    let api = steady();
-    let drain = Drain::watch(api.clone(), me("a", "d1"), settings());
-    pass(Duration::from_secs(600)).await;
+async fn a_task_alone_asks_about_twice_a_minute_and_lists_only_when_something_moves() {
+    let api = steady(3);
+    let drain = Drain::watch(api.clone(), me("t000"), settings());
+    pass(Duration::from_secs(1_200)).await;
     let checks = api.calls("DescribeServices");
-    // Ten minutes at one check per 30 s on average, jittered.
-    assert!((15..=25).contains(&checks), "{checks} checks in 10 minutes");
-    api.state().service = Some(service(1, &[("d1", true, 1, 3)]));
-    pass(Duration::from_secs(600)).await;
+    // Twenty minutes at one check per 30 s on average, jittered.
+    assert!((30..=50).contains(&checks), "{checks} checks in 20 minutes");
+    // Listed at first, then again only when the listing is ten intervals old.
+    let lists = api.calls("ListTasks");
+    assert!((1..=5).contains(&lists), "{lists} lists in 20 minutes");
+    api.desire(2);
+    pass(INTERVAL * 3).await;
     assert!(drain.membership().is_leaving());
-    // The counts changed once: one list, reused while they stay the same (and renewed
-    // now and then).
-    assert!(api.calls("ListTasks") <= 3, "{}", api.calls("ListTasks"));
-    let all = api.state().calls.len();
-    assert!(all <= 3 * 20, "{all} calls in 20 minutes");
 }
 
 #[tokio::test(start_paused = true)]
 async fn tasks_that_start_together_do_not_ask_together() {
-    let api = steady();
+    let api = steady(20);
     let _drains: Vec<Drain> = (0..20)
-        .map(|_| Drain::watch(api.clone(), me("a", "d1"), settings()))
+        .map(|i| Drain::watch(api.clone(), me(&format!("t{i:03}")), settings()))
         .collect();
     // In any one second, only a few of the twenty ask.
     let mut most = 0;
-    for _ in 0..120 {
+    for _ in 0..240 {
         let before = api.calls("DescribeServices");
         pass(Duration::from_secs(1)).await;
         most = most.max(api.calls("DescribeServices") - before);
@@ -250,71 +295,145 @@ async fn tasks_that_start_together_do_not_ask_together() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn access_denied_turns_the_watcher_off_for_good() {
-    let api = steady();
+async fn access_denied_turns_the_drain_off_and_is_on_says_so() {
+    let api = steady(2);
     api.state().fault = Some(ApiError::Denied("not authorized".to_owned()));
-    let drain = Drain::watch(api.clone(), me("a", "d1"), settings());
+    let drain = Drain::watch(api.clone(), me("t000"), settings());
+    assert!(drain.is_on());
     pass(INTERVAL * 10).await;
-    assert_eq!(api.state().calls.len(), 1, "one call, then off");
+    assert_eq!(api.all_calls(), 1, "one call, then off");
     assert_eq!(drain.membership(), Membership::Wanted);
+    assert!(!drain.is_on(), "the older behaviour holds");
 }
 
 #[tokio::test(start_paused = true)]
-async fn throttling_backs_off() {
-    let api = steady();
+async fn a_service_whose_deployments_are_code_deploy_s_turns_the_drain_off() {
+    let api = steady(2);
+    api.state().service.controller = Controller::CodeDeploy;
+    let drain = Drain::watch(api.clone(), me("t000"), settings());
+    let mut on = drain.on_changes();
+    tokio::time::timeout(INTERVAL * 2, on.wait_for(|on| !on))
+        .await
+        .expect("off within two intervals")
+        .unwrap();
+    let calls = api.all_calls();
+    pass(INTERVAL * 10).await;
+    assert_eq!(api.all_calls(), calls, "no more calls");
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttling_backs_off_and_keeps_the_verdict() {
+    let api = steady(3);
+    api.desire(2);
+    let drain = Drain::watch(api.clone(), me("t000"), settings());
+    pass(INTERVAL * 3).await;
+    assert!(drain.membership().is_leaving());
     api.state().fault = Some(ApiError::Throttled("Rate exceeded".to_owned()));
-    let _drain = Drain::watch(api.clone(), me("a", "d1"), settings());
+    let before = api.all_calls();
+    let mut flips = drain.subscribe();
+    flips.borrow_and_update();
     pass(Duration::from_secs(1_200)).await;
-    let calls = api.state().calls.len();
+    let calls = api.all_calls() - before;
     // Doubling up to 8 intervals: far fewer than the 40 of a healthy 20 minutes.
     assert!(calls <= 12, "{calls} calls in 20 minutes while throttled");
+    assert!(!flips.has_changed().unwrap(), "the verdict held");
+    assert!(drain.membership().is_leaving());
     api.state().fault = None;
-    let before = api.state().calls.len();
+    let before = api.all_calls();
     // The wait under way ends (at most 8 intervals, jittered), then every 30 s again.
     pass(Duration::from_secs(1_200)).await;
-    assert!(
-        api.state().calls.len() - before >= 20,
-        "back to the interval"
-    );
+    assert!(api.all_calls() - before >= 20, "back to the interval");
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_slow_or_unreadable_ecs_never_makes_a_task_leave() {
+async fn doubt_never_changes_a_task_s_mind() {
     for fault in [
         ApiError::Unavailable("no answer".to_owned()),
         ApiError::Malformed("not a list".to_owned()),
     ] {
-        let api = steady();
-        let drain = Drain::watch(api.clone(), me("a", "d1"), settings());
+        let api = steady(3);
+        let drain = Drain::watch(api.clone(), me("t000"), settings());
         pass(INTERVAL * 2).await;
         // ECS wants fewer tasks, but no answer says so.
-        {
-            let mut s = api.state();
-            s.service = Some(service(1, &[("d1", true, 1, 3)]));
-            s.fault = Some(fault.clone());
-        }
+        api.desire(1);
+        api.state().fault = Some(fault.clone());
         pass(INTERVAL * 4).await;
         assert_eq!(drain.membership(), Membership::Wanted, "{fault}");
         api.state().fault = None;
-        pass(INTERVAL * 2).await;
+        pass(INTERVAL * 3).await;
+        assert!(drain.membership().is_leaving(), "{fault}");
+        // Leaving, ECS stops answering: the task stays gone (no flapping), for hours.
+        api.state().delay = Duration::from_secs(3_600);
+        pass(Duration::from_secs(4 * 3_600)).await;
         assert!(drain.membership().is_leaving(), "{fault}");
     }
 }
 
 #[tokio::test(start_paused = true)]
-async fn every_call_is_bounded_in_time_and_a_stale_leave_is_dropped() {
-    let api = steady();
-    api.state().service = Some(service(1, &[("d1", true, 1, 3)]));
-    let drain = Drain::watch(api.clone(), me("a", "d1"), settings());
+async fn a_task_ecs_stops_learns_it_and_nothing_brings_it_back() {
+    let api = steady(2);
+    let drain = Drain::watch(api.clone(), me("t001"), settings());
     pass(INTERVAL * 2).await;
-    assert!(drain.membership().is_leaving());
-    // ECS stops answering: each call gives up after 5 s; the last answer stands...
-    api.state().delay = Duration::from_secs(3_600);
-    pass(INTERVAL).await;
-    assert!(drain.membership().is_leaving(), "the last answer stands");
-    // ... but not for ever: a task never leaves on doubt.
-    pass(INTERVAL * 4).await;
     assert_eq!(drain.membership(), Membership::Wanted);
+    // StopTask: ECS wants it stopped (and starts a replacement).
+    api.state().tasks[1].stopping = true;
+    api.add(task("t999", "d1", 0));
+    pass(INTERVAL * 3).await;
+    assert_eq!(
+        drain.membership(),
+        Membership::Leaving(LeaveReason::Stopping)
+    );
+    // Even were it listed again.
+    api.state().tasks[1].stopping = false;
+    pass(INTERVAL * 3).await;
+    assert_eq!(
+        drain.membership(),
+        Membership::Leaving(LeaveReason::Stopping)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_old_deployment_leaves_once_the_new_tasks_are_ready() {
+    let api = steady(2);
+    {
+        let mut s = api.state();
+        s.service.deployments[0].primary = false;
+        s.service.deployments.insert(0, deployment("d2", true, 2));
+        s.service.deployments[0].rollout = Rollout::InProgress;
+    }
+    // The new tasks have just started.
+    api.add(task("n1", "d2", 0));
+    api.add(task("n2", "d2", 0));
+    let settle = DrainSettings::builder()
+        .check_interval(INTERVAL)
+        .settle(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let old = Drain::watch(api.clone(), me("t000"), settle);
+    pass(INTERVAL * 3).await;
+    assert_eq!(old.membership(), Membership::Wanted, "not ready yet");
+    // Settled: 120 s past the grace period, and a decision after that.
+    pass(INTERVAL * 3).await;
+    assert_eq!(
+        old.membership(),
+        Membership::Leaving(LeaveReason::Replaced {
+            deployment: "d1".into(),
+            primary: "d2".into()
+        })
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_deciding_for_itself_does_not_list_a_large_service() {
+    let api = steady(60);
+    let drain = Drain::watch(api.clone(), me("t000"), settings());
+    api.desire(50);
+    pass(Duration::from_secs(1_800)).await;
+    assert_eq!(api.calls("ListTasks"), 0);
+    assert_eq!(drain.membership(), Membership::Wanted);
+    // And it asks less often: one check per 30 s per ten tasks.
+    let checks = api.calls("DescribeServices");
+    assert!(checks <= 15, "{checks}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -329,31 +448,5 @@ async fn off_is_always_wanted() {
             .await
             .is_err(),
         "an idle channel waits"
-    );
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_wanted_task_does_not_list_again_as_the_surplus_stops() {
-    let api = steady();
-    api.state().service = Some(service(1, &[("d1", true, 1, 3)]));
-    let c = Drain::watch(api.clone(), me("c", "d1"), settings());
-    pass(INTERVAL * 2).await;
-    assert_eq!(c.membership(), Membership::Wanted);
-    let lists = api.calls("ListTasks");
-    assert_eq!(lists, 1);
-    // a and b stop, one after the other.
-    for running in [2, 1] {
-        {
-            let mut s = api.state();
-            s.service = Some(service(1, &[("d1", true, 1, running)]));
-            s.tasks.remove(0);
-        }
-        pass(INTERVAL * 2).await;
-        assert_eq!(c.membership(), Membership::Wanted);
-    }
-    assert_eq!(
-        api.calls("ListTasks"),
-        lists,
-        "listed again while only stops happened"
     );
 }

@@ -1,27 +1,29 @@
-//! What the watcher asks ECS, behind a small trait as the protection backends are:
-//! the decision is tested on paused time against answers a test scripts, and the
-//! real calls ([`EcsService`](super::EcsService)) once against a stand-in that speaks
-//! the ECS JSON API.
+//! What the drain asks ECS, behind a small trait as the protection backends are: the
+//! decision is tested on paused time against answers a test scripts or a simulated
+//! service gives, and the real calls ([`EcsService`](super::EcsService)) once against a
+//! stand-in that speaks the ECS JSON API.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
 
-use super::decide::{ServiceView, TaskView};
+use super::facts::{ServiceFacts, ShiftFacts, TaskFacts};
 
 /// Why an ECS call did not answer usefully; each kind has its own response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ApiError {
-    /// `ThrottlingException`: the account's rate limit. Back off.
+    /// `ThrottlingException`: the account's rate limit. Back off; it is no sign of
+    /// anything about the service.
     Throttled(String),
-    /// `AccessDeniedException`: the task role lacks the permission. The watcher
-    /// turns itself off.
+    /// `AccessDeniedException`: the task role lacks the permission. The drain turns
+    /// itself off.
     Denied(String),
     /// ECS answered but refused: an unknown service or cluster, a bad parameter.
     Refused(String),
     /// No answer in time, a network failure or a server error.
     Unavailable(String),
-    /// An answer the watcher cannot read.
+    /// An answer that cannot be read.
     Malformed(String),
 }
 
@@ -39,26 +41,43 @@ impl fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
-/// The ECS API calls the watcher makes. Each method is one call (or one per page).
+/// The ECS API calls the drain makes. Each call an implementation makes counts against
+/// the account's rate limits, shared by every caller in the account and Region.
 pub trait ServiceApi: Send + Sync + 'static {
-    /// `DescribeTasks` for up to any number of tasks (in calls of 100).
-    fn describe_tasks(
-        &self,
-        cluster: &str,
-        arns: &[String],
-    ) -> impl Future<Output = Result<Vec<TaskView>, ApiError>> + Send;
-
-    /// `DescribeServices` for one service.
+    /// `DescribeServices` for one service: one call.
     fn describe_service(
         &self,
         cluster: &str,
         service: &str,
-    ) -> impl Future<Output = Result<ServiceView, ApiError>> + Send;
+    ) -> impl Future<Output = Result<ServiceFacts, ApiError>> + Send;
 
-    /// `ListTasks` of the service whose desired status is `RUNNING`, every page.
+    /// `ListTasks` of the service whose desired status is RUNNING: one call per 100
+    /// tasks.
     fn list_tasks(
         &self,
         cluster: &str,
         service: &str,
     ) -> impl Future<Output = Result<Vec<String>, ApiError>> + Send;
+
+    /// `DescribeTasks`: one call per 100 tasks.
+    fn describe_tasks(
+        &self,
+        cluster: &str,
+        arns: &[String],
+    ) -> impl Future<Output = Result<Vec<TaskFacts>, ApiError>> + Send;
+
+    /// Of these container instances, the DRAINING ones (`DescribeContainerInstances`):
+    /// one call per 100 instances.
+    fn draining_instances(
+        &self,
+        cluster: &str,
+        instances: &[String],
+    ) -> impl Future<Output = Result<BTreeSet<String>, ApiError>> + Send;
+
+    /// Where a service deployment stands (`DescribeServiceDeployments` of the ARN
+    /// `DescribeServices` gives as `currentServiceDeployment`): one call.
+    fn service_deployment(
+        &self,
+        arn: &str,
+    ) -> impl Future<Output = Result<ShiftFacts, ApiError>> + Send;
 }

@@ -1,18 +1,20 @@
-//! The watcher's ECS calls through aws-sdk-ecs: `DescribeTasks`, `DescribeServices`
-//! and `ListTasks`, with the standard AWS configuration (so `AWS_ENDPOINT_URL_ECS`
-//! points them at a stand-in) and the SDK's own retries off: the watcher paces itself
-//! and backs off when throttled.
+//! The drain's ECS calls through aws-sdk-ecs, with the standard AWS configuration (so
+//! `AWS_ENDPOINT_URL_ECS` points them at a stand-in) and the SDK's own retries off:
+//! the drain paces itself and backs off when throttled.
 
-use std::time::SystemTime;
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime};
 
 use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ecs::types::DesiredStatus;
 
 use super::api::{ApiError, ServiceApi};
-use super::decide::{DeploymentView, ServiceView, TaskView};
+use super::facts::{
+    Controller, DeploymentFacts, Health, Rollout, ServiceFacts, ShiftFacts, Strategy, TaskFacts,
+};
 
-/// `DescribeTasks` takes at most this many tasks a call.
-const DESCRIBE_BATCH: usize = 100;
+/// `DescribeTasks` and `DescribeContainerInstances` take at most this many a call.
+const BATCH: usize = 100;
 
 /// [`ServiceApi`] through aws-sdk-ecs.
 #[derive(Debug, Clone)]
@@ -21,20 +23,33 @@ pub struct EcsService {
 }
 
 impl EcsService {
-    /// Calls ECS with `client`. Give it a configuration with retries disabled
-    /// (`RetryConfig::disabled()`): the watcher backs off itself.
-    #[must_use]
-    pub fn new(client: aws_sdk_ecs::Client) -> Self {
-        Self { client }
-    }
-
-    /// A client from the standard AWS configuration, with retries off.
+    /// A client from the standard AWS configuration (credentials, Region,
+    /// `AWS_ENDPOINT_URL_ECS`), with the SDK's retries off.
     pub async fn from_env() -> Self {
         let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .retry_config(aws_config::retry::RetryConfig::disabled())
             .load()
             .await;
-        Self::new(aws_sdk_ecs::Client::new(&sdk))
+        Self {
+            client: aws_sdk_ecs::Client::new(&sdk),
+        }
+    }
+
+    /// A client for a local stand-in of the ECS API at `endpoint` (a simulator, a test
+    /// server): Region `us-east-1`, fixed credentials, no retries.
+    #[must_use]
+    pub fn for_endpoint(endpoint: &str) -> Self {
+        use aws_sdk_ecs::config::{BehaviorVersion, Credentials, Region, retry::RetryConfig};
+        let config = aws_sdk_ecs::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("local", "local", None, None, "stand-in"))
+            .retry_config(RetryConfig::disabled())
+            .endpoint_url(endpoint)
+            .build();
+        Self {
+            client: aws_sdk_ecs::Client::from_conf(config),
+        }
     }
 }
 
@@ -82,47 +97,38 @@ fn count(operation: &str, field: &str, value: i32) -> Result<u32, ApiError> {
         .map_err(|_| ApiError::Malformed(format!("{operation}: {field} is {value}")))
 }
 
-impl ServiceApi for EcsService {
-    async fn describe_tasks(
-        &self,
-        cluster: &str,
-        arns: &[String],
-    ) -> Result<Vec<TaskView>, ApiError> {
-        let mut out = Vec::with_capacity(arns.len());
-        for chunk in arns.chunks(DESCRIBE_BATCH) {
-            let answer = self
-                .client
-                .describe_tasks()
-                .cluster(cluster)
-                .set_tasks(Some(chunk.to_vec()))
-                .send()
-                .await
-                .map_err(|e| classify("DescribeTasks", e))?;
-            for task in answer.tasks() {
-                let Some(arn) = task.task_arn() else {
-                    return Err(ApiError::Malformed(
-                        "DescribeTasks: a task without taskArn".to_owned(),
-                    ));
-                };
-                out.push(TaskView {
-                    arn: arn.to_owned(),
-                    group: task.group().map(str::to_owned),
-                    deployment: task.started_by().map(str::to_owned),
-                    started_at: time(task.started_at()),
-                    running: task.last_status() == Some("RUNNING")
-                        && task.desired_status() == Some("RUNNING"),
-                });
-            }
-        }
-        Ok(out)
-    }
+fn counted() {
+    ::metrics::counter!(crate::metrics::DRAIN_API_CALLS).increment(1);
+}
 
+fn deployment(d: &aws_sdk_ecs::types::Deployment) -> Result<DeploymentFacts, ApiError> {
+    const OP: &str = "DescribeServices";
+    let Some(id) = d.id() else {
+        return Err(ApiError::Malformed(format!(
+            "{OP}: a deployment without id"
+        )));
+    };
+    Ok(DeploymentFacts {
+        id: id.to_owned(),
+        primary: d.status() == Some("PRIMARY"),
+        task_definition: d.task_definition().unwrap_or_default().to_owned(),
+        desired: count(OP, "a deployment's desiredCount", d.desired_count())?,
+        running: count(OP, "a deployment's runningCount", d.running_count())?,
+        pending: count(OP, "a deployment's pendingCount", d.pending_count())?,
+        failed_tasks: count(OP, "a deployment's failedTasks", d.failed_tasks())?,
+        rollout: Rollout::parse(d.rollout_state().map(|r| r.as_str())),
+        created_at: time(d.created_at()),
+    })
+}
+
+impl ServiceApi for EcsService {
     async fn describe_service(
         &self,
         cluster: &str,
         service: &str,
-    ) -> Result<ServiceView, ApiError> {
+    ) -> Result<ServiceFacts, ApiError> {
         const OP: &str = "DescribeServices";
+        counted();
         let answer = self
             .client
             .describe_services()
@@ -139,25 +145,34 @@ impl ServiceApi for EcsService {
                 .unwrap_or_else(|| "no service in the answer".to_owned());
             return Err(ApiError::Refused(format!("{OP}: {service}: {why}")));
         };
-        let mut deployments = Vec::with_capacity(s.deployments().len());
-        for d in s.deployments() {
-            let Some(id) = d.id() else {
-                return Err(ApiError::Malformed(format!(
-                    "{OP}: a deployment without id"
-                )));
-            };
-            deployments.push(DeploymentView {
-                id: id.to_owned(),
-                primary: d.status() == Some("PRIMARY"),
-                desired: count(OP, "a deployment's desiredCount", d.desired_count())?,
-                running: count(OP, "a deployment's runningCount", d.running_count())?,
-                created_at: time(d.created_at()),
-            });
-        }
-        Ok(ServiceView {
+        let config = s.deployment_configuration();
+        let deployments = s
+            .deployments()
+            .iter()
+            .map(deployment)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ServiceFacts {
             desired: count(OP, "desiredCount", s.desired_count())?,
             running: count(OP, "runningCount", s.running_count())?,
+            pending: count(OP, "pendingCount", s.pending_count())?,
+            daemon: s.scheduling_strategy().map(|s| s.as_str()) == Some("DAEMON"),
+            controller: Controller::parse(s.deployment_controller().map(|c| c.r#type().as_str())),
+            strategy: Strategy::parse(config.and_then(|c| c.strategy()).map(|s| s.as_str())),
+            minimum_healthy_percent: config
+                .and_then(aws_sdk_ecs::types::DeploymentConfiguration::minimum_healthy_percent)
+                .and_then(|p| u32::try_from(p).ok())
+                .unwrap_or(100),
+            maximum_percent: config
+                .and_then(aws_sdk_ecs::types::DeploymentConfiguration::maximum_percent)
+                .and_then(|p| u32::try_from(p).ok())
+                .unwrap_or(200),
+            grace: Duration::from_secs(
+                s.health_check_grace_period_seconds()
+                    .and_then(|g| u64::try_from(g).ok())
+                    .unwrap_or(0),
+            ),
             deployments,
+            current_deployment: s.current_service_deployment().map(str::to_owned),
         })
     }
 
@@ -165,6 +180,7 @@ impl ServiceApi for EcsService {
         let mut arns = Vec::new();
         let mut next: Option<String> = None;
         loop {
+            counted();
             let answer = self
                 .client
                 .list_tasks()
@@ -181,5 +197,93 @@ impl ServiceApi for EcsService {
                 _ => return Ok(arns),
             }
         }
+    }
+
+    async fn describe_tasks(
+        &self,
+        cluster: &str,
+        arns: &[String],
+    ) -> Result<Vec<TaskFacts>, ApiError> {
+        let mut out = Vec::with_capacity(arns.len());
+        for chunk in arns.chunks(BATCH) {
+            counted();
+            let answer = self
+                .client
+                .describe_tasks()
+                .cluster(cluster)
+                .set_tasks(Some(chunk.to_vec()))
+                .send()
+                .await
+                .map_err(|e| classify("DescribeTasks", e))?;
+            for task in answer.tasks() {
+                let Some(arn) = task.task_arn() else {
+                    return Err(ApiError::Malformed(
+                        "DescribeTasks: a task without taskArn".to_owned(),
+                    ));
+                };
+                out.push(TaskFacts {
+                    arn: arn.to_owned(),
+                    group: task.group().map(str::to_owned),
+                    deployment: task.started_by().map(str::to_owned),
+                    task_definition: task.task_definition_arn().map(str::to_owned),
+                    running: task.last_status() == Some("RUNNING"),
+                    stopping: task.desired_status() == Some("STOPPED"),
+                    health: Health::parse(task.health_status().map(|h| h.as_str())),
+                    started_at: time(task.started_at()),
+                    zone: task.availability_zone().map(str::to_owned),
+                    instance: task.container_instance_arn().map(str::to_owned),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn draining_instances(
+        &self,
+        cluster: &str,
+        instances: &[String],
+    ) -> Result<BTreeSet<String>, ApiError> {
+        let mut draining = BTreeSet::new();
+        for chunk in instances.chunks(BATCH) {
+            counted();
+            let answer = self
+                .client
+                .describe_container_instances()
+                .cluster(cluster)
+                .set_container_instances(Some(chunk.to_vec()))
+                .send()
+                .await
+                .map_err(|e| classify("DescribeContainerInstances", e))?;
+            draining.extend(
+                answer
+                    .container_instances()
+                    .iter()
+                    .filter(|i| i.status() == Some("DRAINING"))
+                    .filter_map(|i| i.container_instance_arn().map(str::to_owned)),
+            );
+        }
+        Ok(draining)
+    }
+
+    async fn service_deployment(&self, arn: &str) -> Result<ShiftFacts, ApiError> {
+        const OP: &str = "DescribeServiceDeployments";
+        counted();
+        let answer = self
+            .client
+            .describe_service_deployments()
+            .service_deployment_arns(arn)
+            .send()
+            .await
+            .map_err(|e| classify(OP, e))?;
+        let Some(d) = answer.service_deployments().first() else {
+            return Err(ApiError::Refused(format!("{OP}: {arn} is unknown")));
+        };
+        Ok(ShiftFacts {
+            status: d
+                .status()
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_default(),
+            stage: d.lifecycle_stage().map(|s| s.as_str().to_owned()),
+        })
     }
 }

@@ -6,41 +6,68 @@
 //! work and let go ([`TaskProtection::drain`]); ECS then stops it as soon as its
 //! protection is released.
 //!
-//! The watcher ([`Drain`]) asks ECS, every check interval (30 s by default, jittered
-//! so that tasks do not ask together), how many tasks the service wants
-//! (`DescribeServices`), and, when it runs more than it wants, which ones
-//! (`ListTasks` and `DescribeTasks`, only when the service's counts changed). A task
-//! is **leaving** when its deployment is no longer the PRIMARY one and the PRIMARY
-//! deployment has its tasks running, or when the service runs more tasks than it
-//! wants and this task is one of the surplus: every task ranks the running tasks the
-//! same way ([`rank`]: old deployments first, then the longest running), so exactly
-//! `running - desired` of them leave, without talking to each other. A leaving task
-//! is wanted again when the desired count rises before ECS stops it.
+//! **Never less than ECS would keep.** A task leaves only where ECS itself would stop
+//! it if it could: the surplus of a scale-in, picked in ECS's own order; an old
+//! deployment's task once the new deployment's tasks are ready (running, healthy,
+//! settled past the health check grace period) to take its place, or a small batch at
+//! a time when ECS cannot start a new task before an old one stops (maximumPercent
+//! 100); a blue/green deployment's old side once traffic has shifted and the bake time
+//! is over; a task ECS is already stopping. Never while a deployment fails or rolls
+//! back, never on doubt (ECS unreachable, slow, throttling, or answering what cannot
+//! be read: the last verdict stands), and once a task has let go, only ECS's own
+//! figures (the desired count rose, the deployment failed) bring it back. The rules are
+//! in [`decide`](fn@decide); deployments run by CodeDeploy or an external controller
+//! turn the drain off.
 //!
-//! Faults never make a task leave: without the metadata endpoint (not in ECS), or for
-//! a task that is not part of a service, the watcher is off; when the task role may
-//! not ask, it says so once and turns off; when ECS is slow, unreachable or answers
-//! what cannot be read, the last answer stands, and a verdict to leave that ECS has
-//! not confirmed for three check intervals is dropped; when ECS throttles, the
-//! watcher backs off.
+//! **One decision per service.** The decision reads `DescribeServices` and, when
+//! something moves, the task list. Each task asking for itself would multiply those
+//! calls by the number of tasks, against rate limits ECS shares among every caller of
+//! the account and Region. So a decision is made once per check interval for the whole
+//! service, by whichever task claims it, and kept in a [`VerdictStore`] every task
+//! reads: a DynamoDB table ([`DynamoStore`], `DRAIN_TABLE`) shared by the service's
+//! tasks, or, without one, each task's own memory ([`LocalStore`]; each task then
+//! decides for itself, at an interval that grows with the service, and lists it only up
+//! to 50 tasks).
+//!
+//! Faults never make a task leave: without the metadata endpoint (not in ECS), for a
+//! task that is not part of a service, or when the task role may not ask, the drain
+//! turns off, says so once, and [`Drain::is_on`] turns false.
 
 mod api;
 mod decide;
 #[cfg(feature = "drain")]
+mod dynamo;
+#[cfg(feature = "drain")]
 mod ecs;
+mod facts;
+mod gather;
+mod record;
+mod settings;
+mod store;
 mod watch;
 
 use std::fmt;
-use std::time::Duration;
+use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch as channel;
 
 pub use api::{ApiError, ServiceApi};
-pub use decide::{
-    Decision, DeploymentView, ServiceView, TaskInfo, TaskView, decide, decide_with_tasks, rank,
-};
+pub use decide::{Decision, Rules, decide};
+#[cfg(feature = "drain")]
+pub use dynamo::{DynamoStore, key};
 #[cfg(feature = "drain")]
 pub use ecs::EcsService;
+pub use facts::{
+    Controller, DeploymentFacts, Facts, Health, Rollout, ServiceFacts, ShiftFacts, Strategy,
+    TaskFacts, task_id,
+};
+pub use record::{Listed, Memory, PrimaryWatch, Record, Verdict};
+pub use settings::{
+    CHECK_SECONDS_RANGE, DEFAULT_CALL_TIMEOUT, DEFAULT_CHECK_INTERVAL, DEFAULT_SETTLE, DrainMode,
+    DrainSettings, DrainSettingsBuilder, DrainSettingsError, SETTLE_SECONDS_RANGE,
+};
+pub use store::{LocalStore, StoreError, Stored, VerdictStore};
 
 use crate::TaskProtection;
 
@@ -74,11 +101,11 @@ impl fmt::Display for Membership {
 }
 
 /// Why the service no longer wants this task.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "why", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum LeaveReason {
-    /// A deployment replaces this task: its deployment is no longer the PRIMARY one,
-    /// and the PRIMARY deployment has its tasks running.
+    /// A deployment replaces this task, and its new tasks are ready to take its place.
     Replaced {
         /// This task's deployment (`ecs-svc/...`).
         deployment: String,
@@ -92,6 +119,19 @@ pub enum LeaveReason {
         /// Tasks wanted.
         desired: u32,
     },
+    /// ECS is stopping this task (a stop, a replacement, a scale-in): it is
+    /// deregistered from its load balancer and will get SIGTERM when the
+    /// deregistration delay ends. Nothing brings it back.
+    Stopping,
+}
+
+impl LeaveReason {
+    /// Whether ECS has already decided to stop the task: no new client reaches it
+    /// through the load balancer, and there is no time to lose.
+    #[must_use]
+    pub fn is_stopping(&self) -> bool {
+        matches!(self, Self::Stopping)
+    }
 }
 
 impl fmt::Display for LeaveReason {
@@ -102,111 +142,146 @@ impl fmt::Display for LeaveReason {
                 primary,
             } => write!(
                 f,
-                "replaced by a deployment: this task's deployment {deployment} is no longer PRIMARY and {primary} has its tasks running"
+                "replaced by a deployment: this task's deployment {deployment} is no longer PRIMARY and {primary} has tasks ready to take its place"
             ),
             Self::Surplus { running, desired } => write!(
                 f,
                 "scale-in: the service runs {running} tasks and wants {desired}; this task is one of the {} to go",
                 running.saturating_sub(*desired)
             ),
+            Self::Stopping => f.write_str("ECS is stopping this task"),
         }
     }
 }
 
-/// The default check interval: two `DescribeServices` calls a minute per task.
-pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(30);
-/// The default bound on one ECS call.
-pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
-/// Allowed range of `DRAIN_CHECK_SECONDS`.
-pub const CHECK_SECONDS_RANGE: (u64, u64) = (1, 3_600);
-
-/// How often and how patiently the watcher asks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DrainSettings {
-    /// The mean time between two checks; each wait is jittered by ±50 %.
-    pub check_interval: Duration,
-    /// The longest one ECS call may take before it counts as failed.
-    pub call_timeout: Duration,
+/// This task, as the drain needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskInfo {
+    /// The cluster's name or ARN (`Cluster` in task metadata).
+    pub cluster: String,
+    /// This task's ARN.
+    pub task_arn: String,
+    /// The service it belongs to.
+    pub service: String,
 }
 
-impl Default for DrainSettings {
-    fn default() -> Self {
+impl TaskInfo {
+    /// This task.
+    #[must_use]
+    pub fn new(
+        cluster: impl Into<String>,
+        task_arn: impl Into<String>,
+        service: impl Into<String>,
+    ) -> Self {
         Self {
-            check_interval: DEFAULT_CHECK_INTERVAL,
-            call_timeout: DEFAULT_CALL_TIMEOUT,
+            cluster: cluster.into(),
+            task_arn: task_arn.into(),
+            service: service.into(),
         }
     }
-}
-
-/// Whether to watch: the value of `DRAIN`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
-pub enum DrainMode {
-    /// On when the task metadata endpoint is there (inside ECS), off elsewhere.
-    #[default]
-    Auto,
-    /// Never ask; the task is always wanted.
-    Off,
 }
 
 /// What the service wants of this task, kept up to date in the background.
 ///
 /// Cheap to clone. [`Drain::off`] is always [`Membership::Wanted`]; a watcher started
-/// with [`Drain::start`] or [`Drain::watch`] asks ECS every check interval, until
-/// every clone and subscription is dropped.
+/// with [`Drain::start`], [`Drain::watch`] or [`Drain::watch_with`] runs until every
+/// clone and subscription is dropped, or until it turns off.
 #[derive(Debug, Clone)]
 pub struct Drain {
-    rx: channel::Receiver<Membership>,
-    /// Whether a watcher runs (or is starting).
-    on: bool,
-    /// Keeps an idle channel open, so that `changed()` waits instead of failing.
-    _idle: Option<std::sync::Arc<channel::Sender<Membership>>>,
+    membership: channel::Receiver<Membership>,
+    on: channel::Receiver<bool>,
+    /// Keeps idle channels open, so that `changed()` waits instead of failing.
+    _idle: Option<Arc<(channel::Sender<Membership>, channel::Sender<bool>)>>,
 }
 
 impl Drain {
     /// Never leaving: no watcher.
     #[must_use]
     pub fn off() -> Self {
-        let (tx, rx) = channel::channel(Membership::Wanted);
+        let (membership_tx, membership) = channel::channel(Membership::Wanted);
+        let (on_tx, on) = channel::channel(false);
         Self {
-            rx,
-            on: false,
-            _idle: Some(std::sync::Arc::new(tx)),
+            membership,
+            on,
+            _idle: Some(Arc::new((membership_tx, on_tx))),
         }
     }
 
-    /// Watches with `api` on behalf of `me`.
+    /// Watches with `api` on behalf of `task`, this task deciding for itself
+    /// ([`LocalStore`]).
     ///
     /// # Panics
     /// Outside a tokio runtime.
     #[must_use]
-    pub fn watch<A: ServiceApi>(api: A, me: TaskInfo, settings: DrainSettings) -> Self {
-        let (tx, rx) = channel::channel(Membership::Wanted);
-        tokio::spawn(watch::Watcher::new(api, me, settings, tx).run());
-        Self {
-            rx,
-            on: true,
-            _idle: None,
-        }
+    pub fn watch<A: ServiceApi>(api: A, task: TaskInfo, settings: DrainSettings) -> Self {
+        Self::watch_with(api, LocalStore::new(), task, settings)
     }
 
-    /// Whether a watcher asks ECS; `false` for [`Drain::off`] (the task is then always
-    /// wanted).
+    /// Watches with `api` on behalf of `task`, sharing decisions through `store`.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    #[must_use]
+    pub fn watch_with<A: ServiceApi, S: VerdictStore>(
+        api: A,
+        store: S,
+        task: TaskInfo,
+        settings: DrainSettings,
+    ) -> Self {
+        let (drain, out) = Self::on();
+        let clock = watch::Clock::new();
+        let me = watch::Me {
+            id: task_id(&task.task_arn).to_owned(),
+            cluster: task.cluster,
+            service: task.service,
+            started: clock.now(),
+        };
+        tokio::spawn(watch::Watcher::new(api, store, me, settings, out, clock).run());
+        drain
+    }
+
+    /// A drain that is on, and the senders its watcher publishes with.
+    fn on() -> (Self, watch::Outputs) {
+        let (membership_tx, membership) = channel::channel(Membership::Wanted);
+        let (on_tx, on) = channel::channel(true);
+        (
+            Self {
+                membership,
+                on,
+                _idle: None,
+            },
+            watch::Outputs {
+                membership: membership_tx,
+                on: on_tx,
+            },
+        )
+    }
+
+    /// Whether a watcher asks ECS now: `false` for [`Drain::off`], and once the
+    /// watcher has turned itself off (the task role may not ask, the task is not part
+    /// of a service, the service's deployments are not ECS's). While it is `false`,
+    /// the task is always wanted and services behave as they would without a drain.
     #[must_use]
     pub fn is_on(&self) -> bool {
-        self.on
+        *self.on.borrow()
+    }
+
+    /// A live view of [`is_on`](Self::is_on), to await the drain turning off.
+    #[must_use]
+    pub fn on_changes(&self) -> channel::Receiver<bool> {
+        self.on.clone()
     }
 
     /// The membership now.
     #[must_use]
     pub fn membership(&self) -> Membership {
-        self.rx.borrow().clone()
+        self.membership.borrow().clone()
     }
 
     /// A live view of the membership, to await its changes.
     #[must_use]
     pub fn subscribe(&self) -> channel::Receiver<Membership> {
-        self.rx.clone()
+        self.membership.clone()
     }
 
     /// Keeps `protection` draining while this task is leaving
@@ -214,7 +289,7 @@ impl Drain {
     /// protection is shut down. For services whose only reaction to leaving is to
     /// take no new holders, such as those behind the HTTP layer.
     pub fn follow(&self, protection: &TaskProtection) {
-        let mut rx = self.rx.clone();
+        let mut rx = self.membership.clone();
         let protection = protection.clone();
         tokio::spawn(async move {
             loop {
@@ -232,121 +307,4 @@ impl Drain {
 }
 
 #[cfg(feature = "drain")]
-impl Drain {
-    /// Starts watching from the environment: this task's cluster and ARN from the task
-    /// metadata endpoint (`metadata_uri`, the value of `ECS_CONTAINER_METADATA_URI_V4`),
-    /// its service and deployment from `DescribeTasks`, and the ECS API through the
-    /// standard AWS configuration.
-    ///
-    /// Never fails: without the metadata endpoint (not in ECS), for a task that is not
-    /// part of a service, or when the role may not ask, the watcher is off, said once
-    /// in the log, and the task is always wanted.
-    pub async fn start(
-        mode: DrainMode,
-        metadata_uri: Option<&str>,
-        settings: DrainSettings,
-    ) -> Self {
-        if mode == DrainMode::Off {
-            tracing::info!("Drain is off (DRAIN=off)");
-            return Self::off();
-        }
-        let Some(metadata_uri) = metadata_uri else {
-            tracing::info!(
-                "Drain is off: ECS_CONTAINER_METADATA_URI_V4 is not set, so this process is not running in ECS"
-            );
-            return Self::off();
-        };
-        let identity = match crate::metadata::TaskIdentity::discover(metadata_uri).await {
-            Ok(identity) => identity,
-            Err(e) => {
-                tracing::warn!("Drain is off: {e}");
-                return Self::off();
-            }
-        };
-        let api = EcsService::from_env().await;
-        let (tx, rx) = channel::channel(Membership::Wanted);
-        tokio::spawn(async move {
-            if let Some(me) = identify(&api, identity, settings).await {
-                tracing::info!(
-                    service = %me.service,
-                    deployment = me.deployment.as_deref().unwrap_or("unknown"),
-                    "Drain is on: asking ECS about service {} every {:?} or so",
-                    me.service,
-                    settings.check_interval
-                );
-                watch::Watcher::new(api, me, settings, tx).run().await;
-            }
-        });
-        Self {
-            rx,
-            on: true,
-            _idle: None,
-        }
-    }
-}
-
-/// This task's service and deployment, from `DescribeTasks` on itself, retried while
-/// ECS is unavailable or throttles. `None` when the watcher cannot work: the reason
-/// is logged once.
-#[cfg(feature = "drain")]
-async fn identify(
-    api: &impl ServiceApi,
-    identity: crate::metadata::TaskIdentity,
-    settings: DrainSettings,
-) -> Option<TaskInfo> {
-    let arns = [identity.task_arn.clone()];
-    let mut wait = Duration::from_secs(1);
-    loop {
-        let call = api.describe_tasks(&identity.cluster, &arns);
-        let answer = tokio::time::timeout(settings.call_timeout, call)
-            .await
-            .unwrap_or_else(|_| Err(ApiError::Unavailable("DescribeTasks: no answer".to_owned())));
-        ::metrics::counter!(crate::metrics::DRAIN_API_CALLS).increment(1);
-        match answer {
-            Ok(tasks) => {
-                let Some(task) = tasks.into_iter().find(|t| t.arn == identity.task_arn) else {
-                    tracing::warn!(
-                        "Drain is off: DescribeTasks does not know this task ({})",
-                        identity.task_arn
-                    );
-                    return None;
-                };
-                let Some(service) = task
-                    .group
-                    .as_deref()
-                    .and_then(|g| g.strip_prefix("service:"))
-                else {
-                    tracing::info!(
-                        group = task.group.as_deref().unwrap_or(""),
-                        "Drain is off: this task is not part of a service"
-                    );
-                    return None;
-                };
-                return Some(TaskInfo {
-                    cluster: identity.cluster,
-                    task_arn: identity.task_arn,
-                    service: service.to_owned(),
-                    deployment: task.deployment,
-                });
-            }
-            Err(ApiError::Denied(why)) => {
-                tracing::warn!(
-                    "Drain is off: the task role may not describe its own task ({why}); \
-                     grant ecs:DescribeTasks, ecs:DescribeServices and ecs:ListTasks to turn it on"
-                );
-                return None;
-            }
-            Err(e @ (ApiError::Refused(_) | ApiError::Malformed(_))) => {
-                tracing::warn!("Drain is off: {e}");
-                return None;
-            }
-            Err(e) => {
-                tracing::warn!(
-                    "Drain cannot identify this task yet ({e}); trying again in {wait:?}"
-                );
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(settings.check_interval);
-            }
-        }
-    }
-}
+mod start;

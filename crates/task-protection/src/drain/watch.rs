@@ -1,129 +1,346 @@
-//! The watcher: asks ECS every check interval, with jitter, whether the service
-//! still wants this task, and publishes the answer.
+//! The watcher, one per task: reads its service's record, makes the next decision
+//! when it is due and nobody else has claimed it, and publishes this task's
+//! membership.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::api::{ApiError, ServiceApi};
-use super::decide::{Decision, ServiceView, TaskInfo, TaskView, decide, decide_with_tasks};
-use super::{DrainSettings, Membership};
+use super::decide::{Rules, decide};
+use super::facts::ServiceFacts;
+use super::gather::{Ask, gather, too_large};
+use super::record::{Record, SCHEMA, millis, time};
+use super::store::{StoreError, VerdictStore};
+use super::{DrainSettings, LeaveReason, Membership};
 
-/// How many check intervals a "leaving" verdict is kept without a fresh answer: a
-/// task never leaves on doubt.
-const STALE_AFTER_CHECKS: u32 = 3;
-/// The longest wait between checks while ECS throttles, in check intervals.
+/// The longest wait between decisions while ECS throttles, in check intervals.
 const THROTTLED_MAX_FACTOR: u32 = 8;
-/// How many checks a task list is reused while the service looks the same.
-const LIST_REUSE_CHECKS: u32 = 10;
+/// A listing older than this many check intervals is made again.
+const RELIST_AFTER_CHECKS: u32 = 10;
+/// Each task deciding for itself lists at most this many tasks; larger services share
+/// one decision through a table.
+pub(super) const LOCAL_LIST_LIMIT: usize = 50;
+/// Each task deciding for itself stretches its interval by one check interval per this
+/// many tasks, so that the service's calls stay about the same whatever its size.
+const LOCAL_TASKS_PER_INTERVAL: u32 = 10;
 
-/// One check's result.
-enum Checked {
-    Membership(Membership),
-    Failed(ApiError),
+/// This task.
+#[derive(Debug, Clone)]
+pub(super) struct Me {
+    pub(super) cluster: String,
+    pub(super) service: String,
+    /// The task's id, the last part of its ARN.
+    pub(super) id: String,
+    /// When this process started, on the clock below.
+    pub(super) started: SystemTime,
 }
 
-pub(super) struct Watcher<A> {
-    pub(super) api: A,
-    pub(super) me: TaskInfo,
-    pub(super) settings: DrainSettings,
-    pub(super) tx: watch::Sender<Membership>,
-    /// The task list of the last surplus, with the service view it was listed for.
-    listed: Option<(ServiceView, Vec<TaskView>, u32)>,
+/// The wall clock, moving with tokio's time (so that tests on paused time see time
+/// pass in the records too).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Clock {
+    wall: SystemTime,
+    at: Instant,
 }
 
-/// The same service with fewer tasks running: only stops happened.
-fn fewer_running(before: &ServiceView, now: &ServiceView) -> bool {
-    let ids = |s: &ServiceView| {
-        s.deployments
-            .iter()
-            .map(|d| (d.id.clone(), d.primary, d.desired))
-            .collect::<Vec<_>>()
-    };
-    now.desired == before.desired && now.running < before.running && ids(now) == ids(before)
+impl Clock {
+    pub(super) fn new() -> Self {
+        Self {
+            wall: SystemTime::now(),
+            at: Instant::now(),
+        }
+    }
+
+    pub(super) fn now(&self) -> SystemTime {
+        self.wall + self.at.elapsed()
+    }
 }
 
 /// A wait of `interval` times a random factor in 0.5..1.5: tasks that started together
-/// spread their calls instead of asking ECS at the same moment.
+/// spread their calls instead of asking at the same moment.
 fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(rand::random_range(0.5..1.5))
 }
 
-impl<A: ServiceApi> Watcher<A> {
+/// What the watcher publishes.
+#[derive(Debug)]
+pub(super) struct Outputs {
+    pub(super) membership: watch::Sender<Membership>,
+    pub(super) on: watch::Sender<bool>,
+}
+
+pub(super) struct Watcher<A, S> {
+    api: A,
+    store: S,
+    me: Me,
+    settings: DrainSettings,
+    out: Outputs,
+    clock: Clock,
+    /// One warning per kind of trouble, until it ends.
+    warned_store: bool,
+    warned_unreadable: bool,
+    warned_size: bool,
+}
+
+enum Step {
+    /// Wait this long, then look again.
+    Again(Duration),
+    /// The drain is off for good.
+    Off,
+}
+
+impl<A: ServiceApi, S: VerdictStore> Watcher<A, S> {
     pub(super) fn new(
         api: A,
-        me: TaskInfo,
+        store: S,
+        me: Me,
         settings: DrainSettings,
-        tx: watch::Sender<Membership>,
+        out: Outputs,
+        clock: Clock,
     ) -> Self {
         Self {
             api,
+            store,
             me,
             settings,
-            tx,
-            listed: None,
+            out,
+            clock,
+            warned_store: false,
+            warned_unreadable: false,
+            warned_size: false,
         }
     }
 
-    /// Runs until every receiver is gone, or ECS denies the calls.
+    /// How often a task reads a shared record.
+    fn read_interval(&self) -> Duration {
+        (self.settings.check_interval() / 3).max(Duration::from_secs(1))
+    }
+
+    /// Runs until every receiver is gone, or the drain turns off.
     pub(super) async fn run(mut self) {
-        let interval = self.settings.check_interval;
-        // The first check at a random point of the first interval.
-        let mut wait = interval.mul_f64(rand::random_range(0.0..1.0));
-        let mut last_answer = Instant::now();
-        let mut throttled = 0u32;
+        // The first look at a random point of the first interval.
+        let first = if self.store.shared() {
+            self.read_interval()
+        } else {
+            self.settings.check_interval()
+        };
+        let mut wait = first.mul_f64(rand::random_range(0.0..1.0));
         loop {
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
-                () = self.tx.closed() => return,
+                () = self.out.membership.closed() => return,
             }
-            wait = jittered(interval);
-            match self.check().await {
-                Checked::Membership(membership) => {
-                    last_answer = Instant::now();
-                    throttled = 0;
-                    self.publish(membership);
-                }
-                Checked::Failed(ApiError::Denied(why)) => {
-                    tracing::warn!(
-                        "Drain is off: the task role may not ask ECS about its service ({why}); \
-                         grant ecs:DescribeServices, ecs:ListTasks and ecs:DescribeTasks to turn it on"
-                    );
-                    self.publish(Membership::Wanted);
-                    return;
-                }
-                Checked::Failed(ApiError::Throttled(why)) => {
-                    throttled = throttled.saturating_add(1);
-                    let factor = 2u32.saturating_pow(throttled).min(THROTTLED_MAX_FACTOR);
-                    wait = jittered(interval * factor);
-                    tracing::warn!(
-                        "Drain check throttled by ECS ({why}); next check in {:.0}s",
-                        wait.as_secs_f64()
-                    );
-                }
-                Checked::Failed(e) => {
-                    tracing::warn!(
-                        "Drain check failed, keeping the last answer ({}): {e}",
-                        *self.tx.borrow()
-                    );
-                }
-            }
-            // A verdict to leave that ECS has not confirmed for a while is dropped.
-            let stale = last_answer.elapsed() > interval * STALE_AFTER_CHECKS;
-            if stale && self.tx.borrow().is_leaving() {
-                tracing::warn!(
-                    "No answer from ECS for {:.0}s: wanted again until ECS says otherwise",
-                    last_answer.elapsed().as_secs_f64()
-                );
-                self.publish(Membership::Wanted);
+            match self.step().await {
+                Step::Again(next) => wait = next,
+                Step::Off => return,
             }
         }
     }
 
+    async fn step(&mut self) -> Step {
+        let now = self.clock.now();
+        let stored = match self.store.read().await {
+            Ok(stored) => {
+                self.warned_store = false;
+                stored
+            }
+            Err(e) => return self.store_failed(&e),
+        };
+        let version = stored.as_ref().map_or(0, |s| s.version);
+        let mut current = match stored.as_ref().map(|s| s.record.clone()) {
+            Some(Ok(record)) => {
+                self.warned_unreadable = false;
+                Some(record)
+            }
+            Some(Err(why)) => {
+                if !self.warned_unreadable {
+                    self.warned_unreadable = true;
+                    tracing::warn!(
+                        "The drain's record cannot be read ({why}); keeping the last answer"
+                    );
+                }
+                None
+            }
+            None => None,
+        };
+        let due = current.as_ref().is_none_or(|r| r.due(now))
+            && stored.as_ref().is_none_or(|s| s.claim_free(millis(now)));
+        if due {
+            let claim_until = now + self.claim_ttl();
+            match self
+                .store
+                .claim(version, &self.me.id, millis(now), millis(claim_until))
+                .await
+            {
+                Ok(true) => {
+                    let base = current.clone().unwrap_or_else(|| Record::first(now));
+                    let Some(next) = self.decide(&base, now).await else {
+                        return Step::Off;
+                    };
+                    match self.store.publish(version, &self.me.id, &next).await {
+                        Ok(true) => current = Some(next),
+                        // Someone else decided meanwhile: theirs stands.
+                        Ok(false) => {}
+                        Err(e) => return self.store_failed(&e),
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => return self.store_failed(&e),
+            }
+        }
+        if let Some(record) = &current
+            && !self.apply(record)
+        {
+            return Step::Off;
+        }
+        Step::Again(self.next_wait(current.as_ref(), now))
+    }
+
+    fn store_failed(&mut self, e: &StoreError) -> Step {
+        match e {
+            StoreError::Unusable(why) => {
+                tracing::warn!(
+                    "Drain is off: its table cannot be used ({why}); check DRAIN_TABLE and \
+                     grant dynamodb:GetItem, dynamodb:UpdateItem and dynamodb:PutItem on it"
+                );
+                self.turn_off();
+                Step::Off
+            }
+            StoreError::Unavailable(why) => {
+                if !self.warned_store {
+                    self.warned_store = true;
+                    tracing::warn!(
+                        "The drain's table does not answer ({why}); keeping the last answer ({})",
+                        *self.out.membership.borrow()
+                    );
+                }
+                Step::Again(jittered(self.read_interval()))
+            }
+        }
+    }
+
+    /// How long a claim holds: long enough for a decision's calls, at their bound.
+    fn claim_ttl(&self) -> Duration {
+        (self.settings.check_interval() * 2).max(Duration::from_secs(60))
+    }
+
+    /// When to look next.
+    fn next_wait(&self, record: Option<&Record>, now: SystemTime) -> Duration {
+        if self.store.shared() {
+            return jittered(self.read_interval());
+        }
+        record
+            .and_then(|r| time(r.due_at).duration_since(now).ok())
+            .unwrap_or(Duration::ZERO)
+            .max(Duration::from_millis(100))
+    }
+
+    /// The wait before the next decision.
+    fn interval(&self, service: &ServiceFacts, busy: bool) -> Duration {
+        let base = self.settings.check_interval();
+        if self.store.shared() {
+            // One decision serves the whole service: decide sooner while it moves.
+            if busy { base / 3 } else { base }
+        } else {
+            let size = (service.running + service.pending).max(service.desired);
+            jittered(base * size.div_ceil(LOCAL_TASKS_PER_INTERVAL).max(1))
+        }
+    }
+
+    /// Asks ECS and decides; `None` when the task role may not ask.
+    async fn decide(&mut self, prev: &Record, now: SystemTime) -> Option<Record> {
+        let check = self.settings.check_interval();
+        let ask = Ask {
+            cluster: &self.me.cluster,
+            service: &self.me.service,
+            call_timeout: self.settings.call_timeout(),
+            relist_after: check * RELIST_AFTER_CHECKS,
+            list_limit: (!self.store.shared()).then_some(LOCAL_LIST_LIMIT),
+        };
+        match gather(&self.api, ask, prev, now).await {
+            Ok(facts) => {
+                if too_large(&facts.service, ask.list_limit) && !self.warned_size {
+                    self.warned_size = true;
+                    tracing::warn!(
+                        "The service runs more than {LOCAL_LIST_LIMIT} tasks: each task deciding \
+                         for itself would list them all, so this task no longer lists them and \
+                         leaves only when its own deployment is replaced. Set DRAIN_TABLE so that \
+                         one decision serves every task"
+                    );
+                }
+                let rules = Rules {
+                    settle: self.settings.settle(),
+                };
+                let decision = decide(&facts, prev, &rules, now);
+                let wait = self.interval(&facts.service, decision.busy);
+                Some(Record {
+                    schema: SCHEMA,
+                    decided_at: millis(now),
+                    due_at: millis(now + wait),
+                    verdict: decision.verdict,
+                    memory: decision.memory,
+                    throttled: 0,
+                })
+            }
+            Err(ApiError::Denied(why)) => {
+                tracing::warn!(
+                    "Drain is off: the task role may not ask ECS about its service ({why}); \
+                     grant ecs:DescribeServices, ecs:ListTasks and ecs:DescribeTasks to turn it on"
+                );
+                self.turn_off();
+                None
+            }
+            Err(ApiError::Throttled(why)) => {
+                let throttled = prev.throttled.saturating_add(1);
+                let factor = 2u32.saturating_pow(throttled).min(THROTTLED_MAX_FACTOR);
+                let wait = jittered(check * factor);
+                tracing::warn!(
+                    "Drain check throttled by ECS ({why}); keeping the last answer, next check in {:.0}s",
+                    wait.as_secs_f64()
+                );
+                Some(Record {
+                    due_at: millis(now + wait),
+                    throttled,
+                    ..prev.clone()
+                })
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "Drain check failed, keeping the last answer ({}): {e}",
+                    *self.out.membership.borrow()
+                );
+                Some(Record {
+                    due_at: millis(now + jittered(check)),
+                    ..prev.clone()
+                })
+            }
+        }
+    }
+
+    /// Publishes what `record` says of this task; `false` when it turns the drain off.
+    fn apply(&mut self, record: &Record) -> bool {
+        if let Some(why) = record.off() {
+            tracing::info!("Drain is off for this service: {why}");
+            self.turn_off();
+            return false;
+        }
+        if let Some(membership) = record.membership_of(&self.me.id, self.me.started) {
+            self.publish(membership);
+        }
+        true
+    }
+
+    fn turn_off(&self) {
+        self.publish(Membership::Wanted);
+        self.out.on.send_replace(false);
+    }
+
     fn publish(&self, membership: Membership) {
-        self.tx.send_if_modified(|m| {
-            if *m == membership {
+        self.out.membership.send_if_modified(|m| {
+            // ECS is stopping this task: nothing brings it back.
+            if *m == membership || *m == Membership::Leaving(LeaveReason::Stopping) {
                 return false;
             }
             match &membership {
@@ -135,94 +352,7 @@ impl<A: ServiceApi> Watcher<A> {
             *m = membership;
             true
         });
-        ::metrics::gauge!(crate::metrics::DRAIN_LEAVING).set(if self.tx.borrow().is_leaving() {
-            1.0
-        } else {
-            0.0
-        });
-    }
-
-    /// One call, bounded in time and counted.
-    async fn call<T>(
-        &self,
-        operation: &'static str,
-        call: impl std::future::Future<Output = Result<T, ApiError>>,
-    ) -> Result<T, ApiError> {
-        ::metrics::counter!(crate::metrics::DRAIN_API_CALLS).increment(1);
-        let limit = self.settings.call_timeout;
-        tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
-            Err(ApiError::Unavailable(format!(
-                "{operation}: no answer within {limit:?}"
-            )))
-        })
-    }
-
-    async fn check(&mut self) -> Checked {
-        let me = &self.me;
-        let service = match self
-            .call(
-                "DescribeServices",
-                self.api.describe_service(&me.cluster, &me.service),
-            )
-            .await
-        {
-            Ok(service) => service,
-            Err(e) => return Checked::Failed(e),
-        };
-        match decide(me, &service) {
-            Decision::Known(membership) => {
-                self.listed = None;
-                Checked::Membership(membership)
-            }
-            Decision::NeedTasks => {
-                let wanted = !self.tx.borrow().is_leaving();
-                let reuse = match &mut self.listed {
-                    Some((seen, _, uses))
-                        if *uses < LIST_REUSE_CHECKS
-                            && (*seen == service || wanted && fewer_running(seen, &service)) =>
-                    {
-                        *uses += 1;
-                        true
-                    }
-                    _ => false,
-                };
-                if reuse {
-                    // A wanted task stays wanted while tasks stop and nothing else
-                    // changes: whichever stopped, its rank among the rest and the
-                    // surplus both fall by one at most.
-                    if wanted
-                        && self
-                            .listed
-                            .as_ref()
-                            .is_some_and(|(seen, _, _)| *seen != service)
-                    {
-                        return Checked::Membership(Membership::Wanted);
-                    }
-                }
-                if !reuse {
-                    match self.running_tasks().await {
-                        Ok(tasks) => self.listed = Some((service.clone(), tasks, 0)),
-                        Err(e) => return Checked::Failed(e),
-                    }
-                }
-                let tasks = self
-                    .listed
-                    .as_ref()
-                    .map_or(&[][..], |(_, t, _)| t.as_slice());
-                Checked::Membership(decide_with_tasks(&self.me, &service, tasks))
-            }
-        }
-    }
-
-    async fn running_tasks(&self) -> Result<Vec<TaskView>, ApiError> {
-        let me = &self.me;
-        let arns = self
-            .call("ListTasks", self.api.list_tasks(&me.cluster, &me.service))
-            .await?;
-        if arns.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.call("DescribeTasks", self.api.describe_tasks(&me.cluster, &arns))
-            .await
+        let leaving = self.out.membership.borrow().is_leaving();
+        ::metrics::gauge!(crate::metrics::DRAIN_LEAVING).set(if leaving { 1.0 } else { 0.0 });
     }
 }
