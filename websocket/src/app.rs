@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use task_protection::drain::Membership;
 use task_protection::{ProtectionEvent, ShutdownReport, TaskProtection};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -110,9 +111,10 @@ impl App {
     }
 
     /// Follows `drain`: while the service no longer wants this task, new clients are
-    /// refused, `/healthz` answers 503, and after the drain notice the clients are
-    /// told to reconnect elsewhere, at the goodbye's rate; protection is released once
-    /// the last has gone. Without it (the default) the task is always wanted.
+    /// refused (`/healthz` stays green: ECS acts on it), and after the drain notice
+    /// (none when ECS is already stopping the task) the clients are told to reconnect
+    /// elsewhere, at the goodbye's rate; protection is released once the last has
+    /// gone. Without it (the default) the task is always wanted.
     #[must_use]
     pub fn with_drain(mut self, drain: task_protection::drain::Drain) -> Self {
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
@@ -245,20 +247,27 @@ pub fn drain_spread(clients: usize, rate: u32) -> Duration {
     Duration::from_secs(1) * clients / rate.max(1)
 }
 
-/// Follows the drain watcher's verdict. Leaving: no new clients (the routes check),
-/// protection drains, and after `notice` (the load balancer has stopped sending
-/// clients here by then) the clients are told to reconnect, at [`GOODBYE_RATE`], so
-/// that they arrive at the other tasks in a steady stream. Wanted again: all of it
-/// stops, and clients are welcome again.
+/// Follows the drain watcher's verdict. Leaving: no new clients (the routes refuse
+/// upgrades with 503 and Retry-After), protection drains, and after `notice` the
+/// clients are told to reconnect, at [`GOODBYE_RATE`], so that they arrive at the
+/// other tasks in a steady stream. When ECS is already stopping the task there is no
+/// notice: it has deregistered the target, no new client comes through the load
+/// balancer, and the goodbye must be over before the deregistration delay ends (then
+/// SIGTERM comes). Wanted again: all of it stops, and clients are welcome again.
 async fn follow_drain(shared: Arc<Shared>, notice: Duration, rate: u32) {
     let mut membership = shared.drain.subscribe();
     let protection = shared.connections.protection().clone();
     loop {
-        let leaving = membership.borrow_and_update().is_leaving();
-        if leaving {
+        let verdict = membership.borrow_and_update().clone();
+        if let Membership::Leaving(reason) = verdict {
             protection.drain();
+            let wait = if reason.is_stopping() {
+                Duration::ZERO
+            } else {
+                notice
+            };
             let tell = async {
-                tokio::time::sleep(notice).await;
+                tokio::time::sleep(wait).await;
                 let clients = shared.connections.count();
                 let spread = drain_spread(clients, rate);
                 tracing::info!(
@@ -285,20 +294,17 @@ async fn follow_drain(shared: Arc<Shared>, notice: Duration, rate: u32) {
 /// original sample did: the task is probably about to be replaced. Not while the
 /// drain watcher is on: then a refusal (`DEPLOYMENT_BLOCKED` while a deployment's old
 /// tasks still hold protection) is no sign that this task goes, and the watcher says
-/// when it does. While holders
-/// remain the library asks again every check interval; the clients are told once per
-/// refusal, not at every retry, until protection is confirmed again; clients that
-/// arrive meanwhile hear it after their welcome.
+/// when it does; once the watcher has turned off, refusals are announced again. While
+/// holders remain the library asks again every check interval; the clients are told
+/// once per refusal, not at every retry, until protection is confirmed again; clients
+/// that arrive meanwhile hear it after their welcome.
 async fn announce_rejections(protection: TaskProtection, shared: Arc<Shared>) {
-    if shared.drain.is_on() {
-        return;
-    }
     let mut events = protection.events();
     drop(protection);
     while let Some(event) = events.recv().await {
         match event {
             ProtectionEvent::Rejected(rejection)
-                if !shared.refused.swap(true, Ordering::Relaxed) =>
+                if !shared.drain.is_on() && !shared.refused.swap(true, Ordering::Relaxed) =>
             {
                 tracing::info!(
                     reason = %rejection,

@@ -110,10 +110,11 @@ pub struct Config {
     pub goodbye_rate: u64,
 
     /// Once the service no longer wants this task (DRAIN), how long its clients stay
-    /// while /healthz answers 503, before they are told to reconnect, in seconds: the
-    /// load balancer's health check interval times its unhealthy threshold (5 s x 2 in
-    /// the deployment files), so that they reconnect to other tasks (0..=600)
-    #[arg(long, env = "DRAIN_NOTICE_SECONDS", value_name = "SECONDS", default_value = "10",
+    /// before they are told to reconnect, in seconds; none when ECS is already stopping
+    /// the task. /healthz stays green meanwhile (ECS replaces a task whose check
+    /// fails), so new clients the load balancer still sends here are refused with 503
+    /// and Retry-After (0..=600)
+    #[arg(long, env = "DRAIN_NOTICE_SECONDS", value_name = "SECONDS", default_value = "0",
           value_parser = ranged("DRAIN_NOTICE_SECONDS", 0, 600, "seconds"))]
     pub drain_notice_seconds: u64,
 
@@ -214,7 +215,7 @@ impl Default for ServerSettings {
             limits: Limits::default(),
             allowed_origins: Vec::new(),
             header_timeout: Duration::from_secs(65),
-            drain_notice: Duration::from_secs(10),
+            drain_notice: Duration::ZERO,
             goodbye_rate: crate::app::GOODBYE_RATE,
         }
     }

@@ -152,8 +152,9 @@ fn accept(
         return unavailable("server shutting down");
     }
     if shared.leaving().is_some() {
-        // The load balancer stops sending clients here once /healthz fails; one that
-        // still comes retries and lands on a task that stays.
+        // The load balancer keeps sending some clients here: /healthz stays green while
+        // the task leaves, because ECS replaces a task whose health check fails. Each
+        // is refused with Retry-After and comes back to a task that stays.
         return unavailable("this task is leaving its service");
     }
     let Some(slot) = shared.connections.try_open() else {
@@ -228,18 +229,13 @@ fn client(
     }
 }
 
-/// `GET /healthz`: for the ALB, whose health checks cannot use websockets. 503 while
-/// the task is leaving its service, so that the load balancer sends new clients to
-/// the tasks that stay; the clients already here are told to go soon after.
-async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
-    match shared.leaving() {
-        None => "Healthy".into_response(),
-        Some(reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("Leaving the service: {reason}"),
-        )
-            .into_response(),
-    }
+/// `GET /healthz`: for the ALB, whose health checks cannot use websockets, and for
+/// the container health check. It says whether the process serves, nothing more: ECS
+/// replaces a task that fails either check whatever its protection, so a task leaving
+/// its service stays green while its clients move, and refuses new ones at the
+/// upgrade instead.
+async fn healthz() -> &'static str {
+    "Healthy"
 }
 
 /// What `GET /status` answers.
