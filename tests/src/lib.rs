@@ -9,6 +9,7 @@ pub mod agent;
 pub mod bench;
 pub mod counting;
 pub mod crowd;
+pub mod dynamo;
 pub mod moto;
 pub mod process;
 pub mod sim;

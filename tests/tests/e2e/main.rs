@@ -6,6 +6,7 @@ mod copilot_rules;
 mod demo;
 mod deploy;
 mod drain;
+mod drain_store;
 mod images;
 mod monitoring;
 mod protection_faults;
