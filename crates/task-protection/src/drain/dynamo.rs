@@ -152,7 +152,7 @@ impl VerdictStore for DynamoStore {
         };
         let version = number(item, "version").unwrap_or(0);
         let record = match text(item, "record") {
-            Some(json) => Record::from_json(json),
+            Some(json) => Record::from_json(json).map(std::sync::Arc::new),
             None => Err("no record yet".to_owned()),
         };
         let claim = text(item, "claim_owner")

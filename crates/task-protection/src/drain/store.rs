@@ -24,7 +24,8 @@ pub struct Stored {
     /// Its version: 0 before the first record, then one more per decision.
     pub version: u64,
     /// The record, or why it cannot be read (written by a newer or older build).
-    pub record: Result<Record, String>,
+    /// Shared, so that reading it costs no copy.
+    pub record: Result<Arc<Record>, String>,
     /// Who claimed the next decision, and until when (milliseconds since the epoch).
     pub claim: Option<(String, u64)>,
 }
@@ -164,7 +165,7 @@ impl VerdictStore for LocalStore {
         if held {
             *slot = Some(Stored {
                 version: version + 1,
-                record: Ok(record.clone()),
+                record: Ok(Arc::new(record.clone())),
                 claim: None,
             });
         }

@@ -2,6 +2,7 @@
 //! when it is due and nobody else has claimed it, and publishes this task's
 //! membership.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
@@ -175,12 +176,19 @@ impl<A: ServiceApi, S: VerdictStore> Watcher<A, S> {
                 .await
             {
                 Ok(true) => {
-                    let base = current.clone().unwrap_or_else(|| Record::first(now));
-                    let Some(next) = self.decide(&base, now).await else {
+                    let first;
+                    let base = match &current {
+                        Some(record) => record.as_ref(),
+                        None => {
+                            first = Record::first(now);
+                            &first
+                        }
+                    };
+                    let Some(next) = self.decide(base, now).await else {
                         return Step::Off;
                     };
                     match self.store.publish(version, &self.me.id, &next).await {
-                        Ok(true) => current = Some(next),
+                        Ok(true) => current = Some(Arc::new(next)),
                         // Someone else decided meanwhile: theirs stands.
                         Ok(false) => {}
                         Err(e) => return self.store_failed(&e),
@@ -227,7 +235,7 @@ impl<A: ServiceApi, S: VerdictStore> Watcher<A, S> {
     }
 
     /// When to look next.
-    fn next_wait(&self, record: Option<&Record>, now: SystemTime) -> Duration {
+    fn next_wait(&self, record: Option<&Arc<Record>>, now: SystemTime) -> Duration {
         if self.store.shared() {
             return jittered(self.read_interval());
         }
