@@ -20,6 +20,8 @@ struct State {
     /// Answers take this long.
     delay: Duration,
     calls: Vec<&'static str>,
+    /// When each call came.
+    at: Vec<tokio::time::Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -46,6 +48,7 @@ impl Scripted {
         let delay = {
             let mut s = self.state();
             s.calls.push(op);
+            s.at.push(tokio::time::Instant::now());
             s.delay
         };
         tokio::time::sleep(delay).await;
@@ -76,13 +79,23 @@ impl ServiceApi for Scripted {
         self.answer("DescribeServices", |s| s.service.clone()).await
     }
 
-    async fn list_tasks(&self, _: &str, _: &str) -> Result<Vec<String>, ApiError> {
+    async fn list_tasks(
+        &self,
+        _: &str,
+        _: &str,
+        next: Option<String>,
+    ) -> Result<(Vec<String>, Option<String>), ApiError> {
+        let start: usize = next.map_or(0, |n| n.parse().unwrap());
         self.answer("ListTasks", |s| {
-            s.tasks
+            let arns: Vec<String> = s
+                .tasks
                 .iter()
                 .filter(|t| !t.stopping)
                 .map(|t| t.arn.clone())
-                .collect()
+                .collect();
+            let page = arns.iter().skip(start).take(100).cloned().collect();
+            let next = (start + 100 < arns.len()).then(|| (start + 100).to_string());
+            (page, next)
         })
         .await
     }
@@ -177,6 +190,7 @@ fn steady(n: u32) -> Scripted {
         fault: None,
         delay: Duration::ZERO,
         calls: Vec::new(),
+        at: Vec::new(),
     })))
 }
 
@@ -448,5 +462,32 @@ async fn off_is_always_wanted() {
             .await
             .is_err(),
         "an idle channel waits"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_listing_goes_a_page_at_a_time_and_paced() {
+    let api = steady(250);
+    let store = LocalStore::common();
+    let _drain = Drain::watch_with(api.clone(), store, me("t000"), settings());
+    pass(INTERVAL * 2).await;
+    // 250 tasks: three pages of ListTasks, three DescribeTasks.
+    assert_eq!(api.calls("ListTasks"), 3);
+    assert_eq!(api.calls("DescribeTasks"), 3);
+    // Never two of its calls within 250 ms: a listing of 5,000 tasks does not empty
+    // the account's bucket.
+    let s = api.state();
+    let listing: Vec<_> = s
+        .calls
+        .iter()
+        .zip(&s.at)
+        .filter(|(op, _)| matches!(**op, "ListTasks" | "DescribeTasks"))
+        .map(|(_, at)| *at)
+        .collect();
+    assert!(
+        listing
+            .windows(2)
+            .all(|w| w[1] - w[0] >= Duration::from_millis(250)),
+        "{listing:?}"
     );
 }

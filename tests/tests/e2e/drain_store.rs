@@ -130,8 +130,13 @@ impl ServiceApi for Steady {
         })
     }
 
-    async fn list_tasks(&self, _: &str, _: &str) -> Result<Vec<String>, ApiError> {
-        Ok((0..self.n).map(arn).collect())
+    async fn list_tasks(
+        &self,
+        _: &str,
+        _: &str,
+        _: Option<String>,
+    ) -> Result<(Vec<String>, Option<String>), ApiError> {
+        Ok(((0..self.n).map(arn).collect(), None))
     }
 
     async fn describe_tasks(&self, _: &str, arns: &[String]) -> Result<Vec<TaskFacts>, ApiError> {

@@ -41,33 +41,35 @@ impl fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
-/// The ECS API calls the drain makes. Each call an implementation makes counts against
-/// the account's rate limits, shared by every caller in the account and Region.
+/// The ECS API calls the drain makes, each method one call: every call counts against
+/// the account's rate limits, shared by every caller in the account and Region, and
+/// the drain paces them itself.
 pub trait ServiceApi: Send + Sync + 'static {
-    /// `DescribeServices` for one service: one call.
+    /// `DescribeServices` for one service.
     fn describe_service(
         &self,
         cluster: &str,
         service: &str,
     ) -> impl Future<Output = Result<ServiceFacts, ApiError>> + Send;
 
-    /// `ListTasks` of the service whose desired status is RUNNING: one call per 100
-    /// tasks.
+    /// One page of `ListTasks` of the service whose desired status is RUNNING (up to
+    /// 100 ARNs), from `next` (the previous page's token), and the next page's token.
     fn list_tasks(
         &self,
         cluster: &str,
         service: &str,
-    ) -> impl Future<Output = Result<Vec<String>, ApiError>> + Send;
+        next: Option<String>,
+    ) -> impl Future<Output = Result<(Vec<String>, Option<String>), ApiError>> + Send;
 
-    /// `DescribeTasks`: one call per 100 tasks.
+    /// `DescribeTasks` of up to 100 tasks.
     fn describe_tasks(
         &self,
         cluster: &str,
         arns: &[String],
     ) -> impl Future<Output = Result<Vec<TaskFacts>, ApiError>> + Send;
 
-    /// Of these container instances, the DRAINING ones (`DescribeContainerInstances`):
-    /// one call per 100 instances.
+    /// Of up to 100 container instances, the DRAINING ones
+    /// (`DescribeContainerInstances`).
     fn draining_instances(
         &self,
         cluster: &str,
@@ -75,7 +77,7 @@ pub trait ServiceApi: Send + Sync + 'static {
     ) -> impl Future<Output = Result<BTreeSet<String>, ApiError>> + Send;
 
     /// Where a service deployment stands (`DescribeServiceDeployments` of the ARN
-    /// `DescribeServices` gives as `currentServiceDeployment`): one call.
+    /// `DescribeServices` gives as `currentServiceDeployment`).
     fn service_deployment(
         &self,
         arn: &str,

@@ -13,9 +13,6 @@ use super::facts::{
     Controller, DeploymentFacts, Health, Rollout, ServiceFacts, ShiftFacts, Strategy, TaskFacts,
 };
 
-/// `DescribeTasks` and `DescribeContainerInstances` take at most this many a call.
-const BATCH: usize = 100;
-
 /// [`ServiceApi`] through aws-sdk-ecs.
 #[derive(Debug, Clone)]
 pub struct EcsService {
@@ -176,27 +173,28 @@ impl ServiceApi for EcsService {
         })
     }
 
-    async fn list_tasks(&self, cluster: &str, service: &str) -> Result<Vec<String>, ApiError> {
-        let mut arns = Vec::new();
-        let mut next: Option<String> = None;
-        loop {
-            counted();
-            let answer = self
-                .client
-                .list_tasks()
-                .cluster(cluster)
-                .service_name(service)
-                .desired_status(DesiredStatus::Running)
-                .set_next_token(next.take())
-                .send()
-                .await
-                .map_err(|e| classify("ListTasks", e))?;
-            arns.extend(answer.task_arns().iter().cloned());
-            match answer.next_token() {
-                Some(token) if !token.is_empty() => next = Some(token.to_owned()),
-                _ => return Ok(arns),
-            }
-        }
+    async fn list_tasks(
+        &self,
+        cluster: &str,
+        service: &str,
+        next: Option<String>,
+    ) -> Result<(Vec<String>, Option<String>), ApiError> {
+        counted();
+        let answer = self
+            .client
+            .list_tasks()
+            .cluster(cluster)
+            .service_name(service)
+            .desired_status(DesiredStatus::Running)
+            .set_next_token(next)
+            .send()
+            .await
+            .map_err(|e| classify("ListTasks", e))?;
+        let next = answer
+            .next_token()
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned);
+        Ok((answer.task_arns().to_vec(), next))
     }
 
     async fn describe_tasks(
@@ -204,36 +202,34 @@ impl ServiceApi for EcsService {
         cluster: &str,
         arns: &[String],
     ) -> Result<Vec<TaskFacts>, ApiError> {
+        counted();
+        let answer = self
+            .client
+            .describe_tasks()
+            .cluster(cluster)
+            .set_tasks(Some(arns.to_vec()))
+            .send()
+            .await
+            .map_err(|e| classify("DescribeTasks", e))?;
         let mut out = Vec::with_capacity(arns.len());
-        for chunk in arns.chunks(BATCH) {
-            counted();
-            let answer = self
-                .client
-                .describe_tasks()
-                .cluster(cluster)
-                .set_tasks(Some(chunk.to_vec()))
-                .send()
-                .await
-                .map_err(|e| classify("DescribeTasks", e))?;
-            for task in answer.tasks() {
-                let Some(arn) = task.task_arn() else {
-                    return Err(ApiError::Malformed(
-                        "DescribeTasks: a task without taskArn".to_owned(),
-                    ));
-                };
-                out.push(TaskFacts {
-                    arn: arn.to_owned(),
-                    group: task.group().map(str::to_owned),
-                    deployment: task.started_by().map(str::to_owned),
-                    task_definition: task.task_definition_arn().map(str::to_owned),
-                    running: task.last_status() == Some("RUNNING"),
-                    stopping: task.desired_status() == Some("STOPPED"),
-                    health: Health::parse(task.health_status().map(|h| h.as_str())),
-                    started_at: time(task.started_at()),
-                    zone: task.availability_zone().map(str::to_owned),
-                    instance: task.container_instance_arn().map(str::to_owned),
-                });
-            }
+        for task in answer.tasks() {
+            let Some(arn) = task.task_arn() else {
+                return Err(ApiError::Malformed(
+                    "DescribeTasks: a task without taskArn".to_owned(),
+                ));
+            };
+            out.push(TaskFacts {
+                arn: arn.to_owned(),
+                group: task.group().map(str::to_owned),
+                deployment: task.started_by().map(str::to_owned),
+                task_definition: task.task_definition_arn().map(str::to_owned),
+                running: task.last_status() == Some("RUNNING"),
+                stopping: task.desired_status() == Some("STOPPED"),
+                health: Health::parse(task.health_status().map(|h| h.as_str())),
+                started_at: time(task.started_at()),
+                zone: task.availability_zone().map(str::to_owned),
+                instance: task.container_instance_arn().map(str::to_owned),
+            });
         }
         Ok(out)
     }
@@ -243,26 +239,21 @@ impl ServiceApi for EcsService {
         cluster: &str,
         instances: &[String],
     ) -> Result<BTreeSet<String>, ApiError> {
-        let mut draining = BTreeSet::new();
-        for chunk in instances.chunks(BATCH) {
-            counted();
-            let answer = self
-                .client
-                .describe_container_instances()
-                .cluster(cluster)
-                .set_container_instances(Some(chunk.to_vec()))
-                .send()
-                .await
-                .map_err(|e| classify("DescribeContainerInstances", e))?;
-            draining.extend(
-                answer
-                    .container_instances()
-                    .iter()
-                    .filter(|i| i.status() == Some("DRAINING"))
-                    .filter_map(|i| i.container_instance_arn().map(str::to_owned)),
-            );
-        }
-        Ok(draining)
+        counted();
+        let answer = self
+            .client
+            .describe_container_instances()
+            .cluster(cluster)
+            .set_container_instances(Some(instances.to_vec()))
+            .send()
+            .await
+            .map_err(|e| classify("DescribeContainerInstances", e))?;
+        Ok(answer
+            .container_instances()
+            .iter()
+            .filter(|i| i.status() == Some("DRAINING"))
+            .filter_map(|i| i.container_instance_arn().map(str::to_owned))
+            .collect())
     }
 
     async fn service_deployment(&self, arn: &str) -> Result<ShiftFacts, ApiError> {

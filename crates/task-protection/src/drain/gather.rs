@@ -12,6 +12,23 @@ use super::api::{ApiError, ServiceApi};
 use super::facts::{Controller, Facts, ServiceFacts, Strategy};
 use super::record::{Record, Verdict, time};
 
+/// The calls of one listing come at most this often: a service of 5,000 tasks takes
+/// 100 calls to list, which at once would empty the account's bucket (100 tokens)
+/// and throttle every other caller.
+const LISTING_PACE: Duration = Duration::from_millis(250);
+/// `ListTasks` pages, `DescribeTasks` and `DescribeContainerInstances` calls hold this
+/// many.
+const PAGE: usize = 100;
+
+/// The calls one listing of `service` takes (ListTasks pages and DescribeTasks).
+#[must_use]
+pub(super) fn listing_calls(service: &ServiceFacts) -> u32 {
+    let size = (service.running + service.pending)
+        .max(service.desired)
+        .max(1);
+    2 * size.div_ceil(100)
+}
+
 /// Where and how to ask.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Ask<'a> {
@@ -19,7 +36,8 @@ pub(super) struct Ask<'a> {
     pub(super) service: &'a str,
     /// The bound on one call.
     pub(super) call_timeout: Duration,
-    /// A listing older than this is made again, even when nothing seems to move.
+    /// A listing older than this is made again, even when nothing seems to move (and
+    /// never more often than once per ten seconds per call it takes).
     pub(super) relist_after: Duration,
     /// The most tasks worth listing (each task deciding for itself lists the service:
     /// beyond this, the calls would grow with the square of the tasks).
@@ -85,42 +103,67 @@ pub(super) async fn gather<A: ServiceApi>(
         draining_instances: BTreeSet::new(),
         shift: None,
     };
+    let relist_after = ask
+        .relist_after
+        .max(Duration::from_secs(10) * listing_calls(&facts.service));
     if facts.service.controller != Controller::Ecs
-        || !needs_listing(&facts.service, prev, ask.relist_after, now)
+        || !needs_listing(&facts.service, prev, relist_after, now)
         || too_large(&facts.service, ask.list_limit)
     {
         return Ok(facts);
     }
-    let arns = bounded("ListTasks", limit, api.list_tasks(ask.cluster, ask.service)).await?;
-    let tasks = if arns.is_empty() {
-        Vec::new()
-    } else {
-        bounded(
-            "DescribeTasks",
+    let mut paced = Paced::default();
+    let mut arns = Vec::new();
+    let mut next = None;
+    loop {
+        paced.wait().await;
+        let (page, token) = bounded(
+            "ListTasks",
             limit,
-            api.describe_tasks(ask.cluster, &arns),
+            api.list_tasks(ask.cluster, ask.service, next.take()),
         )
-        .await?
-    };
+        .await?;
+        arns.extend(page);
+        match token {
+            Some(token) => next = Some(token),
+            None => break,
+        }
+    }
+    let mut tasks = Vec::with_capacity(arns.len());
+    for chunk in arns.chunks(PAGE) {
+        paced.wait().await;
+        tasks.extend(
+            bounded(
+                "DescribeTasks",
+                limit,
+                api.describe_tasks(ask.cluster, chunk),
+            )
+            .await?,
+        );
+    }
     let instances: Vec<String> = tasks
         .iter()
         .filter_map(|t| t.instance.clone())
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    if !instances.is_empty() {
+    for chunk in instances.chunks(PAGE) {
         // Which instances drain only orders the pick: without it, the pick goes by
         // zone and age, so a refusal is no reason to stop (throttling still is).
+        paced.wait().await;
         match bounded(
             "DescribeContainerInstances",
             limit,
-            api.draining_instances(ask.cluster, &instances),
+            api.draining_instances(ask.cluster, chunk),
         )
         .await
         {
-            Ok(draining) => facts.draining_instances = draining,
+            Ok(draining) => facts.draining_instances.extend(draining),
             Err(e @ ApiError::Throttled(_)) => return Err(e),
-            Err(e) => tracing::debug!("Draining container instances unknown: {e}"),
+            Err(e) => {
+                tracing::debug!("Draining container instances unknown: {e}");
+                break;
+            }
         }
     }
     facts.tasks = Some(tasks);
@@ -144,4 +187,19 @@ pub(super) async fn gather<A: ServiceApi>(
         }
     }
     Ok(facts)
+}
+
+/// Spaces the calls of one listing by [`LISTING_PACE`].
+#[derive(Debug, Default)]
+struct Paced {
+    last: Option<tokio::time::Instant>,
+}
+
+impl Paced {
+    async fn wait(&mut self) {
+        if let Some(last) = self.last {
+            tokio::time::sleep_until(last + LISTING_PACE).await;
+        }
+        self.last = Some(tokio::time::Instant::now());
+    }
 }

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::api::{ApiError, ServiceApi};
 use super::decide::{Rules, decide};
 use super::facts::ServiceFacts;
-use super::gather::{Ask, gather, too_large};
+use super::gather::{Ask, gather, listing_calls, too_large};
 use super::record::{Record, SCHEMA, millis, time};
 use super::store::{StoreError, VerdictStore};
 use super::{DrainSettings, LeaveReason, Membership};
@@ -229,9 +229,10 @@ impl<A: ServiceApi, S: VerdictStore> Watcher<A, S> {
         }
     }
 
-    /// How long a claim holds: long enough for a decision's calls, at their bound.
+    /// How long a claim holds: long enough for a decision's calls (a paced listing of
+    /// 5,000 tasks takes about 25 s).
     fn claim_ttl(&self) -> Duration {
-        (self.settings.check_interval() * 2).max(Duration::from_secs(60))
+        (self.settings.check_interval() * 2).max(Duration::from_secs(120))
     }
 
     /// When to look next.
@@ -249,8 +250,13 @@ impl<A: ServiceApi, S: VerdictStore> Watcher<A, S> {
     fn interval(&self, service: &ServiceFacts, busy: bool) -> Duration {
         let base = self.settings.check_interval();
         if self.store.shared() {
-            // One decision serves the whole service: decide sooner while it moves.
-            if busy { base / 3 } else { base }
+            // One decision serves the whole service: decide sooner while it moves, but
+            // list no more than about one call a second on average.
+            if busy {
+                (base / 3).max(Duration::from_secs(1) * listing_calls(service))
+            } else {
+                base
+            }
         } else {
             let size = (service.running + service.pending).max(service.desired);
             jittered(base * size.div_ceil(LOCAL_TASKS_PER_INTERVAL).max(1))
