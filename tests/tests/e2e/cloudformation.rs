@@ -21,10 +21,11 @@ use serde_norway::Value;
 
 use crate::copilot_rules::TLS13_POLICIES;
 use crate::deploy::{
-    DEREGISTRATION_DELAY_MAX, HEALTH_PORT, MAX_STOP_TIMEOUT_SECONDS, QUEUE_CONSUMER_PATH, Setting,
-    TARGET_HEALTH_INTERVAL_SECONDS, TARGET_UNHEALTHY_THRESHOLD, WEBSOCKET_PATH, WORKER_HEALTH_PORT,
-    allowed_actions, at, check_drain_notice, check_variables, default_number, function, get_status,
-    installed_path, local_websocket, settings, text, text_at, without_unread_health_port, yaml,
+    DEREGISTRATION_DELAY_MAX, HEALTH_PORT, MAX_RETENTION, MAX_STOP_TIMEOUT_SECONDS,
+    QUEUE_CONSUMER_PATH, Setting, TARGET_HEALTH_INTERVAL_SECONDS, TARGET_UNHEALTHY_THRESHOLD,
+    WEBSOCKET_PATH, WORKER_HEALTH_PORT, allowed_actions, at, check_drain_notice, check_variables,
+    default_number, function, get_status, installed_path, local_websocket, settings, text, text_at,
+    without_unread_health_port, yaml,
 };
 
 const TEMPLATE: &str = "cloudformation/task-protection.yml";
@@ -998,10 +999,12 @@ async fn the_stack_creates_in_motos_cloudformation() {
         dlq.get("QueueArn").map(String::as_str)
     );
     assert_eq!(redrive["maxReceiveCount"].as_u64(), Some(5));
-    assert_eq!(
-        dlq.get("MessageRetentionPeriod").map(String::as_str),
-        Some("1209600")
-    );
+    for q in [&queue, &dlq] {
+        assert_eq!(
+            q.get("MessageRetentionPeriod").map(String::as_str),
+            Some("1209600")
+        );
+    }
     assert_eq!(
         queue.get("SqsManagedSseEnabled").map(String::as_str),
         Some("true")
@@ -1444,6 +1447,14 @@ fn the_queues_and_log_groups_outlive_the_stack() {
                     text_at(r, attribute).as_deref(),
                     Some("Retain"),
                     "{TEMPLATE}: {id}.{attribute}"
+                );
+            }
+            // A kept queue still expires its messages: both keep them 14 days.
+            if text_at(r, "Type").as_deref() == Some("AWS::SQS::Queue") {
+                assert_eq!(
+                    number(at(r, "Properties.MessageRetentionPeriod")),
+                    Some(MAX_RETENTION.as_secs()),
+                    "{TEMPLATE}: {id}.MessageRetentionPeriod (SQS's default is 4 days)"
                 );
             }
             assert!(

@@ -40,6 +40,9 @@ const STOP_TIMEOUT_PATH: &str = "ContainerDefinitions[0].StopTimeout";
 /// The longest deregistration delay the deployments may set: ECS waits it in full
 /// before SIGTERM, for every task it stops.
 pub(super) const DEREGISTRATION_DELAY_MAX: Duration = Duration::from_secs(30);
+/// The longest SQS keeps a message (`MessageRetentionPeriod` 1209600): what a queue
+/// that outlives its stack should keep.
+pub(super) const MAX_RETENTION: Duration = Duration::from_secs(14 * 24 * 3600);
 /// Fargate's largest stop timeout, in seconds.
 pub(super) const MAX_STOP_TIMEOUT_SECONDS: u64 = 120;
 /// The ALB's idle timeout; the manifests keep the default.
@@ -114,7 +117,7 @@ pub(super) fn go_duration(raw: &str) -> Option<Duration> {
 }
 
 /// The `StopTimeout` that `taskdef_overrides` gives the main container, in seconds.
-fn stop_timeout(manifest: &Value) -> Option<u64> {
+pub(super) fn stop_timeout(manifest: &Value) -> Option<u64> {
     at(manifest, "taskdef_overrides")?
         .as_sequence()?
         .iter()
@@ -1108,6 +1111,16 @@ fn the_worker_service_waits_for_its_queue_policy_and_keeps_its_queues() {
             .iter()
             .any(|p| p.path.starts_with("/Resources/LogGroup/")),
         "{relative}: Copilot's log group has a fixed name; a kept one breaks the next deployment"
+    );
+    // A kept queue still drops its messages after the retention period (SQS's
+    // default: 4 days). The main queue keeps them as long as SQS can, 14 days, as
+    // Copilot's dead-letter queue already does (subscribe.yml): subscribe.queue.retention.
+    let manifest = yaml("copilot/queue-consumer/manifest.yml");
+    let retention = text_at(&manifest, "subscribe.queue.retention");
+    assert_eq!(
+        retention.as_deref().and_then(go_duration),
+        Some(MAX_RETENTION),
+        "copilot/queue-consumer/manifest.yml: subscribe.queue.retention is {retention:?}; set 336h (14 days)"
     );
 }
 
