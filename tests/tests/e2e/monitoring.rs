@@ -28,7 +28,10 @@ const DLQ_METRIC: &str = "ApproximateNumberOfMessagesVisible";
 const TEMPLATE: &str = "cloudformation/task-protection.yml";
 /// The stack name the template is read under, for `!Ref AWS::StackName`.
 const STACK: &str = "task-protection-staging";
-/// The Copilot environment the services are read in.
+/// The Copilot application and environment the services are read in
+/// (copilot/.workspace), and a second application beside it.
+const COPILOT_APP: &str = "task-protection";
+const OTHER_APP: &str = "another-app";
 const COPILOT_ENV: &str = "test";
 const STEP: Duration = Duration::from_secs(30);
 
@@ -181,9 +184,36 @@ fn metrics_variables(
 fn resolved(value: &Value, resolve: &BTreeMap<&str, String>) -> Option<String> {
     match function(value) {
         Some((tag, name)) if tag == "!Ref" => resolve.get(name.as_str()).cloned(),
+        Some((tag, raw)) if tag == "!Sub" => {
+            Some(substituted(&raw, resolve)).filter(|s| !s.contains("${"))
+        }
         Some(_) => None,
         None => text(value),
     }
+}
+
+/// A manifest value as Copilot interpolates it before anything else
+/// (manifest/interpolate.go): `${COPILOT_APPLICATION_NAME}` and
+/// `${COPILOT_ENVIRONMENT_NAME}` become the application's and the environment's
+/// names; any other `${X}` would be read from the deploying shell, which these
+/// files never rely on, so it is an error here.
+fn interpolated(value: &Value, app: &str, env: &str) -> Result<Value, String> {
+    let Some(raw) = value.as_str() else {
+        return Ok(value.clone());
+    };
+    let names: BTreeMap<&str, String> = [
+        ("COPILOT_APPLICATION_NAME", app.to_owned()),
+        ("COPILOT_ENVIRONMENT_NAME", env.to_owned()),
+    ]
+    .into_iter()
+    .collect();
+    let out = substituted(raw, &names);
+    if out.contains("${") {
+        return Err(format!(
+            "{raw:?} names a variable Copilot would take from the deploying shell"
+        ));
+    }
+    Ok(Value::String(out))
 }
 
 /// A text with `${X}` replaced from `resolve`; unknown names stay as they are.
@@ -539,18 +569,35 @@ async fn copilots_policy_alarms_and_dashboards_name_what_the_services_write() {
             ("WorkloadName", service.to_owned()),
             ("Env", COPILOT_ENV.to_owned()),
             ("EnvName", COPILOT_ENV.to_owned()),
-            ("App", "task-protection".to_owned()),
-            ("AppName", "task-protection".to_owned()),
+            ("App", COPILOT_APP.to_owned()),
+            ("AppName", COPILOT_APP.to_owned()),
             ("AWS::Region", "us-east-1".to_owned()),
         ]
         .into_iter()
         .collect();
-        let vars: BTreeMap<String, Value> = at(&manifest, "variables")
-            .and_then(Value::as_mapping)
-            .into_iter()
-            .flatten()
-            .filter_map(|(k, v)| Some((text(k)?, v.clone())))
-            .collect();
+        let vars_in = |app: &str| -> BTreeMap<String, Value> {
+            at(&manifest, "variables")
+                .and_then(Value::as_mapping)
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, v)| {
+                    let value = interpolated(v, app, COPILOT_ENV).unwrap_or_else(|e| {
+                        panic!("copilot/{service}/manifest.yml: {e}")
+                    });
+                    Some((text(k)?, value))
+                })
+                .collect()
+        };
+        let vars = vars_in(COPILOT_APP);
+        // Two Copilot applications in one account and Region, each with a `test`
+        // environment and this service, must not share a metric: the Environment
+        // dimension carries the application's name too.
+        let other = metrics_variables(&vars_in(OTHER_APP), &resolve);
+        if other == metrics_variables(&vars, &resolve) {
+            problems.push(format!(
+                "{service}: the applications {COPILOT_APP} and {OTHER_APP} would write the same metrics (set METRICS_ENVIRONMENT from ${{COPILOT_APPLICATION_NAME}} and ${{COPILOT_ENVIRONMENT_NAME}})"
+            ));
+        }
         let mut env = metrics_variables(&vars, &resolve);
         env.push(("COPILOT_SERVICE_NAME", service.to_owned()));
         env.push(("COPILOT_ENVIRONMENT_NAME", COPILOT_ENV.to_owned()));

@@ -330,7 +330,8 @@ pub(super) const QUEUE_FIELDS: Fields = &[
 ];
 pub(super) const DEAD_LETTER_FIELDS: Fields = &[("tries", Some(Shape::Whole))];
 /// `taskdef_overrides[]`: `OverrideRule` (workload.go).
-pub(super) const OVERRIDE_FIELDS: Fields = &[("path", Some(Shape::Text)), ("value", Some(Shape::Any))];
+pub(super) const OVERRIDE_FIELDS: Fields =
+    &[("path", Some(Shape::Text)), ("value", Some(Shape::Any))];
 /// Paths `taskdef_overrides` may not touch: `invalidTaskDefOverridePathRegexp`.
 pub(super) fn override_path_forbidden(path: &str) -> bool {
     path == "Family"
@@ -510,4 +511,3 @@ pub(super) fn manifest_problems(kind: Kind, config: &Value) -> Vec<String> {
     }
     problems
 }
-

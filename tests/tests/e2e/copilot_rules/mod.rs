@@ -411,8 +411,6 @@ fn copilot_refuses_a_range_without_a_scaling_metric() {
     );
 }
 
-
-
 #[test]
 fn addon_outputs_are_only_the_policies_for_the_task_role() {
     let mut problems = Vec::new();
@@ -431,7 +429,6 @@ fn addon_outputs_are_only_the_policies_for_the_task_role() {
     }
     report("addon outputs", &problems);
 }
-
 
 #[test]
 fn an_environment_with_certificates_needs_an_alias_on_the_web_service() {

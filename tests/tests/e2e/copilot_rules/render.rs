@@ -506,8 +506,12 @@ fn the_environment_patches_replace_only_runtimes_the_environment_has() {
     }
     report("the environments' patches", &problems);
     // The rule: CDN and access logs bring functions of their own.
-    let with_cdn: Value = serde_norway::from_str("cdn: true\nhttp:\n  public:\n    access_logs: true\n")
-        .expect("YAML");
-    let ids: Vec<&str> = environment_functions(&with_cdn).iter().map(|f| f.id).collect();
+    let with_cdn: Value =
+        serde_norway::from_str("cdn: true\nhttp:\n  public:\n    access_logs: true\n")
+            .expect("YAML");
+    let ids: Vec<&str> = environment_functions(&with_cdn)
+        .iter()
+        .map(|f| f.id)
+        .collect();
     assert_eq!(ids.len(), 6, "{ids:?}");
 }

@@ -141,7 +141,11 @@ fn patched_runtime(f: &Function, patches: &[Patch]) -> Result<String, String> {
 
 /// For one stack: each function must end on a runtime Lambda has not deprecated on
 /// `today`; the message says what each step of the retirement means for it.
-pub(super) fn runtime_problems(functions: &[Function], patches: &[Patch], today: Date) -> Vec<String> {
+pub(super) fn runtime_problems(
+    functions: &[Function],
+    patches: &[Patch],
+    today: Date,
+) -> Vec<String> {
     let mut problems = Vec::new();
     for f in functions {
         let id = match patched_runtime(f, patches) {
@@ -264,9 +268,15 @@ fn the_runtime_rule_reads_each_step_of_the_retirement() {
         "{deprecated_only:?}"
     );
     let blocked = runtime_problems(&functions, &[], (2027, 2, 1));
-    assert!(blocked[0].contains("a new stack cannot create it"), "{blocked:?}");
+    assert!(
+        blocked[0].contains("a new stack cannot create it"),
+        "{blocked:?}"
+    );
     let frozen = runtime_problems(&functions, &[], (2027, 3, 3));
-    assert!(frozen[0].contains("neither create nor update"), "{frozen:?}");
+    assert!(
+        frozen[0].contains("neither create nor update"),
+        "{frozen:?}"
+    );
 
     // nodejs22.x would need replacing again in 2027; nodejs24.x runs to 2028.
     assert_eq!(deprecated("nodejs22.x", (2026, 12, 2)), Ok(false));
