@@ -387,19 +387,20 @@ async fn the_template_matches_the_binaries() {
         "sqs:DeleteMessage",
         "sqs:ReceiveMessage",
     ];
-    for (hint, wants_queue) in [
-        ("QueueConsumerTaskRole", true),
-        ("WebsocketTaskRole", false),
+    for (hint, wants_queue, tag) in [
+        ("QueueConsumerTaskRole", true, "queue-consumer"),
+        ("WebsocketTaskRole", false, "websocket"),
     ] {
         let (_, role) = one(&res, "AWS::IAM::Role", hint);
         let mut actions: Vec<String> = Vec::new();
         let policies = role_statements(role);
         let service = hint.trim_end_matches("TaskRole");
-        let wanted: Value = serde_norway::from_str(&drain_statements(service)).expect("valid YAML");
+        let wanted: Value =
+            serde_norway::from_str(&drain_statements(service, tag)).expect("valid YAML");
         match policies.get("drain") {
             Some(statements) if Value::Sequence(statements.clone()) == wanted => {}
             other => problems.push(format!(
-                "{hint}: the drain policy must be exactly DescribeServices on {service}Service and ListTasks/DescribeTasks on this cluster, is {other:?}"
+                "{hint}: the drain policy must be exactly DescribeServices on {service}Service, ListTasks on this cluster and DescribeTasks on the tasks tagged ecs-service: {tag}, is {other:?}"
             )),
         }
         for (name, statement) in policies
@@ -495,17 +496,22 @@ async fn the_template_matches_the_binaries() {
 /// `QueueConsumer`): DescribeServices on the service, whose name CloudFormation
 /// generates as <stack>-<logical id>-<suffix> (its ARN cannot be referenced: the
 /// service depends on the role), and the cluster's tasks.
-fn drain_statements(service: &str) -> String {
+fn drain_statements(service: &str, tag: &str) -> String {
     format!(
         r"
 - Effect: Allow
   Action: ecs:DescribeServices
   Resource: !Sub 'arn:${{AWS::Partition}}:ecs:${{AWS::Region}}:${{AWS::AccountId}}:service/${{Cluster}}/${{AWS::StackName}}-{service}Service-*'
 - Effect: Allow
-  Action: [ecs:ListTasks, ecs:DescribeTasks]
+  Action: ecs:ListTasks
   Resource: '*'
   Condition:
     ArnEquals: {{'ecs:cluster': !GetAtt Cluster.Arn}}
+- Effect: Allow
+  Action: ecs:DescribeTasks
+  Resource: !Sub 'arn:${{AWS::Partition}}:ecs:${{AWS::Region}}:${{AWS::AccountId}}:task/${{Cluster}}/*'
+  Condition:
+    StringEquals: {{'aws:ResourceTag/ecs-service': {tag}}}
 "
     )
 }
@@ -1265,7 +1271,7 @@ async fn the_stack_creates_in_motos_cloudformation() {
             .as_array()
             .cloned()
             .unwrap_or_default();
-        assert_eq!(statements.len(), 2, "{role}: {document}");
+        assert_eq!(statements.len(), 3, "{role}: {document}");
         let pattern = statements[0]["Resource"].as_str().unwrap_or_default();
         assert_eq!(statements[0]["Action"], "ecs:DescribeServices", "{role}");
         assert!(
@@ -1277,6 +1283,12 @@ async fn the_stack_creates_in_motos_cloudformation() {
         assert_eq!(
             statements[1]["Condition"]["ArnEquals"]["ecs:cluster"].as_str(),
             Some(cluster_arn.as_str()),
+            "{role}: {document}"
+        );
+        let tag = ["queue-consumer", "websocket"][i];
+        assert_eq!(
+            statements[2]["Condition"]["StringEquals"]["aws:ResourceTag/ecs-service"].as_str(),
+            Some(tag),
             "{role}: {document}"
         );
     }
