@@ -23,9 +23,9 @@ use crate::copilot_rules::TLS13_POLICIES;
 use crate::deploy::{
     DEREGISTRATION_DELAY_MAX, HEALTH_PORT, MAX_RETENTION, MAX_STOP_TIMEOUT_SECONDS,
     QUEUE_CONSUMER_PATH, Setting, TARGET_HEALTH_INTERVAL_SECONDS, TARGET_UNHEALTHY_THRESHOLD,
-    WEBSOCKET_PATH, WORKER_HEALTH_PORT, allowed_actions, at, check_drain_notice, check_variables,
-    default_number, function, get_status, installed_path, local_websocket, settings, text, text_at,
-    without_unread_health_port, yaml,
+    WEBSOCKET_PATH, WORKER_HEALTH_PORT, allowed_actions, at, check_drain_notice,
+    check_goodbye_within_delay, check_variables, default_number, function, get_status,
+    installed_path, local_websocket, settings, text, text_at, without_unread_health_port, yaml,
 };
 
 const TEMPLATE: &str = "cloudformation/task-protection.yml";
@@ -327,7 +327,9 @@ async fn the_template_matches_the_binaries() {
     )
     .and_then(|d| d.parse::<u64>().ok());
     match delay {
-        Some(d) if d > 0 && Duration::from_secs(d) <= DEREGISTRATION_DELAY_MAX => {}
+        Some(d) if d > 0 && Duration::from_secs(d) <= DEREGISTRATION_DELAY_MAX => {
+            check_goodbye_within_delay(Duration::from_secs(d), &web, &mut problems);
+        }
         _ => problems.push(format!(
             "deregistration_delay.timeout_seconds is {delay:?}; set it, at most {DEREGISTRATION_DELAY_MAX:?}"
         )),

@@ -307,6 +307,40 @@ pub(super) fn check_drain_notice(read: &BTreeMap<String, Setting>, problems: &mu
     }
 }
 
+/// What the goodbye needs beside its notice and its pace: time for the task to see
+/// that ECS is stopping it, and for the last clients' close handshakes.
+pub(super) const GOODBYE_MARGIN: Duration = Duration::from_secs(5);
+
+/// The goodbye of a task ECS stops finishes before the deregistration delay can end.
+/// ECS deregisters the target first, and the websocket starts its goodbye then:
+/// DRAIN_NOTICE_SECONDS for the load balancer to stop sending new clients, then
+/// MAX_CONNECTIONS clients told to leave at GOODBYE_RATE a second. What the ALB does
+/// with a connection still open when the delay ends is not something to rely on
+/// (docs/deploy.md, "The goodbye and the load balancer"), and SIGTERM follows the
+/// delay: so the delay is at least the whole goodbye plus `GOODBYE_MARGIN`.
+pub(super) fn check_goodbye_within_delay(
+    delay: Duration,
+    read: &BTreeMap<String, Setting>,
+    problems: &mut Vec<String>,
+) {
+    let (Some(notice), Some(cap), Some(rate)) = (
+        default_number(read, "DRAIN_NOTICE_SECONDS"),
+        default_number(read, "MAX_CONNECTIONS"),
+        default_number(read, "GOODBYE_RATE").filter(|r| *r > 0),
+    ) else {
+        problems.push(
+            "the websocket reads no DRAIN_NOTICE_SECONDS, MAX_CONNECTIONS or GOODBYE_RATE: the goodbye cannot be checked against the deregistration delay".to_owned(),
+        );
+        return;
+    };
+    let goodbye = Duration::from_secs(notice + cap.div_ceil(rate));
+    if delay < goodbye + GOODBYE_MARGIN {
+        problems.push(format!(
+            "the deregistration delay ({delay:?}) ends before the goodbye can: DRAIN_NOTICE_SECONDS {notice} s + MAX_CONNECTIONS {cap} / GOODBYE_RATE {rate} a second = {goodbye:?}, plus {GOODBYE_MARGIN:?}"
+        ));
+    }
+}
+
 /// A default from `--help` as whole seconds or milliseconds.
 pub(super) fn default_number(read: &BTreeMap<String, Setting>, name: &str) -> Option<u64> {
     read.get(name)?.default.as_deref()?.parse().ok()
@@ -566,7 +600,9 @@ async fn the_web_manifest_matches_the_websocket_server() {
     // task pays it: set it, well below Copilot's default of 60 s.
     let delay = text_at(&manifest, "http.deregistration_delay");
     match delay.as_deref().and_then(go_duration) {
-        Some(d) if d > Duration::ZERO && d <= DEREGISTRATION_DELAY_MAX => {}
+        Some(d) if d > Duration::ZERO && d <= DEREGISTRATION_DELAY_MAX => {
+            check_goodbye_within_delay(d, &read, &mut problems);
+        }
         _ => problems.push(format!(
             "http.deregistration_delay is {delay:?}; set it, at most {DEREGISTRATION_DELAY_MAX:?}"
         )),
