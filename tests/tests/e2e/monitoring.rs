@@ -581,9 +581,8 @@ async fn copilots_policy_alarms_and_dashboards_name_what_the_services_write() {
                 .into_iter()
                 .flatten()
                 .filter_map(|(k, v)| {
-                    let value = interpolated(v, app, COPILOT_ENV).unwrap_or_else(|e| {
-                        panic!("copilot/{service}/manifest.yml: {e}")
-                    });
+                    let value = interpolated(v, app, COPILOT_ENV)
+                        .unwrap_or_else(|e| panic!("copilot/{service}/manifest.yml: {e}"));
                     Some((text(k)?, value))
                 })
                 .collect()
