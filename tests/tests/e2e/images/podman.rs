@@ -160,7 +160,10 @@ pub(super) async fn build(package: &str, dockerfile: &str) -> String {
         )
     });
     let derived = runtime_stage_dockerfile(dockerfile, package);
+    // The base's id too: a rebuilt stand-in makes a new image.
+    let (_, base, _) = run(&["image", "inspect", "--format", "{{.Id}}", RUNTIME_BASE]).await;
     let mut hasher = DefaultHasher::new();
+    base.hash(&mut hasher);
     derived.hash(&mut hasher);
     meta.len().hash(&mut hasher);
     meta.modified().ok().hash(&mut hasher);
