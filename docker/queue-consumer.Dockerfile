@@ -6,15 +6,16 @@
 #   docker buildx build --platform linux/amd64,linux/arm64 -f docker/queue-consumer.Dockerfile .
 
 # --- build ---------------------------------------------------------------------
-# The toolchain named by rust-version in Cargo.toml, on Debian 12, which is also what
-# the runtime image is built from, so the binary links against the same glibc.
+# The toolchain named by rust-version in Cargo.toml, on Debian 13 (trixie), which is
+# also what the runtime image is built from, so the binary links against the glibc it
+# runs on.
 # Docker's official rust image, pulled through its ECR Public mirror: CI, CodeBuild
 # and Copilot's local builds pull it without Docker Hub's anonymous rate limit.
 # The build stages run on the builder's own platform ($BUILDPLATFORM) whatever the
 # image's platform: an arm64 image built on an x86_64 machine (or the reverse) is
 # cross-compiled at native speed with Debian's cross linker (docker/cross.sh),
 # instead of running the whole compiler under QEMU emulation.
-FROM --platform=$BUILDPLATFORM public.ecr.aws/docker/library/rust:1.95-slim-bookworm AS chef
+FROM --platform=$BUILDPLATFORM public.ecr.aws/docker/library/rust:1.95-slim-trixie AS chef
 # cargo-chef (crates.io) turns the workspace's manifests and lock file into a
 # recipe, so the dependencies can be compiled before the project's sources exist.
 RUN cargo install cargo-chef --locked --version 0.1.78
@@ -57,10 +58,11 @@ RUN cargo build --release --locked --target "$(cross.sh target)" -p queue-consum
     && install -D -m 0755 "target/$(cross.sh target)/release/queue-consumer" /out/queue-consumer
 
 # --- run -----------------------------------------------------------------------
-# Google's distroless image (gcr.io sets no pull rate limit, and ECR Public has no
-# official copy of it): glibc, libgcc and CA certificates (for TLS to SQS), no
+# Google's distroless image for Debian 13 (gcr.io sets no pull rate limit, and ECR
+# Public has no official copy of it; distroless stops patching its Debian 12 images
+# in September 2026): glibc, libgcc and CA certificates (for TLS to SQS), no
 # shell, no package manager; runs as uid 65532.
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM gcr.io/distroless/cc-debian13:nonroot
 COPY --from=build /out/queue-consumer /usr/local/bin/queue-consumer
 USER 65532:65532
 # No HEALTHCHECK: the worker's health endpoint is off unless HEALTH_PORT is set. In

@@ -22,14 +22,14 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 const STEP: Duration = Duration::from_secs(20);
 
 /// chromedriver on a loopback port, with a fresh browser profile; both go away on drop.
-struct Driver {
+pub(super) struct Driver {
     child: tokio::process::Child,
     port: u16,
     profile: PathBuf,
 }
 
 impl Driver {
-    async fn start() -> Self {
+    pub(super) async fn start() -> Self {
         for tool in [CHROMEDRIVER, CHROMIUM] {
             assert!(
                 Path::new(tool).exists(),
@@ -61,7 +61,7 @@ impl Driver {
         }
     }
 
-    async fn browser(&self) -> Client {
+    pub(super) async fn browser(&self) -> Client {
         self.browser_with(&[]).await
     }
 
@@ -160,7 +160,7 @@ impl Drop for TlsFront {
     }
 }
 
-async fn text_of(browser: &Client, id: &str) -> String {
+pub(super) async fn text_of(browser: &Client, id: &str) -> String {
     match browser.find(Locator::Id(id)).await {
         Ok(element) => element.text().await.unwrap_or_default(),
         Err(_) => String::new(),
@@ -168,7 +168,7 @@ async fn text_of(browser: &Client, id: &str) -> String {
 }
 
 /// Waits until the page's log has `n` lines containing `needle`.
-async fn wait_for_log(browser: &Client, needle: &str, n: usize) {
+pub(super) async fn wait_for_log(browser: &Client, needle: &str, n: usize) {
     wait_for(
         &format!("{n} page log line(s) with {needle:?}"),
         STEP,

@@ -23,156 +23,21 @@ use serde_norway::Value;
 use crate::copilot_rules::patches;
 use crate::deploy::{at, function, text, text_at, yaml};
 
+mod written;
+
+use written::{Identity, Written, metrics_variables, written};
+
 const SQS_NAMESPACE: &str = "AWS/SQS";
 const DLQ_METRIC: &str = "ApproximateNumberOfMessagesVisible";
 const TEMPLATE: &str = "cloudformation/task-protection.yml";
 /// The stack name the template is read under, for `!Ref AWS::StackName`.
 const STACK: &str = "task-protection-staging";
-/// The Copilot environment the services are read in.
+/// The Copilot application and environment the services are read in
+/// (copilot/.workspace), and a second application beside it.
+const COPILOT_APP: &str = "task-protection";
+const OTHER_APP: &str = "another-app";
 const COPILOT_ENV: &str = "test";
 const STEP: Duration = Duration::from_secs(30);
-
-// --- what the binaries write ----------------------------------------------------------
-
-/// A metric as CloudWatch knows it: namespace, name, and each dimension's value.
-type Identity = (String, String, BTreeMap<String, String>);
-
-/// What one EMF line of a binary says.
-#[derive(Debug, Clone)]
-struct Written {
-    namespace: String,
-    /// The dimension set, in the order the line declares it.
-    keys: Vec<String>,
-    values: BTreeMap<String, String>,
-    metrics: BTreeSet<String>,
-}
-
-impl Written {
-    fn parse(line: &str) -> Self {
-        let doc: serde_json::Value =
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-        let directive = &doc["_aws"]["CloudWatchMetrics"][0];
-        let sets = directive["Dimensions"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        assert_eq!(sets.len(), 1, "one dimension set per line: {line}");
-        let keys: Vec<String> = sets[0]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|k| k.as_str().map(str::to_owned))
-            .collect();
-        let values = keys
-            .iter()
-            .map(|k| (k.clone(), doc[k].as_str().unwrap_or_default().to_owned()))
-            .collect();
-        let metrics = directive["Metrics"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|m| m["Name"].as_str().map(str::to_owned))
-            .collect();
-        Self {
-            namespace: directive["Namespace"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-            keys,
-            values,
-            metrics,
-        }
-    }
-
-    fn identities(&self) -> BTreeSet<Identity> {
-        self.metrics
-            .iter()
-            .map(|m| (self.namespace.clone(), m.clone(), self.values.clone()))
-            .collect()
-    }
-}
-
-/// Runs `binary` with metrics every second and `env`, gives it work (a client, or
-/// a job) so that its histograms have samples too, and reads its EMF lines until one
-/// carries the protection's acquire latency: every metric it wrote, with the
-/// dimensions of its last line.
-async fn written(binary: &str, env: &[(&str, String)], moto: &Moto) -> Written {
-    let port = free_port();
-    let mut all: Vec<(&str, String)> = vec![
-        ("TASK_PROTECTION_BACKEND", "local".to_owned()),
-        ("METRICS", "emf".to_owned()),
-        ("METRICS_INTERVAL_SECONDS", "1".to_owned()),
-        ("RUST_LOG", "info".to_owned()),
-    ];
-    let mut queue = None;
-    if binary == "websocket" {
-        all.push(("PORT", port.to_string()));
-        all.push(("BIND_ADDRESS", "127.0.0.1".to_owned()));
-    } else {
-        all.extend(aws_env(&moto.endpoint()));
-        let url = moto.create_queue(&format!("jobs-{port}"), 30).await;
-        all.push(("COPILOT_QUEUE_URI", url.clone()));
-        queue = Some(url);
-    }
-    all.extend(env.iter().cloned());
-    let service = Service::spawn(binary, &[], &all);
-    let _client = match &queue {
-        None => {
-            let socket = wait_for("the server to take a client", STEP, || async {
-                tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/"))
-                    .await
-                    .ok()
-            })
-            .await;
-            Some(socket)
-        }
-        Some(url) => {
-            service
-                .wait_for_line("Long polling for messages", STEP)
-                .await;
-            send(&moto.client(), url, "10").await;
-            service.wait_for_line(" - Done", STEP).await;
-            None
-        }
-    };
-    service
-        .wait_for_line("ProtectionAcquireLatency", STEP)
-        .await;
-    let lines: Vec<Written> = service
-        .lines()
-        .iter()
-        .filter(|l| l.contains("\"_aws\""))
-        .map(|l| Written::parse(l.trim()))
-        .collect();
-    drop(service);
-    let mut last = lines.last().cloned().expect("an EMF line");
-    for line in &lines {
-        assert_eq!(
-            (&line.namespace, &line.keys, &line.values),
-            (&last.namespace, &last.keys, &last.values),
-            "every line of {binary} names the same metric identity"
-        );
-        last.metrics.extend(line.metrics.iter().cloned());
-    }
-    last
-}
-
-/// The metrics variables a deployment gives a service (the rest need an agent or
-/// a load balancer), with `resolve` applied to `!Ref` values.
-fn metrics_variables(
-    vars: &BTreeMap<String, Value>,
-    resolve: &BTreeMap<&str, String>,
-) -> Vec<(&'static str, String)> {
-    const NAMES: [&str; 3] = [
-        "METRICS_NAMESPACE",
-        "METRICS_SERVICE",
-        "METRICS_ENVIRONMENT",
-    ];
-    NAMES
-        .iter()
-        .filter_map(|n| Some((*n, resolved(vars.get(*n)?, resolve)?)))
-        .collect()
-}
 
 // --- what the deployments name ----------------------------------------------------------
 
@@ -181,9 +46,36 @@ fn metrics_variables(
 fn resolved(value: &Value, resolve: &BTreeMap<&str, String>) -> Option<String> {
     match function(value) {
         Some((tag, name)) if tag == "!Ref" => resolve.get(name.as_str()).cloned(),
+        Some((tag, raw)) if tag == "!Sub" => {
+            Some(substituted(&raw, resolve)).filter(|s| !s.contains("${"))
+        }
         Some(_) => None,
         None => text(value),
     }
+}
+
+/// A manifest value as Copilot interpolates it before anything else
+/// (manifest/interpolate.go): `${COPILOT_APPLICATION_NAME}` and
+/// `${COPILOT_ENVIRONMENT_NAME}` become the application's and the environment's
+/// names; any other `${X}` would be read from the deploying shell, which these
+/// files never rely on, so it is an error here.
+fn interpolated(value: &Value, app: &str, env: &str) -> Result<Value, String> {
+    let Some(raw) = value.as_str() else {
+        return Ok(value.clone());
+    };
+    let names: BTreeMap<&str, String> = [
+        ("COPILOT_APPLICATION_NAME", app.to_owned()),
+        ("COPILOT_ENVIRONMENT_NAME", env.to_owned()),
+    ]
+    .into_iter()
+    .collect();
+    let out = substituted(raw, &names);
+    if out.contains("${") {
+        return Err(format!(
+            "{raw:?} names a variable Copilot would take from the deploying shell"
+        ));
+    }
+    Ok(Value::String(out))
 }
 
 /// A text with `${X}` replaced from `resolve`; unknown names stay as they are.
@@ -539,18 +431,34 @@ async fn copilots_policy_alarms_and_dashboards_name_what_the_services_write() {
             ("WorkloadName", service.to_owned()),
             ("Env", COPILOT_ENV.to_owned()),
             ("EnvName", COPILOT_ENV.to_owned()),
-            ("App", "task-protection".to_owned()),
-            ("AppName", "task-protection".to_owned()),
+            ("App", COPILOT_APP.to_owned()),
+            ("AppName", COPILOT_APP.to_owned()),
             ("AWS::Region", "us-east-1".to_owned()),
         ]
         .into_iter()
         .collect();
-        let vars: BTreeMap<String, Value> = at(&manifest, "variables")
-            .and_then(Value::as_mapping)
-            .into_iter()
-            .flatten()
-            .filter_map(|(k, v)| Some((text(k)?, v.clone())))
-            .collect();
+        let vars_in = |app: &str| -> BTreeMap<String, Value> {
+            at(&manifest, "variables")
+                .and_then(Value::as_mapping)
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, v)| {
+                    let value = interpolated(v, app, COPILOT_ENV)
+                        .unwrap_or_else(|e| panic!("copilot/{service}/manifest.yml: {e}"));
+                    Some((text(k)?, value))
+                })
+                .collect()
+        };
+        let vars = vars_in(COPILOT_APP);
+        // Two Copilot applications in one account and Region, each with a `test`
+        // environment and this service, must not share a metric: the Environment
+        // dimension carries the application's name too.
+        let other = metrics_variables(&vars_in(OTHER_APP), &resolve);
+        if other == metrics_variables(&vars, &resolve) {
+            problems.push(format!(
+                "{service}: the applications {COPILOT_APP} and {OTHER_APP} would write the same metrics (set METRICS_ENVIRONMENT from ${{COPILOT_APPLICATION_NAME}} and ${{COPILOT_ENVIRONMENT_NAME}})"
+            ));
+        }
         let mut env = metrics_variables(&vars, &resolve);
         env.push(("COPILOT_SERVICE_NAME", service.to_owned()));
         env.push(("COPILOT_ENVIRONMENT_NAME", COPILOT_ENV.to_owned()));

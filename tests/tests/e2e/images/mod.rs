@@ -1,11 +1,15 @@
-//! The Dockerfiles under `docker/`, read statically.
+//! The Dockerfiles under `docker/`: read here, built and run in `run.rs`.
 //!
-//! Docker cannot build or run images here, so what the first real build depends on
-//! is checked from the files: where the base images come from, that the
-//! dependencies compile in a layer of their own, and that an arm64 image is
-//! cross-compiled on the builder's own platform instead of under emulation. The
-//! script that maps a platform to a Rust target, `docker/cross.sh`, runs here for
-//! every platform.
+//! Read from the files: where the base images come from and that both stages are
+//! Debian 13, that the dependencies compile in a layer of their own, and that an
+//! arm64 image is cross-compiled on the builder's own platform instead of under
+//! emulation. The script that maps a platform to a Rust target, `docker/cross.sh`,
+//! runs here for every platform. The images themselves are built with podman and
+//! checked from outside in `run.rs`, and broken on purpose in `breaks.rs`.
+
+mod breaks;
+mod podman;
+mod run;
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -428,4 +432,43 @@ fn release_binaries_carry_no_symbols() {
         .map(|(_, v)| v.trim())
         .collect();
     assert_eq!(strip, ["true"], "[profile.release] strip must be true");
+}
+
+/// The builder and the runtime image are the same Debian release, the one the
+/// distroless project still patches: Debian 13. A binary linked against a newer
+/// glibc than the runtime's would not start; an older runtime gets no fixes
+/// (distroless ends its Debian 12 images in September 2026). The stand-in the image
+/// tests build is tagged with the very name the Dockerfiles use.
+#[test]
+fn both_stages_are_debian_13_and_the_stand_in_has_the_runtime_name() {
+    let mut problems = Vec::new();
+    for (relative, _) in IMAGES {
+        let file = dockerfile(relative);
+        let (Some(first), Some(last)) = (file.stages.first(), file.stages.last()) else {
+            problems.push(format!("{relative}: no stages"));
+            continue;
+        };
+        if !first.image.ends_with("-slim-trixie") {
+            problems.push(format!(
+                "{relative}: the builder is {}, not a Debian 13 (trixie) rust image",
+                first.image
+            ));
+        }
+        if last.image != podman::RUNTIME_BASE {
+            problems.push(format!(
+                "{relative}: the runtime is {}, not {}",
+                last.image,
+                podman::RUNTIME_BASE
+            ));
+        }
+    }
+    let script = std::fs::read_to_string(workspace_root().join("docker/stand-in-bases.sh"))
+        .expect("docker/stand-in-bases.sh");
+    if !script.contains(&format!("RUNTIME_TAG={}", podman::RUNTIME_BASE)) {
+        problems.push(format!(
+            "docker/stand-in-bases.sh does not tag its runtime base {}",
+            podman::RUNTIME_BASE
+        ));
+    }
+    report("Debian 13", &problems);
 }
