@@ -298,14 +298,16 @@ async fn tasks_that_start_together_do_not_ask_together() {
     let _drains: Vec<Drain> = (0..20)
         .map(|i| Drain::watch(api.clone(), me(&format!("t{i:03}")), settings()))
         .collect();
-    // In any one second, only a few of the twenty ask.
+    // In any one second, only a few of the twenty ask: about 0.7 a second on average,
+    // and 9 or more in one of 240 seconds by chance about once in 100,000 runs; all
+    // twenty at once is what this guards against.
     let mut most = 0;
     for _ in 0..240 {
         let before = api.calls("DescribeServices");
         pass(Duration::from_secs(1)).await;
         most = most.max(api.calls("DescribeServices") - before);
     }
-    assert!(most <= 5, "{most} of 20 tasks asked in the same second");
+    assert!(most <= 8, "{most} of 20 tasks asked in the same second");
 }
 
 #[tokio::test(start_paused = true)]
