@@ -349,3 +349,24 @@ fn without_any_check_a_task_is_healthy_40_seconds_after_it_runs() {
     w.run_until(secs(15), |m| m.primary().completed());
     assert_eq!(w.m.tasks[0].health_status(), Health::Unknown);
 }
+
+#[test]
+fn a_rollback_to_a_deployment_whose_tasks_all_stopped_starts_them_again() {
+    let mut w = World::steady(fast(2));
+    let old = w.m.primary.clone();
+    let old_tasks = w.wanted();
+    let bad = w.m.deploy(Revision {
+        target_port_wrong: true,
+        ..Revision::default()
+    });
+    // The old tasks fail their checks (a leaving task answering 503) and are stopped.
+    w.refusing.extend(old_tasks.iter().cloned());
+    w.run_until(secs(60), |m| {
+        m.deployment(&bad).unwrap().rollout == Rollout::Failed
+    });
+    w.refusing.clear();
+    assert_eq!(w.m.primary, old);
+    w.run_until(secs(60), |m| m.primary().completed());
+    assert!(old_tasks.iter().all(|id| !w.m.task(id).unwrap().alive()));
+    assert_eq!(w.m.running(Some(&old)), 2);
+}

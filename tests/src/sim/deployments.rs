@@ -118,6 +118,9 @@ pub(super) fn fail(m: &mut Model, id: &str, why: &str) {
     let to = match m.settings.unknowns.rollback {
         RollbackMode::KeepOldTasks => {
             if let Some(d) = m.deployment_mut(&target) {
+                // Listed again, even if it no longer had a task: it starts what it
+                // lacks.
+                d.inactive = false;
                 d.rollout = Rollout::InProgress;
                 d.progress = Progress::InProgress;
                 d.reason.clone_from(&reason);

@@ -283,10 +283,22 @@ impl Simulator {
         }
     }
 
-    /// One line per deployment and task, for failure messages.
+    /// One line per deployment and task, for failure messages. A caller that holds
+    /// the model's lock passes it to [`Simulator::describe_with`] instead.
     #[must_use]
     pub fn describe(&self) -> String {
-        let m = self.model();
+        match self.model.0.try_lock() {
+            Ok(m) => Self::describe_with(&m),
+            Err(std::sync::TryLockError::Poisoned(m)) => Self::describe_with(&m.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                "(the model is locked: describe it with describe_with)".to_owned()
+            }
+        }
+    }
+
+    /// [`Simulator::describe`] of a model already locked.
+    #[must_use]
+    pub fn describe_with(m: &Model) -> String {
         let mut out = format!(
             "t={:.1}s desired {}, sigkills {}, crashes {}, blocked {}",
             m.now.as_secs_f64(),

@@ -270,6 +270,15 @@ fn replace(m: &mut Model, fx: &mut Vec<Effect>) {
             let ready = m.task(by).is_some_and(|b| m.is_healthy(b));
             if ready && !holds {
                 lifecycle::stop_task(m, &id, r.reason.clone(), fx);
+            } else if ready && r.reason == StopReason::Rebalancing {
+                // Protection blocks rebalancing: it stops, and the task it started is
+                // the service's surplus.
+                if let Some(t) = m.task_mut(&id) {
+                    t.replacing = None;
+                }
+                m.event(format!(
+                    "(service {SERVICE}) AZ Rebalancing stopped: tasks under protection"
+                ));
             }
             continue;
         }

@@ -268,7 +268,9 @@ pub enum UnhealthySurplus {
 pub enum RebalancingWithProtection {
     /// No task is started unless one in an over-served zone can be stopped.
     ChecksFirst,
-    /// The task is started; the stop waits for an unprotected task.
+    /// The task is started; when the task to stop is protected once it is healthy,
+    /// rebalancing stops, the started task is surplus for scale-in to stop, and
+    /// rebalancing tries again: a loop for as long as the protection lasts.
     StartsAnyway,
 }
 

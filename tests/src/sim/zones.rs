@@ -103,22 +103,6 @@ pub(super) fn scale_in_order(m: &Model, candidates: &[&Task], n: usize) -> Vec<S
     out
 }
 
-/// The balanced count of each zone for `desired` tasks: an equal share, the remainder
-/// one each to the last zones (as the rebalancing documentation's examples place it).
-fn balanced(m: &Model, desired: u32) -> BTreeMap<String, u32> {
-    let zones = &m.settings.zones;
-    let n = u32::try_from(zones.len()).unwrap_or(1).max(1);
-    let (share, rest) = (desired / n, desired % n);
-    zones
-        .iter()
-        .enumerate()
-        .map(|(i, z)| {
-            let extra = u32::from(u32::try_from(i).unwrap_or(0) >= n - rest);
-            (z.clone(), share + extra)
-        })
-        .collect()
-}
-
 /// Availability Zone rebalancing, for a service that allows it (REPLICA,
 /// maximumPercent above 100) once it is steady: a task starts in the zone with the
 /// fewest tasks, and once it is RUNNING and healthy one stops in the zone with the
@@ -145,21 +129,23 @@ pub(super) fn rebalance(m: &mut Model, fx: &mut Vec<Effect>) {
     if !steady {
         return;
     }
+    // Balanced: no zone has more than one task over another (the remainder of an
+    // uneven count may sit in any zone).
     let counts = per_zone(m);
-    let want = balanced(m, m.desired);
     let over = counts
         .iter()
-        .filter(|(z, c)| **c > want.get(*z).copied().unwrap_or(0))
         .max_by_key(|(_, c)| **c)
-        .map(|(z, _)| z.clone());
+        .map(|(z, c)| (z.clone(), *c));
     let under = counts
         .iter()
-        .filter(|(z, c)| **c < want.get(*z).copied().unwrap_or(0))
         .min_by_key(|(_, c)| **c)
-        .map(|(z, _)| z.clone());
-    let (Some(over), Some(under)) = (over, under) else {
+        .map(|(z, c)| (z.clone(), *c));
+    let (Some((over, most)), Some((under, fewest))) = (over, under) else {
         return;
     };
+    if most <= fewest + 1 {
+        return;
+    }
     let victim = m
         .wanted()
         .filter(|t| t.zone == over && t.running() && !t.protected(now))
@@ -290,15 +276,5 @@ mod tests {
         assert_eq!(order[2], a2);
         assert_eq!(order[3], b2);
         assert_eq!(order[4], a3);
-    }
-
-    #[test]
-    fn the_balanced_spread_puts_the_remainder_in_the_last_zones() {
-        let m = model(&["a", "b", "c"]);
-        let b = balanced(&m, 5);
-        assert_eq!((b["a"], b["b"], b["c"]), (1, 2, 2));
-        let m = model(&["a", "b"]);
-        let b = balanced(&m, 3);
-        assert_eq!((b["a"], b["b"]), (1, 2));
     }
 }

@@ -12,7 +12,7 @@ use e2e::wait_for;
 
 /// Checks every 3 s (the default is 30 s), health checks every second, and a
 /// deregistration delay of 3 s: the shape of a deployment, at a test's pace.
-fn websocket(desired: u32, extra: &[(&str, &str)]) -> SimConfig {
+pub(crate) fn websocket(desired: u32, extra: &[(&str, &str)]) -> SimConfig {
     let mut config = SimConfig::websocket(desired)
         .env([
             ("RUST_LOG", "info"),
@@ -28,7 +28,7 @@ fn websocket(desired: u32, extra: &[(&str, &str)]) -> SimConfig {
 }
 
 /// `n` page-like clients through the load balancer, all connected.
-async fn crowd(sim: &Simulator, n: usize) -> Crowd {
+pub(crate) async fn crowd(sim: &Simulator, n: usize) -> Crowd {
     let port = sim.balancer().map(e2e::sim::Balancer::port).unwrap_or(0);
     let crowd = Crowd::start(
         &format!("ws://127.0.0.1:{port}/"),
@@ -45,7 +45,7 @@ async fn crowd(sim: &Simulator, n: usize) -> Crowd {
 }
 
 /// Waits until every task the service wants is protected in ECS.
-async fn all_protected(sim: &Simulator) {
+pub(crate) async fn all_protected(sim: &Simulator) {
     sim.wait_for("every task to be protected", Duration::from_secs(30), |m| {
         m.wanted().all(|t| t.protected(m.now))
     })
@@ -53,18 +53,18 @@ async fn all_protected(sim: &Simulator) {
 }
 
 /// Tasks not yet stopped.
-fn alive(m: &e2e::sim::Model) -> usize {
+pub(crate) fn alive(m: &e2e::sim::Model) -> usize {
     m.alive() as usize
 }
 
 /// The deployment `id` has completed, and the service runs `n` tasks.
-fn completed(m: &e2e::sim::Model, id: &str, n: usize) -> bool {
+pub(crate) fn completed(m: &e2e::sim::Model, id: &str, n: usize) -> bool {
     m.primary == id && m.primary().completed() && m.live_deployments().count() == 1 && alive(m) == n
 }
 
 /// The end state every drain must reach: every client connected, none without a
 /// server for more than 10 s, no task killed, none crashed.
-async fn every_client_served(sim: &Simulator, crowd: &Crowd, n: usize) {
+pub(crate) async fn every_client_served(sim: &Simulator, crowd: &Crowd, n: usize) {
     wait_for(
         "every client to be connected",
         Duration::from_secs(30),
@@ -77,7 +77,12 @@ async fn every_client_served(sim: &Simulator, crowd: &Crowd, n: usize) {
         "a client waited {gap:?} for a server"
     );
     let m = sim.model();
-    assert_eq!((m.sigkills, m.crashes), (0, 0), "{}", sim.describe());
+    assert_eq!(
+        (m.sigkills, m.crashes),
+        (0, 0),
+        "{}",
+        Simulator::describe_with(&m)
+    );
 }
 
 #[tokio::test]
@@ -191,7 +196,12 @@ async fn a_leaving_task_is_wanted_again_when_the_desired_count_rises() {
     assert!(matches!(welcome, Some(Ok(_))), "{welcome:?}");
     let m = sim.model();
     let task = m.tasks.iter().find(|t| t.id == id).unwrap();
-    assert_eq!(task.status, Status::Running, "{}", sim.describe());
+    assert_eq!(
+        task.status,
+        Status::Running,
+        "{}",
+        Simulator::describe_with(&m)
+    );
     assert!(!task.stopping);
     drop(m);
     assert_eq!(crowd.connected(), 20);
@@ -385,5 +395,10 @@ async fn queue_consumer_deployment_with_a_steady_backlog_loses_and_repeats_nothi
         assert_eq!((started, done), (1, 1), "message {id}: {}", sim.describe());
     }
     let m = sim.model();
-    assert_eq!((m.sigkills, m.crashes), (0, 0), "{}", sim.describe());
+    assert_eq!(
+        (m.sigkills, m.crashes),
+        (0, 0),
+        "{}",
+        Simulator::describe_with(&m)
+    );
 }

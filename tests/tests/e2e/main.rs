@@ -6,6 +6,8 @@ mod copilot_rules;
 mod demo;
 mod deploy;
 mod drain;
+mod drain_modes;
+mod drain_worker_modes;
 mod images;
 mod monitoring;
 mod protection_faults;
