@@ -370,3 +370,17 @@ fn a_rollback_to_a_deployment_whose_tasks_all_stopped_starts_them_again() {
     assert!(old_tasks.iter().all(|id| !w.m.task(id).unwrap().alive()));
     assert_eq!(w.m.running(Some(&old)), 2);
 }
+
+#[test]
+fn a_fleet_of_1000_tasks_starts_and_scales_in_to_700_evenly_over_three_zones() {
+    let mut s = fast(1000);
+    s.zones = vec!["a".into(), "b".into(), "c".into()];
+    let mut w = World::steady(s);
+    assert_eq!(w.m.wanted().count(), 1000);
+    w.m.set_desired(700);
+    w.run_until(secs(30), |m| m.alive() == 700);
+    let per = |z: &str| w.m.wanted().filter(|t| t.zone == z).count();
+    let (a, b, c) = (per("a"), per("b"), per("c"));
+    assert!(a.max(b).max(c) - a.min(b).min(c) <= 1, "{a} {b} {c}");
+    assert_eq!(w.m.started_since(secs(0), StartReason::Unhealthy), 0);
+}

@@ -27,6 +27,7 @@ pub(super) fn start_task(
     let health = m
         .container_check_of(deployment)
         .map(|check| ContainerHealth::started(&check, now));
+    m.index.insert(id.clone(), m.tasks.len());
     m.tasks.push(Task {
         id: id.clone(),
         deployment: deployment.to_owned(),

@@ -119,6 +119,14 @@ async fn worker_deployment_at_100_50_with_a_backlog_completes_and_loses_nothing(
         )
         .await;
     eprintln!("worker deployment at 100 %/50 % with a backlog took {took:?}");
+    let (backlog, _) = queue_counts(&client, &queue)
+        .await
+        .expect("the queue's counts");
+    assert!(
+        backlog > 0,
+        "the deployment waited for the backlog to end: {}",
+        sim.describe()
+    );
     let ids = producer.await.expect("the producer finishes");
     each_job_once(&sim, &moto, &queue, &ids).await;
 }

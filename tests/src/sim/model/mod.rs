@@ -6,6 +6,7 @@
 mod deployment;
 mod task;
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 pub use deployment::{
@@ -91,8 +92,11 @@ pub struct Model {
     pub deployments: Vec<Deployment>,
     /// The PRIMARY deployment's id.
     pub primary: String,
-    /// Every task ever started, stopped ones included.
+    /// Every task ever started, stopped ones included. Tasks are added by the
+    /// scheduler only (it keeps an index of them), and never removed.
     pub tasks: Vec<Task>,
+    /// Where each task is in `tasks`, by id: thousands of tasks are looked up per call.
+    pub(super) index: HashMap<String, usize>,
     /// The container instances, on EC2.
     pub instances: Vec<Instance>,
     /// How the API answers.
@@ -157,6 +161,7 @@ impl Model {
             deployments: Vec::new(),
             primary: String::new(),
             tasks: Vec::new(),
+            index: HashMap::new(),
             instances,
             fault: ApiFault::None,
             blocked: 0,
@@ -237,12 +242,13 @@ impl Model {
     /// The task with this id.
     #[must_use]
     pub fn task(&self, id: &str) -> Option<&Task> {
-        self.tasks.iter().find(|t| t.id == id)
+        self.index.get(id).and_then(|&i| self.tasks.get(i))
     }
 
     /// The task with this id, to change.
     pub fn task_mut(&mut self, id: &str) -> Option<&mut Task> {
-        self.tasks.iter_mut().find(|t| t.id == id)
+        let i = *self.index.get(id)?;
+        self.tasks.get_mut(i)
     }
 
     /// The task with this ARN (or id).
