@@ -144,43 +144,44 @@ async fn bad_deployment_rolls_back(mode: RollbackMode) {
     )
     .await;
     eprintln!("rollback of a deployment failing at the load balancer took {took:?}");
-    let m = sim.model();
-    assert_eq!(
-        m.primary().revision,
-        m.deployment(&old).map(|d| d.revision).unwrap_or_default()
-    );
-    match mode {
-        RollbackMode::KeepOldTasks => {
-            assert!(
-                left.is_empty(),
-                "old tasks left: {left:?}\n{}",
-                Simulator::describe_with(&m)
-            );
-            let stopped: Vec<&String> = old_tasks
-                .iter()
-                .filter(|id| m.task(id).is_some_and(|t| t.stop.is_some()))
-                .collect();
-            assert!(
-                stopped.is_empty(),
-                "old tasks stopped: {stopped:?}\n{}",
-                Simulator::describe_with(&m)
-            );
-        }
-        RollbackMode::StartNewTasks => {
-            // The rollback is a deployment of its own, which replaces the old tasks;
-            // none may leave while the bad deployment is under way.
-            let early: Vec<_> = left
-                .iter()
-                .filter(|(_, l)| l.newest == bad && l.rollout == Rollout::InProgress)
-                .collect();
-            assert!(
-                early.is_empty(),
-                "left before the rollback: {early:?}\n{}",
-                Simulator::describe_with(&m)
-            );
+    {
+        let m = sim.model();
+        assert_eq!(
+            m.primary().revision,
+            m.deployment(&old).map(|d| d.revision).unwrap_or_default()
+        );
+        match mode {
+            RollbackMode::KeepOldTasks => {
+                assert!(
+                    left.is_empty(),
+                    "old tasks left: {left:?}\n{}",
+                    Simulator::describe_with(&m)
+                );
+                let stopped: Vec<&String> = old_tasks
+                    .iter()
+                    .filter(|id| m.task(id).is_some_and(|t| t.stop.is_some()))
+                    .collect();
+                assert!(
+                    stopped.is_empty(),
+                    "old tasks stopped: {stopped:?}\n{}",
+                    Simulator::describe_with(&m)
+                );
+            }
+            RollbackMode::StartNewTasks => {
+                // The rollback is a deployment of its own, which replaces the old tasks;
+                // none may leave while the bad deployment is under way.
+                let early: Vec<_> = left
+                    .iter()
+                    .filter(|(_, l)| l.newest == bad && l.rollout == Rollout::InProgress)
+                    .collect();
+                assert!(
+                    early.is_empty(),
+                    "left before the rollback: {early:?}\n{}",
+                    Simulator::describe_with(&m)
+                );
+            }
         }
     }
-    drop(m);
     every_client_served(&sim, &crowd, 200).await;
 }
 
