@@ -79,7 +79,12 @@ pub(super) fn advance(m: &mut Model, fx: &mut Vec<Effect>) {
         };
         let progress = m.deployment(&id).map(|d| d.progress);
         if progress == Some(Progress::RollbackInProgress) {
-            finish_rollback(m, &id, fx);
+            wind_down(m, &id, Progress::RollbackSuccessful, fx);
+            continue;
+        }
+        // Stopped by a newer deployment before its traffic shifted: its side goes.
+        if progress == Some(Progress::Stopped) && stage < Stage::ProductionTrafficShift {
+            wind_down(m, &id, Progress::Stopped, fx);
             continue;
         }
         if progress != Some(Progress::InProgress) {
@@ -259,9 +264,9 @@ pub(super) fn roll_back(m: &mut Model, id: &str) {
     ));
 }
 
-/// A rollback's green tasks are stopped (once unprotected); when none is left it is
-/// ROLLBACK_SUCCESSFUL and INACTIVE.
-fn finish_rollback(m: &mut Model, id: &str, fx: &mut Vec<Effect>) {
+/// A green side that goes (rolled back, or stopped by a newer deployment): its tasks
+/// are stopped (once unprotected); when none is left it is `end` and INACTIVE.
+fn wind_down(m: &mut Model, id: &str, end: Progress, fx: &mut Vec<Effect>) {
     let now = m.now;
     let green: Vec<(String, bool)> = m
         .wanted()
@@ -271,8 +276,7 @@ fn finish_rollback(m: &mut Model, id: &str, fx: &mut Vec<Effect>) {
     let to = m
         .deployment(id)
         .and_then(|d| d.rollback.as_ref())
-        .map(|r| r.to.clone())
-        .unwrap_or_default();
+        .map_or_else(|| m.primary.clone(), |r| r.to.clone());
     for (task, protected) in green {
         if !protected {
             lifecycle::stop_task(
@@ -289,7 +293,7 @@ fn finish_rollback(m: &mut Model, id: &str, fx: &mut Vec<Effect>) {
         return;
     }
     if let Some(d) = m.deployment_mut(id) {
-        d.progress = Progress::RollbackSuccessful;
+        d.progress = end;
         d.inactive = true;
         d.updated_at = now;
     }

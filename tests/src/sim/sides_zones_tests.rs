@@ -336,3 +336,27 @@ fn one_task_over_two_zones_is_balanced() {
     assert_eq!(w.m.started_since(secs(0), StartReason::Rebalancing), 0);
     assert_eq!(w.m.tasks.len(), 1);
 }
+
+#[test]
+fn a_blue_green_deployment_stopped_by_a_newer_one_before_its_shift_winds_down() {
+    let mut w = blue_green(1, 30);
+    let first_green = w.m.deploy(Revision::default());
+    w.run_until(secs(30), |m| {
+        stage(m, &first_green) == Some(Stage::PostScaleUp)
+    });
+    let second_green = w.m.deploy(Revision::default());
+    w.run_until(secs(60), |m| m.deployment(&first_green).unwrap().inactive);
+    assert!(
+        w.m.tasks
+            .iter()
+            .filter(|t| t.deployment == first_green)
+            .all(|t| !t.alive())
+    );
+    assert_eq!(
+        w.m.deployment(&first_green).unwrap().progress,
+        Progress::Stopped
+    );
+    w.run_until(secs(120), |m| {
+        m.deployment(&second_green).unwrap().completed()
+    });
+}
