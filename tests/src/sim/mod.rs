@@ -37,6 +37,19 @@
 //! | Account-wide token buckets per group of actions (service reads 100/20 s⁻¹, cluster resource reads 100/20 s⁻¹, …), `ThrottlingException` 400 `Rate exceeded`; other callers share them | [`buckets`] | API reference, "Request throttling for the Amazon ECS API" |
 //! | Agent protection endpoint and metadata shapes | [`api::agent`] | platform-facts.md |
 //!
+//! A test configures the service with [`SimConfig::websocket`] or
+//! [`SimConfig::queue_consumer`] (the deployment files' settings), `.env(...)` for the
+//! binary, [`SimConfig::at_test_pace`] for checks every second, and the fields of
+//! `config.ecs` ([`Settings`]) for the rest: deployment percentages, circuit breaker,
+//! strategy, controller, zones, launch type, grace period, buckets and other callers,
+//! and the [`settings::Unknowns`]. It then acts as ECS's users do:
+//! [`Simulator::set_desired`], [`Simulator::deploy_with`] (a [`Revision`] can fail at
+//! the load balancer only, or carry a failing container check), and on the model
+//! [`Model::stop_task`], [`Model::drain_instance`], [`Model::roll_back`], or
+//! [`Model::fault`]; [`Simulator::api`] calls the API as another caller would. It
+//! reads the model: tasks (status, health, target, zone, stop reason, calls),
+//! deployments (rollout, stage, failures), events, and the buckets' counts.
+//!
 //! - [`settings`]: what the service is configured with, the deployment files' values
 //!   as defaults;
 //! - [`model`]: what ECS knows; [`lifecycle`], [`health`]: a task's life and checks;
