@@ -1,7 +1,8 @@
 //! Drain under load, with and without, on a simulated ECS service (`e2e::sim`) at the
-//! deployment files' settings: a check every 30 s (the default), a health check every
-//! 5 s with an unhealthy threshold of 2, a drain notice of 10 s, a deregistration delay
-//! of 20 s and a stop timeout of 35 s.
+//! deployment files' settings: a check every 30 s (the default), a target group
+//! health check every 5 s with an unhealthy threshold of 2, the container health check
+//! every 30 s, a grace period of 30 s, a drain notice of 10 s, a deregistration delay
+//! of 20 s and a stop timeout of 35 s. ECS acts on both health checks.
 //!
 //! - scale-in: 3 tasks and 300 page-like clients, the desired count lowered to 1;
 //! - deployment: 2 tasks and 200 clients, a new deployment.
@@ -22,7 +23,7 @@
 use std::time::{Duration, Instant};
 
 use e2e::crowd::Crowd;
-use e2e::sim::{HealthCheck, Model, Ready, SimConfig, Simulator, Status};
+use e2e::sim::{Model, SimConfig, Simulator};
 
 struct Outcome {
     done: Option<Duration>,
@@ -45,33 +46,19 @@ fn total_calls(m: &Model) -> u64 {
 }
 
 fn config(desired: u32, drain: bool) -> SimConfig {
-    SimConfig {
-        binary: "websocket",
-        env: vec![
-            ("RUST_LOG".to_owned(), "warn".to_owned()),
-            (
-                "DRAIN".to_owned(),
-                if drain { "auto" } else { "off" }.to_owned(),
-            ),
-        ],
-        desired,
-        ready: Ready::Port,
-        health: Some(HealthCheck::deployed()),
-        deregistration_delay: Duration::from_secs(20),
-        stop_timeout: Duration::from_secs(35),
-    }
+    SimConfig::websocket(desired).env([
+        ("RUST_LOG", "warn"),
+        ("DRAIN", if drain { "auto" } else { "off" }),
+    ])
 }
 
 fn alive(m: &Model) -> usize {
-    m.tasks
-        .iter()
-        .filter(|t| t.status != Status::Stopped)
-        .count()
+    m.alive() as usize
 }
 
 /// ECS API calls per task per minute, over every task's life so far.
 fn calls_per_task_minute(m: &Model) -> f64 {
-    let now = Instant::now();
+    let now = m.now;
     let calls: u64 = m
         .tasks
         .iter()
@@ -80,7 +67,7 @@ fn calls_per_task_minute(m: &Model) -> f64 {
     let minutes: f64 = m
         .tasks
         .iter()
-        .map(|t| (t.stopped_at.unwrap_or(now) - t.created).as_secs_f64() / 60.0)
+        .map(|t| (t.stopped_at.unwrap_or(now) - t.created_at).as_secs_f64() / 60.0)
         .sum();
     if minutes > 0.0 {
         calls as f64 / minutes
@@ -181,7 +168,7 @@ async fn main() {
             |sim| {
                 sim.deploy();
             },
-            |m| m.deployments.len() == 1 && m.deployments[0].completed.is_some() && alive(m) == 2,
+            |m| m.live_deployments().count() == 1 && m.primary().completed() && alive(m) == 2,
         )
         .await;
         row("deployment of 2 tasks, 200 clients", drain, limit, &o);

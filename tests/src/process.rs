@@ -231,3 +231,28 @@ pub async fn run_to_exit(
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Runs binary `name` with `args` and `env` (on top of a scrubbed environment) and
+/// says whether it exited with 0 within `timeout`; past it, the process is killed.
+/// Its output is dropped. For a container health check's command.
+pub async fn run_within(
+    name: &str,
+    args: &[&str],
+    env: &[(&str, String)],
+    timeout: Duration,
+) -> bool {
+    let mut cmd = command(name);
+    cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let Ok(mut child) = cmd.spawn() else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(timeout, child.wait()).await,
+        Ok(Ok(status)) if status.success()
+    )
+}

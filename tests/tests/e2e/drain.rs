@@ -7,45 +7,28 @@
 use std::time::Duration;
 
 use e2e::crowd::Crowd;
-use e2e::sim::{ApiFault, HealthCheck, Ready, SimConfig, Simulator, Status};
+use e2e::sim::{ApiFault, SimConfig, Simulator, Status};
 use e2e::wait_for;
 
-/// Checks every 3 s (the default is 30 s), a health check every second, and a
+/// Checks every 3 s (the default is 30 s), health checks every second, and a
 /// deregistration delay of 3 s: the shape of a deployment, at a test's pace.
-fn websocket(desired: u32, extra: &[(&str, &str)]) -> SimConfig {
-    let mut env: Vec<(String, String)> = [
-        ("RUST_LOG", "info"),
-        ("DRAIN_CHECK_SECONDS", "3"),
-        // Two failed health checks a second apart, and a margin.
-        ("DRAIN_NOTICE_SECONDS", "3"),
-        ("SHUTDOWN_GRACE_SECONDS", "5"),
-    ]
-    .iter()
-    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-    .collect();
-    env.extend(
-        extra
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-    );
-    SimConfig {
-        binary: "websocket",
-        env,
-        desired,
-        ready: Ready::Port,
-        health: Some(HealthCheck {
-            interval: Duration::from_secs(1),
-            healthy: 2,
-            unhealthy: 2,
-            timeout: Duration::from_secs(1),
-        }),
-        deregistration_delay: Duration::from_secs(3),
-        stop_timeout: Duration::from_secs(30),
-    }
+pub(crate) fn websocket(desired: u32, extra: &[(&str, &str)]) -> SimConfig {
+    let mut config = SimConfig::websocket(desired)
+        .env([
+            ("RUST_LOG", "info"),
+            ("DRAIN_CHECK_SECONDS", "3"),
+            // Two failed health checks a second apart, and a margin.
+            ("DRAIN_NOTICE_SECONDS", "3"),
+            ("SHUTDOWN_GRACE_SECONDS", "5"),
+        ])
+        .env(extra.iter().copied())
+        .at_test_pace();
+    config.ecs.stop_timeout = Duration::from_secs(30);
+    config
 }
 
 /// `n` page-like clients through the load balancer, all connected.
-async fn crowd(sim: &Simulator, n: usize) -> Crowd {
+pub(crate) async fn crowd(sim: &Simulator, n: usize) -> Crowd {
     let port = sim.balancer().map(e2e::sim::Balancer::port).unwrap_or(0);
     let crowd = Crowd::start(
         &format!("ws://127.0.0.1:{port}/"),
@@ -62,25 +45,26 @@ async fn crowd(sim: &Simulator, n: usize) -> Crowd {
 }
 
 /// Waits until every task the service wants is protected in ECS.
-async fn all_protected(sim: &Simulator) {
+pub(crate) async fn all_protected(sim: &Simulator) {
     sim.wait_for("every task to be protected", Duration::from_secs(30), |m| {
-        let now = std::time::Instant::now();
-        m.wanted().all(|t| t.protected(now))
+        m.wanted().all(|t| t.protected(m.now))
     })
     .await;
 }
 
 /// Tasks not yet stopped.
-fn alive(m: &e2e::sim::Model) -> usize {
-    m.tasks
-        .iter()
-        .filter(|t| t.status != Status::Stopped)
-        .count()
+pub(crate) fn alive(m: &e2e::sim::Model) -> usize {
+    m.alive() as usize
+}
+
+/// The deployment `id` has completed, and the service runs `n` tasks.
+pub(crate) fn completed(m: &e2e::sim::Model, id: &str, n: usize) -> bool {
+    m.primary == id && m.primary().completed() && m.live_deployments().count() == 1 && alive(m) == n
 }
 
 /// The end state every drain must reach: every client connected, none without a
 /// server for more than 10 s, no task killed, none crashed.
-async fn every_client_served(sim: &Simulator, crowd: &Crowd, n: usize) {
+pub(crate) async fn every_client_served(sim: &Simulator, crowd: &Crowd, n: usize) {
     wait_for(
         "every client to be connected",
         Duration::from_secs(30),
@@ -93,7 +77,12 @@ async fn every_client_served(sim: &Simulator, crowd: &Crowd, n: usize) {
         "a client waited {gap:?} for a server"
     );
     let m = sim.model();
-    assert_eq!((m.sigkills, m.crashes), (0, 0), "{}", sim.describe());
+    assert_eq!(
+        (m.sigkills, m.crashes),
+        (0, 0),
+        "{}",
+        Simulator::describe_with(&m)
+    );
 }
 
 #[tokio::test]
@@ -125,7 +114,7 @@ async fn websocket_deployment_under_load_completes() {
         .wait_for(
             "the deployment to complete",
             Duration::from_secs(150),
-            |m| m.deployments.len() == 1 && m.deployments[0].completed.is_some() && alive(m) == 2,
+            |m| completed(m, &deployment, 2),
         )
         .await;
     eprintln!("deployment of 2 tasks with 200 clients took {took:?}");
@@ -207,7 +196,12 @@ async fn a_leaving_task_is_wanted_again_when_the_desired_count_rises() {
     assert!(matches!(welcome, Some(Ok(_))), "{welcome:?}");
     let m = sim.model();
     let task = m.tasks.iter().find(|t| t.id == id).unwrap();
-    assert_eq!(task.status, Status::Running, "{}", sim.describe());
+    assert_eq!(
+        task.status,
+        Status::Running,
+        "{}",
+        Simulator::describe_with(&m)
+    );
     assert!(!task.stopping);
     drop(m);
     assert_eq!(crowd.connected(), 20);
@@ -315,32 +309,19 @@ async fn a_throttled_watcher_backs_off() {
 async fn queue_consumer_deployment_with_a_steady_backlog_loses_and_repeats_nothing() {
     let moto = e2e::moto::Moto::start().await;
     let queue = moto.create_queue("jobs", 30).await;
-    let mut env: Vec<(String, String)> = moto
-        .env()
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-    env.extend(
-        [
+    let moto_env = moto.env();
+    let mut config = SimConfig::queue_consumer(2)
+        .env(moto_env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env([
             ("COPILOT_QUEUE_URI", queue.as_str()),
             ("WORKER_CONCURRENCY", "4"),
             ("QUEUE_WAIT_SECONDS", "2"),
             ("DRAIN_CHECK_SECONDS", "3"),
             ("RUST_LOG", "info"),
-        ]
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-    );
-    let sim = Simulator::start(SimConfig {
-        binary: "queue-consumer",
-        env,
-        desired: 2,
-        ready: Ready::Line("Long polling"),
-        health: None,
-        deregistration_delay: Duration::ZERO,
-        stop_timeout: Duration::from_secs(40),
-    })
-    .await;
+        ])
+        .at_test_pace();
+    config.ecs.stop_timeout = Duration::from_secs(40);
+    let sim = Simulator::start(config).await;
     // Jobs of 800 ms at 20 a second, twice what two tasks of four slots can work:
     // a backlog that grows for as long as they come, and lasts a minute more.
     let client = moto.client();
@@ -366,7 +347,7 @@ async fn queue_consumer_deployment_with_a_steady_backlog_loses_and_repeats_nothi
         .wait_for(
             "the deployment to complete",
             Duration::from_secs(120),
-            |m| m.deployments.len() == 1 && m.deployments[0].completed.is_some() && alive(m) == 2,
+            |m| completed(m, &deployment, 2),
         )
         .await;
     eprintln!("worker deployment with a backlog took {took:?}");
@@ -414,5 +395,10 @@ async fn queue_consumer_deployment_with_a_steady_backlog_loses_and_repeats_nothi
         assert_eq!((started, done), (1, 1), "message {id}: {}", sim.describe());
     }
     let m = sim.model();
-    assert_eq!((m.sigkills, m.crashes), (0, 0), "{}", sim.describe());
+    assert_eq!(
+        (m.sigkills, m.crashes),
+        (0, 0),
+        "{}",
+        Simulator::describe_with(&m)
+    );
 }
