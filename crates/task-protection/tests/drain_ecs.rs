@@ -54,6 +54,7 @@ async fn describe_service_reads_counts_deployments_and_their_configuration() {
                     "strategy": "BLUE_GREEN", "bakeTimeInMinutes": 5,
                     "deploymentCircuitBreaker": {"enable": true, "rollback": true}},
                 "healthCheckGracePeriodSeconds": 45,
+                "loadBalancers": [{"targetGroupArn": "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/1", "containerName": "web", "containerPort": 8080}],
                 "currentServiceDeployment": "arn:aws:ecs:us-east-1:123456789012:service-deployment/app/web/abc",
                 "deployments": [
                     {"id": "ecs-svc/2", "status": "PRIMARY", "desiredCount": 2, "runningCount": 1,
@@ -79,6 +80,7 @@ async fn describe_service_reads_counts_deployments_and_their_configuration() {
         (100, 50)
     );
     assert_eq!(view.grace, Duration::from_secs(45));
+    assert!(view.load_balanced);
     assert!(view.current_deployment.unwrap().ends_with("/abc"));
     assert_eq!(view.deployments.len(), 2);
     let primary = &view.deployments[0];
@@ -129,6 +131,7 @@ async fn a_service_without_a_configuration_gets_ecs_s_defaults() {
         (200, 100)
     );
     assert_eq!(view.grace, Duration::ZERO);
+    assert!(!view.load_balanced);
 }
 
 #[tokio::test]
@@ -172,9 +175,9 @@ async fn list_tasks_asks_for_the_running_ones_a_page_at_a_time() {
         .mount(&server)
         .await;
     let api = service(&server);
-    let (first_page, next) = api.list_tasks(CLUSTER, "web", None).await.unwrap();
+    let (first_page, next) = api.list_tasks(CLUSTER, "web", false, None).await.unwrap();
     assert_eq!((first_page.len(), next.as_deref()), (100, Some("p2")));
-    let (second_page, next) = api.list_tasks(CLUSTER, "web", next).await.unwrap();
+    let (second_page, next) = api.list_tasks(CLUSTER, "web", false, next).await.unwrap();
     assert_eq!((second_page, next), (vec!["arn:t/100".to_owned()], None));
 }
 
@@ -332,4 +335,21 @@ async fn a_service_deployment_s_stage_is_read_from_describe_service_deployments(
     assert_eq!(shift.status, "IN_PROGRESS");
     assert_eq!(shift.stage.as_deref(), Some("BAKE_TIME"));
     assert!(!shift.old_side_released());
+}
+
+#[tokio::test]
+async fn the_stopped_tasks_are_listed_with_desired_status_stopped() {
+    let server = MockServer::start().await;
+    on(
+        &server,
+        "ListTasks",
+        json!({"cluster": CLUSTER, "serviceName": "web", "desiredStatus": "STOPPED"}),
+        answer(200, &json!({"taskArns": ["arn:t/9"]})),
+    )
+    .await;
+    let (arns, next) = service(&server)
+        .list_tasks(CLUSTER, "web", true, None)
+        .await
+        .unwrap();
+    assert_eq!((arns, next), (vec!["arn:t/9".to_owned()], None));
 }

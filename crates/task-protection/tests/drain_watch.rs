@@ -83,6 +83,7 @@ impl ServiceApi for Scripted {
         &self,
         _: &str,
         _: &str,
+        stopped: bool,
         next: Option<String>,
     ) -> Result<(Vec<String>, Option<String>), ApiError> {
         let start: usize = next.map_or(0, |n| n.parse().unwrap());
@@ -90,7 +91,7 @@ impl ServiceApi for Scripted {
             let arns: Vec<String> = s
                 .tasks
                 .iter()
-                .filter(|t| !t.stopping)
+                .filter(|t| t.stopping == stopped)
                 .map(|t| t.arn.clone())
                 .collect();
             let page = arns.iter().skip(start).take(100).cloned().collect();
@@ -185,6 +186,7 @@ fn steady(n: u32) -> Scripted {
             grace: Duration::ZERO,
             deployments: vec![deployment("d1", true, n)],
             current_deployment: None,
+            load_balanced: false,
         },
         tasks,
         fault: None,
@@ -284,8 +286,9 @@ async fn a_task_alone_asks_about_twice_a_minute_and_lists_only_when_something_mo
     let checks = api.calls("DescribeServices");
     // Twenty minutes at one check per 30 s on average, jittered.
     assert!((30..=50).contains(&checks), "{checks} checks in 20 minutes");
-    // Listed at first, then again only when the listing is ten intervals old.
-    let lists = api.calls("ListTasks");
+    // Listed at first, then again only when the listing is ten intervals old (each
+    // listing: a page of the running tasks, a page of the stopped ones).
+    let lists = api.calls("ListTasks") / 2;
     assert!((1..=5).contains(&lists), "{lists} lists in 20 minutes");
     api.desire(2);
     pass(INTERVAL * 3).await;
@@ -473,8 +476,9 @@ async fn a_listing_goes_a_page_at_a_time_and_paced() {
     let store = LocalStore::common();
     let _drain = Drain::watch_with(api.clone(), store, me("t000"), settings());
     pass(INTERVAL * 2).await;
-    // 250 tasks: three pages of ListTasks, three DescribeTasks.
-    assert_eq!(api.calls("ListTasks"), 3);
+    // 250 tasks: three pages of ListTasks, three DescribeTasks, and one page of the
+    // stopped ones.
+    assert_eq!(api.calls("ListTasks"), 4);
     assert_eq!(api.calls("DescribeTasks"), 3);
     // Never two of its calls within 250 ms: a listing of 5,000 tasks does not empty
     // the account's bucket.

@@ -64,6 +64,7 @@ pub mod buckets;
 pub mod deployments;
 pub mod driver;
 pub mod effect;
+pub mod fleet;
 pub mod health;
 pub mod lifecycle;
 pub mod model;

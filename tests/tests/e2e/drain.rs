@@ -171,7 +171,20 @@ async fn a_leaving_task_is_wanted_again_when_the_desired_count_rises() {
     all_protected(&sim).await;
     sim.set_desired(1);
     let (id, port) = leaving_task(&sim).await;
-    assert_eq!(healthz(port).await, 503);
+    // Leaving, it stays green for ECS (which replaces a task whose check fails) and
+    // refuses new clients at the upgrade instead, with Retry-After.
+    assert_eq!(healthz(port).await, 200);
+    let refused = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/")).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503);
+            assert_eq!(
+                response.headers().get("retry-after").map(|v| v.as_bytes()),
+                Some(&b"1"[..])
+            );
+        }
+        other => panic!("a leaving task took a new client: {other:?}"),
+    }
     let reason = status(port).await["drain"]["reason"].clone();
     assert!(
         reason

@@ -127,6 +127,7 @@ impl ServiceApi for Steady {
                 created_at: None,
             }],
             current_deployment: None,
+            load_balanced: false,
         })
     }
 
@@ -134,9 +135,15 @@ impl ServiceApi for Steady {
         &self,
         _: &str,
         _: &str,
+        stopped: bool,
         _: Option<String>,
     ) -> Result<(Vec<String>, Option<String>), ApiError> {
-        Ok(((0..self.n).map(arn).collect(), None))
+        let arns = if stopped {
+            Vec::new()
+        } else {
+            (0..self.n).map(arn).collect()
+        };
+        Ok((arns, None))
     }
 
     async fn describe_tasks(&self, _: &str, arns: &[String]) -> Result<Vec<TaskFacts>, ApiError> {

@@ -6,6 +6,7 @@ mod copilot_rules;
 mod demo;
 mod deploy;
 mod drain;
+mod drain_fleet;
 mod drain_modes;
 mod drain_store;
 mod drain_worker_modes;

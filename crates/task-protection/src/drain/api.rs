@@ -52,12 +52,14 @@ pub trait ServiceApi: Send + Sync + 'static {
         service: &str,
     ) -> impl Future<Output = Result<ServiceFacts, ApiError>> + Send;
 
-    /// One page of `ListTasks` of the service whose desired status is RUNNING (up to
-    /// 100 ARNs), from `next` (the previous page's token), and the next page's token.
+    /// One page of `ListTasks` of the service (up to 100 ARNs) whose desired status is
+    /// RUNNING, or STOPPED when `stopped` (ECS lists stopped tasks for about an hour),
+    /// from `next` (the previous page's token), and the next page's token.
     fn list_tasks(
         &self,
         cluster: &str,
         service: &str,
+        stopped: bool,
         next: Option<String>,
     ) -> impl Future<Output = Result<(Vec<String>, Option<String>), ApiError>> + Send;
 

@@ -170,6 +170,7 @@ impl ServiceApi for EcsService {
             ),
             deployments,
             current_deployment: s.current_service_deployment().map(str::to_owned),
+            load_balanced: !s.load_balancers().is_empty(),
         })
     }
 
@@ -177,6 +178,7 @@ impl ServiceApi for EcsService {
         &self,
         cluster: &str,
         service: &str,
+        stopped: bool,
         next: Option<String>,
     ) -> Result<(Vec<String>, Option<String>), ApiError> {
         counted();
@@ -185,7 +187,11 @@ impl ServiceApi for EcsService {
             .list_tasks()
             .cluster(cluster)
             .service_name(service)
-            .desired_status(DesiredStatus::Running)
+            .desired_status(if stopped {
+                DesiredStatus::Stopped
+            } else {
+                DesiredStatus::Running
+            })
             .set_next_token(next)
             .send()
             .await

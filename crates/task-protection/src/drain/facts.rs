@@ -134,6 +134,9 @@ pub struct ServiceFacts {
     /// `currentServiceDeployment`: the ARN of the service deployment ECS is running
     /// or ran last, for its lifecycle stage.
     pub current_deployment: Option<String>,
+    /// `loadBalancers` is not empty: ECS also acts on its target group's health
+    /// checks, which `healthStatus` does not show.
+    pub load_balanced: bool,
 }
 
 impl ServiceFacts {
@@ -277,4 +280,7 @@ pub struct Facts {
     pub draining_instances: BTreeSet<String>,
     /// The traffic-shifting deployment in progress, when there is one and it was read.
     pub shift: Option<ShiftFacts>,
+    /// The ids of the tasks ECS lists with desired status STOPPED (stopping, or
+    /// stopped within about an hour), when the tasks were listed this time.
+    pub stopped: BTreeSet<String>,
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use super::api::{ApiError, ServiceApi};
 use super::facts::{Controller, Facts, ServiceFacts, Strategy};
-use super::record::{Record, Verdict, time};
+use super::record::{Record, time};
 
 /// The calls of one listing come at most this often: a service of 5,000 tasks takes
 /// 100 calls to list, which at once would empty the account's bucket (100 tokens)
@@ -20,13 +20,14 @@ const LISTING_PACE: Duration = Duration::from_millis(250);
 /// many.
 const PAGE: usize = 100;
 
-/// The calls one listing of `service` takes (ListTasks pages and DescribeTasks).
+/// The calls one listing of `service` takes (ListTasks pages and DescribeTasks, and
+/// at least one page of the stopped tasks).
 #[must_use]
 pub(super) fn listing_calls(service: &ServiceFacts) -> u32 {
     let size = (service.running + service.pending)
         .max(service.desired)
         .max(1);
-    2 * size.div_ceil(100)
+    2 * size.div_ceil(100) + 1
 }
 
 /// Where and how to ask.
@@ -44,17 +45,44 @@ pub(super) struct Ask<'a> {
     pub(super) list_limit: Option<usize>,
 }
 
-/// One call, bounded in time.
-async fn bounded<T>(
+/// How often one call is tried while ECS throttles it, as the AWS SDKs' standard
+/// retry mode does, before the decision gives up and backs off.
+const THROTTLED_TRIES: u32 = 4;
+
+/// One call, bounded in time, tried again after 1, 2 and 4 s (jittered) while ECS
+/// throttles it, up to `tries` times: a listing of many calls is not lost to one
+/// throttled call among them. (The first call of a decision is tried once: when it is
+/// throttled, the decision backs off as a whole.)
+async fn bounded<T, F, Fut>(
     operation: &str,
     limit: Duration,
-    call: impl Future<Output = Result<T, ApiError>>,
-) -> Result<T, ApiError> {
-    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
-        Err(ApiError::Unavailable(format!(
-            "{operation}: no answer within {limit:?}"
-        )))
-    })
+    tries: u32,
+    mut call: F,
+) -> Result<T, ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ApiError>>,
+{
+    let max = tries;
+    let mut wait = Duration::from_secs(1);
+    let mut tries = 1;
+    loop {
+        let answer = tokio::time::timeout(limit, call())
+            .await
+            .unwrap_or_else(|_| {
+                Err(ApiError::Unavailable(format!(
+                    "{operation}: no answer within {limit:?}"
+                )))
+            });
+        match answer {
+            Err(ApiError::Throttled(_)) if tries < max => {
+                tokio::time::sleep(wait.mul_f64(rand::random_range(0.5..1.5))).await;
+                wait *= 2;
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Whether the tasks must be listed for this decision.
@@ -64,13 +92,10 @@ pub(super) fn needs_listing(
     relist_after: Duration,
     now: SystemTime,
 ) -> bool {
-    let listed_at = match &prev.verdict {
-        Verdict::On {
-            listed: Some(l), ..
-        } => Some(time(l.at)),
-        _ => None,
-    };
-    listed_at.is_none_or(|at| at + relist_after <= now)
+    prev.memory
+        .listed_at
+        .map(time)
+        .is_none_or(|at| at + relist_after <= now)
         || !service.at_rest()
         || prev.leaving().is_some_and(|l| !l.is_empty())
         || prev.memory.listed_digest.as_deref() != Some(service.digest().as_str())
@@ -91,17 +116,16 @@ pub(super) async fn gather<A: ServiceApi>(
     now: SystemTime,
 ) -> Result<Facts, ApiError> {
     let limit = ask.call_timeout;
-    let service = bounded(
-        "DescribeServices",
-        limit,
-        api.describe_service(ask.cluster, ask.service),
-    )
+    let service = bounded("DescribeServices", limit, 1, || {
+        api.describe_service(ask.cluster, ask.service)
+    })
     .await?;
     let mut facts = Facts {
         service,
         tasks: None,
         draining_instances: BTreeSet::new(),
         shift: None,
+        stopped: BTreeSet::new(),
     };
     let relist_after = ask
         .relist_after
@@ -113,31 +137,14 @@ pub(super) async fn gather<A: ServiceApi>(
         return Ok(facts);
     }
     let mut paced = Paced::default();
-    let mut arns = Vec::new();
-    let mut next = None;
-    loop {
-        paced.wait().await;
-        let (page, token) = bounded(
-            "ListTasks",
-            limit,
-            api.list_tasks(ask.cluster, ask.service, next.take()),
-        )
-        .await?;
-        arns.extend(page);
-        match token {
-            Some(token) => next = Some(token),
-            None => break,
-        }
-    }
+    let arns = list(api, ask, false, &mut paced).await?;
     let mut tasks = Vec::with_capacity(arns.len());
     for chunk in arns.chunks(PAGE) {
         paced.wait().await;
         tasks.extend(
-            bounded(
-                "DescribeTasks",
-                limit,
-                api.describe_tasks(ask.cluster, chunk),
-            )
+            bounded("DescribeTasks", limit, THROTTLED_TRIES, || {
+                api.describe_tasks(ask.cluster, chunk)
+            })
             .await?,
         );
     }
@@ -151,11 +158,9 @@ pub(super) async fn gather<A: ServiceApi>(
         // Which instances drain only orders the pick: without it, the pick goes by
         // zone and age, so a refusal is no reason to stop (throttling still is).
         paced.wait().await;
-        match bounded(
-            "DescribeContainerInstances",
-            limit,
-            api.draining_instances(ask.cluster, chunk),
-        )
+        match bounded("DescribeContainerInstances", limit, THROTTLED_TRIES, || {
+            api.draining_instances(ask.cluster, chunk)
+        })
         .await
         {
             Ok(draining) => facts.draining_instances.extend(draining),
@@ -166,17 +171,22 @@ pub(super) async fn gather<A: ServiceApi>(
             }
         }
     }
+    // Listed after the running ones: a task that stopped meanwhile is in one list or
+    // the other.
+    facts.stopped = list(api, ask, true, &mut paced)
+        .await?
+        .iter()
+        .map(|arn| super::facts::task_id(arn).to_owned())
+        .collect();
     facts.tasks = Some(tasks);
     if matches!(facts.service.strategy, Strategy::TrafficShift(_))
         && facts.service.deployments.len() > 1
         && let Some(arn) = facts.service.current_deployment.clone()
     {
         // Without the lifecycle stage the old side stays: never leave on doubt.
-        match bounded(
-            "DescribeServiceDeployments",
-            limit,
-            api.service_deployment(&arn),
-        )
+        match bounded("DescribeServiceDeployments", limit, THROTTLED_TRIES, || {
+            api.service_deployment(&arn)
+        })
         .await
         {
             Ok(shift) => facts.shift = Some(shift),
@@ -187,6 +197,31 @@ pub(super) async fn gather<A: ServiceApi>(
         }
     }
     Ok(facts)
+}
+
+/// Every page of `ListTasks` (RUNNING, or STOPPED), paced; each ARN once, though a
+/// listing made while tasks start and stop need not be one snapshot.
+async fn list<A: ServiceApi>(
+    api: &A,
+    ask: Ask<'_>,
+    stopped: bool,
+    paced: &mut Paced,
+) -> Result<Vec<String>, ApiError> {
+    let mut arns = Vec::new();
+    let mut seen = BTreeSet::new();
+    let mut next = None;
+    loop {
+        paced.wait().await;
+        let (page, token) = bounded("ListTasks", ask.call_timeout, THROTTLED_TRIES, || {
+            api.list_tasks(ask.cluster, ask.service, stopped, next.clone())
+        })
+        .await?;
+        arns.extend(page.into_iter().filter(|arn| seen.insert(arn.clone())));
+        match token {
+            Some(token) => next = Some(token),
+            None => return Ok(arns),
+        }
+    }
 }
 
 /// Spaces the calls of one listing by [`LISTING_PACE`].

@@ -62,12 +62,13 @@ pub use facts::{
     Controller, DeploymentFacts, Facts, Health, Rollout, ServiceFacts, ShiftFacts, Strategy,
     TaskFacts, task_id,
 };
-pub use record::{Listed, Memory, PrimaryWatch, Record, Verdict};
+pub use record::{Leave, Memory, PrimaryWatch, Record, Verdict};
 pub use settings::{
     CHECK_SECONDS_RANGE, DEFAULT_CALL_TIMEOUT, DEFAULT_CHECK_INTERVAL, DEFAULT_SETTLE, DrainMode,
     DrainSettings, DrainSettingsBuilder, DrainSettingsError, SETTLE_SECONDS_RANGE,
 };
 pub use store::{LocalStore, StoreError, Stored, VerdictStore};
+pub use watch::Clock;
 
 use crate::TaskProtection;
 
@@ -228,13 +229,27 @@ impl Drain {
         task: TaskInfo,
         settings: DrainSettings,
     ) -> Self {
+        Self::watch_on(Clock::new(), api, store, task, settings)
+    }
+
+    /// As [`Drain::watch_with`], reading time from `clock`: watchers simulated in one
+    /// process share one clock.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    #[must_use]
+    pub fn watch_on<A: ServiceApi, S: VerdictStore>(
+        clock: Clock,
+        api: A,
+        store: S,
+        task: TaskInfo,
+        settings: DrainSettings,
+    ) -> Self {
         let (drain, out) = Self::on();
-        let clock = watch::Clock::new();
         let me = watch::Me {
             id: task_id(&task.task_arn).to_owned(),
             cluster: task.cluster,
             service: task.service,
-            started: clock.now(),
         };
         tokio::spawn(watch::Watcher::new(api, store, me, settings, out, clock).run());
         drain

@@ -13,14 +13,14 @@ use super::{LeaveReason, Membership};
 /// The record's JSON form; a reader that meets another keeps its last answer.
 pub(super) const SCHEMA: u32 = 1;
 
-/// How many leading characters of a task id the list of wanted tasks keeps: 48 bits,
-/// so that two tasks of a service of 5,000 share a prefix with odds of about 1 in
-/// 10 million (and then the stopping one is taken for wanted, the safe side).
-const ID_PREFIX: usize = 12;
+/// How many hex digits of a task id's hash the list of stopping tasks keeps: 48
+/// bits, so that a task shares one with one of 5,000 others with odds of about 1 in
+/// 50 million. A hash, not the id's first characters: ids need not be random.
+const ID_DIGITS: usize = 12;
 
-/// How much two tasks' clocks may disagree (Amazon Time Sync keeps them within
-/// milliseconds; this allows for much worse).
-const CLOCK_MARGIN: Duration = Duration::from_secs(10);
+/// How long a task that has left stays in the record once ECS no longer lists it
+/// among the tasks it wants running: long past its stop.
+pub(super) const FORGET_AFTER: Duration = Duration::from_secs(3_600);
 
 /// Milliseconds since the epoch, the record's unit of time.
 #[must_use]
@@ -65,13 +65,15 @@ pub enum Verdict {
         /// Why, in a sentence.
         why: String,
     },
-    /// The drain applies.
+    /// The drain applies: every task not named here is wanted.
     On {
-        /// The tasks to leave, by task id, and why.
-        leaving: BTreeMap<String, LeaveReason>,
-        /// The tasks ECS wanted running when they were last listed.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        listed: Option<Listed>,
+        /// The tasks to leave, by task id. A task stays here until ECS has stopped it
+        /// (and [`FORGET_AFTER`] more), or until ECS's own figures want it back.
+        leaving: BTreeMap<String, Leave>,
+        /// The tasks ECS is stopping or has stopped (`ListTasks` with desired status
+        /// STOPPED), by the digest of their id, sorted.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        stopping: Vec<String>,
     },
 }
 
@@ -79,49 +81,42 @@ impl Default for Verdict {
     fn default() -> Self {
         Self::On {
             leaving: BTreeMap::new(),
-            listed: None,
+            stopping: Vec::new(),
         }
     }
 }
 
-/// The tasks whose desired status was RUNNING at one listing: a task not among them
-/// although it started before is being stopped by ECS.
+/// One task's leave.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Listed {
-    /// When they were listed.
-    pub at: u64,
-    /// The first characters of their ids, sorted.
-    pub ids: Vec<String>,
+pub struct Leave {
+    /// Why it leaves.
+    pub reason: LeaveReason,
+    /// When it was told to.
+    pub since: u64,
+    /// When ECS last listed it among the tasks it wants running.
+    pub seen: u64,
 }
 
-impl Listed {
-    /// The listing of `ids` at `at`.
-    #[must_use]
-    pub fn new<'a>(at: SystemTime, ids: impl IntoIterator<Item = &'a str>) -> Self {
-        let mut ids: Vec<String> = ids.into_iter().map(|id| prefix(id).to_owned()).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        Self {
-            at: millis(at),
-            ids,
-        }
-    }
-
-    /// Whether the task with this id was listed.
-    #[must_use]
-    pub fn contains(&self, id: &str) -> bool {
-        self.ids
-            .binary_search_by(|p| p.as_str().cmp(prefix(id)))
-            .is_ok()
-    }
+/// The digests of `ids`, sorted, for the list of stopping tasks.
+#[must_use]
+pub(super) fn digests<'a>(ids: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut out: Vec<String> = ids.into_iter().map(digest).collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
-fn prefix(id: &str) -> &str {
-    let end = id
-        .char_indices()
-        .nth(ID_PREFIX)
-        .map_or(id.len(), |(i, _)| i);
-    &id[..end]
+/// The 64-bit FNV-1a hash of `id`, its first [`ID_DIGITS`] hex digits: stable across
+/// builds, so that every task reads the list the same way.
+fn digest(id: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in id.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut hex = format!("{hash:016x}");
+    hex.truncate(ID_DIGITS);
+    hex
 }
 
 /// What a decision remembers for the next one.
@@ -139,9 +134,13 @@ pub struct Memory {
     #[serde(default)]
     pub primary: Option<PrimaryWatch>,
     /// What the service looked like at the last listing of its tasks
-    /// ([`ServiceFacts::digest`](super::facts::ServiceFacts::digest)).
+    /// ([`ServiceFacts::digest`](super::facts::ServiceFacts::digest)), and when that
+    /// was.
     #[serde(default)]
     pub listed_digest: Option<String>,
+    /// When the tasks were last listed.
+    #[serde(default)]
+    pub listed_at: Option<u64>,
 }
 
 /// The PRIMARY deployment's failures, watched over time.
@@ -175,29 +174,21 @@ impl Record {
         millis(now) >= self.due_at
     }
 
-    /// What this record says to the task with id `task_id`, whose process started at
-    /// `started`: `None` when it says nothing new of that task (the task keeps what it
-    /// has). Only an explicit answer changes a task's mind:
-    /// - leaving, when the task is among those to leave;
-    /// - leaving because ECS is stopping it, when the tasks ECS wanted running were
-    ///   listed after the task started and it was not among them;
-    /// - wanted, when it was listed and is not among those to leave.
+    /// What this record says to the task with id `task_id`: leaving when it is named
+    /// among those to leave, or among those ECS is stopping; otherwise wanted, once a
+    /// decision has been made (`None` before: nothing is known yet).
     #[must_use]
-    pub fn membership_of(&self, task_id: &str, started: SystemTime) -> Option<Membership> {
-        let Verdict::On { leaving, listed } = &self.verdict else {
+    pub fn membership_of(&self, task_id: &str) -> Option<Membership> {
+        let Verdict::On { leaving, stopping } = &self.verdict else {
             return Some(Membership::Wanted);
         };
-        if let Some(reason) = leaving.get(task_id) {
-            return Some(Membership::Leaving(reason.clone()));
+        if let Some(leave) = leaving.get(task_id) {
+            return Some(Membership::Leaving(leave.reason.clone()));
         }
-        let listed = listed.as_ref()?;
-        if listed.contains(task_id) {
-            Some(Membership::Wanted)
-        } else if time(listed.at) > started + CLOCK_MARGIN {
-            Some(Membership::Leaving(LeaveReason::Stopping))
-        } else {
-            None
+        if stopping.binary_search(&digest(task_id)).is_ok() {
+            return Some(Membership::Leaving(LeaveReason::Stopping));
         }
+        (self.decided_at > 0).then_some(Membership::Wanted)
     }
 
     /// Why the drain is off for the service, when it is.
@@ -211,7 +202,7 @@ impl Record {
 
     /// The tasks to leave.
     #[must_use]
-    pub fn leaving(&self) -> Option<&BTreeMap<String, LeaveReason>> {
+    pub fn leaving(&self) -> Option<&BTreeMap<String, Leave>> {
         match &self.verdict {
             Verdict::On { leaving, .. } => Some(leaving),
             Verdict::Off { .. } => None,
@@ -248,61 +239,55 @@ impl Record {
 mod tests {
     use super::*;
 
-    fn record(leaving: &[(&str, LeaveReason)], listed: Option<Listed>) -> Record {
+    fn record(leaving: &[(&str, LeaveReason)], stopping: &[&str]) -> Record {
         Record {
+            decided_at: 1,
             verdict: Verdict::On {
                 leaving: leaving
                     .iter()
-                    .map(|(id, r)| ((*id).to_owned(), r.clone()))
+                    .map(|(id, r)| {
+                        (
+                            (*id).to_owned(),
+                            Leave {
+                                reason: r.clone(),
+                                since: 0,
+                                seen: 0,
+                            },
+                        )
+                    })
                     .collect(),
-                listed,
+                stopping: digests(stopping.iter().copied()),
             },
             ..Record::first(UNIX_EPOCH)
         }
     }
 
     #[test]
-    fn only_an_explicit_answer_changes_a_task_s_mind() {
-        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
-        let listed = Listed::new(t0, ["aaaaaaaaaaaaaaaa1", "bbbbbbbbbbbbbbbb2"]);
-        let r = record(
-            &[(
-                "bbbbbbbbbbbbbbbb2",
-                LeaveReason::Surplus {
-                    running: 2,
-                    desired: 1,
-                },
-            )],
-            Some(listed),
-        );
+    fn a_task_is_leaving_when_named_and_wanted_otherwise() {
+        let surplus = LeaveReason::Surplus {
+            running: 2,
+            desired: 1,
+        };
+        let r = record(&[("b", surplus.clone())], &["c"]);
+        assert_eq!(r.membership_of("a"), Some(Membership::Wanted));
+        assert_eq!(r.membership_of("b"), Some(Membership::Leaving(surplus)));
         assert_eq!(
-            r.membership_of("aaaaaaaaaaaaaaaa1", t0),
-            Some(Membership::Wanted)
-        );
-        assert!(
-            r.membership_of("bbbbbbbbbbbbbbbb2", t0)
-                .is_some_and(|m| m.is_leaving())
-        );
-        // Started long before the listing and not in it: ECS is stopping it.
-        assert_eq!(
-            r.membership_of("cccccccccccccccc3", t0 - Duration::from_secs(60)),
+            r.membership_of("c"),
             Some(Membership::Leaving(LeaveReason::Stopping))
         );
-        // Started about when the listing was made: nothing is known of it yet.
-        assert_eq!(r.membership_of("cccccccccccccccc3", t0), None);
-        // Nothing listed yet: nothing to say of a task not leaving.
-        assert_eq!(
-            record(&[], None).membership_of("aaaaaaaaaaaaaaaa1", t0),
-            None
-        );
+        // Before any decision, nothing is known.
+        assert_eq!(Record::first(UNIX_EPOCH).membership_of("a"), None);
+        // Off: wanted.
+        let off = Record {
+            verdict: Verdict::Off { why: "x".into() },
+            ..Record::first(UNIX_EPOCH)
+        };
+        assert_eq!(off.membership_of("a"), Some(Membership::Wanted));
     }
 
     #[test]
     fn the_json_form_round_trips_and_refuses_other_schemas() {
-        let r = record(
-            &[("a", LeaveReason::Stopping)],
-            Some(Listed::new(UNIX_EPOCH, ["a", "b"])),
-        );
+        let r = record(&[("a", LeaveReason::Stopping)], &["b"]);
         assert_eq!(Record::from_json(&r.to_json()), Ok(r.clone()));
         let other = r.to_json().replace("\"v\":1", "\"v\":2");
         assert!(Record::from_json(&other).is_err());
@@ -310,12 +295,18 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_compared_by_their_prefix() {
-        let listed = Listed::new(UNIX_EPOCH, ["0123456789abcdef0123456789abcdef", "x"]);
-        assert!(listed.contains("0123456789abcdef0123456789abcdef"));
-        assert!(listed.contains("x"));
-        assert!(listed.contains("0123456789abXXXX"));
-        assert!(!listed.contains("0123456789acdef"));
-        assert_eq!(listed.ids, ["0123456789ab", "x"]);
+    fn ids_are_compared_by_a_stable_hash_not_their_first_characters() {
+        let r = record(&[], &["000000000000000000000000a0000001", "x"]);
+        assert!(
+            r.membership_of("000000000000000000000000a0000001")
+                .is_some_and(|m| m.is_leaving())
+        );
+        // Ids that share their first characters are told apart.
+        assert_eq!(
+            r.membership_of("000000000000000000000000a0000002"),
+            Some(Membership::Wanted)
+        );
+        // The same digest in every build: FNV-1a of "x".
+        assert_eq!(digests(["x"]), ["af63f54c8602"]);
     }
 }

@@ -41,7 +41,6 @@ impl Drain {
         let api = EcsService::from_env().await;
         let (drain, out) = Self::on();
         let clock = Clock::new();
-        let started = clock.now();
         tokio::spawn(async move {
             let service = match settings.service() {
                 Some(service) => service.to_owned(),
@@ -58,7 +57,6 @@ impl Drain {
                 id: task_id(&identity.task_arn).to_owned(),
                 cluster: identity.cluster.clone(),
                 service,
-                started,
             };
             match settings.table() {
                 Some(table) => {

@@ -34,28 +34,37 @@ pub(super) struct Me {
     pub(super) service: String,
     /// The task's id, the last part of its ARN.
     pub(super) id: String,
-    /// When this process started, on the clock below.
-    pub(super) started: SystemTime,
 }
 
-/// The wall clock, moving with tokio's time (so that tests on paused time see time
-/// pass in the records too).
+/// The wall clock the drain reads: the system's at creation, then moving with tokio's
+/// time, so that records age in a test or simulation on paused time too. Watchers
+/// simulated in one process share one, so that their clocks agree.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Clock {
+pub struct Clock {
     wall: SystemTime,
     at: Instant,
 }
 
 impl Clock {
-    pub(super) fn new() -> Self {
+    /// The system's wall clock now, moving on with tokio's time.
+    #[must_use]
+    pub fn new() -> Self {
         Self {
             wall: SystemTime::now(),
             at: Instant::now(),
         }
     }
 
-    pub(super) fn now(&self) -> SystemTime {
+    /// The time now.
+    #[must_use]
+    pub fn now(&self) -> SystemTime {
         self.wall + self.at.elapsed()
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -340,7 +349,7 @@ impl<A: ServiceApi, S: VerdictStore> Watcher<A, S> {
             self.turn_off();
             return false;
         }
-        if let Some(membership) = record.membership_of(&self.me.id, self.me.started) {
+        if let Some(membership) = record.membership_of(&self.me.id) {
             self.publish(membership);
         }
         true

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use super::View;
 use crate::drain::LeaveReason;
 use crate::drain::facts::{DeploymentFacts, Rollout, TaskFacts};
+use crate::drain::record::Leave;
 use crate::drain::record::time;
 
 /// `a * percent / 100`, rounded down (ECS rounds maximumPercent down).
@@ -26,7 +27,7 @@ impl View<'_> {
         &self,
         primary: &DeploymentFacts,
         old: &[&TaskFacts],
-        already: &BTreeMap<String, LeaveReason>,
+        already: &BTreeMap<String, Leave>,
     ) -> Vec<(String, LeaveReason)> {
         if primary.rollout == Rollout::Failed {
             // The circuit breaker tripped: a rollback may need every old task.

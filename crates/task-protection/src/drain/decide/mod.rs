@@ -36,14 +36,17 @@ use std::time::{Duration, SystemTime};
 
 use super::LeaveReason;
 use super::facts::{Controller, Facts, Health, Strategy, TaskFacts};
-use super::record::{Listed, Memory, PrimaryWatch, Record, Verdict, millis, time};
+use super::record::{
+    FORGET_AFTER, Leave, Memory, PrimaryWatch, Record, Verdict, digests, millis, time,
+};
 
 /// How the decision judges readiness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rules {
     /// How long, past the service's health check grace period, a new task must have
     /// run before it counts as ready: long enough for the load balancer to find it
-    /// unhealthy and ECS to replace it, had it been.
+    /// unhealthy and ECS to replace it, had it been (for a service behind one, or
+    /// whose containers have no health check).
     pub settle: Duration,
 }
 
@@ -85,26 +88,81 @@ pub fn decide(facts: &Facts, prev: &Record, rules: &Rules, now: SystemTime) -> D
         };
     };
     let view = View::new(facts, tasks, rules, &memory, now);
-    let already: BTreeMap<String, LeaveReason> = prev
-        .leaving()
-        .map(|l| {
-            l.iter()
-                .filter(|(id, _)| view.wanted.iter().any(|t| t.id() == id.as_str()))
-                .map(|(id, r)| (id.clone(), r.clone()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let leaving = view.leaving(&already);
-    let listed = Listed::new(now, view.wanted.iter().map(|t| t.id()));
+    let before = prev.leaving().cloned().unwrap_or_default();
+    let chosen = view.leaving(&before);
+    let leaving = keep(&view, before, chosen, recalled(facts, &prev.memory), now);
+    let stopping = digests(
+        facts
+            .stopped
+            .iter()
+            .map(String::as_str)
+            .chain(tasks.iter().filter(|t| t.stopping).map(TaskFacts::id)),
+    );
     let busy = !service.at_rest() || !leaving.is_empty();
     Decision {
-        verdict: Verdict::On {
-            leaving,
-            listed: Some(listed),
-        },
+        verdict: Verdict::On { leaving, stopping },
         memory,
         busy,
     }
+}
+
+/// ECS's own figures want tasks back: the desired count rose, the PRIMARY deployment
+/// failed, or a traffic-shifting deployment rolls back.
+fn recalled(facts: &Facts, before: &Memory) -> bool {
+    let service = &facts.service;
+    before.desired.is_some_and(|d| service.desired > d)
+        || service
+            .primary()
+            .is_some_and(|p| p.rollout == super::facts::Rollout::Failed)
+        || facts
+            .shift
+            .as_ref()
+            .is_some_and(|s| s.status.starts_with("ROLLBACK") || s.status.starts_with("STOP"))
+}
+
+/// The next leaves: those the rules chose, and of the earlier ones, a task that has let
+/// go stays gone: while ECS still wants it running, unless ECS's figures want it back
+/// (`recall`); once ECS no longer lists it, for [`FORGET_AFTER`].
+fn keep(
+    view: &View<'_>,
+    before: BTreeMap<String, Leave>,
+    chosen: BTreeMap<String, LeaveReason>,
+    recall: bool,
+    now: SystemTime,
+) -> BTreeMap<String, Leave> {
+    let at = millis(now);
+    let mut leaving: BTreeMap<String, Leave> = chosen
+        .into_iter()
+        .map(|(id, reason)| {
+            let leave = match before.get(&id) {
+                // The first reason stays: a task's mind is not changed by new numbers.
+                Some(l) => Leave {
+                    seen: at,
+                    ..l.clone()
+                },
+                None => Leave {
+                    reason,
+                    since: at,
+                    seen: at,
+                },
+            };
+            (id, leave)
+        })
+        .collect();
+    for (id, leave) in before {
+        if leaving.contains_key(&id) {
+            continue;
+        }
+        let wanted = view.wanted.iter().any(|t| t.id() == id);
+        if wanted {
+            if !recall {
+                leaving.insert(id, Leave { seen: at, ..leave });
+            }
+        } else if time(leave.seen) + FORGET_AFTER > now {
+            leaving.insert(id, leave);
+        }
+    }
+    leaving
 }
 
 fn off(controller: &Controller) -> Option<String> {
@@ -138,6 +196,7 @@ fn remember(facts: &Facts, before: &Memory, now: SystemTime) -> Memory {
     });
     if facts.tasks.is_some() {
         memory.listed_digest = Some(service.digest());
+        memory.listed_at = Some(millis(now));
     }
     memory
 }
@@ -180,9 +239,18 @@ impl<'a> View<'a> {
     }
 
     /// Running long enough past the grace period for a failing load balancer check to
-    /// have had it replaced.
+    /// have had it replaced. Without a load balancer, a container health check is the
+    /// whole of ECS's view: a task it finds HEALTHY is settled at once (a task without
+    /// any check still waits the settle time, as ECS waits before it counts one
+    /// healthy).
     fn settled(&self, task: &TaskFacts) -> bool {
-        let age = self.facts.service.grace + self.rules.settle;
+        let service = &self.facts.service;
+        let settle = if service.load_balanced || !self.checked {
+            self.rules.settle
+        } else {
+            Duration::ZERO
+        };
+        let age = service.grace + settle;
         task.running && task.started_at.is_some_and(|s| s + age <= self.now)
     }
 
@@ -196,7 +264,7 @@ impl<'a> View<'a> {
         healthy && self.settled(task)
     }
 
-    fn leaving(&self, already: &BTreeMap<String, LeaveReason>) -> BTreeMap<String, LeaveReason> {
+    fn leaving(&self, already: &BTreeMap<String, Leave>) -> BTreeMap<String, LeaveReason> {
         let service = &self.facts.service;
         let primary = service.primary();
         let old: Vec<&TaskFacts> = self
@@ -230,7 +298,7 @@ impl<'a> View<'a> {
     }
 
     /// Scale-in: exactly the surplus, in ECS's order, those already leaving first.
-    fn surplus(&self, already: &BTreeMap<String, LeaveReason>) -> Vec<(String, LeaveReason)> {
+    fn surplus(&self, already: &BTreeMap<String, Leave>) -> Vec<(String, LeaveReason)> {
         let desired = usize::try_from(self.facts.service.desired).unwrap_or(usize::MAX);
         let surplus = self.serving.len().saturating_sub(desired);
         let sticky = self

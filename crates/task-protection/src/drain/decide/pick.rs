@@ -9,8 +9,8 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
 
-use crate::drain::LeaveReason;
 use crate::drain::facts::{Health, ServiceFacts, TaskFacts};
+use crate::drain::record::Leave;
 
 pub(super) struct Order<'a> {
     pub(super) service: &'a ServiceFacts,
@@ -60,7 +60,7 @@ impl Order<'_> {
         candidates: &[&'t TaskFacts],
         serving: &[&'t TaskFacts],
         count: usize,
-        already: &BTreeMap<String, LeaveReason>,
+        already: &BTreeMap<String, Leave>,
     ) -> Vec<&'t TaskFacts> {
         let mut zones: BTreeMap<Option<&str>, usize> = BTreeMap::new();
         for t in serving {

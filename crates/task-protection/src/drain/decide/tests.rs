@@ -4,6 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::*;
 use crate::drain::Membership;
 use crate::drain::facts::{DeploymentFacts, Rollout, ServiceFacts, ShiftFacts};
+use crate::drain::record::Leave;
 
 const RULES: Rules = Rules {
     settle: Duration::from_secs(30),
@@ -49,6 +50,7 @@ fn service(desired: u32, deployments: Vec<DeploymentFacts>) -> ServiceFacts {
         grace: Duration::ZERO,
         deployments,
         current_deployment: None,
+        load_balanced: true,
     }
 }
 
@@ -74,6 +76,7 @@ fn facts(service: ServiceFacts, tasks: Vec<TaskFacts>) -> Facts {
         tasks: Some(tasks),
         draining_instances: BTreeSet::new(),
         shift: None,
+        stopped: BTreeSet::new(),
     }
 }
 
@@ -98,20 +101,25 @@ impl Verdict {
 fn prev(desired: u32, leaving: &[&str]) -> Record {
     let mut r = Record::first(at(0));
     r.memory.desired = Some(desired);
+    r.decided_at = 1;
     r.verdict = Verdict::On {
         leaving: leaving
             .iter()
             .map(|id| {
                 (
                     (*id).to_owned(),
-                    LeaveReason::Surplus {
-                        running: 0,
-                        desired: 0,
+                    Leave {
+                        reason: LeaveReason::Surplus {
+                            running: 0,
+                            desired: 0,
+                        },
+                        since: 0,
+                        seen: millis(now()),
                     },
                 )
             })
             .collect(),
-        listed: None,
+        stopping: Vec::new(),
     };
     r
 }
@@ -129,10 +137,11 @@ fn a_steady_service_wants_every_task_and_lists_them() {
     let d = decide_now(&f, &prev(2, &[]));
     assert!(leaving(&d).is_empty());
     let record = Record {
+        decided_at: millis(now()),
         verdict: d.verdict,
         ..Record::first(now())
     };
-    assert_eq!(record.membership_of("a", at(0)), Some(Membership::Wanted));
+    assert_eq!(record.membership_of("a"), Some(Membership::Wanted));
 }
 
 #[test]
@@ -265,7 +274,7 @@ fn an_old_task_leaves_only_once_the_primary_has_ready_tasks_to_take_its_place() 
     assert_eq!(leaving(&d), ["o1", "o2"]);
     assert!(matches!(
         &d.verdict,
-        Verdict::On { leaving, .. } if leaving["o1"] == LeaveReason::Replaced {
+        Verdict::On { leaving, .. } if leaving["o1"].reason == LeaveReason::Replaced {
             deployment: "old".into(), primary: "new".into()
         }
     ));
@@ -383,20 +392,53 @@ fn code_deploy_and_external_controllers_turn_the_drain_off() {
 }
 
 #[test]
-fn a_task_ecs_is_stopping_is_not_listed_and_learns_it_is_gone() {
+fn a_task_ecs_is_stopping_learns_it_from_either_listing() {
+    // b is described as stopping; c is no longer listed as wanted but as stopped.
     let mut tasks = vec![task("a", "d1", "z1", 0), task("b", "d1", "z1", 0)];
     tasks[1].stopping = true;
-    let f = facts(service(1, vec![deployment("d1", true, 1, 0)]), tasks);
+    let mut f = facts(service(1, vec![deployment("d1", true, 1, 0)]), tasks);
+    f.stopped.insert("c".into());
     let d = decide_now(&f, &prev(1, &[]));
     let record = Record {
+        decided_at: millis(now()),
         verdict: d.verdict,
         ..Record::first(now())
     };
-    assert_eq!(
-        record.membership_of("b", at(0)),
-        Some(Membership::Leaving(LeaveReason::Stopping))
+    for id in ["b", "c"] {
+        assert_eq!(
+            record.membership_of(id),
+            Some(Membership::Leaving(LeaveReason::Stopping)),
+            "{id}"
+        );
+    }
+    assert_eq!(record.membership_of("a"), Some(Membership::Wanted));
+}
+
+#[test]
+fn a_task_that_has_left_stays_named_until_long_after_ecs_stopped_it() {
+    let s = service(1, vec![deployment("d1", true, 1, 0)]);
+    // x left earlier; now neither listing shows it (it stopped a while ago).
+    let f = facts(s.clone(), vec![task("a", "d1", "z1", 0)]);
+    let d = decide_now(&f, &prev(1, &["x"]));
+    assert_eq!(leaving(&d), ["x"]);
+    let d = decide(
+        &f,
+        &prev(1, &["x"]),
+        &RULES,
+        now() + Duration::from_secs(3_601),
     );
-    assert_eq!(record.membership_of("a", at(0)), Some(Membership::Wanted));
+    assert!(leaving(&d).is_empty());
+}
+
+#[test]
+fn a_listing_that_misses_tasks_never_brings_one_back() {
+    // Two of three leave for a scale-in 3 -> 1; a listing made while ECS stopped one
+    // shows only two tasks, one of them leaving: the other leaver is not recalled.
+    let mut s = service(1, vec![deployment("d1", true, 1, 0)]);
+    s.running = 2;
+    let tasks = vec![task("a", "d1", "z1", 1), task("c", "d1", "z1", 3)];
+    let d = decide_now(&facts(s, tasks), &prev(1, &["a", "b"]));
+    assert_eq!(leaving(&d), ["a", "b"]);
 }
 
 #[test]
@@ -407,8 +449,25 @@ fn without_a_listing_the_last_verdict_stands() {
         tasks: None,
         draining_instances: BTreeSet::new(),
         shift: None,
+        stopped: BTreeSet::new(),
     };
     let p = prev(2, &["x"]);
     let d = decide_now(&f, &p);
     assert_eq!(leaving(&d), ["x"]);
+}
+
+#[test]
+fn without_a_load_balancer_a_healthy_container_is_ready_at_once() {
+    let (mut s, mut tasks) = rolling(2, 100, 200, &["o1", "o2"], &[("n1", 9_999), ("n2", 9_999)]);
+    s.load_balanced = false;
+    for t in &mut tasks {
+        t.health = Health::Healthy;
+    }
+    assert_eq!(
+        leaving(&decide_now(&facts(s.clone(), tasks.clone()), &prev(2, &[]))),
+        ["o1", "o2"]
+    );
+    // Behind a load balancer it still waits: its targets may yet fail.
+    s.load_balanced = true;
+    assert!(leaving(&decide_now(&facts(s, tasks), &prev(2, &[]))).is_empty());
 }
