@@ -11,9 +11,10 @@
 //! as before) and once with the drain on, the clients connected for two minutes before
 //! the change and the run going on for a minute after it. Reported: the time until the
 //! service runs what it wants (or "not within" the limit), the longest any client went
-//! without a server, and the ECS API calls per task per minute, over the two steady
-//! minutes and over every task's whole life. Loopback only; stops by itself within
-//! about twenty minutes.
+//! without a server, the ECS API calls per task per minute, over the two steady
+//! minutes and over every task's whole life, and, after the change, the tasks ECS
+//! stopped for failing a health check and the tasks it started to replace them or to
+//! rebalance zones. Loopback only; stops by itself within about twenty minutes.
 //!
 //! ```text
 //! cargo build --release -p websocket -p e2e --bins --examples
@@ -23,7 +24,7 @@
 use std::time::{Duration, Instant};
 
 use e2e::crowd::Crowd;
-use e2e::sim::{Model, SimConfig, Simulator};
+use e2e::sim::{Model, SimConfig, Simulator, StartReason};
 
 struct Outcome {
     done: Option<Duration>,
@@ -31,6 +32,11 @@ struct Outcome {
     steady_calls_per_task_minute: f64,
     calls_per_task_minute: f64,
     sigkills: u64,
+    /// Tasks ECS stopped for failing a health check, after the change.
+    unhealthy_stops: usize,
+    /// Tasks ECS started after the change that the change did not ask for
+    /// (replacements of unhealthy tasks, zone rebalancing).
+    extra_starts: usize,
 }
 
 /// Before the change: clients connected, nothing happening.
@@ -103,6 +109,7 @@ async fn run(
     tokio::time::sleep(STEADY).await;
     let steady_calls = total_calls(&sim.model()) - calls_before;
     let start = Instant::now();
+    let changed_at = sim.now();
     change(&sim);
     let mut finished = None;
     while start.elapsed() < limit {
@@ -121,6 +128,26 @@ async fn run(
             / (tasks as f64 * STEADY.as_secs_f64() / 60.0),
         calls_per_task_minute: calls_per_task_minute(&m),
         sigkills: m.sigkills,
+        unhealthy_stops: m
+            .tasks
+            .iter()
+            .filter(|t| {
+                t.stop
+                    .as_ref()
+                    .is_some_and(|s| s.at >= changed_at && s.reason.unhealthy())
+            })
+            .count(),
+        extra_starts: m
+            .tasks
+            .iter()
+            .filter(|t| {
+                t.created_at >= changed_at
+                    && matches!(
+                        t.start_reason,
+                        StartReason::Unhealthy | StartReason::Rebalancing
+                    )
+            })
+            .count(),
     }
 }
 
@@ -130,21 +157,23 @@ fn row(what: &str, drain: bool, limit: Duration, o: &Outcome) {
         |d| format!("{:.1} s", d.as_secs_f64()),
     );
     println!(
-        "| {what} | {} | {done} | {:.1} s | {:.2} | {:.2} | {} |",
+        "| {what} | {} | {done} | {:.1} s | {:.2} | {:.2} | {} | {} | {} |",
         if drain { "on" } else { "off" },
         o.longest_gap.as_secs_f64(),
         o.steady_calls_per_task_minute,
         o.calls_per_task_minute,
-        o.sigkills
+        o.sigkills,
+        o.unhealthy_stops,
+        o.extra_starts
     );
 }
 
 #[tokio::main]
 async fn main() {
     println!(
-        "| scenario | drain | until the service runs what it wants | longest gap a client saw | ECS API calls per task per minute, steady | the same, over every task's life | SIGKILLs |"
+        "| scenario | drain | until the service runs what it wants | longest gap a client saw | ECS API calls per task per minute, steady | the same, over every task's life | SIGKILLs | tasks stopped for failed health checks | replacements and rebalancing starts |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for drain in [false, true] {
         let limit = Duration::from_secs(120);
         let o = run(

@@ -384,3 +384,44 @@ fn a_fleet_of_1000_tasks_starts_and_scales_in_to_700_evenly_over_three_zones() {
     assert!(a.max(b).max(c) - a.min(b).min(c) <= 1, "{a} {b} {c}");
     assert_eq!(w.m.started_since(secs(0), StartReason::Unhealthy), 0);
 }
+
+#[test]
+fn failures_within_the_grace_period_are_ignored() {
+    let mut s = fast(2);
+    s.health_check_grace = secs(30);
+    let mut w = World::steady(s);
+    let sick = w.wanted()[0].clone();
+    w.refusing.insert(sick.clone());
+    w.run(secs(15));
+    assert_eq!(
+        w.m.task(&sick).unwrap().target_state(),
+        Some(TargetState::Unhealthy)
+    );
+    assert_eq!(w.m.started_since(secs(0), StartReason::Unhealthy), 0);
+    assert!(w.m.task(&sick).unwrap().replacing.is_none());
+    w.run_until(secs(30), |m| {
+        m.started_since(secs(0), StartReason::Unhealthy) == 1
+    });
+}
+
+#[test]
+fn a_new_target_gets_no_connection_until_it_passes_its_checks() {
+    let mut w = World::steady(fast(1));
+    w.m.set_desired(2);
+    let new = loop {
+        w.tick();
+        if let Some(t) =
+            w.m.tasks
+                .iter()
+                .find(|t| t.target_state() == Some(TargetState::Initial))
+        {
+            break t.id.clone();
+        }
+        assert!(w.now() < secs(60));
+    };
+    assert!(w.m.routable().iter().all(|(id, _)| *id != new));
+    w.run_until(secs(10), |m| {
+        m.task(&new).unwrap().target_state() == Some(TargetState::Healthy)
+    });
+    assert!(w.m.routable().iter().any(|(id, _)| *id == new));
+}
