@@ -147,7 +147,7 @@ impl ProtectionArgs {
     /// read from the environment.
     #[must_use]
     pub fn backend_config(&self) -> BackendConfig {
-        BackendConfig::from_env(self.backend)
+        BackendConfig::from_env_with_kind(self.backend)
     }
 }
 
@@ -328,7 +328,7 @@ fn namespace(raw: &str) -> Result<String, SettingsError> {
     metrics_emf::check_namespace(raw)
         .map(|()| raw.to_owned())
         .map_err(|reason| SettingsError::Invalid {
-            variable: "METRICS_NAMESPACE",
+            name: "METRICS_NAMESPACE",
             value: raw.to_owned(),
             reason,
         })
@@ -344,7 +344,7 @@ fn dimension(
         metrics_emf::check_dimension(name, raw)
             .map(|()| raw.to_owned())
             .map_err(|reason| SettingsError::Invalid {
-                variable,
+                name: variable,
                 value: raw.to_owned(),
                 reason,
             })
@@ -407,14 +407,15 @@ impl MetricsArgs {
             .clone()
             .or_else(|| var("COPILOT_ENVIRONMENT_NAME"))
             .unwrap_or_default();
-        Some(
-            metrics_emf::EmfConfig::new(
-                self.metrics_namespace.clone(),
-                Duration::from_secs(self.metrics_interval_seconds),
-            )
+        // The parsers checked the namespace and the interval; should the two ever
+        // disagree, metrics are off with a warning rather than the service down.
+        metrics_emf::EmfConfig::builder(self.metrics_namespace.clone())
+            .interval(Duration::from_secs(self.metrics_interval_seconds))
             .dimension("Service", service)
-            .dimension("Environment", environment),
-        )
+            .dimension("Environment", environment)
+            .build()
+            .inspect_err(|e| tracing::warn!("EMF metrics are off: {e}"))
+            .ok()
     }
 
     /// Installs the EMF recorder as the process's `metrics` recorder and starts

@@ -73,21 +73,29 @@
 )]
 
 pub mod backend;
+mod chain;
 #[cfg(feature = "cli")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
 pub mod cli;
 pub mod drain;
 mod driver;
+#[cfg(any(feature = "ecs-api", feature = "drain"))]
+mod ecs_client;
 #[cfg(feature = "tower")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub mod layer;
+#[cfg(any(feature = "agent", feature = "ecs-api", feature = "drain"))]
+mod link_local;
 mod machine;
 #[cfg(any(feature = "ecs-api", feature = "drain"))]
-mod metadata;
+#[cfg_attr(docsrs, doc(cfg(any(feature = "ecs-api", feature = "drain"))))]
+pub mod metadata;
 pub mod metrics;
 mod protection;
 pub mod settings;
 mod state;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
 #[cfg(feature = "agent")]
@@ -100,6 +108,10 @@ pub use backend::{
     AnyBackend, Backend, BackendConfig, BackendConfigError, BackendKind, Grant, LocalBackend,
     ProtectionError, ProtectionRequest, Rejection, ThrottledBy,
 };
+pub use chain::ErrorChain;
+#[cfg(any(feature = "ecs-api", feature = "drain"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "ecs-api", feature = "drain"))))]
+pub use ecs_client::EcsClient;
 #[cfg(any(feature = "ecs-api", feature = "drain"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "ecs-api", feature = "drain"))))]
 pub use metadata::TaskIdentity;

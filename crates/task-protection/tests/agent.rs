@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use task_protection::{
-    AcquireError, AgentBackend, Backend, BackendConfig, BackendKind, ProtectionError,
+    AcquireError, AgentBackend, AnyBackend, Backend, BackendConfig, BackendKind, ProtectionError,
     ProtectionEvent, ProtectionRequest, ProtectionSettings, ShutdownReport, TaskProtection,
     ThrottledBy,
 };
@@ -133,11 +133,11 @@ async fn assert_rejected(answer: ResponseTemplate, reason: &str) {
     let err = p.acquire().await.unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(1), "prompt");
     assert!(
-        matches!(&err, AcquireError::Rejected(r) if r.reason == reason),
+        matches!(&err, AcquireError::Rejected(r) if r.reason() == reason),
         "{err}"
     );
     assert!(
-        matches!(events.recv().await, Some(ProtectionEvent::Rejected(r)) if r.reason == reason)
+        matches!(events.recv().await, Some(ProtectionEvent::Rejected(r)) if r.reason() == reason)
     );
     assert_eq!(
         server.received_requests().await.unwrap().len(),
@@ -226,10 +226,13 @@ fn agent_limit() -> ResponseTemplate {
         .set_body_string("You have reached maximum request limit.")
 }
 
+/// ECS throttling reaches the agent's SDK, which retries inside its budget: an
+/// earlier try may have gone through, so the final throttle may have been applied.
 #[tokio::test]
-async fn throttling_exception_400_is_retried() {
+async fn throttling_exception_400_is_retried_and_may_have_been_applied() {
     assert_retried(error(400, "ThrottlingException", "Rate exceeded"), |e| {
-        matches!(e, ProtectionError::Throttled { by: ThrottledBy::Ecs, message } if message == "Rate exceeded")
+        matches!(e, ProtectionError::Throttled { by: ThrottledBy::EcsThroughAgent, message } if message == "Rate exceeded")
+            && e.maybe_applied()
     })
     .await;
 }
@@ -238,8 +241,64 @@ async fn throttling_exception_400_is_retried() {
 async fn agent_429_text_plain_is_retried() {
     assert_retried(agent_limit(), |e| {
         matches!(e, ProtectionError::Throttled { by: ThrottledBy::Agent, message } if message.contains("maximum request limit"))
+            && !e.maybe_applied()
     })
     .await;
+}
+
+/// A wrong `ECS_AGENT_URI` reaches the agent's router, which answers a path it does
+/// not know with a plain-text 404 (a method it does not serve there with an empty
+/// 405): a configuration error, said once, naming the variable, and never retried.
+#[tokio::test]
+async fn a_router_answer_is_a_configuration_error_said_once_and_not_retried() {
+    for (status, body) in [(404, "404 page not found\n"), (405, ""), (301, "")] {
+        let server = MockServer::start().await;
+        Mock::given(method("PUT"))
+            .respond_with(
+                ResponseTemplate::new(status)
+                    .insert_header("content-type", "text/plain; charset=utf-8")
+                    .set_body_string(body),
+            )
+            .mount(&server)
+            .await;
+        let uri = format!("{}/api/task-id", server.uri());
+        let config =
+            BackendConfig::from_vars(|name| (name == "ECS_AGENT_URI").then(|| uri.clone()))
+                .unwrap();
+        let p = TaskProtection::connect(&config, fast_settings())
+            .await
+            .unwrap();
+        let err = p.acquire().await.unwrap_err();
+        let AcquireError::Misconfigured(cause) = &err else {
+            panic!("{status}: {err:?}")
+        };
+        assert!(!cause.is_transient(), "{cause:?}");
+        assert!(!cause.maybe_applied(), "{cause:?}");
+        let text = task_protection::ErrorChain(&err).to_string();
+        assert!(text.contains("check ECS_AGENT_URI"), "{text}");
+        assert!(text.contains(&format!("HTTP {status}")), "{text}");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        // More holders, and time: nothing more is sent.
+        let _held = p.hold();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(matches!(
+            p.acquire().await,
+            Err(AcquireError::Misconfigured(_))
+        ));
+        assert_eq!(
+            server.received_requests().await.unwrap().len(),
+            1,
+            "{status}: retried"
+        );
+        assert_eq!(p.counters().retries, 0);
+        assert_eq!(p.current().phase, task_protection::Phase::Misconfigured);
+        assert!(matches!(p.shutdown().await, ShutdownReport::Failed(_)));
+        assert_eq!(
+            server.received_requests().await.unwrap().len(),
+            1,
+            "{status}: at shutdown"
+        );
+    }
 }
 
 #[tokio::test]
@@ -272,7 +331,7 @@ async fn connection_refused_is_transient_and_cannot_have_been_applied() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, ProtectionError::Unreachable(m) if !m.is_empty()),
+        matches!(&err, ProtectionError::Unreachable { message, source: Some(_) } if !message.is_empty()),
         "{err:?}"
     );
     assert!(err.is_transient());
@@ -311,7 +370,6 @@ async fn a_malformed_answer_is_an_error_quoting_the_body() {
         (200, "<html><body>proxy error</body></html>"),
         (200, r#"{"protection":{"ProtectionEnabled":"yes"}}"#),
         (200, r#"{"something":"else"}"#),
-        (418, "I'm a teapot"),
     ] {
         server.reset().await;
         answer_once(&server, ResponseTemplate::new(status).set_body_string(body)).await;
@@ -340,12 +398,33 @@ async fn a_malformed_answer_is_an_error_quoting_the_body() {
     assert!(err.to_string().len() < 500);
 }
 
-#[test]
-fn a_bad_agent_uri_is_a_clear_error() {
+/// A bad URI is named where it came from: the variable when it was read from the
+/// environment, the call that set it otherwise.
+#[tokio::test]
+async fn a_bad_agent_uri_is_a_clear_error_naming_where_it_came_from() {
     let err = AgentBackend::new("not a url").unwrap_err();
-    assert!(err.to_string().contains("ECS_AGENT_URI"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("AgentBackend::new=\"not a url\""),
+        "{err}"
+    );
     let err = AgentBackend::new("ftp://169.254.170.2/api").unwrap_err();
     assert!(err.to_string().contains("http"), "{err}");
+    let from_env =
+        BackendConfig::from_vars(|name| (name == "ECS_AGENT_URI").then(|| "not a url".to_owned()))
+            .unwrap();
+    let err = AnyBackend::connect(&from_env).await.unwrap_err();
+    assert!(
+        err.to_string().starts_with("ECS_AGENT_URI=\"not a url\""),
+        "{err}"
+    );
+    let in_code = BackendConfig::new(BackendKind::Agent).with_agent_uri("not a url");
+    let err = AnyBackend::connect(&in_code).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("BackendConfig::with_agent_uri=\"not a url\""),
+        "{err}"
+    );
 }
 
 /// The agent endpoint is plain http on a link-local address, and this client has no
@@ -354,22 +433,21 @@ fn a_bad_agent_uri_is_a_clear_error() {
 #[tokio::test]
 async fn an_https_agent_uri_is_refused_at_start() {
     let uri = "https://169.254.170.2/api/0123";
-    let err = AgentBackend::new(uri).unwrap_err();
-    let text = err.to_string();
-    assert!(text.starts_with("ECS_AGENT_URI=\"https://"), "{text}");
-    assert!(text.contains("https is not supported"), "{text}");
-    assert!(text.contains("plain http"), "{text}");
-    assert_eq!(text.lines().count(), 1, "{text}");
-    for kind in [BackendKind::Agent, BackendKind::Auto] {
-        let config = BackendConfig {
-            kind,
-            agent_uri: Some(uri.to_owned()),
-            metadata_uri: None,
-        };
+    for kind in ["agent", "auto"] {
+        let config = BackendConfig::from_vars(|name| match name {
+            "ECS_AGENT_URI" => Some(uri.to_owned()),
+            "TASK_PROTECTION_BACKEND" => Some(kind.to_owned()),
+            _ => None,
+        })
+        .unwrap();
         let err = TaskProtection::connect(&config, fast_settings())
             .await
             .unwrap_err();
-        assert_eq!(err.to_string(), text);
+        let text = err.to_string();
+        assert!(text.starts_with("ECS_AGENT_URI=\"https://"), "{text}");
+        assert!(text.contains("https is not supported"), "{text}");
+        assert!(text.contains("plain http"), "{text}");
+        assert_eq!(text.lines().count(), 1, "{text}");
     }
     // Upper case is the same scheme.
     assert!(AgentBackend::new("HTTPS://169.254.170.2/api/0123").is_err());

@@ -295,7 +295,7 @@ async fn a_websocket_upgrade_carries_its_guard_into_the_connection() {
                 get(
                     |upgrade: WebSocketUpgrade,
                      Extension(request): Extension<RequestProtection>| async move {
-                        let guard = request.hold();
+                        let guard = request.try_hold();
                         upgrade.on_upgrade(move |mut socket| async move {
                             while let Some(Ok(message)) = socket.recv().await {
                                 if let Message::Text(text) = message
@@ -399,7 +399,7 @@ async fn a_draining_task_serves_requests_without_protection() {
             "/job",
             get(
                 move |Extension(request): Extension<RequestProtection>| async move {
-                    let carried = request.hold();
+                    let carried = request.try_hold();
                     format!(
                         "holders={} carried={}",
                         observed.holders(),
