@@ -106,7 +106,6 @@ pub struct EmfConfig {
 impl EmfConfig {
     /// Metrics under `namespace`, written every minute unless
     /// [`interval`](EmfConfigBuilder::interval) says otherwise.
-    #[must_use]
     pub fn builder(namespace: impl Into<String>) -> EmfConfigBuilder {
         EmfConfigBuilder {
             config: Self {

@@ -1,9 +1,11 @@
-//! The ECS agent backend against a wiremock agent that answers as the real one does.
-//! One test per answer class; real sockets, so real (short) time.
+//! The ECS agent backend against a wiremock agent that answers as the real one does
+//! (every answer from the model in `testing::agent`, written from the agent's
+//! source). One test per answer class; real sockets, so real (short) time.
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
+use task_protection::testing::{Reply, agent};
 use task_protection::{
     AcquireError, AgentBackend, AnyBackend, Backend, BackendConfig, BackendKind, ProtectionError,
     ProtectionEvent, ProtectionRequest, ProtectionSettings, ShutdownReport, TaskProtection,
@@ -16,22 +18,36 @@ const STATE: &str = "/api/task-id/task-protection/v1/state";
 const ARN: &str = "arn:aws:ecs:us-east-1:123456789012:task/c/0123";
 
 fn ok_body(enabled: bool) -> Value {
-    let expiry = enabled.then(|| {
-        let t = std::time::SystemTime::now() + Duration::from_secs(60);
-        task_protection::rfc3339(t)
-    });
-    json!({"protection": {"ExpirationDate": expiry, "ProtectionEnabled": enabled, "TaskArn": ARN}})
+    let body = if enabled {
+        r#"{"ProtectionEnabled":true,"ExpiresInMinutes":1}"#
+    } else {
+        r#"{"ProtectionEnabled":false}"#
+    };
+    serde_json::from_str(&modelled_for(Reply::Ok, body.as_bytes()).body).unwrap()
 }
 
-fn error(status: u16, code: &str, message: &str) -> ResponseTemplate {
-    ResponseTemplate::new(status).set_body_json(json!({
-        "requestID": "req-1", "error": {"Arn": ARN, "Code": code, "Message": message}
-    }))
+/// The agent's answer to an enable when ECS does as `reply` says.
+fn modelled(reply: Reply) -> ResponseTemplate {
+    template(&modelled_for(
+        reply,
+        br#"{"ProtectionEnabled":true,"ExpiresInMinutes":1}"#,
+    ))
 }
 
-fn failure(reason: &str) -> ResponseTemplate {
-    ResponseTemplate::new(200)
-        .set_body_json(json!({"failure": {"Arn": ARN, "Detail": null, "Reason": reason}}))
+fn modelled_for(reply: Reply, body: &[u8]) -> agent::AgentAnswer {
+    agent::put_answer(
+        body,
+        reply,
+        Duration::ZERO,
+        ARN,
+        std::time::SystemTime::now(),
+    )
+}
+
+fn template(answer: &agent::AgentAnswer) -> ResponseTemplate {
+    ResponseTemplate::new(answer.status)
+        .set_body_raw(answer.body.clone(), answer.content_type.unwrap_or_default())
+        .set_delay(answer.after.unwrap_or(Duration::from_secs(3_600)))
 }
 
 async fn agent() -> (MockServer, AgentBackend) {
@@ -149,44 +165,51 @@ async fn assert_rejected(answer: ResponseTemplate, reason: &str) {
 
 #[tokio::test]
 async fn failure_task_not_valid_is_a_rejection() {
-    assert_rejected(failure("TASK_NOT_VALID"), "TASK_NOT_VALID").await;
+    assert_rejected(modelled(Reply::Failure("TASK_NOT_VALID")), "TASK_NOT_VALID").await;
 }
 
 #[tokio::test]
 async fn failure_deployment_blocked_is_a_rejection() {
-    assert_rejected(failure("DEPLOYMENT_BLOCKED"), "DEPLOYMENT_BLOCKED").await;
-}
-
-#[tokio::test]
-async fn access_denied_is_a_rejection() {
-    let answer = error(
-        403,
-        "AccessDeniedException",
-        "not authorized: ecs:UpdateTaskProtection",
-    );
-    assert_rejected(answer, "AccessDeniedException").await;
-}
-
-#[tokio::test]
-async fn invalid_parameter_is_a_rejection() {
-    let answer = error(400, "InvalidParameterException", "cannot decode body");
-    assert_rejected(answer, "InvalidParameterException").await;
-}
-
-#[tokio::test]
-async fn resource_not_found_is_a_rejection() {
     assert_rejected(
-        error(404, "ResourceNotFoundException", "no task"),
-        "ResourceNotFoundException",
+        modelled(Reply::Failure("DEPLOYMENT_BLOCKED")),
+        "DEPLOYMENT_BLOCKED",
     )
     .await;
 }
 
+/// ECS's own 400 when the task role may not call UpdateTaskProtection.
+#[tokio::test]
+async fn access_denied_is_a_rejection() {
+    assert_rejected(modelled(Reply::AccessDenied), "AccessDeniedException").await;
+}
+
+/// The agent's own 403 when the task has no role credentials.
+#[tokio::test]
+async fn no_role_credentials_is_a_rejection() {
+    assert_rejected(modelled(Reply::NoRoleCredentials), "AccessDeniedException").await;
+}
+
+/// ECS's 400 for a value out of its range.
+#[tokio::test]
+async fn invalid_parameter_is_a_rejection() {
+    let answer = template(&modelled_for(
+        Reply::Ok,
+        br#"{"ProtectionEnabled":true,"ExpiresInMinutes":0}"#,
+    ));
+    assert_rejected(answer, "InvalidParameterException").await;
+}
+
+/// The agent's 404 for a task it does not know.
+#[tokio::test]
+async fn resource_not_found_is_a_rejection() {
+    assert_rejected(modelled(Reply::UnknownTask), "ResourceNotFoundException").await;
+}
+
 /// A transient answer, then success: the awaited acquire succeeds after one retry.
-async fn assert_retried(answer: ResponseTemplate, expect: impl Fn(&ProtectionError) -> bool) {
+async fn assert_retried(reply: Reply, expect: impl Fn(&ProtectionError) -> bool) {
     let (server, backend) = agent().await;
     // The backend alone classifies the answer...
-    answer_once(&server, answer).await;
+    answer_once(&server, modelled(reply)).await;
     let err = backend
         .update(ProtectionRequest::enable(1))
         .await
@@ -195,42 +218,25 @@ async fn assert_retried(answer: ResponseTemplate, expect: impl Fn(&ProtectionErr
     assert!(err.is_transient(), "{err:?}");
     // ...and the state machine retries it.
     server.reset().await;
-    answer_once_again(&server, &err).await;
-    let p = TaskProtection::start(backend, fast_settings());
+    answer_once(&server, modelled(reply)).await;
+    let settings = fast_settings()
+        .to_builder()
+        // The agent's 504 comes after its 4 s budget.
+        .request_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    let p = TaskProtection::start(backend, settings);
     let _guard = p.acquire().await.expect("succeeds after a retry");
     let c = p.counters();
     assert_eq!((c.retries, c.failures, c.acquire_puts), (1, 1, 2), "{c:?}");
-}
-
-/// Replays the answer that produced `err` once more, then succeeds.
-async fn answer_once_again(server: &MockServer, err: &ProtectionError) {
-    let template = match err {
-        ProtectionError::Throttled {
-            by: ThrottledBy::Agent,
-            ..
-        } => agent_limit(),
-        ProtectionError::Throttled { .. } => error(400, "ThrottlingException", "Rate exceeded"),
-        ProtectionError::Server {
-            status,
-            code,
-            message,
-        } => error(*status, code, message),
-        other => panic!("unexpected {other:?}"),
-    };
-    answer_once(server, template).await;
-}
-
-fn agent_limit() -> ResponseTemplate {
-    ResponseTemplate::new(429)
-        .insert_header("content-type", "text/plain; charset=utf-8")
-        .set_body_string("You have reached maximum request limit.")
 }
 
 /// ECS throttling reaches the agent's SDK, which retries inside its budget: an
 /// earlier try may have gone through, so the final throttle may have been applied.
 #[tokio::test]
 async fn throttling_exception_400_is_retried_and_may_have_been_applied() {
-    assert_retried(error(400, "ThrottlingException", "Rate exceeded"), |e| {
+    assert_retried(Reply::Throttled, |e| {
         matches!(e, ProtectionError::Throttled { by: ThrottledBy::EcsThroughAgent, message } if message == "Rate exceeded")
             && e.maybe_applied()
     })
@@ -239,7 +245,7 @@ async fn throttling_exception_400_is_retried_and_may_have_been_applied() {
 
 #[tokio::test]
 async fn agent_429_text_plain_is_retried() {
-    assert_retried(agent_limit(), |e| {
+    assert_retried(Reply::AgentLimit, |e| {
         matches!(e, ProtectionError::Throttled { by: ThrottledBy::Agent, message } if message.contains("maximum request limit"))
             && !e.maybe_applied()
     })
@@ -251,14 +257,18 @@ async fn agent_429_text_plain_is_retried() {
 /// 405): a configuration error, said once, naming the variable, and never retried.
 #[tokio::test]
 async fn a_router_answer_is_a_configuration_error_said_once_and_not_retried() {
-    for (status, body) in [(404, "404 page not found\n"), (405, ""), (301, "")] {
+    // What the router answers a PUT on a wrong path, with a wrong method, and on a
+    // path it would clean (an ECS_AGENT_URI with `//`).
+    for route in [
+        agent::route("PUT", "/api/x/task-protection/v1/state/"),
+        agent::Route::MethodNotAllowed,
+        agent::route("PUT", "/api/x//task-protection/v1/state"),
+    ] {
+        let answer = agent::router_answer(&route).unwrap();
+        let status = answer.status;
         let server = MockServer::start().await;
         Mock::given(method("PUT"))
-            .respond_with(
-                ResponseTemplate::new(status)
-                    .insert_header("content-type", "text/plain; charset=utf-8")
-                    .set_body_string(body),
-            )
+            .respond_with(template(&answer))
             .mount(&server)
             .await;
         let uri = format!("{}/api/task-id", server.uri());
@@ -303,7 +313,7 @@ async fn a_router_answer_is_a_configuration_error_said_once_and_not_retried() {
 
 #[tokio::test]
 async fn server_exception_500_is_retried() {
-    assert_retried(error(500, "ServerException", "Internal"), |e| {
+    assert_retried(Reply::Unapplied500, |e| {
         matches!(e, ProtectionError::Server { status: 500, .. })
     })
     .await;
@@ -312,7 +322,7 @@ async fn server_exception_500_is_retried() {
 #[tokio::test]
 async fn request_canceled_504_is_retried() {
     assert_retried(
-        error(504, "RequestCanceled", "Timed out calling ECS Task Protection API"),
+        Reply::Unapplied504,
         |e| matches!(e, ProtectionError::Server { status: 504, code, .. } if code == "RequestCanceled"),
     )
     .await;
