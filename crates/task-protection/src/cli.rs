@@ -78,8 +78,9 @@ pub struct ProtectionArgs {
           value_parser = millis(env::ACQUIRE_TIMEOUT_MS, ACQUIRE_TIMEOUT_MS_RANGE))]
     pub protection_acquire_timeout_ms: u64,
 
-    /// Where protection calls go: auto (the ECS agent when ECS_AGENT_URI is set, else a
-    /// local simulation), agent, ecs-api, or local
+    /// Where protection calls go: auto (the ECS agent when ECS_AGENT_URI is set; a
+    /// local simulation when no ECS variable is set; an error in a task whose agent
+    /// lacks the endpoint), agent, ecs-api, or local
     #[arg(long = "task-protection-backend", env = BackendKind::ENV, value_enum,
           default_value_t = BackendKind::Auto)]
     pub backend: BackendKind,

@@ -394,9 +394,12 @@ async fn a_late_enable_through_the_ecs_api_never_lands_after_the_disable() {
         })
         .mount(&server)
         .await;
+    // No maintain window, and a short spacing (so a short quiet time after the
+    // holder): the disable is due as soon as the enable's window allows.
     let settings = ProtectionSettings::builder()
         .duration_minutes(1)
         .maintain_percent(0)
+        .min_put_interval(Duration::from_millis(100))
         .build()
         .unwrap();
     assert_eq!(settings.request_timeout(), Duration::from_secs(8));

@@ -101,7 +101,7 @@ async fn a_holder_here_and_one_in_another_container_keep_the_task_protected() {
     // The other container starts work: it opens the hold and keeps it.
     let mut held = reqwest::get(&url).await.unwrap();
     assert_eq!(held.status(), 200);
-    assert_eq!(held.chunk().await.unwrap().as_deref(), Some(&b"held\n"[..]));
+    assert_eq!(next_chunk(&mut held).await.as_deref(), Some(&b"held\n"[..]));
     assert_eq!(owner.holders(), 2);
     // This container's job ends; the other's goes on.
     drop(job);
@@ -110,7 +110,7 @@ async fn a_holder_here_and_one_in_another_container_keep_the_task_protected() {
     assert!(ecs.protected_at(Instant::now()), "{:?}", ecs.calls());
     assert_eq!(ecs.disables(), 0, "{:?}", ecs.calls());
     // Its connection stays open with a heartbeat.
-    assert_eq!(held.chunk().await.unwrap().as_deref(), Some(&b"\n"[..]));
+    assert_eq!(next_chunk(&mut held).await.as_deref(), Some(&b"\n"[..]));
     // The other container's work ends: it closes the hold, and the task is released.
     drop(held);
     let released = tokio::time::timeout(Duration::from_secs(30), async {
@@ -131,4 +131,12 @@ async fn a_holder_here_and_one_in_another_container_keep_the_task_protected() {
     assert_eq!(refused.status(), 503);
     assert_eq!(refused.text().await.unwrap(), "draining\n");
     assert_eq!(owner.holders(), 0);
+}
+
+/// The next chunk of a response, within a generous bound.
+async fn next_chunk(response: &mut reqwest::Response) -> Option<axum::body::Bytes> {
+    tokio::time::timeout(Duration::from_secs(30), response.chunk())
+        .await
+        .expect("the hold endpoint writes within its heartbeat")
+        .unwrap()
 }
