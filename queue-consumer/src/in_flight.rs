@@ -553,8 +553,9 @@ async fn protect(
                 }
                 tracing::warn!(
                     message_id = %id,
-                    "{id} - Still waiting for task protection after {}s ({e}); keeping the message, receiving no more until protection works",
-                    started.elapsed().as_secs()
+                    "{id} - Still waiting for task protection after {}s ({}); keeping the message, receiving no more until protection works",
+                    started.elapsed().as_secs(),
+                    task_protection::ErrorChain(&e)
                 );
             }
         }

@@ -65,7 +65,11 @@ fn per_value(histogram: &Histogram, threads: u64) -> f64 {
 
 fn main() {
     let recorder = EmfRecorder::new(
-        EmfConfig::new("Bench", Duration::from_secs(60)).dimension("Service", "bench"),
+        EmfConfig::builder("Bench")
+            .interval(Duration::from_secs(60))
+            .dimension("Service", "bench")
+            .build()
+            .expect("a valid EMF configuration"),
     );
     let handle = recorder.handle();
     let emf = metrics::with_local_recorder(&recorder, || metrics::histogram!("Latency"));

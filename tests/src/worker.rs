@@ -115,11 +115,7 @@ impl WorkerSpec {
         worker: impl FnOnce(Queue, TaskProtection, WorkerSettings) -> Worker,
     ) -> RunningWorker {
         let client = client_for(&self.endpoint);
-        let backend = BackendConfig {
-            kind: BackendKind::Agent,
-            agent_uri: Some(self.agent_uri.clone()),
-            metadata_uri: None,
-        };
+        let backend = BackendConfig::new(BackendKind::Agent).with_agent_uri(self.agent_uri.clone());
         let protection = TaskProtection::connect(&backend, self.protection)
             .await
             .unwrap_or_else(|e| panic!("protection: {e}"));

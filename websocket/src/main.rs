@@ -47,7 +47,9 @@ async fn main() -> ExitCode {
         .unwrap_or_else(|e| exit_config_error("websocket", &e.to_string()));
     let protection = TaskProtection::connect(&config.protection.backend_config(), settings)
         .await
-        .unwrap_or_else(|e| exit_config_error("websocket", &e.to_string()));
+        .unwrap_or_else(|e| {
+            exit_config_error("websocket", &task_protection::ErrorChain(&e).to_string())
+        });
     let listen = server.listen;
     let drain = config
         .drain

@@ -44,9 +44,12 @@
 //! use std::time::Duration;
 //! use metrics_emf::{EmfConfig, EmfRecorder};
 //!
-//! let config = EmfConfig::new("MyApp", Duration::from_secs(60))
+//! let config = EmfConfig::builder("MyApp")
+//!     .interval(Duration::from_secs(60))
 //!     .dimension("Service", "worker")
-//!     .dimension("Environment", "test");
+//!     .dimension("Environment", "test")
+//!     .build()
+//!     .unwrap();
 //! let recorder = EmfRecorder::new(config);
 //! let handle = recorder.handle();
 //! metrics::with_local_recorder(&recorder, || {
@@ -86,7 +89,13 @@ pub use rules::check_dimension;
 /// `Values` hold at most this many.
 pub const MAX_SAMPLES: usize = 100;
 
-/// Where the metrics go and how they are labelled.
+/// Allowed range of the interval between two writes: at least a second (CloudWatch's
+/// finest resolution), at most a day.
+pub const INTERVAL_RANGE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(86_400));
+
+/// Where the metrics go and how they are labelled. Built by
+/// [`EmfConfig::builder`], which checks it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EmfConfig {
     namespace: String,
@@ -95,35 +104,114 @@ pub struct EmfConfig {
 }
 
 impl EmfConfig {
-    /// Metrics under `namespace`, written every `interval`.
-    #[must_use]
-    pub fn new(namespace: impl Into<String>, interval: Duration) -> Self {
-        Self {
-            namespace: namespace.into(),
-            dimensions: Vec::new(),
-            interval,
+    /// Metrics under `namespace`, written every minute unless
+    /// [`interval`](EmfConfigBuilder::interval) says otherwise.
+    pub fn builder(namespace: impl Into<String>) -> EmfConfigBuilder {
+        EmfConfigBuilder {
+            config: Self {
+                namespace: namespace.into(),
+                dimensions: Vec::new(),
+                interval: Duration::from_secs(60),
+            },
         }
+    }
+
+    /// The CloudWatch namespace.
+    #[must_use]
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The interval between two writes.
+    #[must_use]
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+}
+
+/// Builds an [`EmfConfig`]; [`build`](Self::build) checks the namespace and the
+/// interval.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct EmfConfigBuilder {
+    config: EmfConfig,
+}
+
+impl EmfConfigBuilder {
+    /// Writes every `interval`, within [`INTERVAL_RANGE`] (default one minute).
+    pub fn interval(mut self, interval: Duration) -> Self {
+        self.config.interval = interval;
+        self
     }
 
     /// Adds a dimension to every metric, such as the service or environment name.
     /// Empty values are left out: CloudWatch rejects a dimension without a value.
     /// So is a dimension CloudWatch would refuse (see [`check_dimension`]), a name
     /// given twice, and any past the 30th, with a warning when the recorder starts.
-    #[must_use]
     pub fn dimension(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         let value = value.into();
         if !value.is_empty() {
-            self.dimensions.push((name.into(), value));
+            self.config.dimensions.push((name.into(), value));
         }
         self
     }
 
-    /// The interval between two lines.
-    #[must_use]
-    pub fn interval(&self) -> Duration {
-        self.interval
+    /// The configuration, checked.
+    ///
+    /// # Errors
+    /// When CloudWatch would refuse the namespace ([`check_namespace`]), or the
+    /// interval is outside [`INTERVAL_RANGE`] (zero would write in a busy loop; a
+    /// huge one overflows the clock).
+    pub fn build(self) -> Result<EmfConfig, EmfConfigError> {
+        let config = self.config;
+        check_namespace(&config.namespace).map_err(|reason| EmfConfigError::Namespace {
+            namespace: config.namespace.clone(),
+            reason,
+        })?;
+        let (lo, hi) = INTERVAL_RANGE;
+        if config.interval < lo || config.interval > hi {
+            return Err(EmfConfigError::Interval {
+                interval: config.interval,
+            });
+        }
+        Ok(config)
     }
 }
+
+/// An [`EmfConfig`] that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EmfConfigError {
+    /// CloudWatch would refuse the namespace.
+    Namespace {
+        /// The namespace given.
+        namespace: String,
+        /// Why.
+        reason: String,
+    },
+    /// The interval is outside [`INTERVAL_RANGE`].
+    Interval {
+        /// The interval given.
+        interval: Duration,
+    },
+}
+
+impl std::fmt::Display for EmfConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Namespace { namespace, reason } => {
+                write!(f, "the EMF namespace {namespace:?} is not valid: {reason}")
+            }
+            Self::Interval { interval } => write!(
+                f,
+                "the EMF interval {interval:?} is out of range: allowed {:?}..={:?}",
+                INTERVAL_RANGE.0, INTERVAL_RANGE.1
+            ),
+        }
+    }
+}
+
+impl std::error::Error for EmfConfigError {}
 
 /// Whether `namespace` is one CloudWatch accepts: 1 to 255 characters, each a
 /// letter, a digit or one of `. - _ / # :` (and not starting with `AWS/`).

@@ -15,9 +15,12 @@ type Doc = Map<String, Value>;
 
 fn recorder() -> EmfRecorder {
     EmfRecorder::new(
-        EmfConfig::new("Test", Duration::from_secs(60))
+        EmfConfig::builder("Test")
+            .interval(Duration::from_secs(60))
             .dimension("Service", "svc")
-            .dimension("Environment", "test"),
+            .dimension("Environment", "test")
+            .build()
+            .unwrap(),
     )
 }
 
@@ -348,4 +351,40 @@ fn counts_and_sums_are_exact_at_any_rate() {
         );
         assert_eq!((min, max), (lo, hi));
     }
+}
+
+/// A zero interval would write in a busy loop and a huge one overflows the clock
+/// (`run` panicked on both); the configuration refuses them, and a namespace
+/// CloudWatch would refuse, when it is built.
+#[test]
+fn the_configuration_refuses_intervals_and_namespaces_cloudwatch_cannot_use() {
+    for interval in [
+        Duration::ZERO,
+        Duration::from_millis(999),
+        Duration::from_secs(86_401),
+        Duration::MAX,
+    ] {
+        let err = EmfConfig::builder("Test")
+            .interval(interval)
+            .build()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("interval") && err.to_string().contains("out of range"),
+            "{err}"
+        );
+    }
+    for interval in [Duration::from_secs(1), Duration::from_secs(86_400)] {
+        assert!(
+            EmfConfig::builder("Test")
+                .interval(interval)
+                .build()
+                .is_ok()
+        );
+    }
+    let err = EmfConfig::builder("AWS/ECS").build().unwrap_err();
+    assert!(err.to_string().contains("AWS/"), "{err}");
+    assert_eq!(
+        EmfConfig::builder("Test").build().unwrap().interval(),
+        Duration::from_secs(60)
+    );
 }

@@ -11,23 +11,26 @@ use std::time::Duration;
 
 use axum::Extension;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::response::Response;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use task_protection::layer::{ProtectionLayer, RequestProtection};
-use task_protection::{BackendConfig, BackendKind, ProtectionSettings, TaskProtection};
+use task_protection::{BackendConfig, ProtectionSettings, TaskProtection};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // The ECS agent when ECS_AGENT_URI is set, a local simulation elsewhere.
-    let config = BackendConfig::from_env(BackendKind::Auto);
+    // TASK_PROTECTION_BACKEND picks the backend; unset, the ECS agent when
+    // ECS_AGENT_URI is set, a local simulation outside ECS.
+    let config = BackendConfig::from_env()?;
     let protection = TaskProtection::connect(&config, ProtectionSettings::default()).await?;
 
     let app = axum::Router::new()
         .route("/jobs", post(job))
         .route("/ws", get(websocket))
-        .layer(ProtectionLayer::new(protection.clone()))
-        // After the layer, so the load balancer's checks never hold protection.
-        .route("/healthz", get(|| async { "ok" }));
+        .route("/healthz", get(|| async { "ok" }))
+        // Only requests that match a route hold protection (a scanner's 404s hold
+        // nothing), and the load balancer's checks never do.
+        .route_layer(ProtectionLayer::new(protection.clone()).skip_paths(["/healthz"]));
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
     println!("listening on http://{}", listener.local_addr()?);
@@ -48,12 +51,19 @@ async fn job() -> &'static str {
 }
 
 /// A websocket: the request's protection ends with the `101` answer, so the handler
-/// takes another guard and moves it into the connection.
+/// takes another guard and moves it into the connection; while the task is leaving
+/// its service there is none, and the client is sent elsewhere.
 async fn websocket(
     upgrade: WebSocketUpgrade,
     Extension(request): Extension<RequestProtection>,
 ) -> Response {
-    let guard = request.hold();
+    let Some(guard) = request.try_hold() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this task is leaving; try again\n",
+        )
+            .into_response();
+    };
     upgrade.on_upgrade(move |socket| async move {
         echo(socket).await;
         drop(guard);

@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use task_protection::{
-    AnyBackend, Backend, BackendConfig, BackendKind, Grant, ProtectionError, ProtectionEvent,
+    AnyBackend, Backend, BackendConfig, ErrorChain, Grant, ProtectionError, ProtectionEvent,
     ProtectionRequest, ProtectionSettings, TaskProtection,
 };
 
@@ -30,17 +30,27 @@ impl<B: Backend> Backend for Audited<B> {
         match &answer {
             Ok(grant) => eprintln!(
                 "audit: {request:?} -> protected={} until {:?} in {took:?}",
-                grant.enabled,
-                grant.expires_at.map(task_protection::rfc3339)
+                grant.is_enabled(),
+                grant.expires_at().map(task_protection::rfc3339)
             ),
             // A `Rejected` error is final (ECS said no); any other is retried later.
-            Err(e) => eprintln!("audit: {request:?} -> {e} in {took:?}"),
+            Err(e) => eprintln!("audit: {request:?} -> {} in {took:?}", ErrorChain(e)),
         }
         answer
     }
 
+    // A wrapper passes on what it knows of the backend it wraps: how long a lost
+    // request may still land, and which task it protects.
+    fn landing_window(&self, request_timeout: Duration) -> Duration {
+        self.inner.landing_window(request_timeout)
+    }
+
     fn simulated(&self) -> bool {
         self.inner.simulated()
+    }
+
+    fn identity(&self) -> Option<String> {
+        self.inner.identity()
     }
 
     fn describe(&self) -> String {
@@ -50,7 +60,8 @@ impl<B: Backend> Backend for Audited<B> {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let inner = AnyBackend::connect(&BackendConfig::from_env(BackendKind::Auto)).await?;
+    // TASK_PROTECTION_BACKEND, ECS_AGENT_URI and ECS_CONTAINER_METADATA_URI_V4.
+    let inner = AnyBackend::connect(&BackendConfig::from_env()?).await?;
     let settings = ProtectionSettings::builder()
         .duration_minutes(1)
         .maintain_percent(2) // release about a second after the work

@@ -11,12 +11,13 @@
 
 use std::time::Duration;
 
-use task_protection::{BackendConfig, BackendKind, ProtectionSettings, TaskProtection};
+use task_protection::{BackendConfig, ProtectionSettings, TaskProtection};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // The ECS agent when ECS_AGENT_URI is set, a local simulation elsewhere.
-    let config = BackendConfig::from_env(BackendKind::Auto);
+    // TASK_PROTECTION_BACKEND picks the backend; unset, the ECS agent when
+    // ECS_AGENT_URI is set, a local simulation outside ECS.
+    let config = BackendConfig::from_env()?;
     let protection = TaskProtection::connect(&config, ProtectionSettings::default()).await?;
 
     // Stands in for a queue: five jobs, then the queue closes.

@@ -78,8 +78,9 @@ pub struct ProtectionArgs {
           value_parser = millis(env::ACQUIRE_TIMEOUT_MS, ACQUIRE_TIMEOUT_MS_RANGE))]
     pub protection_acquire_timeout_ms: u64,
 
-    /// Where protection calls go: auto (the ECS agent when ECS_AGENT_URI is set, else a
-    /// local simulation), agent, ecs-api, or local
+    /// Where protection calls go: auto (the ECS agent when ECS_AGENT_URI is set; a
+    /// local simulation when no ECS variable is set; an error in a task whose agent
+    /// lacks the endpoint), agent, ecs-api, or local
     #[arg(long = "task-protection-backend", env = BackendKind::ENV, value_enum,
           default_value_t = BackendKind::Auto)]
     pub backend: BackendKind,
@@ -147,7 +148,7 @@ impl ProtectionArgs {
     /// read from the environment.
     #[must_use]
     pub fn backend_config(&self) -> BackendConfig {
-        BackendConfig::from_env(self.backend)
+        BackendConfig::from_env_with_kind(self.backend)
     }
 }
 
@@ -328,7 +329,7 @@ fn namespace(raw: &str) -> Result<String, SettingsError> {
     metrics_emf::check_namespace(raw)
         .map(|()| raw.to_owned())
         .map_err(|reason| SettingsError::Invalid {
-            variable: "METRICS_NAMESPACE",
+            name: "METRICS_NAMESPACE",
             value: raw.to_owned(),
             reason,
         })
@@ -344,7 +345,7 @@ fn dimension(
         metrics_emf::check_dimension(name, raw)
             .map(|()| raw.to_owned())
             .map_err(|reason| SettingsError::Invalid {
-                variable,
+                name: variable,
                 value: raw.to_owned(),
                 reason,
             })
@@ -407,14 +408,15 @@ impl MetricsArgs {
             .clone()
             .or_else(|| var("COPILOT_ENVIRONMENT_NAME"))
             .unwrap_or_default();
-        Some(
-            metrics_emf::EmfConfig::new(
-                self.metrics_namespace.clone(),
-                Duration::from_secs(self.metrics_interval_seconds),
-            )
+        // The parsers checked the namespace and the interval; should the two ever
+        // disagree, metrics are off with a warning rather than the service down.
+        metrics_emf::EmfConfig::builder(self.metrics_namespace.clone())
+            .interval(Duration::from_secs(self.metrics_interval_seconds))
             .dimension("Service", service)
-            .dimension("Environment", environment),
-        )
+            .dimension("Environment", environment)
+            .build()
+            .inspect_err(|e| tracing::warn!("EMF metrics are off: {e}"))
+            .ok()
     }
 
     /// Installs the EMF recorder as the process's `metrics` recorder and starts

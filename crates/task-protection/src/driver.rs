@@ -9,16 +9,21 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::ErrorChain;
 use crate::backend::{Backend, ProtectionError, ProtectionRequest};
-use crate::machine::{AGENT_CALL_BUDGET, Effect, Machine, Next};
+use crate::machine::{Effect, Machine, Next};
 use crate::protection::{Shared, ShutdownReport, count, epoch};
 use crate::state::{Count, Phase, ProtectionEvent, rfc3339};
 
-/// How long shutdown may take in all. A request in flight gets until it can no
-/// longer reach ECS ([`AGENT_CALL_BUDGET`] after it was sent, so at most that much
-/// after shutdown began); the final disable leaves after it, and after the spacing
-/// when the budget allows, and has at least [`FINAL_ANSWER`] to be answered.
-pub(crate) const SHUTDOWN_BUDGET: Duration = Duration::from_secs(6);
+/// How long shutdown may take in all, for a backend whose requests may land until
+/// `landing` after they were sent (6 s for the agent). A request in flight gets until
+/// it can no longer reach ECS (at most `landing` after shutdown began); the final
+/// disable leaves after it, and after the spacing when the budget allows, and has at
+/// least [`FINAL_ANSWER`] to be answered.
+pub(crate) fn shutdown_budget(landing: Duration) -> Duration {
+    landing + FINAL_ANSWER
+}
+
 /// The least time the final disable gets for its answer.
 const FINAL_ANSWER: Duration = Duration::from_secs(1);
 
@@ -34,7 +39,8 @@ async fn sleep_until(until: Option<Instant>) {
 }
 
 pub(crate) async fn drive<B: Backend>(shared: Arc<Shared>, backend: B) -> ShutdownReport {
-    let mut machine = Machine::new(&shared.settings, Instant::now());
+    let landing = backend.landing_window(shared.settings.request_timeout());
+    let mut machine = Machine::new(&shared.settings, Instant::now(), landing);
     let mut stop = shared.stop.subscribe();
     let mut epoch_seen = 0;
     // When protection became wanted and was not held: the start of a holder's wait.
@@ -169,11 +175,14 @@ async fn send<B: Backend>(
                 // that, the final disable cannot be overtaken by it.
                 stopping = Some(Instant::now());
                 shared.stopping();
-                timeout = timeout.min(AGENT_CALL_BUDGET);
+                timeout = timeout.min(machine.landing_window());
             }
         }
     };
-    let task_arn = result.as_ref().ok().and_then(|g| g.task_arn.clone());
+    let task_arn = result
+        .as_ref()
+        .ok()
+        .and_then(|g| g.task_arn().map(str::to_owned));
     let now = Instant::now();
     let effect = machine.on_answer(now, result);
     shared.apply(effect, task_arn);
@@ -194,11 +203,14 @@ async fn shut_down<B: Backend>(
         shared.apply(effect, None);
     }
     shared.stopping();
-    let report = if machine.might_be_protected(start) {
+    let report = if let Some(error) = machine.misconfigured() {
+        // Nothing this backend sends reaches ECS.
+        ShutdownReport::Failed(error.clone())
+    } else if machine.might_be_protected(start) {
         // Wait for the spacing, and for any earlier enable that may still reach ECS,
         // when the budget allows; a draining task that stays protected blocks the
         // deployment, so past that the disable goes anyway.
-        let budget_end = start + SHUTDOWN_BUDGET;
+        let budget_end = start + shutdown_budget(machine.landing_window());
         let latest = budget_end - FINAL_ANSWER;
         let mut report;
         loop {
@@ -220,7 +232,9 @@ async fn shut_down<B: Backend>(
                         .to_owned(),
                 ),
                 Effect::Released => ShutdownReport::Released,
-                Effect::Failed { error, .. } => ShutdownReport::Failed(error),
+                Effect::Failed { error, .. } | Effect::Misconfigured(error) => {
+                    ShutdownReport::Failed(error)
+                }
                 Effect::Rejected(r) => ShutdownReport::Failed(ProtectionError::Rejected(r)),
                 Effect::Protected { .. } | Effect::Lapsed => {
                     ShutdownReport::Failed(ProtectionError::Malformed {
@@ -258,7 +272,10 @@ async fn shut_down<B: Backend>(
         }
         ShutdownReport::Failed(e) => {
             shared.counters.bump(Count::Failure);
-            tracing::warn!("Task protection release at shutdown failed: {e}");
+            tracing::warn!(
+                "Task protection release at shutdown failed: {}",
+                ErrorChain(e)
+            );
         }
     }
     let now = Instant::now();
@@ -286,6 +303,7 @@ impl Shared {
             crate::machine::Phase::Protected => Phase::Protected,
             crate::machine::Phase::Releasing => Phase::Releasing,
             crate::machine::Phase::Rejected => Phase::Rejected,
+            crate::machine::Phase::Misconfigured => Phase::Misconfigured,
         };
         let protected = machine.is_protected(now);
         let expires_at = machine.reported_expiry(now);
@@ -375,7 +393,19 @@ impl Shared {
             }
             Effect::Failed { error, retry_in } => {
                 counters.bump(Count::Failure);
-                tracing::warn!("Task protection request failed, retrying in {retry_in:?}: {error}");
+                tracing::warn!(
+                    "Task protection request failed, retrying in {retry_in:?}: {}",
+                    ErrorChain(&error)
+                );
+                self.state.send_modify(|s| s.last_error = Some(error));
+                None
+            }
+            Effect::Misconfigured(error) => {
+                counters.bump(Count::Failure);
+                tracing::error!(
+                    "Task protection cannot work, and sends nothing more: {}",
+                    ErrorChain(&error)
+                );
                 self.state.send_modify(|s| s.last_error = Some(error));
                 None
             }

@@ -17,7 +17,7 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! // Inside ECS use `TaskProtection::connect(&BackendConfig::from_env(..), ..)`,
+//! // Inside ECS use `TaskProtection::connect(&BackendConfig::from_env()?, ..)`,
 //! // which talks to the ECS agent; here protection is simulated.
 //! let protection = TaskProtection::start(LocalBackend::new(), ProtectionSettings::default());
 //!
@@ -36,8 +36,14 @@
 //!
 //! Backends: the ECS agent endpoint ([`AgentBackend`], the default inside ECS), the
 //! ECS API ([`EcsApiBackend`]), and a local simulation ([`LocalBackend`]) for running
-//! outside ECS. [`AnyBackend::connect`] picks one from the environment; your own
-//! [`Backend`] plugs in the same way.
+//! outside ECS. [`BackendConfig::from_env`] reads the choice
+//! (`TASK_PROTECTION_BACKEND`) and [`AnyBackend::connect`] builds it: the simulation
+//! only when asked for or outside ECS, never silently in a task. Your own [`Backend`]
+//! plugs in the same way.
+//!
+//! Protection is per task: a second [`TaskProtection`] for the same task in one
+//! process shares the first one's state machine, and a task's other containers hold
+//! through the one that owns it ([`layer::HoldEndpoint`]).
 //!
 //! # Features
 //!
@@ -48,6 +54,7 @@
 //! | `drain` | no | [`drain::EcsService`], the ECS calls of the [drain watcher](drain), which tells a task when its service no longer wants it. Brings the AWS SDK. |
 //! | `tower` | no | [`layer::ProtectionLayer`], a tower layer that holds protection for every HTTP request in flight (axum, tonic, hyper). |
 //! | `cli` | no | [`cli`], what the services built on this crate share: settings as clap arguments with one-line errors, logging, shutdown signals, CloudWatch EMF metrics, and `drain`. Application glue, not needed by a library. |
+//! | `testing` | no | [`testing`]: [`ScriptedEcs`](testing::ScriptedEcs), an in-process ECS agent for a service's tests, and the model of the real agent's answers it is built on, with its conformance table. For dev-dependencies. |
 //!
 //! With no feature at all, [`LocalBackend`] and your own [`Backend`] remain. The
 //! crate's README counts the crates each set of features brings.
@@ -67,27 +74,36 @@
         feature = "ecs-api",
         feature = "drain",
         feature = "tower",
-        feature = "cli"
+        feature = "cli",
+        feature = "testing"
     )),
     allow(rustdoc::broken_intra_doc_links)
 )]
 
 pub mod backend;
+mod chain;
 #[cfg(feature = "cli")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
 pub mod cli;
 pub mod drain;
 mod driver;
+#[cfg(any(feature = "ecs-api", feature = "drain"))]
+mod ecs_client;
 #[cfg(feature = "tower")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub mod layer;
+#[cfg(any(feature = "agent", feature = "ecs-api", feature = "drain"))]
+mod link_local;
 mod machine;
 #[cfg(any(feature = "ecs-api", feature = "drain"))]
-mod metadata;
+#[cfg_attr(docsrs, doc(cfg(any(feature = "ecs-api", feature = "drain"))))]
+pub mod metadata;
 pub mod metrics;
 mod protection;
 pub mod settings;
 mod state;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
 #[cfg(feature = "agent")]
@@ -100,6 +116,10 @@ pub use backend::{
     AnyBackend, Backend, BackendConfig, BackendConfigError, BackendKind, Grant, LocalBackend,
     ProtectionError, ProtectionRequest, Rejection, ThrottledBy,
 };
+pub use chain::ErrorChain;
+#[cfg(any(feature = "ecs-api", feature = "drain"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "ecs-api", feature = "drain"))))]
+pub use ecs_client::EcsClient;
 #[cfg(any(feature = "ecs-api", feature = "drain"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "ecs-api", feature = "drain"))))]
 pub use metadata::TaskIdentity;

@@ -25,14 +25,20 @@ pub enum AcquireError {
     /// ECS refused; the task is probably being replaced or is not in a service.
     #[error("task protection rejected: {0}")]
     Rejected(Rejection),
-    /// ECS did not confirm protection in time; `last_error` says why, when known.
-    #[error("task protection not confirmed within {after:?}{}", .last_error.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
+    /// ECS did not confirm protection in time; `last_error`, the error's source,
+    /// says why, when known.
+    #[error("task protection not confirmed within {after:?}")]
     TimedOut {
         /// The acquire timeout.
         after: Duration,
         /// The last transient failure.
+        #[source]
         last_error: Option<ProtectionError>,
     },
+    /// The backend is misconfigured (the agent URI leads elsewhere): no protection
+    /// can be had, and none is asked for any more.
+    #[error("task protection cannot work")]
+    Misconfigured(#[source] ProtectionError),
     /// Protection has been shut down.
     #[error("task protection is shut down")]
     ShutDown,
@@ -63,7 +69,7 @@ impl std::fmt::Display for ShutdownReport {
         match self {
             Self::NotProtected => f.write_str("not protected, nothing to release"),
             Self::Released => f.write_str("protection released"),
-            Self::Failed(e) => write!(f, "release failed: {e}"),
+            Self::Failed(e) => write!(f, "release failed: {}", crate::ErrorChain(e)),
             Self::Doubtful(why) => write!(f, "released, in doubt: {why}"),
         }
     }
@@ -101,6 +107,10 @@ impl Drop for Handle {
         self.shared.stop.send_replace(true);
     }
 }
+
+/// The running state machines of this process, by backend identity: one per task.
+static RUNNING: std::sync::Mutex<Vec<(String, std::sync::Weak<Handle>)>> =
+    std::sync::Mutex::new(Vec::new());
 
 /// Task scale-in protection for this ECS task, held while any guard lives.
 ///
@@ -162,10 +172,52 @@ impl Drop for ProtectionGuard {
 impl TaskProtection {
     /// Starts managing protection through `backend`.
     ///
+    /// Protection is per task, so there is one state machine per task in a process:
+    /// when a `TaskProtection` whose backend has the same
+    /// [`identity`](Backend::identity) is already running here (say, the worker loop
+    /// started one and the HTTP layer starts another from the same environment), the
+    /// new handle shares it, and a line says so (a warning when the settings differ:
+    /// the running ones stay). Two state machines for one task would release each
+    /// other's protection. Across the containers of a task, see the crate docs.
+    ///
     /// # Panics
     /// When called outside a tokio runtime, as `tokio::spawn` does.
     #[must_use]
     pub fn start<B: Backend>(backend: B, settings: ProtectionSettings) -> Self {
+        let Some(identity) = backend.identity() else {
+            return Self::spawn(backend, settings);
+        };
+        let mut running = RUNNING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        running.retain(|(_, handle)| handle.strong_count() > 0);
+        let live = running
+            .iter()
+            .filter(|(id, _)| *id == identity)
+            .find_map(|(_, handle)| handle.upgrade())
+            .filter(|handle| !*handle.shared.stop.borrow());
+        if let Some(handle) = live {
+            if handle.shared.settings == settings {
+                tracing::info!(
+                    "Task protection through {} is already running in this process; sharing it",
+                    backend.describe()
+                );
+            } else {
+                tracing::warn!(
+                    "Task protection through {} is already running in this process with other \
+                     settings; sharing it, with its settings: one task has one protection",
+                    backend.describe()
+                );
+            }
+            return Self { handle };
+        }
+        let protection = Self::spawn(backend, settings);
+        running.retain(|(id, _)| *id != identity);
+        running.push((identity, Arc::downgrade(&protection.handle)));
+        protection
+    }
+
+    fn spawn<B: Backend>(backend: B, settings: ProtectionSettings) -> Self {
         let (stop, _) = watch::channel(false);
         let (state, _) = watch::channel(ProtectionState::new(backend.simulated()));
         let (events, _) = broadcast::channel(64);
@@ -281,6 +333,11 @@ impl TaskProtection {
             let s = rx.borrow_and_update();
             match s.phase {
                 Phase::Stopped => return Err(AcquireError::ShutDown),
+                Phase::Misconfigured => {
+                    if let Some(e) = &s.last_error {
+                        return Err(AcquireError::Misconfigured(e.clone()));
+                    }
+                }
                 Phase::Rejected => {
                     if let Some(r) = &s.last_rejection {
                         return Err(AcquireError::Rejected(r.clone()));
@@ -315,6 +372,11 @@ impl TaskProtection {
                 }
                 if s.phase == Phase::Stopped {
                     return Err(AcquireError::ShutDown);
+                }
+                if s.phase == Phase::Misconfigured
+                    && let Some(e) = &s.last_error
+                {
+                    return Err(AcquireError::Misconfigured(e.clone()));
                 }
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
@@ -364,12 +426,13 @@ impl TaskProtection {
         &self.shared().settings
     }
 
-    /// Stops managing protection and disables it at once, best effort, within
-    /// 6 s. Usually that is one round trip to the agent; the rest is for the worst
-    /// case: a request still in flight gets until it can no longer reach ECS (the
-    /// agent gives up on its own ECS call about 4 s after it was sent), and the
-    /// disable leaves after it, and after the 1 s spacing, so that nothing sent
-    /// earlier can protect the task again after the release. A draining task must not
+    /// Stops managing protection and disables it at once, best effort, within the
+    /// backend's landing window and a second: 6 s with the agent
+    /// ([`Backend::landing_window`]). Usually that is one round trip to the agent; the
+    /// rest is for the worst case: a request still in flight gets until it can no
+    /// longer reach ECS (the agent gives up on its own ECS call about 4 s after it was
+    /// sent), and the disable leaves after it, and after the 1 s spacing, so that
+    /// nothing sent earlier can protect the task again after the release. A draining task must not
     /// stay protected. Holders that remain are ignored from now on; later calls return
     /// the same report.
     pub async fn shutdown(&self) -> ShutdownReport {
@@ -385,9 +448,10 @@ impl TaskProtection {
                     .take();
                 match driver {
                     Some(driver) => driver.await.unwrap_or_else(|e| {
-                        ShutdownReport::Failed(ProtectionError::Transport(format!(
-                            "the protection driver ended abnormally: {e}"
-                        )))
+                        ShutdownReport::Failed(
+                            ProtectionError::transport("the protection driver ended abnormally")
+                                .caused_by(e),
+                        )
                     }),
                     None => ShutdownReport::NotProtected,
                 }

@@ -2,7 +2,9 @@
 //!
 //! The four settings mean what the four options of the original `ProtectionManager`
 //! meant. Each is checked against the range ECS accepts, so a bad value is a start-up
-//! error that names the environment variable, not a rejected API call an hour later.
+//! error, not a rejected API call an hour later. The error names where the value came
+//! from: its environment variable when it was read from one, the builder method that
+//! set it otherwise.
 
 use std::fmt;
 use std::time::Duration;
@@ -44,20 +46,22 @@ pub const ACQUIRE_TIMEOUT_MS_RANGE: (u64, u64) = (100, 3_600_000);
 #[non_exhaustive]
 pub enum SettingsError {
     /// The value parsed, but lies outside the range allowed.
-    #[error("{variable}={value} is out of range: allowed {allowed}")]
+    #[error("{name}={value} is out of range: allowed {allowed}")]
     OutOfRange {
-        /// The environment variable that carries the setting.
-        variable: &'static str,
+        /// Where the value came from: its environment variable, or the builder
+        /// method that set it.
+        name: &'static str,
         /// The value given.
         value: String,
         /// The range allowed, e.g. `1..=2880 minutes`.
         allowed: String,
     },
     /// The value is not a number of the right kind.
-    #[error("{variable}={value:?} is not valid: {reason}")]
+    #[error("{name}={value:?} is not valid: {reason}")]
     Invalid {
-        /// The environment variable that carries the setting.
-        variable: &'static str,
+        /// Where the value came from: its environment variable, or the builder
+        /// method that set it.
+        name: &'static str,
         /// The value given.
         value: String,
         /// Why it was refused.
@@ -69,7 +73,7 @@ pub enum SettingsError {
 }
 
 fn check_range<T: PartialOrd + fmt::Display + Copy>(
-    variable: &'static str,
+    name: &'static str,
     value: T,
     (lo, hi): (T, T),
     unit: &str,
@@ -81,7 +85,7 @@ fn check_range<T: PartialOrd + fmt::Display + Copy>(
             format!(" {unit}")
         };
         return Err(SettingsError::OutOfRange {
-            variable,
+            name,
             value: value.to_string(),
             allowed: format!("{lo}..={hi}{unit}"),
         });
@@ -142,7 +146,7 @@ pub fn parse_in_range(
     let text = raw.trim();
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
         return Err(SettingsError::Invalid {
-            variable,
+            name: variable,
             value: raw.to_owned(),
             reason: "expected a whole number".to_owned(),
         });
@@ -150,10 +154,8 @@ pub fn parse_in_range(
     // All digits: parsing fails only on overflow, which is past any range.
     let value = text.parse::<u64>().unwrap_or(u64::MAX);
     check_range(variable, value, range, unit).map_err(|e| match e {
-        SettingsError::OutOfRange {
-            variable, allowed, ..
-        } => SettingsError::OutOfRange {
-            variable,
+        SettingsError::OutOfRange { name, allowed, .. } => SettingsError::OutOfRange {
+            name,
             value: text.to_owned(),
             allowed,
         },
@@ -209,6 +211,7 @@ impl ProtectionSettings {
     pub fn builder() -> ProtectionSettingsBuilder {
         ProtectionSettingsBuilder {
             inner: Self::default(),
+            names: Names::CODE,
         }
     }
 
@@ -216,6 +219,7 @@ impl ProtectionSettings {
     pub fn to_builder(&self) -> ProtectionSettingsBuilder {
         ProtectionSettingsBuilder {
             inner: self.clone(),
+            names: Names::CODE,
         }
     }
 
@@ -238,12 +242,15 @@ impl ProtectionSettings {
         let mut b = self.to_builder();
         if let Some(v) = lookup(env::DURATION_MINUTES) {
             b = b.duration_minutes(parse_duration_minutes(&v)?);
+            b.names.duration_minutes = env::DURATION_MINUTES;
         }
         if let Some(v) = lookup(env::MAINTAIN_PERCENT) {
             b = b.maintain_percent(parse_maintain_percent(&v)?);
+            b.names.maintain_percent = env::MAINTAIN_PERCENT;
         }
         if let Some(v) = lookup(env::REFRESH_PERCENT) {
             b = b.refresh_percent(parse_refresh_percent(&v)?);
+            b.names.refresh_percent = env::REFRESH_PERCENT;
         }
         let millis = [
             (env::CHECK_INTERVAL_MS, CHECK_INTERVAL_MS_RANGE),
@@ -260,6 +267,13 @@ impl ProtectionSettings {
                     env::REQUEST_TIMEOUT_MS => b.request_timeout(d),
                     _ => b.acquire_timeout(d),
                 };
+                let slot = match name {
+                    env::CHECK_INTERVAL_MS => &mut b.names.check_interval,
+                    env::MIN_PUT_INTERVAL_MS => &mut b.names.min_put_interval,
+                    env::REQUEST_TIMEOUT_MS => &mut b.names.request_timeout,
+                    _ => &mut b.names.acquire_timeout,
+                };
+                *slot = name;
             }
         }
         b.build()
@@ -334,6 +348,32 @@ impl ProtectionSettings {
 #[must_use]
 pub struct ProtectionSettingsBuilder {
     inner: ProtectionSettings,
+    names: Names,
+}
+
+/// Where each value came from, for errors: the builder method that set it, or the
+/// environment variable it was read from.
+#[derive(Debug, Clone, Copy)]
+struct Names {
+    duration_minutes: &'static str,
+    maintain_percent: &'static str,
+    refresh_percent: &'static str,
+    check_interval: &'static str,
+    min_put_interval: &'static str,
+    request_timeout: &'static str,
+    acquire_timeout: &'static str,
+}
+
+impl Names {
+    const CODE: Self = Self {
+        duration_minutes: "duration_minutes",
+        maintain_percent: "maintain_percent",
+        refresh_percent: "refresh_percent",
+        check_interval: "check_interval",
+        min_put_interval: "min_put_interval",
+        request_timeout: "request_timeout",
+        acquire_timeout: "acquire_timeout",
+    };
 }
 
 impl ProtectionSettingsBuilder {
@@ -383,40 +423,32 @@ impl ProtectionSettingsBuilder {
     /// Checks every value against its range.
     ///
     /// # Errors
-    /// The first value out of range, named by its environment variable.
+    /// The first value out of range, named by where it came from: its environment
+    /// variable, or the builder method that set it.
     pub fn build(self) -> Result<ProtectionSettings, SettingsError> {
-        let s = self.inner;
+        let (s, n) = (self.inner, self.names);
         check_range(
-            env::DURATION_MINUTES,
+            n.duration_minutes,
             s.duration_minutes,
             DURATION_MINUTES_RANGE,
             "minutes",
         )?;
-        check_range(
-            env::MAINTAIN_PERCENT,
-            s.maintain_percent,
-            (0, 100),
-            "percent",
-        )?;
-        check_range(env::REFRESH_PERCENT, s.refresh_percent, (1, 100), "percent")?;
+        check_range(n.maintain_percent, s.maintain_percent, (0, 100), "percent")?;
+        check_range(n.refresh_percent, s.refresh_percent, (1, 100), "percent")?;
         let millis = [
+            (n.check_interval, s.check_interval, CHECK_INTERVAL_MS_RANGE),
             (
-                env::CHECK_INTERVAL_MS,
-                s.check_interval,
-                CHECK_INTERVAL_MS_RANGE,
-            ),
-            (
-                env::MIN_PUT_INTERVAL_MS,
+                n.min_put_interval,
                 s.min_put_interval,
                 MIN_PUT_INTERVAL_MS_RANGE,
             ),
             (
-                env::REQUEST_TIMEOUT_MS,
+                n.request_timeout,
                 s.request_timeout,
                 REQUEST_TIMEOUT_MS_RANGE,
             ),
             (
-                env::ACQUIRE_TIMEOUT_MS,
+                n.acquire_timeout,
                 s.acquire_timeout,
                 ACQUIRE_TIMEOUT_MS_RANGE,
             ),
@@ -425,7 +457,7 @@ impl ProtectionSettingsBuilder {
             let ms = u64::try_from(value.as_millis()).unwrap_or(u64::MAX);
             check_range(name, ms, range, "ms")?;
         }
-        check_refresh_timing(&s)?;
+        check_refresh_timing(&s, &n)?;
         Ok(s)
     }
 }
@@ -433,7 +465,7 @@ impl ProtectionSettingsBuilder {
 /// A refresh must leave time for one request to time out and a retry to follow the
 /// spacing before the protection runs out, and the spacing after an enable must not
 /// hold its own refresh back past that point: otherwise every refresh would lapse.
-fn check_refresh_timing(s: &ProtectionSettings) -> Result<(), SettingsError> {
+fn check_refresh_timing(s: &ProtectionSettings, n: &Names) -> Result<(), SettingsError> {
     let secs = |d: Duration| d.as_secs_f64();
     let lead = s.refresh_lead();
     let needed = s.request_timeout + s.min_put_interval;
@@ -442,12 +474,12 @@ fn check_refresh_timing(s: &ProtectionSettings) -> Result<(), SettingsError> {
             "{}={} refreshes {}s before the expiry of {} minute(s), less than {} + {} = {}s, \
              the time for one request to time out and a retry to follow: lower the refresh \
              percentage, or the timeout or the spacing",
-            env::REFRESH_PERCENT,
+            n.refresh_percent,
             s.refresh_percent,
             secs(lead),
             s.duration_minutes,
-            env::REQUEST_TIMEOUT_MS,
-            env::MIN_PUT_INTERVAL_MS,
+            n.request_timeout,
+            n.min_put_interval,
             secs(needed),
         )));
     }
@@ -456,13 +488,13 @@ fn check_refresh_timing(s: &ProtectionSettings) -> Result<(), SettingsError> {
         return Err(SettingsError::Conflict(format!(
             "{}={} holds every PUT back {}s, past the refresh due {}s after an enable \
              ({}={}, {}={}): lower the spacing",
-            env::MIN_PUT_INTERVAL_MS,
+            n.min_put_interval,
             s.min_put_interval.as_millis(),
             secs(s.min_put_interval),
             secs(first_refresh),
-            env::DURATION_MINUTES,
+            n.duration_minutes,
             s.duration_minutes,
-            env::REFRESH_PERCENT,
+            n.refresh_percent,
             s.refresh_percent,
         )));
     }
@@ -482,7 +514,7 @@ mod tests {
         );
         let err = parse_refresh_percent("0").unwrap_err();
         assert!(
-            matches!(err, SettingsError::OutOfRange { variable, .. } if variable == env::REFRESH_PERCENT)
+            matches!(err, SettingsError::OutOfRange { name, .. } if name == env::REFRESH_PERCENT)
         );
         assert_eq!(parse_maintain_percent("0"), Ok(0));
         assert!(parse_maintain_percent("101").is_err());
@@ -548,6 +580,48 @@ mod tests {
     }
 
     #[test]
+    fn values_set_in_code_are_named_by_their_builder_method_not_a_variable() {
+        let err = ProtectionSettings::builder()
+            .duration_minutes(0)
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "duration_minutes=0 is out of range: allowed 1..=2880 minutes"
+        );
+        let err = ProtectionSettings::builder()
+            .check_interval(Duration::ZERO)
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "check_interval=0 is out of range: allowed 100..=3600000 ms"
+        );
+        // A huge value is out of range, not an overflow.
+        let err = ProtectionSettings::builder()
+            .acquire_timeout(Duration::MAX)
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().starts_with("acquire_timeout="), "{err}");
+        let err = ProtectionSettings::builder()
+            .duration_minutes(1)
+            .refresh_percent(100)
+            .build()
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("refresh_percent=100"), "{text}");
+        assert!(!text.contains("PROTECTION_"), "{text}");
+        // From the environment, the variable.
+        let err = ProtectionSettings::default()
+            .with_vars(|k| (k == env::REFRESH_PERCENT).then(|| "100".to_owned()))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("PROTECTION_REFRESH_PERCENT=100"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn settings_that_would_defeat_the_refresh_are_refused_naming_the_conflict() {
         let worker = || {
             ProtectionSettings::builder()
@@ -564,13 +638,11 @@ mod tests {
         let text = err.to_string();
         assert!(matches!(err, SettingsError::Conflict(_)), "{text}");
         assert!(!text.contains('\n'), "{text}");
-        for name in [
-            env::REFRESH_PERCENT,
-            env::REQUEST_TIMEOUT_MS,
-            env::MIN_PUT_INTERVAL_MS,
-        ] {
+        // Set in code: named by the builder's methods.
+        for name in ["refresh_percent", "request_timeout", "min_put_interval"] {
             assert!(text.contains(name), "{text}");
         }
+        assert!(!text.contains("PROTECTION_"), "{text}");
         // Refreshing at the very expiry.
         let err = worker().refresh_percent(100).build().unwrap_err();
         assert!(
@@ -587,10 +659,11 @@ mod tests {
             err.to_string().contains("past the refresh due 0.6s"),
             "{err}"
         );
-        // The same checks from the environment.
+        // The same checks from the environment, named by the variables.
         let err = ProtectionSettings::default()
             .with_vars(|k| (k == env::REFRESH_PERCENT).then(|| "99".to_owned()))
             .unwrap_err();
         assert!(matches!(err, SettingsError::Conflict(_)), "{err}");
+        assert!(err.to_string().contains(env::REFRESH_PERCENT), "{err}");
     }
 }

@@ -36,6 +36,7 @@ pub fn rfc3339(t: SystemTime) -> String {
 /// Where the task's protection stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Phase {
     /// No holder, not protected.
     Idle,
@@ -49,6 +50,8 @@ pub enum Phase {
     Rejected,
     /// Shut down; protection is no longer managed.
     Stopped,
+    /// The backend is misconfigured (see `last_error`): nothing is sent any more.
+    Misconfigured,
 }
 
 /// A snapshot of the task's protection, from [`TaskProtection::state`](crate::TaskProtection::state).
@@ -69,8 +72,8 @@ pub struct ProtectionState {
     /// The last refusal from ECS.
     #[serde(serialize_with = "ser_display")]
     pub last_rejection: Option<Rejection>,
-    /// The last transient failure, cleared by the next success.
-    #[serde(serialize_with = "ser_display")]
+    /// The last failure, cleared by the next success.
+    #[serde(serialize_with = "ser_error")]
     pub last_error: Option<ProtectionError>,
     #[serde(skip)]
     pub(crate) rejections: u64,
@@ -106,6 +109,14 @@ fn ser_display<S: serde::Serializer, T: std::fmt::Display>(
 ) -> Result<S::Ok, S::Error> {
     match v {
         Some(v) => s.serialize_str(&v.to_string()),
+        None => s.serialize_none(),
+    }
+}
+
+#[allow(clippy::ref_option)]
+fn ser_error<S: serde::Serializer>(v: &Option<ProtectionError>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(e) => s.serialize_str(&crate::ErrorChain(e).to_string()),
         None => s.serialize_none(),
     }
 }

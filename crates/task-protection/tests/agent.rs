@@ -1,11 +1,13 @@
-//! The ECS agent backend against a wiremock agent that answers as the real one does.
-//! One test per answer class; real sockets, so real (short) time.
+//! The ECS agent backend against a wiremock agent that answers as the real one does
+//! (every answer from the model in `testing::agent`, written from the agent's
+//! source). One test per answer class; real sockets, so real (short) time.
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
+use task_protection::testing::{Reply, agent};
 use task_protection::{
-    AcquireError, AgentBackend, Backend, BackendConfig, BackendKind, ProtectionError,
+    AcquireError, AgentBackend, AnyBackend, Backend, BackendConfig, BackendKind, ProtectionError,
     ProtectionEvent, ProtectionRequest, ProtectionSettings, ShutdownReport, TaskProtection,
     ThrottledBy,
 };
@@ -16,22 +18,36 @@ const STATE: &str = "/api/task-id/task-protection/v1/state";
 const ARN: &str = "arn:aws:ecs:us-east-1:123456789012:task/c/0123";
 
 fn ok_body(enabled: bool) -> Value {
-    let expiry = enabled.then(|| {
-        let t = std::time::SystemTime::now() + Duration::from_secs(60);
-        task_protection::rfc3339(t)
-    });
-    json!({"protection": {"ExpirationDate": expiry, "ProtectionEnabled": enabled, "TaskArn": ARN}})
+    let body = if enabled {
+        r#"{"ProtectionEnabled":true,"ExpiresInMinutes":1}"#
+    } else {
+        r#"{"ProtectionEnabled":false}"#
+    };
+    serde_json::from_str(&modelled_for(Reply::Ok, body.as_bytes()).body).unwrap()
 }
 
-fn error(status: u16, code: &str, message: &str) -> ResponseTemplate {
-    ResponseTemplate::new(status).set_body_json(json!({
-        "requestID": "req-1", "error": {"Arn": ARN, "Code": code, "Message": message}
-    }))
+/// The agent's answer to an enable when ECS does as `reply` says.
+fn modelled(reply: Reply) -> ResponseTemplate {
+    template(&modelled_for(
+        reply,
+        br#"{"ProtectionEnabled":true,"ExpiresInMinutes":1}"#,
+    ))
 }
 
-fn failure(reason: &str) -> ResponseTemplate {
-    ResponseTemplate::new(200)
-        .set_body_json(json!({"failure": {"Arn": ARN, "Detail": null, "Reason": reason}}))
+fn modelled_for(reply: Reply, body: &[u8]) -> agent::AgentAnswer {
+    agent::put_answer(
+        body,
+        reply,
+        Duration::ZERO,
+        ARN,
+        std::time::SystemTime::now(),
+    )
+}
+
+fn template(answer: &agent::AgentAnswer) -> ResponseTemplate {
+    ResponseTemplate::new(answer.status)
+        .set_body_raw(answer.body.clone(), answer.content_type.unwrap_or_default())
+        .set_delay(answer.after.unwrap_or(Duration::from_secs(3_600)))
 }
 
 async fn agent() -> (MockServer, AgentBackend) {
@@ -133,11 +149,11 @@ async fn assert_rejected(answer: ResponseTemplate, reason: &str) {
     let err = p.acquire().await.unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(1), "prompt");
     assert!(
-        matches!(&err, AcquireError::Rejected(r) if r.reason == reason),
+        matches!(&err, AcquireError::Rejected(r) if r.reason() == reason),
         "{err}"
     );
     assert!(
-        matches!(events.recv().await, Some(ProtectionEvent::Rejected(r)) if r.reason == reason)
+        matches!(events.recv().await, Some(ProtectionEvent::Rejected(r)) if r.reason() == reason)
     );
     assert_eq!(
         server.received_requests().await.unwrap().len(),
@@ -149,44 +165,51 @@ async fn assert_rejected(answer: ResponseTemplate, reason: &str) {
 
 #[tokio::test]
 async fn failure_task_not_valid_is_a_rejection() {
-    assert_rejected(failure("TASK_NOT_VALID"), "TASK_NOT_VALID").await;
+    assert_rejected(modelled(Reply::Failure("TASK_NOT_VALID")), "TASK_NOT_VALID").await;
 }
 
 #[tokio::test]
 async fn failure_deployment_blocked_is_a_rejection() {
-    assert_rejected(failure("DEPLOYMENT_BLOCKED"), "DEPLOYMENT_BLOCKED").await;
-}
-
-#[tokio::test]
-async fn access_denied_is_a_rejection() {
-    let answer = error(
-        403,
-        "AccessDeniedException",
-        "not authorized: ecs:UpdateTaskProtection",
-    );
-    assert_rejected(answer, "AccessDeniedException").await;
-}
-
-#[tokio::test]
-async fn invalid_parameter_is_a_rejection() {
-    let answer = error(400, "InvalidParameterException", "cannot decode body");
-    assert_rejected(answer, "InvalidParameterException").await;
-}
-
-#[tokio::test]
-async fn resource_not_found_is_a_rejection() {
     assert_rejected(
-        error(404, "ResourceNotFoundException", "no task"),
-        "ResourceNotFoundException",
+        modelled(Reply::Failure("DEPLOYMENT_BLOCKED")),
+        "DEPLOYMENT_BLOCKED",
     )
     .await;
 }
 
+/// ECS's own 400 when the task role may not call UpdateTaskProtection.
+#[tokio::test]
+async fn access_denied_is_a_rejection() {
+    assert_rejected(modelled(Reply::AccessDenied), "AccessDeniedException").await;
+}
+
+/// The agent's own 403 when the task has no role credentials.
+#[tokio::test]
+async fn no_role_credentials_is_a_rejection() {
+    assert_rejected(modelled(Reply::NoRoleCredentials), "AccessDeniedException").await;
+}
+
+/// ECS's 400 for a value out of its range.
+#[tokio::test]
+async fn invalid_parameter_is_a_rejection() {
+    let answer = template(&modelled_for(
+        Reply::Ok,
+        br#"{"ProtectionEnabled":true,"ExpiresInMinutes":0}"#,
+    ));
+    assert_rejected(answer, "InvalidParameterException").await;
+}
+
+/// The agent's 404 for a task it does not know.
+#[tokio::test]
+async fn resource_not_found_is_a_rejection() {
+    assert_rejected(modelled(Reply::UnknownTask), "ResourceNotFoundException").await;
+}
+
 /// A transient answer, then success: the awaited acquire succeeds after one retry.
-async fn assert_retried(answer: ResponseTemplate, expect: impl Fn(&ProtectionError) -> bool) {
+async fn assert_retried(reply: Reply, expect: impl Fn(&ProtectionError) -> bool) {
     let (server, backend) = agent().await;
     // The backend alone classifies the answer...
-    answer_once(&server, answer).await;
+    answer_once(&server, modelled(reply)).await;
     let err = backend
         .update(ProtectionRequest::enable(1))
         .await
@@ -195,56 +218,102 @@ async fn assert_retried(answer: ResponseTemplate, expect: impl Fn(&ProtectionErr
     assert!(err.is_transient(), "{err:?}");
     // ...and the state machine retries it.
     server.reset().await;
-    answer_once_again(&server, &err).await;
-    let p = TaskProtection::start(backend, fast_settings());
+    answer_once(&server, modelled(reply)).await;
+    let settings = fast_settings()
+        .to_builder()
+        // The agent's 504 comes after its 4 s budget.
+        .request_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    let p = TaskProtection::start(backend, settings);
     let _guard = p.acquire().await.expect("succeeds after a retry");
     let c = p.counters();
     assert_eq!((c.retries, c.failures, c.acquire_puts), (1, 1, 2), "{c:?}");
 }
 
-/// Replays the answer that produced `err` once more, then succeeds.
-async fn answer_once_again(server: &MockServer, err: &ProtectionError) {
-    let template = match err {
-        ProtectionError::Throttled {
-            by: ThrottledBy::Agent,
-            ..
-        } => agent_limit(),
-        ProtectionError::Throttled { .. } => error(400, "ThrottlingException", "Rate exceeded"),
-        ProtectionError::Server {
-            status,
-            code,
-            message,
-        } => error(*status, code, message),
-        other => panic!("unexpected {other:?}"),
-    };
-    answer_once(server, template).await;
-}
-
-fn agent_limit() -> ResponseTemplate {
-    ResponseTemplate::new(429)
-        .insert_header("content-type", "text/plain; charset=utf-8")
-        .set_body_string("You have reached maximum request limit.")
-}
-
+/// ECS throttling reaches the agent's SDK, which retries inside its budget: an
+/// earlier try may have gone through, so the final throttle may have been applied.
 #[tokio::test]
-async fn throttling_exception_400_is_retried() {
-    assert_retried(error(400, "ThrottlingException", "Rate exceeded"), |e| {
-        matches!(e, ProtectionError::Throttled { by: ThrottledBy::Ecs, message } if message == "Rate exceeded")
+async fn throttling_exception_400_is_retried_and_may_have_been_applied() {
+    assert_retried(Reply::Throttled, |e| {
+        matches!(e, ProtectionError::Throttled { by: ThrottledBy::EcsThroughAgent, message } if message == "Rate exceeded")
+            && e.maybe_applied()
     })
     .await;
 }
 
 #[tokio::test]
 async fn agent_429_text_plain_is_retried() {
-    assert_retried(agent_limit(), |e| {
+    assert_retried(Reply::AgentLimit, |e| {
         matches!(e, ProtectionError::Throttled { by: ThrottledBy::Agent, message } if message.contains("maximum request limit"))
+            && !e.maybe_applied()
     })
     .await;
 }
 
+/// A wrong `ECS_AGENT_URI` reaches the agent's router, which answers a path it does
+/// not know with a plain-text 404 (a method it does not serve there with an empty
+/// 405): a configuration error, said once, naming the variable, and never retried.
+#[tokio::test]
+async fn a_router_answer_is_a_configuration_error_said_once_and_not_retried() {
+    // What the router answers a PUT on a wrong path, with a wrong method, and on a
+    // path it would clean (an ECS_AGENT_URI with `//`).
+    for route in [
+        agent::route("PUT", "/api/x/task-protection/v1/state/"),
+        agent::Route::MethodNotAllowed,
+        agent::route("PUT", "/api/x//task-protection/v1/state"),
+    ] {
+        let answer = agent::router_answer(&route).unwrap();
+        let status = answer.status;
+        let server = MockServer::start().await;
+        Mock::given(method("PUT"))
+            .respond_with(template(&answer))
+            .mount(&server)
+            .await;
+        let uri = format!("{}/api/task-id", server.uri());
+        let config =
+            BackendConfig::from_vars(|name| (name == "ECS_AGENT_URI").then(|| uri.clone()))
+                .unwrap();
+        let p = TaskProtection::connect(&config, fast_settings())
+            .await
+            .unwrap();
+        let err = p.acquire().await.unwrap_err();
+        let AcquireError::Misconfigured(cause) = &err else {
+            panic!("{status}: {err:?}")
+        };
+        assert!(!cause.is_transient(), "{cause:?}");
+        assert!(!cause.maybe_applied(), "{cause:?}");
+        let text = task_protection::ErrorChain(&err).to_string();
+        assert!(text.contains("check ECS_AGENT_URI"), "{text}");
+        assert!(text.contains(&format!("HTTP {status}")), "{text}");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        // More holders, and time: nothing more is sent.
+        let _held = p.hold();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(matches!(
+            p.acquire().await,
+            Err(AcquireError::Misconfigured(_))
+        ));
+        assert_eq!(
+            server.received_requests().await.unwrap().len(),
+            1,
+            "{status}: retried"
+        );
+        assert_eq!(p.counters().retries, 0);
+        assert_eq!(p.current().phase, task_protection::Phase::Misconfigured);
+        assert!(matches!(p.shutdown().await, ShutdownReport::Failed(_)));
+        assert_eq!(
+            server.received_requests().await.unwrap().len(),
+            1,
+            "{status}: at shutdown"
+        );
+    }
+}
+
 #[tokio::test]
 async fn server_exception_500_is_retried() {
-    assert_retried(error(500, "ServerException", "Internal"), |e| {
+    assert_retried(Reply::Unapplied500, |e| {
         matches!(e, ProtectionError::Server { status: 500, .. })
     })
     .await;
@@ -253,7 +322,7 @@ async fn server_exception_500_is_retried() {
 #[tokio::test]
 async fn request_canceled_504_is_retried() {
     assert_retried(
-        error(504, "RequestCanceled", "Timed out calling ECS Task Protection API"),
+        Reply::Unapplied504,
         |e| matches!(e, ProtectionError::Server { status: 504, code, .. } if code == "RequestCanceled"),
     )
     .await;
@@ -272,7 +341,7 @@ async fn connection_refused_is_transient_and_cannot_have_been_applied() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, ProtectionError::Unreachable(m) if !m.is_empty()),
+        matches!(&err, ProtectionError::Unreachable { message, source: Some(_) } if !message.is_empty()),
         "{err:?}"
     );
     assert!(err.is_transient());
@@ -311,7 +380,6 @@ async fn a_malformed_answer_is_an_error_quoting_the_body() {
         (200, "<html><body>proxy error</body></html>"),
         (200, r#"{"protection":{"ProtectionEnabled":"yes"}}"#),
         (200, r#"{"something":"else"}"#),
-        (418, "I'm a teapot"),
     ] {
         server.reset().await;
         answer_once(&server, ResponseTemplate::new(status).set_body_string(body)).await;
@@ -340,12 +408,33 @@ async fn a_malformed_answer_is_an_error_quoting_the_body() {
     assert!(err.to_string().len() < 500);
 }
 
-#[test]
-fn a_bad_agent_uri_is_a_clear_error() {
+/// A bad URI is named where it came from: the variable when it was read from the
+/// environment, the call that set it otherwise.
+#[tokio::test]
+async fn a_bad_agent_uri_is_a_clear_error_naming_where_it_came_from() {
     let err = AgentBackend::new("not a url").unwrap_err();
-    assert!(err.to_string().contains("ECS_AGENT_URI"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("AgentBackend::new=\"not a url\""),
+        "{err}"
+    );
     let err = AgentBackend::new("ftp://169.254.170.2/api").unwrap_err();
     assert!(err.to_string().contains("http"), "{err}");
+    let from_env =
+        BackendConfig::from_vars(|name| (name == "ECS_AGENT_URI").then(|| "not a url".to_owned()))
+            .unwrap();
+    let err = AnyBackend::connect(&from_env).await.unwrap_err();
+    assert!(
+        err.to_string().starts_with("ECS_AGENT_URI=\"not a url\""),
+        "{err}"
+    );
+    let in_code = BackendConfig::new(BackendKind::Agent).with_agent_uri("not a url");
+    let err = AnyBackend::connect(&in_code).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("BackendConfig::with_agent_uri=\"not a url\""),
+        "{err}"
+    );
 }
 
 /// The agent endpoint is plain http on a link-local address, and this client has no
@@ -354,22 +443,21 @@ fn a_bad_agent_uri_is_a_clear_error() {
 #[tokio::test]
 async fn an_https_agent_uri_is_refused_at_start() {
     let uri = "https://169.254.170.2/api/0123";
-    let err = AgentBackend::new(uri).unwrap_err();
-    let text = err.to_string();
-    assert!(text.starts_with("ECS_AGENT_URI=\"https://"), "{text}");
-    assert!(text.contains("https is not supported"), "{text}");
-    assert!(text.contains("plain http"), "{text}");
-    assert_eq!(text.lines().count(), 1, "{text}");
-    for kind in [BackendKind::Agent, BackendKind::Auto] {
-        let config = BackendConfig {
-            kind,
-            agent_uri: Some(uri.to_owned()),
-            metadata_uri: None,
-        };
+    for kind in ["agent", "auto"] {
+        let config = BackendConfig::from_vars(|name| match name {
+            "ECS_AGENT_URI" => Some(uri.to_owned()),
+            "TASK_PROTECTION_BACKEND" => Some(kind.to_owned()),
+            _ => None,
+        })
+        .unwrap();
         let err = TaskProtection::connect(&config, fast_settings())
             .await
             .unwrap_err();
-        assert_eq!(err.to_string(), text);
+        let text = err.to_string();
+        assert!(text.starts_with("ECS_AGENT_URI=\"https://"), "{text}");
+        assert!(text.contains("https is not supported"), "{text}");
+        assert!(text.contains("plain http"), "{text}");
+        assert_eq!(text.lines().count(), 1, "{text}");
     }
     // Upper case is the same scheme.
     assert!(AgentBackend::new("HTTPS://169.254.170.2/api/0123").is_err());

@@ -80,7 +80,7 @@ async fn acquire_during_an_in_flight_release_waits_for_a_later_enable() {
     let p = TaskProtection::start(ecs.clone(), worker_settings());
     drop(p.acquire().await.unwrap());
     settle().await;
-    ecs.latency(Duration::from_secs(2));
+    ecs.set_latency(Duration::from_secs(2));
     // The disable goes out at 6 s and is answered at 8 s.
     advance(Duration::from_millis(6_500)).await;
     settle().await;
@@ -97,14 +97,42 @@ async fn acquire_during_an_in_flight_release_waits_for_a_later_enable() {
     drop(guard);
 }
 
+/// ECS throttling reaches the client after the agent's SDK has retried inside its
+/// budget: an earlier try may have been applied. So a throttled release is no longer
+/// a confirmed protection, and a holder arriving next waits for a new enable, which
+/// waits until the release can no longer land after it.
 #[tokio::test(start_paused = true)]
-async fn a_throttled_release_keeps_the_confirmed_protection() {
+async fn a_throttled_release_may_have_been_applied_so_protection_is_promised_no_more() {
+    let (ecs, p, _) = release_answered_with(Reply::AppliedThenThrottled).await;
+    assert!(!ecs.protected_at(Instant::now()), "ECS applied the release");
+    assert!(!p.current().protected, "{:?}", p.current());
+    let arrived = Instant::now();
+    let guard = p.acquire().await.unwrap();
+    assert!(
+        ecs.protected_at(Instant::now()),
+        "acquire returned unprotected"
+    );
+    let calls = ecs.calls();
+    assert_eq!(
+        calls[2].at - calls[1].at,
+        Duration::from_secs(5),
+        "{calls:?}"
+    );
+    assert!(arrived.elapsed() <= Duration::from_secs(5));
+    drop(guard);
+}
+
+/// The same answer when ECS did not apply the release: the client cannot tell, so it
+/// promises nothing either, and the release is tried again.
+#[tokio::test(start_paused = true)]
+async fn a_throttled_release_is_tried_again() {
     let (ecs, p, _) = release_answered_with(Reply::Throttled).await;
-    // ECS refused before acting: still protected, as confirmed.
-    assert!(ecs.protected_at(Instant::now()));
-    assert!(p.current().protected);
+    assert!(
+        ecs.protected_at(Instant::now()),
+        "ECS refused before acting"
+    );
+    assert!(!p.current().protected, "{:?}", p.current());
     assert_eq!(p.current().phase, Phase::Releasing);
-    // And the release is retried.
     advance(Duration::from_secs(11)).await;
     settle().await;
     assert!(!ecs.protected_at(Instant::now()), "{:?}", ecs.calls());
@@ -201,7 +229,7 @@ async fn a_refresh_hanging_past_the_confirmed_expiry_is_not_protection() {
         events.recv().await,
         Some(ProtectionEvent::Protected { .. })
     ));
-    ecs.always(Reply::HangUnapplied);
+    ecs.set_fallback(Reply::HangUnapplied);
     // The refresh goes at 51 s, the least lead these settings allow, and hangs until
     // 59 s; its retry hangs too; ECS's protection ends at 60 s.
     advance(Duration::from_millis(51_500)).await;
@@ -227,7 +255,7 @@ async fn a_refresh_hanging_past_the_confirmed_expiry_is_not_protection() {
     advance(Duration::from_secs(1)).await;
     settle().await;
     assert!(!waiting.is_finished(), "acquire returned while unprotected");
-    ecs.always(Reply::Ok);
+    ecs.set_fallback(Reply::Ok);
     let second = waiting.await.unwrap().unwrap();
     assert!(ecs.protected_at(Instant::now()));
     drop((guard, second));
@@ -255,7 +283,7 @@ async fn shutdown_returns_within_its_budget_when_the_agent_hangs() {
     let ecs = FakeEcs::new();
     let p = TaskProtection::start(ecs.clone(), websocket_settings());
     let _guard = p.acquire().await.unwrap();
-    ecs.always(Reply::HangUnapplied);
+    ecs.set_fallback(Reply::HangUnapplied);
     advance(Duration::from_secs(5)).await;
     let t = Instant::now();
     let report = p.shutdown().await;
@@ -271,7 +299,7 @@ async fn a_shutdown_release_answered_504_is_reported_as_failed() {
     let ecs = FakeEcs::new();
     let p = TaskProtection::start(ecs.clone(), websocket_settings());
     let _guard = p.acquire().await.unwrap();
-    ecs.always(Reply::AppliedThen504);
+    ecs.set_fallback(Reply::AppliedThen504);
     advance(Duration::from_secs(5)).await;
     let report = p.shutdown().await;
     assert!(
@@ -397,7 +425,7 @@ async fn no_disable_leaves_while_the_agent_may_still_work_on_an_abandoned_enable
 #[tokio::test(start_paused = true)]
 async fn acquire_fails_once_shutdown_has_started() {
     let ecs = FakeEcs::new();
-    ecs.latency(Duration::from_millis(400));
+    ecs.set_latency(Duration::from_millis(400));
     let p = TaskProtection::start(ecs.clone(), websocket_settings());
     let _held = p.acquire().await.unwrap();
     // The disable waits for the 1 s spacing; meanwhile nobody may be told "protected".
@@ -466,14 +494,14 @@ async fn shutdown_reports_released_only_when_no_earlier_request_can_still_land()
     assert_eq!(ecs.disables(), 1, "the start's release");
     step(Duration::from_secs(2)).await;
     // The enable leaves at 0 s, hangs, and ECS applies it at 3.0 s.
-    ecs.landing(Landing::After(Duration::from_secs(3)));
+    ecs.set_landing(Landing::After(Duration::from_secs(3)));
     ecs.script([Reply::Hang]);
     let t0 = Instant::now();
     let _guard = p.hold();
     settle().await;
     advance(Duration::from_millis(100)).await;
     settle().await;
-    ecs.landing(Landing::OnArrival);
+    ecs.set_landing(Landing::OnArrival);
     let report = p.shutdown().await;
     let took = t0.elapsed();
     // Every request sent has landed.
@@ -497,7 +525,7 @@ async fn a_request_on_the_wire_at_shutdown_is_waited_for_while_it_may_land() {
     let ecs = FakeEcs::new();
     let p = TaskProtection::start(ecs.clone(), websocket_settings());
     step(Duration::from_secs(2)).await;
-    ecs.latency(Duration::from_millis(300));
+    ecs.set_latency(Duration::from_millis(300));
     let t0 = Instant::now();
     let _guard = p.hold();
     settle().await;
@@ -529,7 +557,7 @@ async fn shutdown_ends_within_its_budget_whatever_the_spacing() {
     step(Duration::from_secs(21)).await;
     let _guard = p.acquire().await.unwrap();
     let t0 = Instant::now();
-    ecs.always(Reply::HangUnapplied);
+    ecs.set_fallback(Reply::HangUnapplied);
     let report = p.shutdown().await;
     assert!(t0.elapsed() <= Duration::from_secs(6), "{:?}", t0.elapsed());
     assert!(matches!(report, ShutdownReport::Failed(_)), "{report:?}");
@@ -554,7 +582,7 @@ async fn persistent_throttling_is_backed_off() {
     let ecs = FakeEcs::new();
     let p = TaskProtection::start(ecs.clone(), worker_settings());
     released_at_start(&ecs).await;
-    ecs.always(Reply::Throttled);
+    ecs.set_fallback(Reply::Throttled);
     let _guard = p.hold();
     step(Duration::from_secs(60)).await;
     let enables = ecs.enables();
@@ -568,7 +596,7 @@ async fn persistent_throttling_is_backed_off() {
 #[tokio::test(start_paused = true)]
 async fn doubt_ends_at_its_bound_and_with_it_the_retries() {
     let ecs = FakeEcs::new();
-    ecs.always(Reply::Refused);
+    ecs.set_fallback(Reply::Refused);
     let p = TaskProtection::start(ecs.clone(), worker_settings());
     step(Duration::from_secs(66)).await;
     let tried = ecs.disables();
@@ -585,7 +613,7 @@ async fn shutdown_mid_request_withdraws_the_promise_at_once() {
     let ecs = FakeEcs::new();
     let p = TaskProtection::start(ecs.clone(), worker_settings());
     let _guard = p.acquire().await.unwrap();
-    ecs.latency(Duration::from_secs(3));
+    ecs.set_latency(Duration::from_secs(3));
     // The refresh leaves at 48 s.
     step(Duration::from_millis(48_250)).await;
     assert!(ecs.on_wire().is_some_and(|r| r.enabled));
@@ -622,19 +650,20 @@ async fn an_enable_that_landed_late_is_not_believed_over_before_it_can_have_ende
     let ecs = FakeEcs::new();
     let p = TaskProtection::start(ecs.clone(), worker_settings());
     released_at_start(&ecs).await;
-    // The enable is applied, and answered, 4 s after it leaves.
-    ecs.latency(Duration::from_secs(4));
-    ecs.landing(Landing::After(Duration::from_secs(4)));
+    // The enable is applied, and answered, 3.5 s after it leaves (the agent gives up
+    // on ECS at 4 s).
+    ecs.set_latency(Duration::from_millis(3_500));
+    ecs.set_landing(Landing::After(Duration::from_millis(3_500)));
     let sent = Instant::now();
     let guard = p.acquire().await.unwrap();
-    ecs.latency(Duration::ZERO);
-    ecs.landing(Landing::OnArrival);
+    ecs.set_latency(Duration::ZERO);
+    ecs.set_landing(Landing::OnArrival);
     // From now on the agent cannot be reached: the release never gets through.
-    ecs.always(Reply::Refused);
+    ecs.set_fallback(Reply::Refused);
     drop(guard);
     // Past send + duration, and before landing + duration.
     let expiry = ecs.expiry().expect("ECS holds protection");
-    assert!(expiry >= sent + Duration::from_secs(64), "{expiry:?}");
+    assert!(expiry >= sent + Duration::from_millis(63_500), "{expiry:?}");
     step(Duration::from_secs(61) - sent.elapsed()).await;
     assert!(ecs.protected_at(Instant::now()));
     let report = p.shutdown().await;

@@ -11,7 +11,7 @@ use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::response::Response;
 use axum::routing::get;
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{Value, json};
+use serde_json::Value;
 use task_protection::layer::{ProtectionLayer, RequestProtection};
 use task_protection::{AgentBackend, ProtectionSettings, ShutdownReport, TaskProtection};
 use wiremock::matchers::{method, path};
@@ -28,7 +28,8 @@ struct Put {
     enabled: bool,
 }
 
-/// A wiremock ECS agent that answers every PUT with success and records it.
+/// A wiremock ECS agent that answers every PUT with success, as the agent does (the
+/// model in `testing::agent`), and records it.
 struct Agent {
     _server: MockServer,
     uri: String,
@@ -37,6 +38,7 @@ struct Agent {
 
 impl Agent {
     async fn start() -> Self {
+        use task_protection::testing::{Reply, agent};
         let server = MockServer::start().await;
         let puts = Arc::new(Mutex::new(Vec::new()));
         let log = Arc::clone(&puts);
@@ -44,18 +46,19 @@ impl Agent {
             .and(path(STATE))
             .respond_with(move |req: &Request| {
                 let body: Value = serde_json::from_slice(&req.body).unwrap();
-                let enabled = body["ProtectionEnabled"].as_bool().unwrap();
                 log.lock().unwrap().push(Put {
                     at: Instant::now(),
-                    enabled,
+                    enabled: body["ProtectionEnabled"].as_bool().unwrap(),
                 });
-                let minutes = body["ExpiresInMinutes"].as_u64().unwrap_or(0);
-                let expiry = enabled.then(|| {
-                    task_protection::rfc3339(SystemTime::now() + Duration::from_secs(minutes * 60))
-                });
-                ResponseTemplate::new(200).set_body_json(json!({"protection": {
-                    "ExpirationDate": expiry, "ProtectionEnabled": enabled, "TaskArn": "arn"
-                }}))
+                let answer = agent::put_answer(
+                    &req.body,
+                    Reply::Ok,
+                    Duration::ZERO,
+                    "arn",
+                    SystemTime::now(),
+                );
+                ResponseTemplate::new(answer.status)
+                    .set_body_raw(answer.body, answer.content_type.unwrap_or_default())
             })
             .mount(&server)
             .await;
@@ -295,7 +298,7 @@ async fn a_websocket_upgrade_carries_its_guard_into_the_connection() {
                 get(
                     |upgrade: WebSocketUpgrade,
                      Extension(request): Extension<RequestProtection>| async move {
-                        let guard = request.hold();
+                        let guard = request.try_hold();
                         upgrade.on_upgrade(move |mut socket| async move {
                             while let Some(Ok(message)) = socket.recv().await {
                                 if let Message::Text(text) = message
@@ -399,7 +402,7 @@ async fn a_draining_task_serves_requests_without_protection() {
             "/job",
             get(
                 move |Extension(request): Extension<RequestProtection>| async move {
-                    let carried = request.hold();
+                    let carried = request.try_hold();
                     format!(
                         "holders={} carried={}",
                         observed.holders(),
@@ -430,4 +433,55 @@ async fn a_draining_task_serves_requests_without_protection() {
     }
     protection.undrain();
     assert_eq!(get_job().await, "holders=2 carried=true");
+}
+
+/// Paths the layer is told to skip hold nothing, nor can their handlers take a guard;
+/// with axum's `route_layer`, a path no route matches (a scanner's) holds nothing
+/// either. Every other request holds as usual.
+#[tokio::test]
+async fn skipped_paths_and_unmatched_paths_hold_nothing() {
+    let agent = Agent::start().await;
+    let protection = agent.protection(settings(1, 0, Duration::from_millis(200)));
+    let observed = protection.clone();
+    let report = move |Extension(request): Extension<RequestProtection>| {
+        let observed = observed.clone();
+        async move {
+            format!(
+                "holders={} guard={}",
+                observed.holders(),
+                request.try_hold().is_some()
+            )
+        }
+    };
+    let app = axum::Router::new()
+        .route("/healthz", get(report.clone()))
+        .route("/metrics", get(report.clone()))
+        .route("/job", get(report))
+        .route_layer(
+            ProtectionLayer::new(protection.clone())
+                .skip_paths(["/healthz"])
+                .skip_if(|request| request.uri.path() == "/metrics"),
+        );
+    let base = serve(app).await;
+    let get = |path: &'static str| {
+        let base = base.clone();
+        async move {
+            let response = reqwest::get(format!("{base}{path}")).await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    for path in ["/healthz", "/metrics"] {
+        assert_eq!(
+            get(path).await,
+            (200, "holders=0 guard=false".to_owned()),
+            "{path}"
+        );
+    }
+    for path in ["/.env", "/wp-login.php"] {
+        assert_eq!(get(path).await.0, 404, "{path}");
+        assert_eq!(protection.holders(), 0);
+    }
+    assert!(agent.puts().is_empty(), "{:?}", agent.puts());
+    // A matched, unskipped route holds while it is served.
+    assert_eq!(get("/job").await, (200, "holders=1 guard=true".to_owned()));
 }

@@ -13,12 +13,12 @@ use tokio::time::advance;
 
 #[tokio::test(start_paused = true)]
 async fn puts_rejections_and_the_time_to_protection_are_recorded() {
-    let recorder = EmfRecorder::new(EmfConfig::new("Test", Duration::from_secs(60)));
+    let recorder = EmfRecorder::new(EmfConfig::builder("Test").build().unwrap());
     let handle = recorder.handle();
     // The paused runtime runs every task on this thread.
     let _local = metrics::set_default_local_recorder(&recorder);
     let ecs = FakeEcs::new();
-    ecs.latency(Duration::from_millis(300));
+    ecs.set_latency(Duration::from_millis(300));
     let p = TaskProtection::start(ecs.clone(), worker_settings());
     let guard = p.acquire().await.unwrap();
     let doc: Value = serde_json::from_str(&handle.render()[0]).unwrap();

@@ -207,12 +207,12 @@ impl Run {
             }
             Op::Wait(d) => return self.pass(d).await,
             Op::Agent(reply) => {
-                self.ecs.always(reply);
-                let healthy = reply == Reply::Ok && self.ecs.current_latency().is_zero();
+                self.ecs.set_fallback(reply);
+                let healthy = reply == Reply::Ok && self.ecs.latency().is_zero();
                 self.set_health(healthy);
             }
             Op::Latency(latency) => {
-                self.ecs.latency(latency);
+                self.ecs.set_latency(latency);
                 let healthy = latency.is_zero() && self.ecs.fallback() == Reply::Ok;
                 self.set_health(healthy);
             }
@@ -288,9 +288,9 @@ fn run(
             .build()
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         let ecs = FakeEcs::new();
-        ecs.always(Reply::Ok);
+        ecs.set_fallback(Reply::Ok);
         if let Some(seed) = landing {
-            ecs.landing(Landing::Random { seed });
+            ecs.set_landing(Landing::Random { seed });
         }
         let mut run = Run {
             protection: TaskProtection::start(ecs.clone(), settings.clone()),

@@ -119,18 +119,18 @@ async fn throttled_then_ok_succeeds_after_backoff() {
 #[tokio::test(start_paused = true)]
 async fn a_rejection_fails_the_acquire_at_once_and_fires_the_event() {
     let ecs = FakeEcs::new();
-    ecs.always(Reply::Failure("DEPLOYMENT_BLOCKED"));
+    ecs.set_fallback(Reply::Failure("DEPLOYMENT_BLOCKED"));
     let p = TaskProtection::start(ecs.clone(), worker_settings());
     let mut events = p.events();
     let t0 = Instant::now();
     let err = p.acquire().await.unwrap_err();
     assert_eq!(t0.elapsed(), Duration::ZERO, "no retry, no wait");
     assert!(
-        matches!(&err, AcquireError::Rejected(r) if r.reason == "DEPLOYMENT_BLOCKED"),
+        matches!(&err, AcquireError::Rejected(r) if r.reason() == "DEPLOYMENT_BLOCKED"),
         "{err}"
     );
     assert!(
-        matches!(events.recv().await, Some(ProtectionEvent::Rejected(r)) if r.reason == "DEPLOYMENT_BLOCKED")
+        matches!(events.recv().await, Some(ProtectionEvent::Rejected(r)) if r.reason() == "DEPLOYMENT_BLOCKED")
     );
     assert_eq!(p.counters().rejections, 1);
     assert_eq!(ecs.calls().len(), 1);
@@ -143,7 +143,7 @@ async fn a_rejection_fails_the_acquire_at_once_and_fires_the_event() {
 #[tokio::test(start_paused = true)]
 async fn a_hundred_concurrent_acquires_cost_one_put() {
     let ecs = FakeEcs::new();
-    ecs.latency(Duration::from_millis(50));
+    ecs.set_latency(Duration::from_millis(50));
     let p = TaskProtection::start(ecs.clone(), worker_settings());
     let guards = futures_util::future::join_all((0..100).map(|_| p.acquire())).await;
     assert!(guards.iter().all(Result::is_ok));
@@ -192,7 +192,7 @@ async fn a_churn_of_ten_thousand_changes_costs_at_most_four_puts_and_ends_releas
 #[tokio::test(start_paused = true)]
 async fn hold_registers_at_once_and_changes_while_in_flight_coalesce() {
     let ecs = FakeEcs::new();
-    ecs.latency(Duration::from_secs(2));
+    ecs.set_latency(Duration::from_secs(2));
     let p = TaskProtection::start(ecs.clone(), websocket_settings());
     let guard = p.hold();
     assert_eq!(p.holders(), 1);
@@ -272,7 +272,7 @@ async fn an_enable_that_timed_out_is_undone_when_no_longer_wanted() {
 #[tokio::test(start_paused = true)]
 async fn acquire_gives_up_within_the_acquire_timeout() {
     let ecs = FakeEcs::new();
-    ecs.always(Reply::Hang);
+    ecs.set_fallback(Reply::Hang);
     let p = TaskProtection::start(ecs.clone(), worker_settings());
     let t0 = Instant::now();
     let err = p.acquire().await.unwrap_err();
@@ -281,7 +281,13 @@ async fn acquire_gives_up_within_the_acquire_timeout() {
         panic!("{err}")
     };
     assert!(last_error.is_some(), "{err}");
-    assert!(err.to_string().contains("no answer within"), "{err}");
+    // The cause is the error's source, not flattened into its text.
+    let source = std::error::Error::source(&err).expect("the last error as source");
+    assert!(source.to_string().contains("no answer within"), "{source}");
+    assert_eq!(
+        task_protection::ErrorChain(&err).to_string(),
+        "task protection not confirmed within 30s: no answer within 8s"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -445,7 +451,7 @@ async fn a_job_at_start_costs_an_enable_and_no_release() {
 async fn a_skewed_wall_clock_changes_no_timing() {
     for offset in [-3_600, -50, 50, 3_600] {
         let ecs = FakeEcs::new();
-        ecs.clock_offset(offset);
+        ecs.set_clock_offset(offset);
         let p = TaskProtection::start(ecs.clone(), worker_settings());
         let t0 = Instant::now();
         let guard = p.acquire().await.unwrap();
@@ -463,7 +469,7 @@ async fn a_skewed_wall_clock_changes_no_timing() {
 #[tokio::test(start_paused = true)]
 async fn a_standalone_task_stops_asking_once_ecs_says_it_is_not_a_service_task() {
     let ecs = FakeEcs::new();
-    ecs.always(Reply::Failure("TASK_NOT_VALID"));
+    ecs.set_fallback(Reply::Failure("TASK_NOT_VALID"));
     let p = TaskProtection::start(ecs.clone(), worker_settings());
     step(Duration::from_secs(60)).await;
     assert_eq!(ecs.calls().len(), 1, "{:?}", ecs.calls());

@@ -1,5 +1,7 @@
 //! The end-to-end suite: one test binary, so the harness links once.
 //! Each module drives one real binary; see `e2e` (tests/src) for the harness.
+mod agent_client;
+mod agent_conformance;
 mod browser;
 mod cloudformation;
 mod copilot_rules;

@@ -90,7 +90,7 @@ async fn worker_never_starts_a_job_while_a_slow_release_is_on_the_wire() {
 #[tokio::test]
 async fn worker_never_starts_a_job_after_a_release_answered_504() {
     let agent = FakeAgent::start().await;
-    agent.script([Answer::Ok, Answer::AppliedThenRequestCanceled]);
+    agent.script([Answer::Ok, Answer::AppliedThen504]);
     let (_moto, mut worker, client, queue_url) = worker(&agent).await;
     send(&client, &queue_url, "300").await;
     worker.wait_for_line("- Done", STEP).await;
@@ -104,7 +104,7 @@ async fn worker_never_starts_a_job_after_a_release_answered_504() {
 async fn websocket_re_enables_at_once_for_a_client_after_a_release_answered_504() {
     let agent = FakeAgent::start().await;
     let server = Server::start(&agent, &[]).await;
-    agent.script([Answer::Ok, Answer::AppliedThenRequestCanceled]);
+    agent.script([Answer::Ok, Answer::AppliedThen504]);
     let url = format!("ws://127.0.0.1:{}/", server.port);
     let (mut first, _) = connect_async(&url).await.unwrap();
     let _welcome = first.next().await;

@@ -5,27 +5,29 @@
 //! at `$ECS_CONTAINER_METADATA_URI_V4/task`. As with the agent, a `failures` entry in
 //! a 200 answer is a refusal.
 
+use std::time::Duration;
+
 use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
 
+use crate::ecs_client::EcsClient;
 use crate::metadata::TaskIdentity;
 
-use super::{Backend, Grant, ProtectionError, ProtectionRequest, Rejection, classify_error};
+use super::{
+    Backend, Grant, LANDING_MARGIN, ProtectionError, ProtectionRequest, Rejection, ThrottledBy,
+    classify_error,
+};
 
 /// Sends protection updates through the ECS API.
 #[derive(Debug, Clone)]
 pub struct EcsApiBackend {
-    client: aws_sdk_ecs::Client,
+    client: EcsClient,
     task: TaskIdentity,
 }
 
 impl EcsApiBackend {
-    /// A backend for `task`, using `client`.
-    ///
-    /// Give the client a configuration with retries disabled
-    /// (`RetryConfig::disabled()`): the state machine retries, and SDK retries would
-    /// hide throttling from it and break its one-request-at-a-time rule.
+    /// A backend for `task`, calling ECS with `client`.
     #[must_use]
-    pub fn new(client: aws_sdk_ecs::Client, task: TaskIdentity) -> Self {
+    pub fn new(client: EcsClient, task: TaskIdentity) -> Self {
         Self { client, task }
     }
 
@@ -38,8 +40,8 @@ impl EcsApiBackend {
 
 fn classify_sdk_error<E, R>(err: SdkError<E, R>) -> ProtectionError
 where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug + HasStatus,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + HasStatus + 'static,
 {
     match err {
         SdkError::ServiceError(service) => {
@@ -49,10 +51,9 @@ where
                 status,
                 e.code().unwrap_or_default().to_owned(),
                 e.message().unwrap_or_default().to_owned(),
+                ThrottledBy::Ecs,
             )
         }
-        SdkError::TimeoutError(_) => ProtectionError::Transport("SDK timeout".to_owned()),
-        SdkError::DispatchFailure(e) => ProtectionError::Transport(format!("{e:?}")),
         SdkError::ResponseError(e) => {
             let status = e.raw().status_code();
             ProtectionError::malformed(
@@ -61,7 +62,8 @@ where
                 format!("{e:?}").as_bytes(),
             )
         }
-        other => ProtectionError::Transport(other.to_string()),
+        // Whether the request left is not known here: ECS may have acted on it.
+        other => ProtectionError::transport("the ECS API call failed").caused_by(other),
     }
 }
 
@@ -80,6 +82,7 @@ impl Backend for EcsApiBackend {
     async fn update(&self, request: ProtectionRequest) -> Result<Grant, ProtectionError> {
         let output = self
             .client
+            .sdk()
             .update_task_protection()
             .cluster(&self.task.cluster)
             .tasks(&self.task.task_arn)
@@ -89,11 +92,12 @@ impl Backend for EcsApiBackend {
             .await
             .map_err(classify_sdk_error)?;
         if let Some(failure) = output.failures().first() {
-            return Err(ProtectionError::Rejected(Rejection {
-                reason: failure.reason().unwrap_or("UNKNOWN").to_owned(),
-                detail: failure.detail().map(str::to_owned),
-                status: Some(200),
-            }));
+            let mut rejection =
+                Rejection::new(failure.reason().unwrap_or("UNKNOWN")).with_status(200);
+            if let Some(detail) = failure.detail() {
+                rejection = rejection.with_detail(detail);
+            }
+            return Err(ProtectionError::Rejected(rejection));
         }
         let Some(task) = output.protected_tasks().first() else {
             return Err(ProtectionError::malformed(
@@ -105,11 +109,27 @@ impl Backend for EcsApiBackend {
         let expires_at = task
             .expiration_date()
             .and_then(|d| std::time::SystemTime::try_from(*d).ok());
-        Ok(Grant {
-            enabled: task.protection_enabled(),
-            expires_at,
-            task_arn: task.task_arn().map(str::to_owned),
+        let grant = match (task.protection_enabled(), expires_at) {
+            (true, Some(at)) => Grant::protected_until(at),
+            (true, None) => Grant::protected(),
+            (false, _) => Grant::unprotected(),
+        };
+        Ok(match task.task_arn() {
+            Some(arn) => grant.with_task_arn(arn),
+            None => grant,
         })
+    }
+
+    /// ECS gets the request straight from this process: once the state machine stops
+    /// waiting for an answer, ECS may still be working on it, with no budget of its
+    /// own that this side knows of. So the window is the request timeout itself, and
+    /// the margin.
+    fn landing_window(&self, request_timeout: Duration) -> Duration {
+        request_timeout.saturating_add(LANDING_MARGIN)
+    }
+
+    fn identity(&self) -> Option<String> {
+        Some(format!("ECS API {}", self.task.task_arn))
     }
 
     fn describe(&self) -> String {

@@ -24,15 +24,18 @@ impl LocalBackend {
 
 impl Backend for LocalBackend {
     async fn update(&self, request: ProtectionRequest) -> Result<Grant, ProtectionError> {
-        let expires_at = request
-            .expires_in_minutes
-            .filter(|_| request.enabled)
-            .map(|m| SystemTime::now() + Duration::from_secs(u64::from(m) * 60));
-        Ok(Grant {
-            enabled: request.enabled,
-            expires_at,
-            task_arn: None,
+        Ok(match request.expires_in_minutes {
+            Some(m) if request.enabled => {
+                Grant::protected_until(SystemTime::now() + Duration::from_secs(u64::from(m) * 60))
+            }
+            _ if request.enabled => Grant::protected(),
+            _ => Grant::unprotected(),
         })
+    }
+
+    /// Nothing leaves the process: an answer is never lost.
+    fn landing_window(&self, _request_timeout: Duration) -> Duration {
+        Duration::ZERO
     }
 
     fn simulated(&self) -> bool {

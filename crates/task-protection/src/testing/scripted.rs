@@ -1,41 +1,3 @@
-//! A scripted ECS for testing a service's protection without a network.
-//!
-//! [`ScriptedEcs`] is a [`Backend`] that answers each PUT from a script (succeed,
-//! throttle, refuse, hang, lose the answer, fail with a 5xx, be unreachable), after a
-//! latency you choose, and keeps **ECS's own view** of the task apart from what it
-//! answered: whether ECS holds protection at any instant, and until when. So a test
-//! can assert what matters — "ECS protected the task for the whole job", "an idle
-//! task is released" — rather than what the program believed.
-//!
-//! It runs on `tokio::time`, so tests can use paused time
-//! (`#[tokio::test(start_paused = true)]`) and let minutes pass in microseconds.
-//!
-//! A real agent does not apply a request the moment it arrives: ECS applies it when
-//! the agent's own ECS call lands, which can be up to the agent's budget (about 4 s)
-//! after the PUT was sent, and even after the client gave up waiting. With
-//! [`ScriptedEcs::landing`] set to [`Landing::Random`], each request lands at a random
-//! moment of its flight, so a later request can be overtaken by an earlier one whose
-//! answer was lost: the case that protection code must survive.
-//!
-//! ```
-//! use std::time::Duration;
-//! use task_protection::testing::{Reply, ScriptedEcs};
-//! use task_protection::{ProtectionSettings, TaskProtection};
-//! use tokio::time::Instant;
-//!
-//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
-//! # async fn main() {
-//! let ecs = ScriptedEcs::new();
-//! let protection = TaskProtection::start(ecs.clone(), ProtectionSettings::default());
-//! let job = protection.acquire().await.unwrap();
-//! assert!(ecs.protected_at(Instant::now()));
-//! ecs.always(Reply::Throttled); // from now on, ECS throttles every call
-//! drop(job);
-//! tokio::time::sleep(Duration::from_secs(60)).await;
-//! assert!(ecs.protected_at(Instant::now()), "a throttled release changes nothing");
-//! # }
-//! ```
-
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -44,45 +6,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
-use crate::backend::{Backend, Grant, ProtectionError, ProtectionRequest, Rejection, ThrottledBy};
-
-/// How long after it was sent a request may still land in ECS: the agent's own budget
-/// for its ECS call. It answers `504 RequestCanceled` when the budget runs out.
-pub const AGENT_BUDGET: Duration = Duration::from_secs(4);
+use super::agent::{AGENT_BUDGET, Reply, put_answer};
+use crate::backend::answer::{Endpoint, classify};
+use crate::backend::{AGENT_LANDING_WINDOW, Backend, Grant, ProtectionError, ProtectionRequest};
 
 /// The task ARN the scripted ECS reports.
 pub const TASK_ARN: &str = "arn:aws:ecs:us-east-1:123456789012:task/test/0123456789abcdef";
-
-/// How the scripted ECS answers one PUT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Reply {
-    /// Applies the request and confirms it.
-    Ok,
-    /// ECS throttles the call (`ThrottlingException`): nothing applied.
-    Throttled,
-    /// ECS refuses with this reason (`DEPLOYMENT_BLOCKED`, `TASK_NOT_VALID`): nothing
-    /// applied.
-    Failure(&'static str),
-    /// Applies the request but never answers: the client times out.
-    Hang,
-    /// Never applies and never answers: the client times out.
-    HangUnapplied,
-    /// Applies the request, then answers 504 `RequestCanceled`, as the agent does when
-    /// its own ECS call outlived its budget.
-    AppliedThen504,
-    /// Answers 500 without applying the request.
-    Unapplied500,
-    /// The connection is refused: nothing was sent.
-    Refused,
-}
-
-impl Reply {
-    /// Whether ECS applies a request answered this way.
-    fn applies(self) -> bool {
-        matches!(self, Self::Ok | Self::Hang | Self::AppliedThen504)
-    }
-}
 
 /// When ECS applies a request it accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -120,7 +49,7 @@ pub type Change = (Instant, Option<Instant>);
 struct Pending {
     id: u64,
     at: Instant,
-    request: ProtectionRequest,
+    change: Option<u32>,
 }
 
 #[derive(Debug, Default)]
@@ -151,7 +80,7 @@ impl Inner {
         self.pending.sort_by_key(|p| (p.at, p.id));
         while self.pending.first().is_some_and(|p| p.at <= now) {
             let p = self.pending.remove(0);
-            self.apply(p.at, p.request);
+            self.apply(p.at, p.change);
         }
     }
 
@@ -161,18 +90,16 @@ impl Inner {
             let p = self.pending.remove(i);
             let now = Instant::now();
             self.land_due(now);
-            self.apply(p.at.min(now), p.request);
+            self.apply(p.at.min(now), p.change);
         }
     }
 
-    fn apply(&mut self, at: Instant, request: ProtectionRequest) {
-        if request.enabled && self.expiry.is_some_and(|e| e <= at) {
+    /// ECS applies `change`: on for some minutes, or off.
+    fn apply(&mut self, at: Instant, change: Option<u32>) {
+        if change.is_some() && self.expiry.is_some_and(|e| e <= at) {
             self.lapses += 1;
         }
-        let minutes = u64::from(request.expires_in_minutes.unwrap_or(120));
-        self.expiry = request
-            .enabled
-            .then(|| at + Duration::from_secs(minutes * 60));
+        self.expiry = change.map(|minutes| at + Duration::from_secs(u64::from(minutes) * 60));
         self.changes.push((at, self.expiry));
     }
 
@@ -225,17 +152,19 @@ impl ScriptedEcs {
     }
 
     /// Answers every PUT this way once the script is used up (default [`Reply::Ok`]).
-    pub fn always(&self, reply: Reply) {
+    pub fn set_fallback(&self, reply: Reply) {
         self.lock().fallback = Some(reply);
     }
 
-    /// Every answer takes this long from now on.
-    pub fn latency(&self, latency: Duration) {
+    /// ECS takes this long to answer the agent, from now on. From
+    /// [`AGENT_BUDGET`] on, the agent gives up and answers 504 `RequestCanceled` at
+    /// its budget, as the real one does.
+    pub fn set_latency(&self, latency: Duration) {
         self.lock().latency = latency;
     }
 
     /// When ECS applies the requests it accepts, from now on.
-    pub fn landing(&self, landing: Landing) {
+    pub fn set_landing(&self, landing: Landing) {
         let mut inner = self.lock();
         inner.landing = landing;
         inner.rng = match landing {
@@ -246,7 +175,7 @@ impl ScriptedEcs {
 
     /// ECS's clock runs this many seconds ahead of this process's wall clock (behind
     /// when negative): the `ExpirationDate` it reports is off by as much.
-    pub fn clock_offset(&self, seconds: i64) {
+    pub fn set_clock_offset(&self, seconds: i64) {
         self.lock().clock_offset_secs = seconds;
     }
 
@@ -353,7 +282,7 @@ impl ScriptedEcs {
 
     /// The latency in force.
     #[must_use]
-    pub fn current_latency(&self) -> Duration {
+    pub fn latency(&self) -> Duration {
         self.lock().latency
     }
 }
@@ -361,7 +290,7 @@ impl ScriptedEcs {
 impl Backend for ScriptedEcs {
     async fn update(&self, request: ProtectionRequest) -> Result<Grant, ProtectionError> {
         let sent = Instant::now();
-        let (reply, latency, landing_id, offset) = {
+        let (answer, landing_id) = {
             let mut inner = self.lock();
             let reply = inner
                 .script
@@ -373,20 +302,33 @@ impl Backend for ScriptedEcs {
                 request,
                 reply,
             });
+            if reply == Reply::Refused {
+                return Err(ProtectionError::unreachable(
+                    "cannot connect to the scripted ECS agent: connection refused",
+                ));
+            }
             inner.in_flight += 1;
             inner.max_in_flight = inner.max_in_flight.max(inner.in_flight);
             inner.on_wire = Some(request);
-            let mut latency = inner.latency;
-            let landing_id = reply.applies().then(|| {
-                let answered = (reply == Reply::Ok).then_some(sent + latency);
+            // What the agent answers, exactly as the real one would.
+            let body = serde_json::to_vec(&put_body(request)).unwrap_or_default();
+            let ecs_now = shift(SystemTime::now(), inner.clock_offset_secs);
+            let mut answer = put_answer(&body, reply, inner.latency, TASK_ARN, ecs_now);
+            let landing_id = answer.applied.then(|| {
+                let confirmed = answer.status == 200;
+                let answered = answer.after.filter(|_| confirmed).map(|after| sent + after);
                 let at = inner.landing_time(sent, answered);
-                if reply == Reply::Ok {
+                if confirmed && let Some(after) = &mut answer.after {
                     // A confirmation comes once the request has landed.
-                    latency = latency.max(at - sent);
+                    *after = (*after).max(at - sent);
                 }
                 let id = inner.next_id;
                 inner.next_id += 1;
-                inner.pending.push(Pending { id, at, request });
+                inner.pending.push(Pending {
+                    id,
+                    at,
+                    change: answer.change.flatten(),
+                });
                 inner.land_due(sent);
                 if at > sent {
                     // Lands on its own, whatever becomes of the client's wait.
@@ -399,61 +341,54 @@ impl Backend for ScriptedEcs {
                 }
                 id
             });
-            (reply, latency, landing_id, inner.clock_offset_secs)
+            (answer, landing_id)
         };
         let _in_flight = InFlight(Arc::clone(&self.inner));
-        if !latency.is_zero() {
-            tokio::time::sleep(latency).await;
+        let Some(after) = answer.after else {
+            // The agent stalls: no answer, ever.
+            return std::future::pending().await;
+        };
+        if !after.is_zero() {
+            tokio::time::sleep(after).await;
         }
-        match reply {
-            Reply::Ok => {
-                let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-                if let Some(id) = landing_id {
-                    // A confirmation comes after ECS applied the request.
-                    inner.land(id);
-                }
-                if request.enabled {
-                    inner.confirmed_expiry = inner.expiry;
-                }
-                let minutes = u64::from(request.expires_in_minutes.unwrap_or(120));
-                let ecs_now = shift(SystemTime::now(), offset);
-                Ok(Grant {
-                    enabled: request.enabled,
-                    expires_at: request
-                        .enabled
-                        .then(|| ecs_now + Duration::from_secs(minutes * 60)),
-                    task_arn: Some(TASK_ARN.to_owned()),
-                })
+        let result = classify(
+            answer.status,
+            answer.body.as_bytes(),
+            Endpoint {
+                url: "scripted ECS agent",
+                setting: "ScriptedEcs",
+            },
+        );
+        if answer.status == 200 {
+            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(id) = landing_id {
+                // A confirmation comes after ECS applied the request.
+                inner.land(id);
             }
-            Reply::Throttled => Err(ProtectionError::Throttled {
-                by: ThrottledBy::Ecs,
-                message: "Rate exceeded".to_owned(),
-            }),
-            Reply::Failure(reason) => Err(ProtectionError::Rejected(Rejection {
-                reason: reason.to_owned(),
-                detail: None,
-                status: Some(200),
-            })),
-            Reply::Hang | Reply::HangUnapplied => std::future::pending().await,
-            Reply::AppliedThen504 => Err(ProtectionError::Server {
-                status: 504,
-                code: "RequestCanceled".to_owned(),
-                message: "Timed out calling ECS Task Protection API".to_owned(),
-            }),
-            Reply::Unapplied500 => Err(ProtectionError::Server {
-                status: 500,
-                code: "ServerException".to_owned(),
-                message: "Internal error".to_owned(),
-            }),
-            Reply::Refused => Err(ProtectionError::Unreachable(
-                "connection refused".to_owned(),
-            )),
+            if request.enabled && result.is_ok() {
+                inner.confirmed_expiry = inner.expiry;
+            }
         }
+        result
+    }
+
+    /// The agent's: its ECS call is cancelled 4 s after it got the PUT.
+    fn landing_window(&self, _request_timeout: Duration) -> Duration {
+        AGENT_LANDING_WINDOW
     }
 
     fn describe(&self) -> String {
         "scripted ECS (tests)".to_owned()
     }
+}
+
+/// The PUT body the agent backend sends.
+fn put_body(request: ProtectionRequest) -> serde_json::Value {
+    let mut body = serde_json::json!({ "ProtectionEnabled": request.enabled });
+    if let Some(minutes) = request.expires_in_minutes {
+        body["ExpiresInMinutes"] = minutes.into();
+    }
+    body
 }
 
 fn shift(t: SystemTime, secs: i64) -> SystemTime {
