@@ -4,16 +4,25 @@
 //! This module holds the harness (a running server, raw frames, readers); each
 //! submodule drives one concern:
 //! - [`basics`]: the protocol, counting, `/healthz`, `/status`, the page, settings;
+//! - [`backpressure`]: clients that read slowly are read slowly, not dropped;
+//! - [`pipelined`]: frames sent with the upgrade request;
 //! - [`limits`]: what one hostile or careless client may make the server hold;
-//! - [`shutdown`]: the goodbye at SIGTERM;
+//! - [`floods`]: the per-connection budget of frames and bytes;
+//! - [`strangers`]: origins, addresses, and what `/status` tells anyone;
+//! - [`shutdown`] and [`goodbye`]: the goodbye at SIGTERM and in a drain, and its pace;
 //! - [`open_files`]: running short of file descriptors;
 //! - [`metrics`]: the EMF lines.
 
+mod backpressure;
 mod basics;
+mod floods;
+mod goodbye;
 mod limits;
 mod metrics;
 mod open_files;
+mod pipelined;
 mod shutdown;
+pub(crate) mod strangers;
 
 use std::time::Duration;
 
@@ -51,12 +60,8 @@ pub(crate) fn env(agent: &FakeAgent, port: u16) -> Vec<(&'static str, String)> {
 
 impl Server {
     /// Starts the server on `port` (0 for any) with `extra` settings.
-    pub(crate) async fn start_on(
-        agent: &FakeAgent,
-        port: u16,
-        extra: &[(&'static str, String)],
-    ) -> Self {
-        let mut vars = env(agent, port);
+    pub(crate) async fn start_on(agent: &FakeAgent, port: u16, extra: &[(&str, String)]) -> Self {
+        let mut vars: Vec<(&str, String)> = env(agent, port);
         vars.extend(extra.iter().cloned());
         let service = Service::spawn("websocket", &[], &vars);
         let line = service.wait_for_line("Listening on", START).await;
@@ -74,7 +79,7 @@ impl Server {
         Self { service, port }
     }
 
-    pub(crate) async fn start(agent: &FakeAgent, extra: &[(&'static str, String)]) -> Self {
+    pub(crate) async fn start(agent: &FakeAgent, extra: &[(&str, String)]) -> Self {
         Self::start_on(agent, 0, extra).await
     }
 
@@ -215,13 +220,25 @@ fn rss(pid: u32) -> u64 {
 /// A websocket handshake over a raw TCP connection; returns the stream once the
 /// server has answered 101.
 async fn raw_upgrade(port: u16, extra_headers: &str) -> TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let request = format!(
+    raw_upgrade_with(port, extra_headers, &[]).await
+}
+
+/// A websocket upgrade request for `port`, with `extra_headers` (each ending in CRLF).
+fn upgrade_request(port: u16, extra_headers: &str) -> String {
+    format!(
         "GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
-    );
-    tcp.write_all(request.as_bytes()).await.unwrap();
+    )
+}
+
+/// As [`raw_upgrade`], with `pipelined` sent right behind the request in the same
+/// write, as a client that does not wait for the 101 does.
+async fn raw_upgrade_with(port: u16, extra_headers: &str, pipelined: &[u8]) -> TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut request = upgrade_request(port, extra_headers).into_bytes();
+    request.extend_from_slice(pipelined);
+    tcp.write_all(&request).await.unwrap();
     // Read byte by byte up to the end of the response head, so no frame is consumed.
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {

@@ -98,7 +98,16 @@ async fn websocket_second_ctrl_c_tells_every_client_at_once() {
 #[tokio::test]
 async fn websocket_flooding_client_hears_the_shutdown_within_100ms() {
     let agent = FakeAgent::start().await;
-    let mut server = Server::start(&agent, &[("SHUTDOWN_GRACE_SECONDS", "3".to_owned())]).await;
+    // A budget no client reaches: this one floods with what the server allows.
+    let mut server = Server::start(
+        &agent,
+        &[
+            ("SHUTDOWN_GRACE_SECONDS", "3".to_owned()),
+            ("MAX_FRAMES_PER_SECOND", "1000000".to_owned()),
+            ("MAX_BYTES_PER_SECOND", "1073741824".to_owned()),
+        ],
+    )
+    .await;
     // A quiet client shows when the notice went out; the flooding one must not hear
     // it much later.
     let mut quiet = server.connect().await;
