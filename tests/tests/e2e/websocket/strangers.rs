@@ -1,6 +1,7 @@
 //! Closed to strangers: the deployments say whose pages may connect, one address
 //! cannot take every slot, and `/status` tells anyone nothing that names the task.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use e2e::agent::{FakeAgent, TASK_ARN};
@@ -19,7 +20,7 @@ const STAND_IN_LB_DNS: &str = "task-Publi-1RV8QEBNTEQCW-1762184596.us-east-1.elb
 
 /// The websocket manifest's variables as its task gets them: plain values as
 /// written, imports (`from_cfn`) resolved to stand-ins.
-fn manifest_variables() -> Vec<(String, String)> {
+fn manifest_variables() -> BTreeMap<String, String> {
     let path = e2e::workspace_root().join("copilot/websocket/manifest.yml");
     let manifest: Value = serde_norway::from_str(&std::fs::read_to_string(&path).unwrap())
         .unwrap_or_else(|e| panic!("{} is not YAML: {e}", path.display()));
@@ -102,31 +103,40 @@ pub(crate) async fn assert_strangers_refused(port: u16, own: &[String]) {
     assert_eq!(upgrade(port, "").await, 101, "a client without Origin");
 }
 
-#[tokio::test]
-async fn websocket_foreign_origin_is_refused_with_the_shipped_manifest_settings() {
+/// Starts the server with a deployment's variables, on loopback, and checks that a
+/// foreign page is refused and pages of `own` origins are let in.
+pub(crate) async fn assert_deployment_refuses_strangers(
+    deployed: &BTreeMap<String, String>,
+    own: &[String],
+) {
     let agent = FakeAgent::start().await;
     let loopback = [
         ("PORT", "0".to_owned()),
         ("BIND_ADDRESS", "127.0.0.1".to_owned()),
     ];
-    let mut vars: Vec<(String, String)> = manifest_variables()
-        .into_iter()
+    let mut vars: Vec<(&str, String)> = deployed
+        .iter()
         .filter(|(name, _)| loopback.iter().all(|(k, _)| k != name))
+        .map(|(k, v)| (k.as_str(), v.clone()))
         .collect();
-    vars.extend(loopback.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
-    let vars: Vec<(&str, String)> = vars.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    vars.extend(loopback.iter().cloned());
     let server = Server::start(&agent, &vars).await;
-    let host = STAND_IN_LB_DNS.to_ascii_lowercase();
-    assert_strangers_refused(
-        server.port,
-        &[format!("http://{host}"), format!("https://{host}")],
-    )
-    .await;
+    assert_strangers_refused(server.port, own).await;
     assert_eq!(
         server.service.count("ALLOWED_ORIGINS is not set"),
         0,
         "the deployment leaves origins open"
     );
+}
+
+#[tokio::test]
+async fn websocket_foreign_origin_is_refused_with_the_shipped_manifest_settings() {
+    let host = STAND_IN_LB_DNS.to_ascii_lowercase();
+    assert_deployment_refuses_strangers(
+        &manifest_variables(),
+        &[format!("http://{host}"), format!("https://{host}")],
+    )
+    .await;
 }
 
 #[tokio::test]
