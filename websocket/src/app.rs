@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ServerSettings;
+use crate::connection::metered::SharedRules;
 use crate::connection::{Notice, SHUTTING_DOWN_SOON};
 use crate::connections::Connections;
 use crate::http::{self, HttpSettings, MAX_PENDING_CONNECTIONS};
@@ -92,6 +93,7 @@ impl App {
             tracker: TaskTracker::new(),
             refused: AtomicBool::new(false),
             limits: settings.limits,
+            rules: SharedRules::from(&settings.limits),
             origins: settings.origins,
             trust_forwarded_for: settings.trust_forwarded_for,
             show_identifiers: settings.show_identifiers,

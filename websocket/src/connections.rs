@@ -1,6 +1,11 @@
 //! The count of connected clients, per address too, and the protection each one
 //! holds.
 //!
+//! When clients are counted per address, an address whose client was closed for a
+//! flood is turned away for [`FLOOD_BAR`]: the budget of frames a second holds per
+//! connection, and a flooder that reconnects at once would otherwise start a fresh
+//! budget (and a fresh handshake) hundreds of times a second.
+//!
 //! Every client owns a [`Slot`]: taking one counts the client (and its address) and
 //! registers a protection holder; dropping it, on whatever path the connection ends
 //! (close frame, TCP reset, silent peer, panic), uncounts it and lets go of the hold.
@@ -11,8 +16,16 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use task_protection::{ProtectionGuard, TaskProtection};
+use tokio::time::Instant;
+
+/// How long an address whose client was closed for a flood is turned away, when
+/// clients are counted per address.
+pub const FLOOD_BAR: Duration = Duration::from_secs(10);
+/// Barred addresses kept at most; past it the longest barred are let go first.
+pub const MAX_BARRED: usize = 10_000;
 
 /// The clients connected now, with a limit in all and one per address.
 #[derive(Debug)]
@@ -24,16 +37,20 @@ pub struct Connections {
     /// Clients per address, while `per_address` is set; an address leaves the map
     /// with its last client.
     addresses: Mutex<HashMap<IpAddr, usize>>,
+    /// Addresses turned away after a flood, until when.
+    barred: Mutex<HashMap<IpAddr, Instant>>,
     protection: TaskProtection,
 }
 
 /// Why a client was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Full {
+pub enum Denied {
     /// `MAX_CONNECTIONS` clients are connected.
-    Server,
+    ServerFull,
     /// `MAX_CONNECTIONS_PER_ADDRESS` clients are connected from its address.
-    Address,
+    AddressFull,
+    /// A client of its address was closed for a flood less than [`FLOOD_BAR`] ago.
+    AddressBarred,
 }
 
 impl Connections {
@@ -46,6 +63,7 @@ impl Connections {
             limit,
             per_address,
             addresses: Mutex::default(),
+            barred: Mutex::default(),
             protection,
         })
     }
@@ -81,7 +99,10 @@ impl Connections {
     ///
     /// # Errors
     /// Which limit was reached.
-    pub fn try_open(self: &Arc<Self>, address: IpAddr) -> Result<Slot, Full> {
+    pub fn try_open(self: &Arc<Self>, address: IpAddr) -> Result<Slot, Denied> {
+        if self.is_barred(address) {
+            return Err(Denied::AddressBarred);
+        }
         let address = self.count_address(address)?;
         let limit = self.limit;
         let Ok(before) = self
@@ -93,11 +114,11 @@ impl Connections {
             if let Some(address) = address {
                 self.uncount_address(address);
             }
-            return Err(Full::Server);
+            return Err(Denied::ServerFull);
         };
         Ok(Slot {
             connections: Arc::clone(self),
-            count_when_opened: before + 1,
+            count_when_opened: u32::try_from(before + 1).unwrap_or(u32::MAX),
             address,
             opened: false,
             _hold: self.protection.hold(),
@@ -106,7 +127,7 @@ impl Connections {
 
     /// Counts a client of `address`; the address to uncount it under later, `None`
     /// when addresses are not counted.
-    fn count_address(&self, address: IpAddr) -> Result<Option<IpAddr>, Full> {
+    fn count_address(&self, address: IpAddr) -> Result<Option<IpAddr>, Denied> {
         if self.per_address == 0 {
             return Ok(None);
         }
@@ -116,10 +137,44 @@ impl Connections {
             .unwrap_or_else(PoisonError::into_inner);
         let clients = addresses.entry(address).or_default();
         if *clients >= self.per_address {
-            return Err(Full::Address);
+            return Err(Denied::AddressFull);
         }
         *clients += 1;
         Ok(Some(address))
+    }
+
+    fn is_barred(&self, address: IpAddr) -> bool {
+        if self.per_address == 0 {
+            return false;
+        }
+        let mut barred = self.barred.lock().unwrap_or_else(PoisonError::into_inner);
+        match barred.get(&address) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                barred.remove(&address);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Turns `address` away for [`FLOOD_BAR`].
+    fn bar(&self, address: IpAddr) {
+        let now = Instant::now();
+        let mut barred = self.barred.lock().unwrap_or_else(PoisonError::into_inner);
+        if barred.len() >= MAX_BARRED {
+            barred.retain(|_, until| *until > now);
+            if barred.len() >= MAX_BARRED
+                && let Some(first) = barred
+                    .iter()
+                    .min_by_key(|(_, until)| **until)
+                    .map(|(a, _)| *a)
+            {
+                barred.remove(&first);
+            }
+        }
+        barred.insert(address, now + FLOOD_BAR);
+        tracing::info!(%address, "Turning away {address} for {FLOOD_BAR:?}: its client flooded");
     }
 
     fn uncount_address(&self, address: IpAddr) {
@@ -141,16 +196,24 @@ impl Connections {
 #[must_use = "the client is uncounted as soon as its slot is dropped"]
 pub struct Slot {
     connections: Arc<Connections>,
-    count_when_opened: usize,
+    count_when_opened: u32,
     address: Option<IpAddr>,
     opened: bool,
     _hold: ProtectionGuard,
 }
 
 impl Slot {
+    /// Uncounts a client closed for a flood, and turns its address away for
+    /// [`FLOOD_BAR`] when clients are counted per address.
+    pub fn flooded(self) {
+        if let Some(address) = self.address {
+            self.connections.bar(address);
+        }
+    }
+
     /// The count of clients right after this one was admitted, for the welcome.
     #[must_use]
-    pub fn count_when_opened(&self) -> usize {
+    pub fn count_when_opened(&self) -> u32 {
         self.count_when_opened
     }
 
@@ -203,7 +266,7 @@ mod tests {
         let a = connections.try_open(HERE).unwrap();
         let b = connections.try_open(HERE).unwrap();
         assert_eq!((a.count_when_opened(), b.count_when_opened()), (1, 2));
-        assert_eq!(connections.try_open(THERE).unwrap_err(), Full::Server);
+        assert_eq!(connections.try_open(THERE).unwrap_err(), Denied::ServerFull);
         assert_eq!(protection.holders(), 2);
         drop(a);
         assert_eq!(connections.count(), 1);
@@ -214,18 +277,41 @@ mod tests {
         assert_eq!(protection.holders(), 0);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn an_address_that_flooded_is_turned_away_for_a_while() {
+        let connections = Connections::new(10, 5, protection());
+        connections.try_open(HERE).unwrap().flooded();
+        assert_eq!(
+            connections.try_open(HERE).unwrap_err(),
+            Denied::AddressBarred
+        );
+        let other = connections.try_open(THERE).unwrap();
+        tokio::time::advance(FLOOD_BAR - Duration::from_millis(1)).await;
+        assert_eq!(
+            connections.try_open(HERE).unwrap_err(),
+            Denied::AddressBarred
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let back = connections.try_open(HERE).unwrap();
+        drop((other, back));
+        // Without a count per address, addresses mean nothing: no one is barred.
+        let unlimited = Connections::new(10, 0, protection());
+        unlimited.try_open(HERE).unwrap().flooded();
+        assert!(unlimited.try_open(HERE).is_ok());
+    }
+
     #[tokio::test]
     async fn one_address_takes_at_most_its_share() {
         let connections = Connections::new(3, 2, protection());
         let a = connections.try_open(HERE).unwrap();
         let b = connections.try_open(HERE).unwrap();
-        assert_eq!(connections.try_open(HERE).unwrap_err(), Full::Address);
+        assert_eq!(connections.try_open(HERE).unwrap_err(), Denied::AddressFull);
         let c = connections.try_open(THERE).unwrap();
         // Full in all: the refusal leaves the address's count as it was.
-        assert_eq!(connections.try_open(THERE).unwrap_err(), Full::Server);
+        assert_eq!(connections.try_open(THERE).unwrap_err(), Denied::ServerFull);
         drop(a);
         let d = connections.try_open(THERE).unwrap();
-        assert_eq!(connections.try_open(HERE).unwrap_err(), Full::Server);
+        assert_eq!(connections.try_open(HERE).unwrap_err(), Denied::ServerFull);
         drop((b, c, d));
         assert!(
             connections.addresses.lock().unwrap().is_empty(),

@@ -135,7 +135,7 @@ impl ServerMetrics {
             Ended::Silent => &self.closed_ping_timeout,
             Ended::SlowReader => &self.closed_slow_reader,
             Ended::Refused(crate::connection::close_code::SIZE) => &self.closed_oversize,
-            Ended::Refused(_) => &self.closed_abuse,
+            Ended::Refused(_) | Ended::Flooded => &self.closed_abuse,
             Ended::ShuttingDown => &self.closed_shutdown,
             Ended::Expired => &self.closed_lifetime,
             Ended::Left => &self.closed_drain,

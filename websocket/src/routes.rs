@@ -20,7 +20,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::admission::{self, Origins};
 use crate::connection::limits::Limits;
-use crate::connections::{Connections, Full};
+use crate::connection::metered::SharedRules;
+use crate::connections::{Connections, Denied};
 use crate::metrics::ServerMetrics;
 use crate::upgrade::{self, Asked};
 
@@ -43,6 +44,8 @@ pub(crate) struct Shared {
     pub(crate) refused: AtomicBool,
     /// What one client may make the server hold.
     pub(crate) limits: Limits,
+    /// The limits the frame scanner of every connection follows.
+    pub(crate) rules: SharedRules,
     /// The pages that may connect.
     pub(crate) origins: Origins,
     /// Count clients by the address the load balancer appended to
@@ -145,7 +148,7 @@ fn admit(shared: &Arc<Shared>, request: &Request, handshake: upgrade::Handshake)
     let address = admission::client_address(peer, headers, shared.trust_forwarded_for);
     let slot = match shared.connections.try_open(address) {
         Ok(slot) => slot,
-        Err(Full::Server) => {
+        Err(Denied::ServerFull) => {
             tracing::warn!(
                 limit = shared.connections.limit(),
                 "Refused a client: MAX_CONNECTIONS reached"
@@ -153,7 +156,7 @@ fn admit(shared: &Arc<Shared>, request: &Request, handshake: upgrade::Handshake)
             shared.metrics.refused.increment(1);
             return unavailable(StatusCode::SERVICE_UNAVAILABLE, "too many connections");
         }
-        Err(Full::Address) => {
+        Err(Denied::AddressFull) => {
             tracing::info!(
                 %address,
                 limit = shared.connections.per_address(),
@@ -164,6 +167,15 @@ fn admit(shared: &Arc<Shared>, request: &Request, handshake: upgrade::Handshake)
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many connections from your address",
             );
+        }
+        Err(Denied::AddressBarred) => {
+            shared.metrics.refused.increment(1);
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, HeaderValue::from_static("10"))],
+                "your address flooded this server a moment ago",
+            )
+                .into_response();
         }
     };
     // Subscribed now, so that no notice sent before the upgrade is missed.

@@ -25,7 +25,7 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::connection::limits::MAX_WRITE_BUFFER_BYTES;
 use crate::connection::metered::Metered;
-use crate::connection::{self, Ended, Notice};
+use crate::connection::{self, Ended, Notice, close_code};
 use crate::connections::Slot;
 use crate::routes::Shared;
 
@@ -176,7 +176,7 @@ fn client(
             .write_buffer_size(0)
             .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES);
         let mut socket = WebSocketStream::from_raw_socket(
-            Metered::new(TokioIo::new(upgraded), limits),
+            Metered::new(TokioIo::new(upgraded), &shared.rules),
             Role::Server,
             Some(config),
         )
@@ -203,11 +203,70 @@ fn client(
         tracing::debug!(?ended, "websocket ended");
         metrics.closed(ended);
         metrics.connections.decrement(1.0);
-        drop(slot);
-        if let Ended::Refused(_) = ended {
+        if ended == Ended::Flooded {
+            slot.flooded();
+        } else {
+            drop(slot);
+        }
+        // A client refused for a message too big, bad text or a protocol error gets
+        // to read why; a flooder (1008) is hung up on: reading what it still sends
+        // would only spend more on it.
+        if let Ended::Refused(code) = ended
+            && code != close_code::POLICY
+        {
             // Boxed: an idle client's future would otherwise hold room for it.
             Box::pin(socket.get_mut().linger()).await;
         }
         drop(tracked);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use task_protection::{LocalBackend, ProtectionSettings, TaskProtection};
+
+    use super::*;
+    use crate::connection::limits::Limits;
+
+    /// An idle client is mostly its task: this future, in a cell of tokio's aligned
+    /// to 128 bytes, which jemalloc rounds up to its next size class (1,280 bytes
+    /// for a future up to about 1,030, 1,536 beyond). BENCHMARKS.md has the figures.
+    const MOST_BYTES: usize = 1_024;
+
+    #[tokio::test]
+    async fn an_idle_clients_task_stays_small() {
+        let protection = TaskProtection::start(LocalBackend::new(), ProtectionSettings::default());
+        let connections = crate::connections::Connections::new(10, 0, protection);
+        let notices = Arc::new(crate::notices::Notices::default());
+        let shared = Arc::new(Shared {
+            connections: Arc::clone(&connections),
+            notices: Arc::clone(&notices),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            tracker: tokio_util::task::TaskTracker::new(),
+            refused: std::sync::atomic::AtomicBool::new(false),
+            limits: Limits::default(),
+            rules: crate::connection::metered::SharedRules::from(&Limits::default()),
+            origins: crate::admission::Origins::any(),
+            trust_forwarded_for: false,
+            show_identifiers: false,
+            metrics: crate::metrics::ServerMetrics::register(),
+            drain: task_protection::drain::Drain::off(),
+        });
+        let mut request = axum::http::Request::new(());
+        let on_upgrade = hyper::upgrade::on(&mut request);
+        let slot = connections
+            .try_open(IpAddr::from([192, 0, 2, 1]))
+            .expect("room");
+        let task = client(
+            on_upgrade,
+            Arc::clone(&shared),
+            slot,
+            notices.subscribe(),
+            shared.tracker.token(),
+        );
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= MOST_BYTES, "a client's future takes {size} bytes");
     }
 }

@@ -20,7 +20,7 @@ use futures_util::{Sink, Stream};
 use tokio::time::{Instant, Sleep};
 use tungstenite::Message;
 
-use super::limits::{CLOSING_WRITE_AFTER, PingRate, SLOW_READER_AFTER};
+use super::limits::{CLOSING_WRITE_AFTER, SLOW_READER_AFTER};
 use super::turn::Turn;
 use super::{
     Ended, Notice, OUTBOUND_QUEUE, PING, PONG, RECONNECT, SHUTTING_DOWN, SLOW_READER, SocketError,
@@ -58,10 +58,9 @@ pub(super) struct Link<'a, S> {
     pub(super) stall: Option<Pin<Box<Sleep>>>,
     /// Only while a paced notice waits for this connection's turn.
     pub(super) turn: Option<Pin<Box<Turn>>>,
-    pub(super) pings: PingRate,
     pub(super) messages: &'a MessageCounters,
     /// The unfinished stretch seen at the last heartbeat, if any.
-    pub(super) unfinished_seen: Option<u64>,
+    pub(super) unfinished_seen: Option<u32>,
     /// When the client is told to reconnect.
     pub(super) expires: Option<Instant>,
 }
@@ -87,7 +86,12 @@ where
                     return Some(Ended::Broken);
                 };
                 tracing::debug!(code, "closing a websocket that broke the protocol: {error}");
-                self.refuse(code, &error.close_reason());
+                let why = if error.is_flood() {
+                    Ended::Flooded
+                } else {
+                    Ended::Refused(code)
+                };
+                self.refuse(code, &error.close_reason(), why);
                 None
             }
             Event::Received(None) | Event::Flushed => {
@@ -131,13 +135,9 @@ where
                 }
             }
             // tungstenite answers pings by itself, outside the queue: flush so that
-            // a client that does not read them shows as stalled.
-            Message::Ping(_) => {
-                self.unflushed = true;
-                if !self.pings.allow() {
-                    self.refuse(close_code::POLICY, "too many pings");
-                }
-            }
+            // a client that does not read them shows as stalled. Too many are
+            // refused before they are read (the scanner's budget).
+            Message::Ping(_) => self.unflushed = true,
             // tungstenite answers a close frame with its own; reading on until the
             // stream ends sends that answer.
             Message::Close(_) => self.start_closing(Ended::ClientClosed),
@@ -189,7 +189,11 @@ where
         // interval.
         let unfinished = self.socket.unfinished();
         if unfinished.is_some() && unfinished == self.unfinished_seen {
-            self.refuse(close_code::POLICY, "message left unfinished");
+            self.refuse(
+                close_code::POLICY,
+                "message left unfinished",
+                Ended::Refused(close_code::POLICY),
+            );
             return None;
         }
         self.unfinished_seen = unfinished;
@@ -207,14 +211,14 @@ where
     /// Closes on a client that broke a rule: the rest of what it sent cannot be
     /// trusted, so nothing more is read; it is told why, and hung up on once that is
     /// written.
-    fn refuse(&mut self, code: u16, reason: &str) {
+    fn refuse(&mut self, code: u16, reason: &str, why: Ended) {
         if self.closing.is_some() {
             return;
         }
         tracing::debug!(code, "refusing a client: {reason}");
         self.reading = false;
         self.push(close(code, reason));
-        self.start_closing(Ended::Refused(code));
+        self.start_closing(why);
     }
 
     /// Closes on a client that has not taken its replies for [`SLOW_READER_AFTER`]:

@@ -14,8 +14,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
@@ -28,46 +28,58 @@ use super::scanner::{FrameScanner, Refusal, Refused, Rules};
 pub struct Metered<T> {
     inner: T,
     scanner: FrameScanner,
-    rules: Rules,
-    /// When the scanner's budget of frames and bytes last started again.
-    second: Instant,
-    /// The unfinished stretches so far, so that one lasting across two heartbeats
-    /// can be told from two short ones.
-    stretches: u64,
+    rules: Arc<Rules>,
+}
+
+/// The rules of [`Limits`], to be shared by every connection that keeps them.
+#[derive(Debug, Clone)]
+pub struct SharedRules(Arc<Rules>);
+
+impl From<&Limits> for SharedRules {
+    fn from(limits: &Limits) -> Self {
+        Self(Arc::new(Rules::from(limits)))
+    }
+}
+
+/// The whole seconds since the first time this was asked: the budget's windows.
+fn second_now() -> u32 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u32::try_from(Instant::now().duration_since(epoch).as_secs()).unwrap_or(u32::MAX)
 }
 
 impl<T> Metered<T> {
-    /// Follows what `inner` reads, under `limits`.
-    pub fn new(inner: T, limits: &Limits) -> Self {
+    /// Follows what `inner` reads, under `rules`.
+    pub fn new(inner: T, rules: &SharedRules) -> Self {
+        let mut scanner = FrameScanner::default();
+        scanner.second = second_now();
         Self {
             inner,
-            scanner: FrameScanner::default(),
-            rules: Rules::from(limits),
-            second: Instant::now(),
-            stretches: 0,
+            scanner,
+            rules: Arc::clone(&rules.0),
         }
     }
 
     /// The current unfinished stretch, or `None` while no frame is cut short and no
     /// fragmented message is open.
     #[must_use]
-    pub fn unfinished(&self) -> Option<u64> {
-        (!self.scanner.finished()).then_some(self.stretches)
+    pub fn unfinished(&self) -> Option<u32> {
+        (!self.scanner.finished()).then_some(self.scanner.stretches)
     }
 
     fn observe(&mut self, bytes: &[u8]) -> Result<(), Refused> {
         if bytes.is_empty() {
             return Ok(());
         }
-        let now = Instant::now();
-        if now.duration_since(self.second) >= Duration::from_secs(1) {
-            self.second = now;
+        let second = second_now();
+        if second != self.scanner.second {
+            self.scanner.second = second;
             self.scanner.new_second();
         }
         let was_finished = self.scanner.finished();
         let fed = self.scanner.feed(bytes, &self.rules);
         if was_finished && !self.scanner.finished() {
-            self.stretches += 1;
+            self.scanner.stretches = self.scanner.stretches.wrapping_add(1);
         }
         fed
     }
@@ -170,11 +182,11 @@ mod tests {
     use super::super::scanner::tests::frame;
     use super::*;
 
-    fn limited(max_message_bytes: usize) -> Limits {
-        Limits {
+    fn limited(max_message_bytes: usize) -> SharedRules {
+        SharedRules::from(&Limits {
             max_message_bytes,
             ..Limits::default()
-        }
+        })
     }
 
     #[tokio::test]
@@ -252,16 +264,16 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_flood_is_refused_within_its_second_and_a_steady_client_is_not() {
-        let limits = Limits {
+        let limits = SharedRules::from(&Limits {
             max_frames_per_second: 10,
             ..Limits::default()
-        };
+        });
         let ten = frame(true, 1, 1).repeat(10);
         // Ten a second, second after second.
         let mut metered = Metered::new(tokio::io::empty(), &limits);
         for _ in 0..5 {
             assert_eq!(metered.observe(&ten), Ok(()));
-            tokio::time::advance(Duration::from_secs(1)).await;
+            tokio::time::advance(std::time::Duration::from_secs(1)).await;
         }
         // Eleven within one second.
         let bytes = [&ten[..], &frame(true, 1, 1)].concat();

@@ -45,7 +45,7 @@ use tungstenite::Message;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 
-use self::limits::{Limits, PingRate};
+use self::limits::Limits;
 use self::link::Link;
 use self::turn::Pacer;
 use crate::metrics::MessageCounters;
@@ -86,7 +86,7 @@ pub mod close_code {
 
 /// The greeting a client gets on connect, as the original sample worded it.
 #[must_use]
-pub fn welcome(connections: usize) -> String {
+pub fn welcome(connections: u32) -> String {
     format!("Welcome! There are {connections} connections")
 }
 
@@ -119,8 +119,11 @@ pub enum Ended {
     /// The client did not take its replies for [`limits::SLOW_READER_AFTER`].
     SlowReader,
     /// The client broke the protocol or a limit; it was sent this close code (1009
-    /// for a message too big, 1008 for a flood).
+    /// for a message too big, 1008 for a message left unfinished).
     Refused(u16),
+    /// The client sent more frames, bytes or pings in a second than its budget; it
+    /// was sent 1008.
+    Flooded,
     /// The server is shutting down; the client was sent close code 1001.
     ShuttingDown,
     /// The connection reached its maximum lifetime; the client was told to reconnect.
@@ -140,6 +143,11 @@ pub trait SocketError: fmt::Display {
     /// The close frame's reason for it.
     fn close_reason(&self) -> String {
         self.to_string()
+    }
+
+    /// True when the client sent more than its budget a second allows.
+    fn is_flood(&self) -> bool {
+        false
     }
 }
 
@@ -162,6 +170,10 @@ impl SocketError for tungstenite::Error {
             other => other.to_string(),
         }
     }
+
+    fn is_flood(&self) -> bool {
+        matches!(self, Self::Io(io) if metered::refusal(io).is_some_and(|r| r.is_flood()))
+    }
 }
 
 /// What a socket saw on the wire that its messages do not show.
@@ -170,14 +182,14 @@ pub trait Wire {
     /// whose last fragment has not come), numbered so that one lasting across two
     /// heartbeats can be told from two short ones; `None` when every message is
     /// complete.
-    fn unfinished(&self) -> Option<u64>;
+    fn unfinished(&self) -> Option<u32>;
 }
 
 impl<T> Wire for tokio_tungstenite::WebSocketStream<metered::Metered<T>>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    fn unfinished(&self) -> Option<u64> {
+    fn unfinished(&self) -> Option<u32> {
         self.get_ref().unfinished()
     }
 }
@@ -186,7 +198,7 @@ where
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Greeting {
     /// The count to welcome it with.
-    pub connections: usize,
+    pub connections: u32,
     /// ECS has refused protection: it also hears `server shutting down soon`.
     pub refused: bool,
 }
@@ -228,7 +240,6 @@ where
             closing: None,
             stall: None,
             turn: None,
-            pings: PingRate::new(),
             messages,
             unfinished_seen: None,
             expires: limits

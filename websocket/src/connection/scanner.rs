@@ -1,13 +1,14 @@
 //! Follows a client's frames on the wire, header by header, without reading their
 //! payloads: where each frame ends, whether a message is left unfinished, how large a
-//! header says a message is, and how many frames and bytes came this second.
+//! header says a message is, and how many frames, pings and bytes came this second.
 //!
 //! tungstenite reserves and reads a whole fragment before it checks the message's
 //! size, and hides a frame cut short; the scanner sees both from the header on.
 
-use super::limits::Limits;
+use super::limits::{Limits, MAX_CLIENT_PINGS_PER_SECOND};
 
-/// What the scanner holds a client to.
+/// What the scanner holds a client to. Every connection follows the same rules, so
+/// they are shared rather than copied into each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Rules {
     /// The largest message (and control frame), in bytes.
@@ -54,16 +55,31 @@ pub enum Refusal {
         /// `MAX_BYTES_PER_SECOND`.
         max: u64,
     },
+    /// More pings within one second than [`MAX_CLIENT_PINGS_PER_SECOND`]:
+    /// tungstenite answers each one by itself, outside the server's bounded queue.
+    #[error("too many pings: more than {max} in a second")]
+    TooManyPings {
+        /// [`MAX_CLIENT_PINGS_PER_SECOND`].
+        max: u8,
+    },
 }
 
 impl Refusal {
+    /// True for a budget a second, false for a message too big.
+    #[must_use]
+    pub fn is_flood(&self) -> bool {
+        !matches!(self, Self::TooBig { .. })
+    }
+
     /// 1009 (Message Too Big) for a message over the limit, 1008 (Policy Violation)
     /// for a flood.
     #[must_use]
     pub fn close_code(&self) -> u16 {
         match self {
             Self::TooBig { .. } => 1009,
-            Self::TooManyFrames { .. } | Self::TooManyBytes { .. } => 1008,
+            Self::TooManyFrames { .. } | Self::TooManyBytes { .. } | Self::TooManyPings { .. } => {
+                1008
+            }
         }
     }
 }
@@ -78,18 +94,22 @@ pub(crate) struct Refused {
     pub(crate) why: Refusal,
 }
 
-/// Follows client frames byte by byte. Kept small: every connection holds one.
+/// Follows client frames byte by byte. Kept small: every connection holds one, so
+/// the counters are as narrow as the limits allow (a second's bytes are at most
+/// `MAX_BYTES_PER_SECOND`, 1 GiB).
 #[derive(Debug, Default)]
 pub(crate) struct FrameScanner {
     state: Scan,
     fin: bool,
     opcode: u8,
     masked: bool,
+    /// A data frame without FIN came, and its final continuation has not.
+    fragmented: bool,
+    /// Pings whose header began this second.
+    pings: u8,
     /// The current frame's length while its header is read; then what is left of
     /// its payload.
     len: u64,
-    /// A data frame without FIN came, and its final continuation has not.
-    fragmented: bool,
     /// The payload announced so far for the current data message, all its fragments:
     /// control frames in between are not part of it. Once refused for size, the
     /// size announced.
@@ -97,7 +117,12 @@ pub(crate) struct FrameScanner {
     /// Frames whose header began this second.
     frames: u32,
     /// Payload bytes announced this second.
-    bytes: u64,
+    bytes: u32,
+    /// The second the counts are for.
+    pub(crate) second: u32,
+    /// The unfinished stretches so far, so that one lasting across two heartbeats
+    /// can be told from two short ones.
+    pub(crate) stretches: u32,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +143,7 @@ enum Over {
     Size,
     Frames,
     Bytes,
+    Pings,
 }
 
 impl FrameScanner {
@@ -134,10 +160,11 @@ impl FrameScanner {
         }
     }
 
-    /// A new second: the budget of frames and bytes starts again.
+    /// A new second: the budget of frames, pings and bytes starts again.
     pub(crate) fn new_second(&mut self) {
         self.frames = 0;
         self.bytes = 0;
+        self.pings = 0;
     }
 
     fn refusal(&self, over: Over, rules: &Rules) -> Refusal {
@@ -151,6 +178,9 @@ impl FrameScanner {
             },
             Over::Bytes => Refusal::TooManyBytes {
                 max: rules.max_bytes,
+            },
+            Over::Pings => Refusal::TooManyPings {
+                max: MAX_CLIENT_PINGS_PER_SECOND,
             },
         }
     }
@@ -252,9 +282,17 @@ impl FrameScanner {
             self.message = size;
             return Err(self.refuse(Over::Size, rules, frame_start));
         }
-        self.bytes = self.bytes.saturating_add(self.len);
-        if self.bytes > rules.max_bytes {
+        // Under the size limit, so it fits.
+        let len = u32::try_from(self.len).unwrap_or(u32::MAX);
+        self.bytes = self.bytes.saturating_add(len);
+        if u64::from(self.bytes) > rules.max_bytes {
             return Err(self.refuse(Over::Bytes, rules, frame_start));
+        }
+        if self.opcode == 0x9 {
+            self.pings = self.pings.saturating_add(1);
+            if self.pings > MAX_CLIENT_PINGS_PER_SECOND {
+                return Err(self.refuse(Over::Pings, rules, frame_start));
+            }
         }
         if self.masked {
             self.state = Scan::Mask(4);
@@ -476,6 +514,22 @@ pub(crate) mod tests {
             let (at, _) = refused_at(&six, chunk, &rules).expect("refused");
             assert_eq!(at, 5 * frame(true, 1, 3).len(), "chunks of {chunk}");
         }
+    }
+
+    #[test]
+    fn more_than_ten_pings_a_second_are_refused() {
+        let mut scanner = FrameScanner::default();
+        let ten = frame(true, 0x9, 4).repeat(usize::from(MAX_CLIENT_PINGS_PER_SECOND));
+        assert_eq!(scanner.feed(&ten, &UNLIMITED), Ok(()));
+        scanner.new_second();
+        assert_eq!(scanner.feed(&ten, &UNLIMITED), Ok(()));
+        let refused = scanner.feed(&frame(true, 0x9, 4), &UNLIMITED).unwrap_err();
+        assert_eq!(refused.why, Refusal::TooManyPings { max: 10 });
+        assert_eq!(refused.why.close_code(), 1008);
+        // Pongs and other frames are not pings.
+        let mut scanner = FrameScanner::default();
+        let pongs = frame(true, 0xA, 4).repeat(50);
+        assert_eq!(scanner.feed(&pongs, &UNLIMITED), Ok(()));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use e2e::agent::FakeAgent;
+use e2e::wait_for;
 use futures_util::SinkExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
@@ -117,4 +118,44 @@ async fn websocket_client_within_the_budget_stays() {
     }
     ws.send(Message::text("ping")).await.unwrap();
     assert_eq!(next_text(&mut ws).await, "pong");
+}
+
+/// Sends an upgrade request; the answer's status.
+async fn upgrade_status(port: u16) -> u16 {
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tcp.write_all(super::upgrade_request(port, "").as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0_u8; 12];
+    tcp.read_exact(&mut head).await.unwrap();
+    String::from_utf8_lossy(&head[9..12]).parse().unwrap()
+}
+
+#[tokio::test]
+async fn websocket_flooder_that_reconnects_at_once_is_turned_away_for_10_s() {
+    let agent = FakeAgent::start().await;
+    // Counted per address, as the deployment files set it.
+    let server = Server::start(&agent, &[("MAX_CONNECTIONS_PER_ADDRESS", "100".to_owned())]).await;
+    let (code, _) = flood(server.port, &client_frame(true, 0x1, b"x")).await;
+    assert_eq!(code, Some(1008));
+    let barred_at = Instant::now();
+    assert_eq!(upgrade_status(server.port).await, 429, "at once");
+    // An ordinary client of another address is not affected: here every client is
+    // 127.0.0.1, so the bar is seen to end instead.
+    wait_for("the bar to end", Duration::from_secs(20), || async {
+        (upgrade_status(server.port).await == 101).then_some(())
+    })
+    .await;
+    let barred = barred_at.elapsed();
+    assert!(
+        barred >= Duration::from_secs(9),
+        "turned away for only {barred:?}"
+    );
+    // Without a count per address, the address means nothing: no bar.
+    let open = Server::start(&agent, &[]).await;
+    let (code, _) = flood(open.port, &client_frame(true, 0x1, b"x")).await;
+    assert_eq!(code, Some(1008));
+    assert_eq!(upgrade_status(open.port).await, 101);
 }
