@@ -7,7 +7,9 @@
 //!   connected and been welcomed, divided by 5,000 (1 KB = 1,000 bytes), on fresh
 //!   processes, [`IDLE_ROUNDS`] times over, alternating which server goes first;
 //! - closed-loop round trips per second: 50 clients, each sending `ping` and waiting
-//!   for `pong` before the next, over several alternating rounds.
+//!   for `pong` before the next, over several alternating rounds; and the server's
+//!   CPU time per round trip in those rounds, which a shared machine's load sways
+//!   much less than the rate.
 //!
 //! `websocket` runs with its metrics on (`METRICS=emf`, a line a minute), as in a
 //! task, and for the round trips with `MAX_FRAMES_PER_SECOND` out of reach: each
@@ -172,8 +174,11 @@ async fn next_text(ws: &mut Ws) -> Result<String, Error> {
     }
 }
 
-/// Round trips per second with `CLIENTS` closed-loop clients.
-async fn round_trips(server: &Server) -> Result<f64, Error> {
+/// Round trips per second with `CLIENTS` closed-loop clients, and the server's CPU
+/// time per round trip in microseconds (user and system, from `/proc/<pid>/stat`):
+/// on a shared machine the rate follows the machine's load, the CPU per round trip
+/// much less.
+async fn round_trips(server: &Server) -> Result<(f64, f64), Error> {
     let mut clients = Vec::with_capacity(CLIENTS);
     for _ in 0..CLIENTS {
         clients.push(server.connect().await?);
@@ -199,15 +204,22 @@ async fn round_trips(server: &Server) -> Result<f64, Error> {
         })
         .collect();
     tokio::time::sleep(WARM_UP).await;
+    let pid = server.pid()?;
+    let cpu_before = procfs::cpu_ticks(pid).ok_or("no CPU time")?;
     let (start, before) = (Instant::now(), done.load(Ordering::Relaxed));
     tokio::time::sleep(MEASURE).await;
     let (elapsed, after) = (start.elapsed(), done.load(Ordering::Relaxed));
+    let cpu_after = procfs::cpu_ticks(pid).ok_or("no CPU time")?;
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
         tokio::time::timeout(STEP, task).await???;
     }
     #[allow(clippy::cast_precision_loss)]
-    Ok((after - before) as f64 / elapsed.as_secs_f64())
+    let rate = (after - before) as f64 / elapsed.as_secs_f64();
+    // Clock ticks are 10 ms here.
+    #[allow(clippy::cast_precision_loss)]
+    let cpu_us = (cpu_after - cpu_before) as f64 * 10_000.0 / (after - before).max(1) as f64;
+    Ok((rate, cpu_us))
 }
 
 /// RSS growth per idle connection, in bytes, at `IDLE_CLIENTS` clients.
@@ -274,7 +286,7 @@ async fn metrics_cost() -> Result<(), Error> {
     for round in 0..ROUNDS {
         let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
-            let rate = round_trips(servers[i]).await?;
+            let (rate, _) = round_trips(servers[i]).await?;
             let mode = if i == 0 { "off" } else { "emf" };
             eprintln!(
                 "round {}: METRICS={mode} {rate:.0} round trips/s",
@@ -356,17 +368,19 @@ async fn main() -> Result<(), Error> {
     // Rounds alternate which server goes first, so neither always meets the machine
     // in the same state; the figure is each server's median round.
     let mut rates = vec![Vec::new(); servers.len()];
+    let mut cpu = vec![Vec::new(); servers.len()];
     for round in 0..ROUNDS {
         let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
             let server = &servers[i];
-            let rate = round_trips(server).await?;
+            let (rate, cpu_us) = round_trips(server).await?;
             eprintln!(
-                "round {}: {} {rate:.0} round trips/s",
+                "round {}: {} {rate:.0} round trips/s, {cpu_us:.2} µs of CPU each",
                 round + 1,
                 server.name
             );
             rates[i].push(rate);
+            cpu[i].push(cpu_us);
         }
     }
 
@@ -375,6 +389,11 @@ async fn main() -> Result<(), Error> {
     let (b, w) = (median(&rates[0]), median(&rates[1]));
     println!(
         "| Round trips/s, {CLIENTS} clients, median of {ROUNDS} rounds | {b:.0} | {w:.0} | {:.2} × | ≥ 0.95 × |",
+        w / b
+    );
+    let (b, w) = (median(&cpu[0]), median(&cpu[1]));
+    println!(
+        "| Server CPU per round trip, median of {ROUNDS} rounds | {b:.2} µs | {w:.2} µs | {:.2} × | |",
         w / b
     );
     let (b, w) = (median(&idle[0]), median(&idle[1]));
@@ -410,5 +429,13 @@ async fn main() -> Result<(), Error> {
     );
     println!("Round trips/s, ws-baseline: {}", list(&rates[0]));
     println!("Round trips/s, websocket: {}", list(&rates[1]));
+    let micros = |v: &[f64]| {
+        v.iter()
+            .map(|c| format!("{c:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("CPU µs per round trip, ws-baseline: {}", micros(&cpu[0]));
+    println!("CPU µs per round trip, websocket: {}", micros(&cpu[1]));
     Ok(())
 }
