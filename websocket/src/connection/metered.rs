@@ -110,7 +110,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Metered<T> {
                 return;
             }
             let mut left = LINGER_BYTES;
-            let mut buf = vec![0_u8; 4096];
+            // Small: a burst of refused clients lingers at once.
+            let mut buf = vec![0_u8; 1024];
             while left > 0 {
                 match inner.read(&mut buf).await {
                     Ok(0) | Err(_) => return,
