@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ServerSettings;
+use crate::connection::metered::SharedRules;
 use crate::connection::{Notice, SHUTTING_DOWN_SOON};
 use crate::connections::Connections;
 use crate::http::{self, HttpSettings, MAX_PENDING_CONNECTIONS};
@@ -67,19 +68,36 @@ impl App {
     /// Binds the listener. Port 0 picks a free port; see [`App::port`].
     ///
     /// # Errors
-    /// When the address cannot be bound.
+    /// When the address cannot be bound, or the limits cannot work together.
     pub async fn build(settings: ServerSettings, protection: TaskProtection) -> io::Result<Self> {
+        settings
+            .limits
+            .validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let listener = TcpListener::bind(settings.listen).await?;
         let local_addr = listener.local_addr()?;
+        if settings.origins.is_any() {
+            tracing::warn!(
+                "ALLOWED_ORIGINS is not set: pages of any site can open websockets here, and \
+                 each one keeps the task protected; set it to the origins of your pages"
+            );
+        }
         let notices = Arc::new(crate::notices::Notices::default());
         let shared = Arc::new(Shared {
-            connections: Connections::new(settings.max_connections, protection),
+            connections: Connections::new(
+                settings.max_connections,
+                settings.max_connections_per_address,
+                protection,
+            ),
             notices,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             refused: AtomicBool::new(false),
             limits: settings.limits,
-            allowed_origins: settings.allowed_origins,
+            rules: SharedRules::from(&settings.limits),
+            origins: settings.origins,
+            trust_forwarded_for: settings.trust_forwarded_for,
+            show_identifiers: settings.show_identifiers,
             metrics: ServerMetrics::register(),
             drain: task_protection::drain::Drain::off(),
         });

@@ -12,7 +12,8 @@ use clap::{Parser, Subcommand};
 use task_protection::ProtectionSettings;
 use task_protection::cli::{DrainArgs, LogFormat, MetricsArgs, ProtectionArgs, ranged};
 
-use crate::connection::limits::Limits;
+use crate::admission::Origins;
+use crate::connection::limits::{Limits, LimitsError};
 
 /// The longest ping interval accepted. The ALB cuts a websocket that carries nothing
 /// for its idle timeout (60 s by default, at most 4000 s), so longer makes no sense.
@@ -25,6 +26,10 @@ pub const MAX_CONNECTIONS_LIMIT: u64 = 1_000_000;
 pub const MAX_MESSAGE_BYTES_LIMIT: u64 = 1024 * 1024;
 /// The longest connection lifetime that may be configured: a week.
 pub const MAX_LIFETIME_SECONDS: u64 = 7 * 24 * 3600;
+/// The largest budget of frames a second that may be configured.
+pub const MAX_FRAMES_PER_SECOND_LIMIT: u64 = 1_000_000;
+/// The largest budget of bytes a second that may be configured: a gibibyte.
+pub const MAX_BYTES_PER_SECOND_LIMIT: u64 = 1024 * 1024 * 1024;
 
 /// The settings of `websocket`.
 #[derive(Debug, Clone, Parser)]
@@ -79,13 +84,50 @@ pub struct Config {
           value_parser = ranged("MAX_CONNECTION_LIFETIME_SECONDS", 0, MAX_LIFETIME_SECONDS, "seconds"))]
     pub max_connection_lifetime_seconds: u64,
 
-    /// Origins whose pages may open a websocket, comma-separated, e.g.
-    /// https://app.example.com; a browser's upgrade from any other origin gets HTTP
-    /// 403. Unset: pages from any site may connect, and each connection holds the
-    /// task's protection
-    #[arg(long, env = "ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',',
-          value_parser = parse_origin)]
-    pub allowed_origins: Vec<String>,
+    /// Origins whose pages may open a websocket, comma-separated: origins such as
+    /// https://app.example.com, or hosts such as app.example.com (either scheme); a
+    /// browser's upgrade from any other page gets HTTP 403. Unset: pages from any
+    /// site may connect, and each connection holds the task's protection (said once
+    /// at start). The deployment files set the load balancer's own address
+    #[arg(long, env = "ALLOWED_ORIGINS", value_name = "ORIGINS", value_parser = Origins::parse)]
+    pub allowed_origins: Option<Origins>,
+
+    /// Most clients at once from one address; past it its new clients get HTTP 429.
+    /// Behind a load balancer every client comes from its addresses: set
+    /// TRUST_X_FORWARDED_FOR too, so that clients are counted by the address it
+    /// appends to X-Forwarded-For. IPv6 clients are counted by their /64. Unset: no
+    /// limit (the deployment files set 100) (1..=1000000)
+    #[arg(long, env = "MAX_CONNECTIONS_PER_ADDRESS", value_name = "N",
+          value_parser = ranged("MAX_CONNECTIONS_PER_ADDRESS", 1, MAX_CONNECTIONS_LIMIT, ""))]
+    pub max_connections_per_address: Option<u64>,
+
+    /// true: count a client under the address the load balancer appended to
+    /// X-Forwarded-For (its last entry) instead of the connection's peer. Only behind
+    /// a load balancer that sets it, as the ALB does: a client reaching the server
+    /// directly could write any address there. Unset or false: the peer (the
+    /// deployment files set true)
+    #[arg(long, env = "TRUST_X_FORWARDED_FOR", value_name = "BOOL",
+          value_parser = boolean("TRUST_X_FORWARDED_FOR"), action = clap::ArgAction::Set)]
+    pub trust_x_forwarded_for: Option<bool>,
+
+    /// Most frames of any type (text, binary, ping, pong) one client may send in a
+    /// second; past it the connection is closed with 1008. At the default a client
+    /// costs at most about 1 % of a core (BENCHMARKS.md) (10..=1000000)
+    #[arg(long, env = "MAX_FRAMES_PER_SECOND", value_name = "FRAMES", default_value = "1000",
+          value_parser = ranged("MAX_FRAMES_PER_SECOND", 10, MAX_FRAMES_PER_SECOND_LIMIT, "frames"))]
+    pub max_frames_per_second: u64,
+
+    /// Most payload bytes one client may send in a second; past it the connection
+    /// is closed with 1008. At least MAX_MESSAGE_BYTES (1024..=1073741824)
+    #[arg(long, env = "MAX_BYTES_PER_SECOND", value_name = "BYTES", default_value = "1048576",
+          value_parser = ranged("MAX_BYTES_PER_SECOND", 1024, MAX_BYTES_PER_SECOND_LIMIT, "bytes"))]
+    pub max_bytes_per_second: u64,
+
+    /// Show the task's ARN, and the ARNs and account numbers in protection errors, on
+    /// /status, which answers anyone who can load the page (true or false)
+    #[arg(long, env = "STATUS_SHOW_IDENTIFIERS", value_name = "BOOL", default_value = "false",
+          value_parser = boolean("STATUS_SHOW_IDENTIFIERS"), action = clap::ArgAction::Set)]
+    pub status_show_identifiers: bool,
 
     /// Seconds a client gets to send a request's headers, which is also how long an
     /// idle keep-alive connection stays open; keep it above the ALB's idle timeout
@@ -166,17 +208,13 @@ pub fn protection_defaults() -> ProtectionSettings {
         .unwrap_or_default()
 }
 
-/// One entry of `ALLOWED_ORIGINS`, as a browser sends it in `Origin`: scheme, host
-/// and optional port, lower case, without a path.
-fn parse_origin(raw: &str) -> Result<String, String> {
-    let origin = raw.trim().trim_end_matches('/').to_ascii_lowercase();
-    let host = origin
-        .strip_prefix("https://")
-        .or_else(|| origin.strip_prefix("http://"));
-    match host {
-        Some(host) if !host.is_empty() && !host.contains(['/', '?', '#', ' ', '@']) => Ok(origin),
+/// A setting that is `true` or `false`, named in the error.
+fn boolean(variable: &'static str) -> impl Fn(&str) -> Result<bool, String> + Clone + Send + Sync {
+    move |raw| match raw.trim().to_ascii_lowercase().as_str() {
+        "true" => Ok(true),
+        "false" => Ok(false),
         _ => Err(format!(
-            "ALLOWED_ORIGINS={raw:?} is not an origin: expected scheme://host[:port], such as https://app.example.com"
+            "{variable}={raw:?} is not valid: expected true or false"
         )),
     }
 }
@@ -188,14 +226,20 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     /// Most clients at once.
     pub max_connections: usize,
+    /// Most clients at once from one address; 0: no limit (the default).
+    pub max_connections_per_address: usize,
+    /// Count clients by the load balancer's `X-Forwarded-For`, not by the peer.
+    pub trust_forwarded_for: bool,
     /// Time clients get to leave after SIGTERM.
     pub shutdown_grace: Duration,
     /// Time between the server's pings to each client.
     pub ping_interval: Duration,
     /// What one client may make the server hold.
     pub limits: Limits,
-    /// Origins allowed to open a websocket; empty: any.
-    pub allowed_origins: Vec<String>,
+    /// The pages allowed to open a websocket.
+    pub origins: Origins,
+    /// `/status` names the task.
+    pub show_identifiers: bool,
     /// Time a client gets to send request headers, and idle keep-alive lasts.
     pub header_timeout: Duration,
     /// Once leaving, how long clients stay before they are told to reconnect.
@@ -210,10 +254,13 @@ impl Default for ServerSettings {
         Self {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             max_connections: 10_000,
+            max_connections_per_address: 0,
+            trust_forwarded_for: false,
             shutdown_grace: Duration::from_secs(20),
             ping_interval: Duration::from_secs(25),
             limits: Limits::default(),
-            allowed_origins: Vec::new(),
+            origins: Origins::any(),
+            show_identifiers: false,
             header_timeout: Duration::from_secs(65),
             drain_notice: Duration::ZERO,
             goodbye_rate: crate::app::GOODBYE_RATE,
@@ -223,24 +270,36 @@ impl Default for ServerSettings {
 
 impl Config {
     /// The server settings these arguments describe.
-    #[must_use]
-    pub fn server_settings(&self) -> ServerSettings {
+    ///
+    /// # Errors
+    /// When the limits cannot work together, e.g. a byte budget below the largest
+    /// message.
+    pub fn server_settings(&self) -> Result<ServerSettings, LimitsError> {
         let port = u16::try_from(self.port).unwrap_or(u16::MAX);
-        ServerSettings {
+        let limits = Limits {
+            max_message_bytes: usize::try_from(self.max_message_bytes).unwrap_or(usize::MAX),
+            max_lifetime: (self.max_connection_lifetime_seconds > 0)
+                .then(|| Duration::from_secs(self.max_connection_lifetime_seconds)),
+            max_frames_per_second: u32::try_from(self.max_frames_per_second).unwrap_or(u32::MAX),
+            max_bytes_per_second: self.max_bytes_per_second,
+        };
+        limits.validate()?;
+        Ok(ServerSettings {
             listen: SocketAddr::new(self.bind_address, port),
             max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            max_connections_per_address: self
+                .max_connections_per_address
+                .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+            trust_forwarded_for: self.trust_x_forwarded_for.unwrap_or(false),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
             ping_interval: Duration::from_secs(self.ws_ping_interval_seconds),
-            limits: Limits {
-                max_message_bytes: usize::try_from(self.max_message_bytes).unwrap_or(usize::MAX),
-                max_lifetime: (self.max_connection_lifetime_seconds > 0)
-                    .then(|| Duration::from_secs(self.max_connection_lifetime_seconds)),
-            },
-            allowed_origins: self.allowed_origins.clone(),
+            limits,
+            origins: self.allowed_origins.clone().unwrap_or_default(),
+            show_identifiers: self.status_show_identifiers,
             header_timeout: Duration::from_secs(self.http_header_timeout_seconds),
             drain_notice: Duration::from_secs(self.drain_notice_seconds),
             goodbye_rate: u32::try_from(self.goodbye_rate).unwrap_or(u32::MAX),
-        }
+        })
     }
 }
 
@@ -261,7 +320,7 @@ mod tests {
     #[test]
     fn defaults_match_the_documented_ones() {
         let config = parse(&[]).unwrap();
-        let s = config.server_settings();
+        let s = config.server_settings().unwrap();
         assert_eq!(s.listen.port(), 3000);
         assert_eq!(s.max_connections, 10_000);
         assert_eq!(s.shutdown_grace, Duration::from_secs(20));
@@ -316,17 +375,77 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            config.server_settings().allowed_origins,
+            config.server_settings().unwrap().origins.entries(),
             ["https://app.example.com", "http://localhost:3000"]
         );
-        let err = parse(&["--allowed-origins", "app.example.com"]).unwrap_err();
+        // A bare host, as a load balancer's DNS name comes: either scheme.
+        let config = parse(&["--allowed-origins", "Name-1.elb.amazonaws.com"]).unwrap();
+        assert_eq!(
+            config.server_settings().unwrap().origins.entries(),
+            ["name-1.elb.amazonaws.com"]
+        );
+        let err = parse(&["--allowed-origins", "ftp://app.example.com"]).unwrap_err();
         assert!(
             err.to_string()
-                .contains("ALLOWED_ORIGINS=\"app.example.com\" is not an origin"),
+                .contains("ALLOWED_ORIGINS=\"ftp://app.example.com\" is not an origin"),
             "{err}"
         );
         let err = parse(&["--allowed-origins", "https://app.example.com/page"]).unwrap_err();
         assert!(err.to_string().contains("is not an origin"), "{err}");
+    }
+
+    #[test]
+    fn strangers_and_floods_are_limited_by_default() {
+        let s = parse(&[]).unwrap().server_settings().unwrap();
+        assert_eq!(s.max_connections_per_address, 0, "unset: no limit");
+        assert!(!s.trust_forwarded_for);
+        assert!(!s.show_identifiers);
+        assert!(s.origins.is_any(), "unset: said at start, and open");
+        assert_eq!(s.limits.max_frames_per_second, 1_000);
+        assert_eq!(s.limits.max_bytes_per_second, 1024 * 1024);
+        let s = parse(&[
+            "--trust-x-forwarded-for",
+            "true",
+            "--status-show-identifiers",
+            "TRUE",
+            "--max-connections-per-address",
+            "100",
+        ])
+        .unwrap()
+        .server_settings()
+        .unwrap();
+        assert!(s.trust_forwarded_for && s.show_identifiers);
+        assert_eq!(s.max_connections_per_address, 100);
+        assert!(parse(&["--max-connections-per-address", "0"]).is_err());
+        let err = parse(&["--trust-x-forwarded-for", "yes"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("TRUST_X_FORWARDED_FOR=\"yes\" is not valid"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_byte_budget_must_hold_the_largest_message() {
+        let config = parse(&[
+            "--max-message-bytes",
+            "65536",
+            "--max-bytes-per-second",
+            "4096",
+        ])
+        .unwrap();
+        let err = config.server_settings().unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("MAX_BYTES_PER_SECOND=4096 is below MAX_MESSAGE_BYTES=65536"),
+            "{err}"
+        );
+        let err = parse(&["--max-frames-per-second", "5"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("MAX_FRAMES_PER_SECOND=5 is out of range"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -335,7 +454,7 @@ mod tests {
         // a deployment, for as long as it stayed open.
         let config = parse(&[]).unwrap();
         assert_eq!(
-            config.server_settings().limits.max_lifetime,
+            config.server_settings().unwrap().limits.max_lifetime,
             Some(Duration::from_secs(3600))
         );
     }
@@ -343,10 +462,10 @@ mod tests {
     #[test]
     fn a_lifetime_of_0_means_none() {
         let config = parse(&["--max-connection-lifetime-seconds", "0"]).unwrap();
-        assert_eq!(config.server_settings().limits.max_lifetime, None);
+        assert_eq!(config.server_settings().unwrap().limits.max_lifetime, None);
         let config = parse(&["--max-connection-lifetime-seconds", "3600"]).unwrap();
         assert_eq!(
-            config.server_settings().limits.max_lifetime,
+            config.server_settings().unwrap().limits.max_lifetime,
             Some(Duration::from_secs(3600))
         );
     }

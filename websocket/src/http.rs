@@ -30,7 +30,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use crate::connection::limits::{Meter, Metered, SEND_BUFFER_BYTES};
+use crate::connection::limits::SEND_BUFFER_BYTES;
+use crate::routes::Peer;
 
 /// Most connections at once that are not websockets: requests for the page,
 /// `/status`, `/healthz`, and upgrades in progress.
@@ -114,10 +115,10 @@ pub async fn serve(
                 Err(_) => break,
             },
         };
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             () = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     accept_failed(&error, &mut out_of_files).await;
                     continue;
@@ -129,12 +130,12 @@ pub async fn serve(
             tracing::info!("Accepting connections again");
         }
         configure(&tcp);
-        let meter = Arc::new(Meter::default());
-        let io = TokioIo::new(Metered::new(tcp, Arc::clone(&meter)));
+        let io = TokioIo::new(tcp);
         let router = router.clone();
-        // Each request carries its connection's meter, for the websocket it may become.
+        // Each request carries the address it came from, which a websocket is counted
+        // under.
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-            request.extensions_mut().insert(Arc::clone(&meter));
+            request.extensions_mut().insert(Peer(peer));
             router.clone().oneshot(request)
         });
         let connection = builder.serve_connection(io, service).with_upgrades();

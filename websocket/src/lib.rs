@@ -13,14 +13,19 @@
 //!
 //! - [`config`]: settings from flags and environment variables.
 //! - [`app`]: binding, serving and the shutdown sequence.
-//! - [`routes`]: the HTTP routes and the compiled-in page.
+//! - [`routes`]: the HTTP routes, who is admitted, and the compiled-in page.
+//! - [`admission`]: which pages may connect, and the address a client counts under.
+//! - [`upgrade`]: the websocket handshake, and the client's task.
+//! - [`status`]: `/status`, which names nothing unless asked to.
 //! - [`http`]: accepting connections and serving HTTP/1.1 with timeouts and bounds.
 //! - [`connection`]: one client's protocol, generic over the socket, and its limits.
-//! - [`connections`]: the client count and the protection each client holds.
+//! - [`connections`]: the client count, per address too, and the protection each
+//!   client holds.
 //! - [`metrics`]: what the server counts, for whatever metrics recorder is installed.
 //! - [`notices`]: telling connections things, and the heartbeat, one slice at a time.
 //! - [`healthcheck`]: the `healthcheck` subcommand.
 
+pub mod admission;
 pub mod app;
 pub mod config;
 pub mod connection;
@@ -30,6 +35,8 @@ pub mod http;
 pub mod metrics;
 pub mod notices;
 pub mod routes;
+pub mod status;
+pub mod upgrade;
 
 pub use app::App;
 pub use config::{Config, ServerSettings};

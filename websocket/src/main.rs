@@ -22,7 +22,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 async fn main() -> ExitCode {
     let config: Config =
         parse_or_exit(|cmd| ProtectionArgs::with_defaults(cmd, &protection_defaults()));
-    let server = config.server_settings();
+    let server = config
+        .server_settings()
+        .unwrap_or_else(|e| exit_config_error("websocket", &e.to_string()));
 
     if let Some(Command::Healthcheck { timeout_seconds }) = config.command {
         let target = healthcheck::target(server.listen);

@@ -14,18 +14,19 @@ use crate::connection::Ended;
 pub const CONNECTIONS: &str = "Connections";
 /// Websockets established.
 pub const OPENED: &str = "ConnectionsOpened";
-/// Clients turned away at `MAX_CONNECTIONS`.
+/// Clients turned away at `MAX_CONNECTIONS` or `MAX_CONNECTIONS_PER_ADDRESS`.
 pub const REFUSED: &str = "ConnectionsRefused";
 /// The client closed, or its connection broke.
 pub const CLOSED_BY_CLIENT: &str = "ConnectionsClosedByClient";
 /// The client missed two pings, or never answered a close.
 pub const CLOSED_PING_TIMEOUT: &str = "ConnectionsClosedPingTimeout";
-/// The client did not read what it was sent.
+/// The client did not take its replies for 30 s.
 pub const CLOSED_SLOW_READER: &str = "ConnectionsClosedSlowReader";
 /// The client sent a message over `MAX_MESSAGE_BYTES` (close code 1009).
 pub const CLOSED_OVERSIZE: &str = "ConnectionsClosedOversize";
-/// The client broke another rule: a ping flood, a message left unfinished, invalid
-/// UTF-8 or a protocol error (close codes 1008, 1007, 1002).
+/// The client broke another rule: a flood of frames or bytes, a ping flood, a
+/// message left unfinished, invalid UTF-8 or a protocol error (close codes 1008,
+/// 1007, 1002).
 pub const CLOSED_ABUSE: &str = "ConnectionsClosedAbuse";
 /// The server shut down.
 pub const CLOSED_SHUTDOWN: &str = "ConnectionsClosedShutdown";
@@ -133,8 +134,8 @@ impl ServerMetrics {
             Ended::ClientClosed | Ended::Broken => &self.closed_by_client,
             Ended::Silent => &self.closed_ping_timeout,
             Ended::SlowReader => &self.closed_slow_reader,
-            Ended::Refused(axum::extract::ws::close_code::SIZE) => &self.closed_oversize,
-            Ended::Refused(_) => &self.closed_abuse,
+            Ended::Refused(crate::connection::close_code::SIZE) => &self.closed_oversize,
+            Ended::Refused(_) | Ended::Flooded => &self.closed_abuse,
             Ended::ShuttingDown => &self.closed_shutdown,
             Ended::Expired => &self.closed_lifetime,
             Ended::Left => &self.closed_drain,

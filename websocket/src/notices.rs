@@ -7,7 +7,13 @@
 //! [`SLICES`] slices, each tick pings a few dozen clients and the burst disappears.
 //! Messages for everyone (a refusal, the goodbye) go to every slice. A connection
 //! still owns no timer and listens to one channel.
+//!
+//! The goodbye is paced per client, not per slice: the slices are dealt round robin,
+//! so clients that joined together sit in neighbouring slices, and a task with fewer
+//! clients than slices would tell them all within the first part of the spread. Each
+//! connection takes a turn of one [`Pacer`] instead, the turns evenly spaced.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -15,6 +21,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use crate::connection::Notice;
+use crate::connection::turn::Pacer;
 
 /// How many slices the connections are dealt into, round robin.
 pub const SLICES: usize = 256;
@@ -50,22 +57,32 @@ impl Notices {
         }
     }
 
-    /// Tells every connection to leave, one slice at a time, the slices evenly spaced
-    /// over `spread`: the clients of a stopping task then reconnect to the others in a
-    /// steady stream rather than all in the same 100 ms.
+    /// Tells every connection to leave, one at a time, evenly over `spread`: the
+    /// clients of a stopping task then reconnect to the others in a steady stream
+    /// rather than all in the same 100 ms.
     pub async fn goodbye(&self, spread: Duration) {
         self.spread(&Notice::ShuttingDown, spread).await;
     }
 
-    /// Sends `notice` to every connection, one slice at a time, the slices evenly
-    /// spaced over `spread`.
+    /// Sends `notice` to every connection, one at a time, evenly over `spread`; ends
+    /// once the last turn has come. Dropped before that, the turns still to come are
+    /// called off.
     pub async fn spread(&self, notice: &Notice, spread: Duration) {
-        let start = Instant::now();
-        let slices = u32::try_from(self.slices.len()).unwrap_or(u32::MAX).max(1);
-        for (i, slice) in (0..slices).zip(&self.slices) {
-            tokio::time::sleep_until(start + spread * i / slices).await;
-            let _ = slice.send(notice.clone());
-        }
+        let listeners = u32::try_from(self.listeners()).unwrap_or(u32::MAX).max(1);
+        let pacer = Arc::new(Pacer::new(notice.clone(), spread / listeners));
+        let mut unfinished = CallOff(Some(Arc::clone(&pacer)));
+        self.send_all(&Notice::Paced(pacer));
+        tokio::time::sleep(spread).await;
+        unfinished.0 = None;
+    }
+
+    /// Connections listening now, in every slice.
+    #[must_use]
+    pub fn listeners(&self) -> usize {
+        self.slices
+            .iter()
+            .map(broadcast::Sender::receiver_count)
+            .sum()
     }
 
     /// Pings every connection once per `every`, one slice per tick: each client gets
@@ -78,6 +95,17 @@ impl Notices {
         for slice in self.slices.iter().cycle() {
             ticks.tick().await;
             let _ = slice.send(Notice::Heartbeat);
+        }
+    }
+}
+
+/// Calls off a pacer's turns still to come when dropped while set.
+struct CallOff(Option<Arc<Pacer>>);
+
+impl Drop for CallOff {
+    fn drop(&mut self) {
+        if let Some(pacer) = &self.0 {
+            pacer.call_off();
         }
     }
 }
@@ -123,36 +151,58 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_goodbye_reaches_every_slice_once_spread_evenly() {
+    async fn the_goodbye_is_one_pacer_for_every_connection_its_turns_spread_evenly() {
         let notices = std::sync::Arc::new(Notices::default());
-        let mut receivers: Vec<_> = (0..SLICES * 2).map(|_| notices.subscribe()).collect();
+        let mut receivers: Vec<_> = (0..100).map(|_| notices.subscribe()).collect();
         let spread = Duration::from_secs(10);
         let goodbye = tokio::spawn({
             let notices = std::sync::Arc::clone(&notices);
             async move { notices.goodbye(spread).await }
         });
-        let mut told = 0;
-        let mut max_per_100ms = 0;
-        for _ in 0..100 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let mut now = 0;
-            for r in &mut receivers {
-                match r.try_recv() {
-                    Ok(notice) => {
-                        assert_eq!(notice, Notice::ShuttingDown);
-                        now += 1;
-                    }
-                    Err(broadcast::error::TryRecvError::Empty) => {}
-                    Err(e) => panic!("{e}"),
+        tokio::task::yield_now().await;
+        let start = Instant::now();
+        let mut turns = Vec::new();
+        let mut pacers = Vec::new();
+        for r in &mut receivers {
+            match r.try_recv() {
+                Ok(Notice::Paced(pacer)) => {
+                    assert_eq!(pacer.notice(), &Notice::ShuttingDown);
+                    turns.push(pacer.take_turn() - start);
+                    pacers.push(pacer);
                 }
+                other => panic!("{other:?}"),
             }
-            told += now;
-            max_per_100ms = max_per_100ms.max(now);
         }
+        assert!(pacers.windows(2).all(|w| w[0] == w[1]), "one pacer");
+        // 100 connections over 10 s: one every 100 ms, whatever their slices.
+        let expected: Vec<_> = (0..100).map(|i| Duration::from_millis(100) * i).collect();
+        assert_eq!(turns, expected);
         goodbye.await.expect("finishes");
-        // 512 connections over 10 s: about 5 per 100 ms, never all at once.
-        assert_eq!(told, SLICES * 2);
-        assert!(max_per_100ms <= 8, "{max_per_100ms} told in one 100 ms");
-        assert!(receivers.iter_mut().all(|r| r.try_recv().is_err()));
+        assert!(
+            !pacers[0].called_off(),
+            "the turns stand once the spread is done"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spread_dropped_before_its_end_calls_off_the_turns_to_come() {
+        let notices = std::sync::Arc::new(Notices::default());
+        let mut receiver = notices.subscribe();
+        let spread = tokio::spawn({
+            let notices = std::sync::Arc::clone(&notices);
+            async move {
+                notices
+                    .spread(&Notice::Leave, Duration::from_secs(10))
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Ok(Notice::Paced(pacer)) = receiver.try_recv() else {
+            panic!("no paced notice")
+        };
+        assert!(!pacer.called_off());
+        spread.abort();
+        let _ = spread.await;
+        assert!(pacer.called_off());
     }
 }

@@ -7,19 +7,26 @@
 //!   connected and been welcomed, divided by 5,000 (1 KB = 1,000 bytes), on fresh
 //!   processes, [`IDLE_ROUNDS`] times over, alternating which server goes first;
 //! - closed-loop round trips per second: 50 clients, each sending `ping` and waiting
-//!   for `pong` before the next, over several alternating rounds.
+//!   for `pong` before the next, over several alternating rounds; and the server's
+//!   CPU time per round trip in those rounds, which a shared machine's load sways
+//!   much less than the rate.
 //!
 //! `websocket` runs with its metrics on (`METRICS=emf`, a line a minute), as in a
-//! task.
+//! task, and for the round trips with `MAX_FRAMES_PER_SECOND` out of reach: each
+//! closed-loop client sends a few thousand frames a second, a flood by the default
+//! budget (1,000).
 //!
-//! With `--hostile`, only `websocket` runs, once per attack on a fresh process, and
-//! the figures are what a burst of hostile clients costs: [`HOSTILE_CLIENTS`]
+//! With `--hostile` ([`hostile`]), only `websocket` runs, once per attack on a fresh
+//! process, and the figures are what a burst of hostile clients costs: 2,000
 //! clients (or `--clients N`) arrive all at once and each (a) idles, (b) sends the
 //! largest message accepted, (c) sends the first frame of a message that never ends,
 //! (d) sends one message far over the limit, or (e) sends one over the limit in
 //! fragments that are each under it. For each: the RSS at rest before, the peak
 //! during the burst (`VmHWM`), what stays while the clients that may stay are
-//! connected, and the RSS [`SETTLE`] after the last one has gone.
+//! connected, and the RSS 10 s after the last one has gone.
+//!
+//! With `--floods` ([`floods`]), what one flooding client costs the server in CPU,
+//! with the default budget of frames and bytes a second and without it.
 //!
 //! With `--metrics`, two `websocket` servers run side by side, one with `METRICS=emf`
 //! (a line every second, `METRICS_INTERVAL_SECONDS=1`, the most often allowed) and
@@ -33,7 +40,13 @@
 //! ulimit -n 20000 && target/release/bench-websocket
 //! ulimit -n 20000 && target/release/bench-websocket --hostile [--clients N]
 //! target/release/bench-websocket --metrics
+//! target/release/bench-websocket --floods
 //! ```
+
+#[path = "bench-websocket/floods.rs"]
+mod floods;
+#[path = "bench-websocket/hostile.rs"]
+mod hostile;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,22 +58,11 @@ use tokio::net::TcpStream;
 use tokio::process::Child;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::protocol::frame::Frame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async_with_config};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const CLIENTS: usize = 50;
-/// Hostile clients arriving at once, unless `--clients N` says otherwise.
-const HOSTILE_CLIENTS: usize = 2_000;
-/// Clients that connect and leave before a hostile burst, so the process's one-time
-/// growth (runtime, allocator, first connections) is not counted as the burst's.
-const WARM_UP_CLIENTS: usize = 100;
-/// How long after the last hostile client has gone the RSS is read again.
-const SETTLE: Duration = Duration::from_secs(10);
-/// The server's default `MAX_MESSAGE_BYTES`.
-const MAX_MESSAGE_BYTES: usize = 1024;
 const IDLE_CLIENTS: usize = 5_000;
 /// Fresh pairs of processes the idle figure is measured on.
 const IDLE_ROUNDS: usize = 3;
@@ -79,6 +81,8 @@ const WEBSOCKET_ENV: [(&str, &str); 4] = [
     ("RUST_LOG", "info"),
     ("METRICS", "emf"),
 ];
+/// The frame budget out of reach of a closed-loop client, for the round trips.
+const UNLIMITED_FRAMES: (&str, &str) = ("MAX_FRAMES_PER_SECOND", "1000000");
 
 struct Server {
     name: &'static str,
@@ -170,8 +174,11 @@ async fn next_text(ws: &mut Ws) -> Result<String, Error> {
     }
 }
 
-/// Round trips per second with `CLIENTS` closed-loop clients.
-async fn round_trips(server: &Server) -> Result<f64, Error> {
+/// Round trips per second with `CLIENTS` closed-loop clients, and the server's CPU
+/// time per round trip in microseconds (user and system, from `/proc/<pid>/stat`):
+/// on a shared machine the rate follows the machine's load, the CPU per round trip
+/// much less.
+async fn round_trips(server: &Server) -> Result<(f64, f64), Error> {
     let mut clients = Vec::with_capacity(CLIENTS);
     for _ in 0..CLIENTS {
         clients.push(server.connect().await?);
@@ -197,15 +204,22 @@ async fn round_trips(server: &Server) -> Result<f64, Error> {
         })
         .collect();
     tokio::time::sleep(WARM_UP).await;
+    let pid = server.pid()?;
+    let cpu_before = procfs::cpu_ticks(pid).ok_or("no CPU time")?;
     let (start, before) = (Instant::now(), done.load(Ordering::Relaxed));
     tokio::time::sleep(MEASURE).await;
     let (elapsed, after) = (start.elapsed(), done.load(Ordering::Relaxed));
+    let cpu_after = procfs::cpu_ticks(pid).ok_or("no CPU time")?;
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
         tokio::time::timeout(STEP, task).await???;
     }
     #[allow(clippy::cast_precision_loss)]
-    Ok((after - before) as f64 / elapsed.as_secs_f64())
+    let rate = (after - before) as f64 / elapsed.as_secs_f64();
+    // Clock ticks are 10 ms here.
+    #[allow(clippy::cast_precision_loss)]
+    let cpu_us = (cpu_after - cpu_before) as f64 * 10_000.0 / (after - before).max(1) as f64;
+    Ok((rate, cpu_us))
 }
 
 /// RSS growth per idle connection, in bytes, at `IDLE_CLIENTS` clients.
@@ -238,171 +252,6 @@ fn fd_limit() -> u64 {
         .unwrap_or(0)
 }
 
-/// What a hostile client does once welcomed.
-#[derive(Debug, Clone, Copy)]
-enum Attack {
-    Idle,
-    LargestMessage,
-    UnfinishedMessage,
-    OversizedMessage,
-    OversizedFragments,
-}
-
-impl Attack {
-    const ALL: [Self; 5] = [
-        Self::Idle,
-        Self::LargestMessage,
-        Self::UnfinishedMessage,
-        Self::OversizedMessage,
-        Self::OversizedFragments,
-    ];
-
-    fn describe(self) -> &'static str {
-        match self {
-            Self::Idle => "idle after the welcome",
-            Self::LargestMessage => "one message of MAX_MESSAGE_BYTES (1024 bytes), then idle",
-            Self::UnfinishedMessage => {
-                "the first 1000-byte frame of a message that never ends, answering pings"
-            }
-            Self::OversizedMessage => "one 60 KiB message in one frame (refused with 1009)",
-            Self::OversizedFragments => {
-                "one 60 KiB message in 1000-byte fragments (refused with 1009)"
-            }
-        }
-    }
-
-    async fn run(self, ws: &mut Ws) -> Result<(), Error> {
-        let fragment = |opcode, fin| Message::Frame(Frame::message(vec![b'x'; 1000], opcode, fin));
-        let attack = match self {
-            Self::Idle => return Ok(()),
-            Self::LargestMessage => vec![Message::text("x".repeat(MAX_MESSAGE_BYTES))],
-            Self::UnfinishedMessage => vec![fragment(OpCode::Data(Data::Text), false)],
-            Self::OversizedMessage => vec![Message::text("x".repeat(60 * 1024))],
-            Self::OversizedFragments => {
-                let mut frames = vec![fragment(OpCode::Data(Data::Text), false)];
-                frames.extend((1..61).map(|i| fragment(OpCode::Data(Data::Continue), i == 60)));
-                frames
-            }
-        };
-        // A refused attack may see the connection reset while it is still sending.
-        for message in attack {
-            if ws.feed(message).await.is_err() {
-                break;
-            }
-        }
-        let _ = ws.flush().await;
-        // The pong (or the refusal) comes once the server has read the attack.
-        let _ = ws.send(Message::Ping(b"read?".to_vec().into())).await;
-        loop {
-            match tokio::time::timeout(STEP, ws.next()).await? {
-                Some(Ok(Message::Pong(_) | Message::Close(_)) | Err(_)) | None => return Ok(()),
-                Some(Ok(_)) => {}
-            }
-        }
-    }
-}
-
-/// What a burst of hostile clients cost one fresh server.
-struct Burst {
-    /// RSS at rest before the burst, warmed up.
-    idle_kb: u64,
-    /// The most RSS during the burst.
-    peak_kb: u64,
-    /// RSS once every client has made its attack, with those still connected.
-    held_kb: u64,
-    connected: usize,
-    /// RSS [`SETTLE`] after the last client has gone.
-    after_kb: u64,
-    /// How long after the last client had gone the RSS was back within 10 % of
-    /// `idle_kb`, if it was within [`SETTLE`].
-    back_after: Option<Duration>,
-}
-
-/// `clients` clients arrive at once at a fresh server and each makes `attack`.
-async fn burst(attack: Attack, clients: usize) -> Result<Burst, Error> {
-    let server = Server::start("websocket", &WEBSOCKET_ENV).await?;
-    // Warm up: the runtime's and the allocator's first growth is not the burst's.
-    let warm =
-        futures_util::future::try_join_all((0..WARM_UP_CLIENTS).map(|_| server.connect())).await?;
-    drop(warm);
-    server.wait_empty().await?;
-    let idle_kb = server.settled_rss_kb().await?;
-    procfs::reset_peak_rss(server.pid()?)
-        .map_err(|e| format!("cannot reset the peak RSS (/proc/<pid>/clear_refs): {e}"))?;
-
-    // All at once: no batches; what the listen backlog cannot hold is retried by
-    // the kernel, as with real clients.
-    let attacked = futures_util::future::join_all((0..clients).map(|_| async {
-        let mut ws = server.connect().await?;
-        attack.run(&mut ws).await?;
-        Ok::<_, Error>(ws)
-    }))
-    .await;
-    let mut open = Vec::with_capacity(clients);
-    for ws in attacked {
-        open.push(ws?);
-    }
-    let held_kb = server.settled_rss_kb().await?;
-    let peak_kb = procfs::peak_rss_kb(server.pid()?).ok_or("no VmHWM")?;
-    let connected = server.connections().await?;
-
-    drop(open);
-    server.wait_empty().await?;
-    let gone = Instant::now();
-    let mut back_after = None;
-    let mut after_kb = server.rss_kb()?;
-    while gone.elapsed() < SETTLE {
-        if back_after.is_none() && after_kb * 10 <= idle_kb * 11 {
-            back_after = Some(gone.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        after_kb = server.rss_kb()?;
-    }
-    eprintln!(
-        "{attack:?}: {idle_kb} kB at rest, peak {peak_kb} kB, {held_kb} kB held with \
-         {connected} connected, {after_kb} kB {SETTLE:?} after they left"
-    );
-    Ok(Burst {
-        idle_kb,
-        peak_kb,
-        held_kb,
-        connected,
-        after_kb,
-        back_after,
-    })
-}
-
-async fn hostile(clients: usize) -> Result<(), Error> {
-    let mut rows = Vec::new();
-    for attack in Attack::ALL {
-        rows.push((attack, burst(attack, clients).await?));
-    }
-    #[allow(clippy::cast_precision_loss)]
-    let per_client = |kb: u64, idle: u64| (kb.saturating_sub(idle) * 1024) as f64 / clients as f64;
-    #[allow(clippy::cast_precision_loss)]
-    let mb = |kb: u64| kb as f64 / 1024.0;
-    println!(
-        "| What each of {clients} clients, arriving at once, did | Peak above rest, per client | \
-         Held, per client | Still connected | RSS at rest → {}s after they left | Back within 10 % |",
-        SETTLE.as_secs()
-    );
-    println!("|---|---:|---:|---:|---:|---:|");
-    for (attack, b) in rows {
-        println!(
-            "| {} | {:.2} KB | {:.2} KB | {} | {:.1} → {:.1} MB | {} |",
-            attack.describe(),
-            per_client(b.peak_kb, b.idle_kb) / 1000.0,
-            per_client(b.held_kb, b.idle_kb) / 1000.0,
-            b.connected,
-            mb(b.idle_kb),
-            mb(b.after_kb),
-            b.back_after
-                .map_or_else(|| "no".to_owned(), |t| format!("{:.1} s", t.as_secs_f64())),
-        );
-    }
-    Ok(())
-}
-
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -423,6 +272,7 @@ async fn metrics_cost() -> Result<(), Error> {
         ("TASK_PROTECTION_BACKEND", "local"),
         ("RUST_LOG", "info"),
         ("METRICS_INTERVAL_SECONDS", "1"),
+        UNLIMITED_FRAMES,
     ];
     let with = |mode| {
         let mut env = common.to_vec();
@@ -436,7 +286,7 @@ async fn metrics_cost() -> Result<(), Error> {
     for round in 0..ROUNDS {
         let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
-            let rate = round_trips(servers[i]).await?;
+            let (rate, _) = round_trips(servers[i]).await?;
             let mode = if i == 0 { "off" } else { "emf" };
             eprintln!(
                 "round {}: METRICS={mode} {rate:.0} round trips/s",
@@ -458,19 +308,6 @@ async fn metrics_cost() -> Result<(), Error> {
     Ok(())
 }
 
-/// `--clients N`, or the default.
-fn hostile_clients() -> Result<usize, Error> {
-    let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == "--clients") {
-        None => Ok(HOSTILE_CLIENTS),
-        Some(i) => Ok(args
-            .get(i + 1)
-            .and_then(|n| n.parse().ok())
-            .filter(|&n| n > 0)
-            .ok_or("--clients takes a number of clients")?),
-    }
-}
-
 fn check_fd_limit(clients: usize) -> Result<(), Error> {
     if fd_limit() < (clients as u64) + 1000 {
         return Err(format!(
@@ -488,11 +325,16 @@ async fn main() -> Result<(), Error> {
         return metrics_cost().await;
     }
     if std::env::args().any(|a| a == "--hostile") {
-        let clients = hostile_clients()?;
+        let clients = hostile::hostile_clients()?;
         check_fd_limit(clients)?;
-        return hostile(clients).await;
+        return hostile::hostile(clients).await;
+    }
+    if std::env::args().any(|a| a == "--floods") {
+        return floods::floods_cost().await;
     }
     check_fd_limit(IDLE_CLIENTS)?;
+    let mut websocket_env = WEBSOCKET_ENV.to_vec();
+    websocket_env.push(UNLIMITED_FRAMES);
 
     // Idle connections first, each round on fresh processes (within their first
     // seconds, before load has churned the allocator), alternating which server
@@ -503,7 +345,7 @@ async fn main() -> Result<(), Error> {
     for round in 0..IDLE_ROUNDS {
         let pair = [
             Server::start("ws-baseline", &[]).await?,
-            Server::start("websocket", &WEBSOCKET_ENV).await?,
+            Server::start("websocket", &websocket_env).await?,
         ];
         for (i, server) in pair.iter().enumerate() {
             base[i].push(server.settled_rss_kb().await?);
@@ -526,17 +368,19 @@ async fn main() -> Result<(), Error> {
     // Rounds alternate which server goes first, so neither always meets the machine
     // in the same state; the figure is each server's median round.
     let mut rates = vec![Vec::new(); servers.len()];
+    let mut cpu = vec![Vec::new(); servers.len()];
     for round in 0..ROUNDS {
         let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
             let server = &servers[i];
-            let rate = round_trips(server).await?;
+            let (rate, cpu_us) = round_trips(server).await?;
             eprintln!(
-                "round {}: {} {rate:.0} round trips/s",
+                "round {}: {} {rate:.0} round trips/s, {cpu_us:.2} µs of CPU each",
                 round + 1,
                 server.name
             );
             rates[i].push(rate);
+            cpu[i].push(cpu_us);
         }
     }
 
@@ -544,13 +388,18 @@ async fn main() -> Result<(), Error> {
     println!("|---|---|---|---|---|");
     let (b, w) = (median(&rates[0]), median(&rates[1]));
     println!(
-        "| Round trips/s, {CLIENTS} clients, median of {ROUNDS} rounds | {b:.0} | {w:.0} | {:.2} × | ≥ 0.9 × |",
+        "| Round trips/s, {CLIENTS} clients, median of {ROUNDS} rounds | {b:.0} | {w:.0} | {:.2} × | ≥ 0.95 × |",
+        w / b
+    );
+    let (b, w) = (median(&cpu[0]), median(&cpu[1]));
+    println!(
+        "| Server CPU per round trip, median of {ROUNDS} rounds | {b:.2} µs | {w:.2} µs | {:.2} × | |",
         w / b
     );
     let (b, w) = (median(&idle[0]), median(&idle[1]));
     println!(
         "| RSS growth per idle connection, {IDLE_CLIENTS} clients, median of {IDLE_ROUNDS} rounds | \
-         {b:.0} B | {w:.0} B | {:.2} × | ≤ 0.9 × |",
+         {b:.0} B | {w:.0} B | {:.2} × | ≤ 0.75 × |",
         w / b
     );
     #[allow(clippy::cast_precision_loss)]
@@ -580,5 +429,13 @@ async fn main() -> Result<(), Error> {
     );
     println!("Round trips/s, ws-baseline: {}", list(&rates[0]));
     println!("Round trips/s, websocket: {}", list(&rates[1]));
+    let micros = |v: &[f64]| {
+        v.iter()
+            .map(|c| format!("{c:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("CPU µs per round trip, ws-baseline: {}", micros(&cpu[0]));
+    println!("CPU µs per round trip, websocket: {}", micros(&cpu[1]));
     Ok(())
 }

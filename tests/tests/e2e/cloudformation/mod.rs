@@ -24,7 +24,7 @@ use crate::deploy::{
     DEREGISTRATION_DELAY_MAX, HEALTH_PORT, MAX_RETENTION, MAX_STOP_TIMEOUT_SECONDS,
     QUEUE_CONSUMER_PATH, Setting, TARGET_HEALTH_INTERVAL_SECONDS, TARGET_UNHEALTHY_THRESHOLD,
     WEBSOCKET_PATH, WORKER_HEALTH_PORT, allowed_actions, at, check_drain_notice,
-    check_goodbye_within_delay, check_variables, default_number, function, get_status,
+    check_goodbye_within_delay, check_strangers, check_variables, default_number, function, get_status,
     installed_path, local_websocket, settings, text, text_at, without_unread_health_port, yaml,
 };
 
@@ -277,6 +277,16 @@ async fn the_template_matches_the_binaries() {
     let vars = environment(web_container, &mut computed, &mut problems);
     check_variables("websocket", &vars, &web, &mut problems);
     check_metrics_environment("websocket", &mut computed, &mut problems);
+    // The pages allowed: the load balancer's own address, and AllowedOrigins.
+    match computed.remove("ALLOWED_ORIGINS") {
+        Some((tag, arg)) if tag == "!Sub" && arg == "${LoadBalancer.DNSName},${AllowedOrigins}" => {}
+        other => problems.push(format!(
+            "ALLOWED_ORIGINS must be !Sub '${{LoadBalancer.DNSName}},${{AllowedOrigins}}', is {other:?}"
+        )),
+    }
+    let mut with_origins = vars.clone();
+    with_origins.insert("ALLOWED_ORIGINS".into(), "(computed)".into());
+    check_strangers(&with_origins, &mut problems);
     check_drain_notice(&web, &mut problems);
     check_health_check("websocket", web_container, WEBSOCKET_PATH, &mut problems);
     if !computed.is_empty() {

@@ -200,6 +200,17 @@ async fn the_stack_creates_in_motos_cloudformation() {
                 default_number(read, "PORT"),
                 "the websocket container port"
             );
+            // The pages of the load balancer's own address may connect, no others.
+            let host = outputs
+                .get("ServiceUrl")
+                .and_then(|url| url.strip_prefix("http://"))
+                .unwrap_or_else(|| panic!("no http ServiceUrl in {outputs:?}"));
+            assert_eq!(env.get("ALLOWED_ORIGINS"), Some(&format!("{host},")));
+            crate::websocket::strangers::assert_deployment_refuses_strangers(
+                &env,
+                &[format!("http://{}", host.to_ascii_lowercase())],
+            )
+            .await;
         }
     }
 

@@ -133,7 +133,13 @@ pub(super) fn stop_timeout(manifest: &Value) -> Option<u64> {
         .as_u64()
 }
 
-/// Every variable the manifest sets, as text.
+/// What a variable may import with `from_cfn`: the load balancer's DNS name, which
+/// Copilot's environment stack exports (`PublicLoadBalancerDNSName` in its
+/// `environment/cf.yml`).
+pub(super) const LB_DNS_IMPORT: &str =
+    "${COPILOT_APPLICATION_NAME}-${COPILOT_ENVIRONMENT_NAME}-PublicLoadBalancerDNS";
+
+/// Every variable the manifest sets, as text; an import as `from_cfn:<name>`.
 fn variables(manifest: &Value, problems: &mut Vec<String>) -> BTreeMap<String, String> {
     let Some(map) = at(manifest, "variables").and_then(Value::as_mapping) else {
         problems.push("the manifest has no `variables` map".into());
@@ -142,15 +148,36 @@ fn variables(manifest: &Value, problems: &mut Vec<String>) -> BTreeMap<String, S
     map.iter()
         .filter_map(|(k, v)| {
             let name = k.as_str()?.to_owned();
-            match text(v) {
-                Some(value) => Some((name, value)),
-                None => {
+            let import = v.get("from_cfn").and_then(Value::as_str);
+            match (text(v), import) {
+                (Some(value), _) => Some((name, value)),
+                (None, Some(LB_DNS_IMPORT)) => Some((name, format!("from_cfn:{LB_DNS_IMPORT}"))),
+                (None, _) => {
                     problems.push(format!("variable {name} is not a plain value: {v:?}"));
                     None
                 }
             }
         })
         .collect()
+}
+
+/// The websocket's settings for strangers, in a deployment: origins set, the
+/// load balancer's `X-Forwarded-For` trusted (every client comes through it), and
+/// clients counted per address.
+pub(super) fn check_strangers(vars: &BTreeMap<String, String>, problems: &mut Vec<String>) {
+    if !vars.contains_key("ALLOWED_ORIGINS") {
+        problems.push("ALLOWED_ORIGINS is not set: pages of any site could connect".into());
+    }
+    if vars.get("TRUST_X_FORWARDED_FOR").map(String::as_str) != Some("true") {
+        problems.push(
+            "TRUST_X_FORWARDED_FOR must be true behind the ALB: every client would count \
+             under the load balancer's few addresses"
+                .into(),
+        );
+    }
+    if !vars.contains_key("MAX_CONNECTIONS_PER_ADDRESS") {
+        problems.push("MAX_CONNECTIONS_PER_ADDRESS is not set".into());
+    }
 }
 
 // --- reading the binaries ----------------------------------------------------------
@@ -571,6 +598,16 @@ async fn the_web_manifest_matches_the_websocket_server() {
     let read = settings("websocket").await;
     let vars = variables(&manifest, &mut problems);
     check_variables("websocket", &vars, &read, &mut problems);
+    check_strangers(&vars, &mut problems);
+    // The page is served from the alias once there is one: its origin must be allowed.
+    if let Some(alias) = text_at(&manifest, "http.alias") {
+        let origins = vars.get("ALLOWED_ORIGINS").cloned().unwrap_or_default();
+        if !origins.contains(&format!("https://{alias}")) {
+            problems.push(format!(
+                "http.alias is {alias}, but ALLOWED_ORIGINS ({origins}) does not name https://{alias}"
+            ));
+        }
+    }
 
     // The ALB sends traffic to image.port: the port the server listens on by default.
     let port = text_at(&manifest, "image.port");
