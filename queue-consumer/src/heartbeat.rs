@@ -32,9 +32,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::batcher::{Answer, Call, SettleQueue};
 use crate::handler::{ExtendError, ExtendRequest, Visibility};
 use crate::queue::{ErrorKind, Message, SqsError};
-use crate::settle::{Answer, Call, SettleQueue};
 
 /// SQS's limit on a message's time in flight.
 pub const MAX_IN_FLIGHT: Duration = Duration::from_secs(12 * 60 * 60);

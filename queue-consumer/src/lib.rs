@@ -29,14 +29,20 @@
 
 pub mod backoff;
 mod batch;
+mod batcher;
 pub mod config;
+mod context;
+mod dispatch;
 pub mod handler;
 pub mod health;
 pub mod heartbeat;
-mod in_flight;
+mod job;
 pub mod metrics;
 mod panics;
+mod protect;
 pub mod queue;
+mod receive;
+mod run;
 mod settle;
 mod shares;
 pub mod signals;
@@ -55,8 +61,10 @@ pub use config::{Config, WorkerSettings};
 pub use handler::{
     BatchHandler, BatchResponse, Handler, Job, Verdict, batch_handler_fn, handler_fn,
 };
-pub use in_flight::{FIFO_ATTEMPTS, PROTECTED_SETTLE};
 pub use queue::Queue;
+pub use receive::{PERMANENT_RECEIVE_TRIES, POLL_DRAIN, RECEIVE_GATHER};
+pub use run::FIFO_ATTEMPTS;
+pub use settle::PROTECTED_SETTLE;
 pub use worker::{Outcome, Worker};
 
 /// The worker could not start: a configuration problem, reported with exit code 2.
