@@ -34,6 +34,10 @@ pub const MAX_WEIGHT: u32 = 100;
 /// How long receives may fail in a row before the worker is unhealthy: three long
 /// polls, and three of the longest waits between failed receives.
 pub const UNHEALTHY_AFTER: Duration = Duration::from_secs(60);
+/// How long a message may wait for task protection that cannot be had (the agent
+/// unreachable, ECS failing) before the worker is unhealthy: ten acquire timeouts.
+/// Meanwhile it receives nothing and keeps the message; a replaced task hands it back.
+pub const PROTECTION_UNHEALTHY_AFTER: Duration = Duration::from_secs(300);
 /// The name of `COPILOT_QUEUE_URI`'s queue in `QUEUE_WEIGHTS`.
 pub const DEFAULT_QUEUE: &str = "default";
 /// The longest shutdown grace period accepted.
@@ -178,6 +182,9 @@ pub struct WorkerSettings {
     pub weights: BTreeMap<String, u32>,
     /// How long receives may fail in a row before the worker is unhealthy.
     pub unhealthy_after: Duration,
+    /// How long a message may wait for task protection before the worker is
+    /// unhealthy.
+    pub protection_unhealthy_after: Duration,
 }
 
 impl WorkerSettings {
@@ -195,6 +202,7 @@ impl WorkerSettings {
             job_timeout: None,
             weights: BTreeMap::new(),
             unhealthy_after: UNHEALTHY_AFTER,
+            protection_unhealthy_after: PROTECTION_UNHEALTHY_AFTER,
         }
     }
 
@@ -244,6 +252,7 @@ impl Config {
             job_timeout: self.job_timeout_seconds.map(Duration::from_secs),
             weights: self.queue_weights.clone().unwrap_or_default().0,
             unhealthy_after: UNHEALTHY_AFTER,
+            protection_unhealthy_after: PROTECTION_UNHEALTHY_AFTER,
         }
     }
 

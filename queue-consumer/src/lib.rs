@@ -63,7 +63,7 @@ pub use handler::{
 };
 pub use queue::Queue;
 pub use receive::{PERMANENT_RECEIVE_TRIES, POLL_DRAIN, RECEIVE_GATHER};
-pub use run::FIFO_ATTEMPTS;
+pub use run::{FIFO_ATTEMPTS, START_MARGIN};
 pub use settle::PROTECTED_SETTLE;
 pub use worker::{Outcome, Worker};
 
