@@ -2,6 +2,7 @@
 //! settings, and the switches of its phases (receiving, leaving, shutdown, the end of
 //! the grace period, the end of the settle budget).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use task_protection::{Rejection, TaskProtection};
@@ -12,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::batcher::SettleQueue;
 use crate::config::WorkerSettings;
+use crate::dead_letter::Redrive;
 use crate::handler::BoxedHandler;
 use crate::health::Health;
 use crate::queue::{Queue, SqsError};
@@ -25,7 +27,24 @@ pub(crate) struct Lane {
     /// Its name in `COPILOT_TOPIC_QUEUE_URIS`; `None` for `COPILOT_QUEUE_URI`.
     pub(crate) name: Option<String>,
     pub(crate) settle: SettleQueue,
+    /// Its redrive policy, as far as it is known.
+    pub(crate) redrive: Redrive,
 }
+
+impl Lane {
+    /// The setting that names this queue, for errors: `COPILOT_QUEUE_URI`, or its
+    /// entry in `COPILOT_TOPIC_QUEUE_URIS`.
+    pub(crate) fn setting(&self) -> String {
+        match &self.name {
+            None => "COPILOT_QUEUE_URI".to_owned(),
+            Some(name) => format!("COPILOT_TOPIC_QUEUE_URIS[{name:?}]"),
+        }
+    }
+}
+
+/// The reason ECS gives when it refuses protection to a task that is not part of a
+/// service (started with `RunTask`).
+pub(crate) const NOT_IN_A_SERVICE: &str = "TASK_NOT_VALID";
 
 /// What every message task shares.
 #[derive(Debug)]
@@ -60,7 +79,11 @@ pub(crate) struct Shared {
     pub(crate) follows_membership: bool,
     /// Until when the receive loops wait after a refusal that did not end the worker.
     pub(crate) refused_until: watch::Sender<Option<Instant>>,
-    pub(crate) fatal: Mutex<Option<SqsError>>,
+    /// The receive error that ended the worker, and the lane it came from.
+    pub(crate) fatal: Mutex<Option<(usize, SqsError)>>,
+    /// ECS refused protection because the task is not part of a service: nothing
+    /// scales it in, and jobs run without protection.
+    pub(crate) unprotected: AtomicBool,
     /// Cancelled when the receive loops have ended.
     pub(crate) receiving_ended: CancellationToken,
 }
@@ -96,6 +119,22 @@ impl Shared {
             .unwrap_or_else(PoisonError::into_inner)
             .get_or_insert(rejection);
         self.stop_receiving.cancel();
+    }
+
+    /// ECS refused protection to a task that is not part of a service, which nothing
+    /// scales in or replaces for a deployment: from now on jobs run without asking
+    /// for protection. Said once.
+    pub(crate) fn work_unprotected(&self, rejection: &Rejection) {
+        if !self.unprotected.swap(true, Ordering::SeqCst) {
+            tracing::warn!(
+                "Task protection refused ({rejection}): this task is not part of an ECS service (a standalone task, started with RunTask), which ECS never scales in; working without protection"
+            );
+        }
+    }
+
+    /// Whether jobs run without protection (see [`work_unprotected`](Self::work_unprotected)).
+    pub(crate) fn is_unprotected(&self) -> bool {
+        self.unprotected.load(Ordering::SeqCst)
     }
 
     /// The refusal that ended the worker, if one did.

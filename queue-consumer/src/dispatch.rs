@@ -18,23 +18,26 @@ use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
+use crate::backoff::redelivery_delay;
 use crate::context::Shared;
+use crate::dead_letter;
 use crate::handler::BoxedHandler;
 use crate::heartbeat::Keeper;
 use crate::metrics;
-use crate::queue::Message;
-use crate::run::run;
+use crate::queue::{Message, RedrivePolicy};
+use crate::run::{Turn, run};
 use crate::settle::{Action, decide, settle};
 use crate::shares::Slot;
 
 /// Where a message of a FIFO queue stands in its chain.
 #[derive(Debug, Default)]
 pub(crate) struct Order {
-    /// The message before it: it sends the chain's slot when its job is done, or
-    /// nothing (a dropped sender) when it was not, so this one goes back unworked.
-    pub(crate) after: Option<oneshot::Receiver<Slot>>,
+    /// The message before it: it sends the chain's turn when its job is done (or it
+    /// went to the dead-letter queue), or nothing (a dropped sender) when it was not,
+    /// so this one goes back unworked.
+    pub(crate) after: Option<oneshot::Receiver<Turn>>,
     /// The message after it.
-    pub(crate) before: Option<oneshot::Sender<Slot>>,
+    pub(crate) before: Option<oneshot::Sender<Turn>>,
 }
 
 /// What a message task is given.
@@ -93,7 +96,7 @@ pub(crate) fn dispatch(
             && let Some(group) = &message.group_id
             && let Some(prev) = last_of_group.insert(group.clone(), i)
         {
-            let (tx, rx) = oneshot::channel();
+            let (tx, rx) = oneshot::channel::<Turn>();
             orders[prev].before = Some(tx);
             order.after = Some(rx);
         }
@@ -129,13 +132,18 @@ pub(crate) fn dispatch(
     unsettled
 }
 
-/// Runs one message to its end.
+/// Runs one message to its end: its turn, its job, its settle.
+///
+/// A message after others of its group waits for the one before it as long as that
+/// one may still finish: through the shutdown grace period and while the task leaves
+/// its service, since no other worker could take it before its group's earlier
+/// messages are done anyway, and handing it back would cost it a receive.
 pub(crate) async fn handle(shared: Arc<Shared>, dispatch: Dispatch) {
     let _in_flight = metrics::InFlight::new();
     let Dispatch {
         lane,
         message,
-        mut slot,
+        slot,
         order,
         cohort,
         job_phase,
@@ -148,57 +156,62 @@ pub(crate) async fn handle(shared: Arc<Shared>, dispatch: Dispatch) {
         shared.settings.visibility,
     );
     let mut action = None;
-    let mut guard = None;
-    if let Some(after) = order.after {
-        let stop = shared.stop_receiving.clone();
-        let leaving = shared.leaving();
-        let turn = keeper
-            .keep_while(async {
-                tokio::select! {
-                    biased;
-                    r = after => r.ok(),
-                    () = stop.cancelled() => None,
-                    () = leaving => None,
-                }
-            })
-            .await;
-        match turn {
-            Some(s) => slot = Some(s),
-            None if !keeper.is_lost() => {
-                // The message before it in its group was not done (or the worker is
-                // stopping): it must come first, so this one goes back unworked (SQS
-                // delivers no message of a group while one of the group is in flight).
+    let first = order.after.is_none();
+    let mut turn = match order.after {
+        None => slot.map(Turn::first),
+        Some(after) => {
+            let lost = keeper.lost.clone();
+            let turn = keeper
+                .keep_while(async {
+                    tokio::select! {
+                        biased;
+                        r = after => r.ok(),
+                        () = lost.cancelled() => None,
+                    }
+                })
+                .await;
+            if turn.is_none() && !keeper.is_lost() {
+                // The message before it in its group was not done: it must come
+                // first, so this one goes back unworked (SQS delivers no message of a
+                // group while one of the group is in flight).
                 tracing::info!(message_id = %id, "{id} - Not started: an earlier message of its group is not done; handing it back");
                 action = Some(Action::HandBack);
             }
-            None => {}
+            turn
         }
-    }
+    };
     let mut before = order.before;
     let mut batch = batch;
-    if let Some(s) = slot
+    let mut poison = None;
+    if let Some(t) = turn
         .as_mut()
         .filter(|_| action.is_none() && !keeper.is_lost())
     {
-        if shared.stop_receiving.is_cancelled() || shared.is_leaving() {
+        if first && (shared.stop_receiving.is_cancelled() || shared.is_leaving()) {
             // A long poll that was on its way at SIGTERM or when the task started to
             // leave its service: its messages go straight back.
             tracing::info!(message_id = %id, "{id} - Received while stopping; handing it back");
             action = Some(Action::HandBack);
         } else {
-            let ended;
-            (ended, guard) = run(
+            let ran = run(
                 &shared,
                 lane,
                 &mut keeper,
                 &message,
-                s,
+                t,
                 batch.take(),
                 before.is_some(),
             )
             .await;
-            if let Some(ended) = ended {
-                action = decide(&shared, &message, &keeper, ended);
+            if let Some(ran) = ran {
+                poison = ran.poison;
+                action = Some(decide(
+                    &shared,
+                    &message,
+                    &keeper,
+                    ran.ended,
+                    poison.is_some(),
+                ));
             }
         }
     }
@@ -206,14 +219,25 @@ pub(crate) async fn handle(shared: Arc<Shared>, dispatch: Dispatch) {
     // A message that did not join its batch (handed back unworked) leaves it now, so
     // the batch need not wait for this one's settle.
     drop(batch);
-    // Done: the group moves on now, on this slot, while this delete is batched.
-    if action == Some(Action::Delete)
+    if action == Some(Action::DeadLetter)
+        && let Some(policy) = poison
+    {
+        action = Some(move_to_dead_letters(&shared, lane, &mut keeper, &message, &policy).await);
+    }
+    let (mut slot, mut guard) = turn.map_or((None, None), |t| (Some(t.slot), t.guard));
+    // Done (or moved): the group moves on now, on this slot and with a hold of this
+    // protection, while this delete is batched.
+    if matches!(action, Some(Action::Delete | Action::Moved))
         && let Some(next) = before.take()
         && let Some(s) = slot.take()
     {
+        let passed = Turn {
+            slot: s,
+            guard: guard.as_ref().map(|_| shared.protection.hold()),
+        };
         // The next message may have gone (the worker is stopping): the slot then
         // goes with this one's settle.
-        slot = next.send(s).err();
+        slot = next.send(passed).err().map(|back| back.slot);
     }
     drop(before);
     if let Some(action) = action {
@@ -231,4 +255,41 @@ pub(crate) async fn handle(shared: Arc<Shared>, dispatch: Dispatch) {
     // Settled (or given up): the slot and the protection hold go last.
     drop(guard);
     drop(slot);
+}
+
+/// Moves a message that has used up its tries to the dead-letter queue: a copy sent
+/// there first, then (by the settle) its delete. If the copy cannot be sent, it goes
+/// back as SQS would have it, with the rest of its group.
+async fn move_to_dead_letters(
+    shared: &Shared,
+    lane: usize,
+    keeper: &mut Keeper,
+    message: &Message,
+    policy: &RedrivePolicy,
+) -> Action {
+    let id = &message.id;
+    let queue = &shared.lanes[lane].queue;
+    match keeper
+        .keep_while(dead_letter::send_copy(queue, message, policy))
+        .await
+    {
+        Ok(url) => {
+            tracing::warn!(
+                message_id = %id,
+                receive_count = message.receive_count,
+                "{id} - Moved to the dead-letter queue {url} alone, its tries used up (maxReceiveCount {}); the later messages of its group go on",
+                policy.max_receive_count
+            );
+            Action::Moved
+        }
+        Err(e) => {
+            let delay = keeper.retry_after(redelivery_delay(message.receive_count));
+            tracing::error!(
+                message_id = %id,
+                "{id} - Not moved to the dead-letter queue ({e}): it goes back as SQS would have it, visible again in {}s, with the later messages of its group",
+                delay.as_secs()
+            );
+            Action::RetryAfter(delay)
+        }
+    }
 }

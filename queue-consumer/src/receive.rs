@@ -164,7 +164,8 @@ pub(crate) async fn receive_loop(shared: Arc<Shared>, lane: usize, messages: Tas
         tracing::info!("Long polling for messages");
         // A poll on its way at SIGTERM gets `POLL_DRAIN` to bring its answer: its
         // messages are handed straight back instead of waiting out their visibility.
-        // One on its way when the task starts to leave is let finish.
+        // One on its way when the task starts to leave is given up at once: whatever
+        // it brought would only go back, a receive each, and there is no hurry.
         let stopped = async {
             shared.stop_receiving.cancelled().await;
             tokio::time::sleep(POLL_DRAIN).await;
@@ -173,6 +174,10 @@ pub(crate) async fn receive_loop(shared: Arc<Shared>, lane: usize, messages: Tas
             biased;
             () = shared.abandon.cancelled() => return,
             () = stopped => return,
+            () = shared.leaving() => {
+                tracing::info!(queue = %queue.url(), "Leaving the service: the poll on its way is given up");
+                continue;
+            }
             r = queue.receive(ask, shared.settings.wait, shared.settings.visibility) => r,
         };
         shared
@@ -188,7 +193,10 @@ pub(crate) async fn receive_loop(shared: Arc<Shared>, lane: usize, messages: Tas
             AfterReceive::Poll => {}
             AfterReceive::Retry(wait, e) => {
                 tracing::warn!(
-                    "Receiving messages failed, retrying in {:.1}s: {e}",
+                    queue = %queue.url(),
+                    "Receiving messages failed on {} ({}), retrying in {:.1}s: {e}",
+                    queue.url(),
+                    shared.lanes[lane].setting(),
                     wait.as_secs_f64()
                 );
                 tokio::select! {
@@ -207,7 +215,7 @@ pub(crate) async fn receive_loop(shared: Arc<Shared>, lane: usize, messages: Tas
                     .fatal
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .get_or_insert(e);
+                    .get_or_insert((lane, e));
                 shared.stop_receiving.cancel();
                 return;
             }

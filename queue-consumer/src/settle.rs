@@ -29,29 +29,61 @@ pub const PROTECTED_SETTLE: Duration = Duration::from_secs(60);
 pub(crate) enum Action {
     /// The job is done: delete it.
     Delete,
+    /// It has used up its tries, and later messages of its FIFO group wait: move it to
+    /// the dead-letter queue alone (a copy sent there, then [`Moved`](Self::Moved)).
+    DeadLetter,
+    /// Its copy is in the dead-letter queue: delete it.
+    Moved,
     /// Hand it back at once (visibility 0), for another worker.
     HandBack,
     /// Let SQS deliver it again after this long.
     RetryAfter(Duration),
 }
 
+impl Action {
+    /// Whether it deletes the message.
+    fn deletes(self) -> bool {
+        matches!(self, Self::Delete | Self::Moved)
+    }
+}
+
 /// The visibility, in whole seconds, a settle action asks for.
 pub(crate) fn visibility_secs(action: Action) -> i32 {
     match action {
-        Action::Delete | Action::HandBack => 0,
+        Action::Delete | Action::DeadLetter | Action::Moved | Action::HandBack => 0,
         Action::RetryAfter(d) => i32::try_from(d.as_secs()).unwrap_or(i32::MAX),
     }
 }
 
 /// What follows the job's end: log it and choose the settle.
+///
+/// `poison`: the message has used up its tries (or can never work) while later
+/// messages of its FIFO group wait; it goes to the dead-letter queue alone.
 pub(crate) fn decide(
     shared: &Shared,
     message: &Message,
     keeper: &Keeper,
     ended: Ended,
-) -> Option<Action> {
+    poison: bool,
+) -> Action {
     let id = &message.id;
-    Some(match ended {
+    if poison && !matches!(ended, Ended::Verdict(Verdict::Done)) {
+        if matches!(ended, Ended::Verdict(Verdict::BadInput(_))) {
+            shared.stats.bad.fetch_add(1, Ordering::Relaxed);
+            metrics::count(metrics::BAD_BODIES);
+        } else {
+            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+            metrics::count(metrics::JOBS_FAILED);
+        }
+        tracing::error!(
+            message_id = %id,
+            receive_count = message.receive_count,
+            "{id} - Failed: {}; its last try: moving it to the dead-letter queue, alone",
+            why(&ended)
+        );
+        return Action::DeadLetter;
+    }
+    match ended {
         Ended::Verdict(Verdict::Done) => {
             // Logged before the delete is sent: the group (and the log) moves on now.
             tracing::info!(message_id = %id, "{id} - Done");
@@ -99,7 +131,7 @@ pub(crate) fn decide(
             );
             Action::RetryAfter(delay)
         }
-    })
+    }
 }
 
 /// Deletes the message or sets its visibility, trying again while that may work.
@@ -107,8 +139,14 @@ pub(crate) fn decide(
 /// During a delete the heartbeat goes on, even between tries, so a failing delete
 /// never lets the message lapse and its job run again elsewhere. A visibility change
 /// stops the heartbeat and is sent at once, even with an extension on its way: if
-/// that extension may have landed after it, the change is sent again. The protection `guard` is dropped [`PROTECTED_SETTLE`] after
-/// the first try, to the second, however the tries go.
+/// that extension may have landed after it, the change is sent again. The protection
+/// `guard` is dropped [`PROTECTED_SETTLE`] after the first try, to the second, however
+/// the tries go.
+///
+/// A delete is tried on even once the message is no longer held (its visibility ran
+/// out while SQS failed): the job is done, and a delete that lands before another
+/// worker receives the message spares it a second run. A hand-back is not: there is
+/// nothing left to give back.
 pub(crate) async fn settle(
     shared: &Shared,
     lane: usize,
@@ -119,20 +157,21 @@ pub(crate) async fn settle(
     cohort: &TaskTracker,
 ) {
     let id = &message.id;
-    let what = if action == Action::Delete {
+    let what = if action.deletes() {
         "Delete"
     } else {
         "Hand-back"
     };
     let protect_until = Instant::now() + PROTECTED_SETTLE;
-    let call = match action {
-        Action::Delete => Call::Delete,
-        a => Call::Visibility {
-            secs: visibility_secs(a),
+    let call = if action.deletes() {
+        Call::Delete
+    } else {
+        Call::Visibility {
+            secs: visibility_secs(action),
             extension: false,
-        },
+        }
     };
-    let mut extension = if action == Action::Delete {
+    let mut extension = if action.deletes() {
         None
     } else {
         keeper.take_in_flight()
@@ -140,10 +179,17 @@ pub(crate) async fn settle(
     let mut backoff = Backoff::sqs();
     let mut tries = 0u32;
     let mut reported = false;
+    let mut lost_reported = false;
     loop {
         if keeper.is_lost() {
-            tracing::warn!(message_id = %id, "{id} - {what} not sent: the message is no longer held");
-            return;
+            if !action.deletes() {
+                tracing::warn!(message_id = %id, "{id} - {what} not sent: the message is no longer held");
+                return;
+            }
+            if !lost_reported {
+                tracing::warn!(message_id = %id, "{id} - Its visibility ran out while its delete was tried: another worker may run it again; trying on");
+                lost_reported = true;
+            }
         }
         // An extension answered before this change is sent landed before it.
         if let Some(pending) = &mut extension
@@ -236,7 +282,7 @@ pub(crate) async fn settle(
 /// failing delete never lets it lapse and its job run again elsewhere), and without
 /// it while its visibility is to change: an extension would undo the change.
 async fn keep<T>(keeper: &mut Keeper, action: Action, work: impl Future<Output = T>) -> T {
-    if action == Action::Delete {
+    if action.deletes() {
         keeper.keep_while(work).await
     } else {
         work.await
@@ -298,8 +344,15 @@ fn succeeded(shared: &Shared, id: &str, action: Action) {
             metrics::count(metrics::JOBS_HANDED_BACK);
             tracing::info!(message_id = %id, "{id} - Handed back");
         }
+        Action::Moved => {
+            shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            metrics::count(metrics::JOBS_DEAD_LETTERED);
+            tracing::debug!(message_id = %id, "{id} - Deleted; its copy is in the dead-letter queue");
+        }
         Action::RetryAfter(d) => {
             tracing::info!(message_id = %id, "{id} - Visible again in {}s", d.as_secs());
         }
+        // Decided, never sent: the move turns it into `Moved` or a retry.
+        Action::DeadLetter => {}
     }
 }

@@ -15,15 +15,17 @@
 //! received.
 //!
 //! Leaving the service ([`Worker::with_membership`]): no new poll starts (one on its
-//! way is let finish, and its messages are handed straight back), running jobs finish
-//! and are settled, and the protection library releases protection once the last one
-//! is gone. Wanted again, the worker receives again.
+//! way is given up), running jobs finish and are settled (a FIFO group's later
+//! messages with them), and the protection library releases protection once the last
+//! one is gone. Wanted again, the worker receives again.
 //!
 //! Shutdown has a fixed budget, whatever SQS and ECS do: after the first signal no
-//! new poll starts (one already on its way is let finish and its messages handed
-//! straight back); running jobs get the grace period, which a second signal ends at
-//! once; then the last deletes and hand-backs get [`SETTLE_BUDGET`].
+//! new poll starts (one already on its way gets [`POLL_DRAIN`](crate::POLL_DRAIN) and
+//! its messages are handed straight back); running jobs get the grace period, which a
+//! second signal ends at once, and the later messages of a FIFO group run after their
+//! head within it; then the last deletes and hand-backs get [`SETTLE_BUDGET`].
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -38,6 +40,7 @@ use tokio_util::task::TaskTracker;
 use crate::batcher::Settler;
 use crate::config::WorkerSettings;
 use crate::context::{Lane, Shared};
+use crate::dead_letter::Redrive;
 use crate::handler::{BatchHandler, BoxedHandler, Handler};
 use crate::health::Health;
 use crate::queue::{Queue, SqsError};
@@ -48,6 +51,12 @@ use crate::stats::Stats;
 /// How long the last settle calls may take once every job has ended or been
 /// abandoned.
 pub const SETTLE_BUDGET: Duration = Duration::from_secs(3);
+/// How long [`TaskProtection::shutdown`] may take to release protection, as the
+/// library bounds it.
+pub const RELEASE_BUDGET: Duration = Duration::from_secs(6);
+/// What SIGTERM to exit may take beyond the grace period: the last settles, then the
+/// release. `SHUTDOWN_GRACE_SECONDS` is kept this far below the task's stop timeout.
+pub const SHUTDOWN_MARGIN: Duration = SETTLE_BUDGET.saturating_add(RELEASE_BUDGET);
 
 /// Why the worker stopped.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,7 +68,37 @@ pub enum Outcome {
     ProtectionRefused(Rejection),
     /// Receiving failed [`PERMANENT_RECEIVE_TRIES`] times in a row in a way retrying
     /// cannot fix.
-    ReceiveFailed(SqsError),
+    ReceiveFailed(ReceiveFailure),
+}
+
+/// Receiving from one of the queues failed in a way retrying cannot fix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceiveFailure {
+    /// The queue's URL.
+    pub queue_url: String,
+    /// The setting that names it: `COPILOT_QUEUE_URI`, or its entry in
+    /// `COPILOT_TOPIC_QUEUE_URIS`.
+    pub setting: String,
+    /// The last error.
+    pub error: SqsError,
+}
+
+impl std::fmt::Display for ReceiveFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cannot receive messages from {} ({}): {}",
+            self.queue_url, self.setting, self.error
+        )
+    }
+}
+
+impl ReceiveFailure {
+    /// What to do about it, for the one line the worker prints before it exits.
+    #[must_use]
+    pub fn advice(&self) -> String {
+        self.error.advice(&self.setting)
+    }
 }
 
 /// An SQS worker with task protection.
@@ -115,7 +154,10 @@ impl Worker {
         Self {
             queues: vec![(None, queue)],
             protection,
-            health: Arc::new(Health::new(settings.unhealthy_after)),
+            health: Arc::new(Health::new(
+                settings.unhealthy_after,
+                settings.protection_unhealthy_after,
+            )),
             settings,
             handler,
             membership: None,
@@ -176,6 +218,7 @@ impl Worker {
                 queue,
                 name,
                 settle,
+                redrive: Redrive::default(),
             });
         }
         let stats = Arc::new(Stats::default());
@@ -201,6 +244,7 @@ impl Worker {
             follows_membership: self.membership.is_some(),
             refused_until: watch::Sender::new(None),
             fatal: Mutex::new(None),
+            unprotected: AtomicBool::new(false),
             receiving_ended: CancellationToken::new(),
         });
         if let Some(membership) = self.membership {
@@ -234,10 +278,15 @@ impl Worker {
             .fatal
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(e) = &fatal {
+            .take()
+            .map(|(lane, error)| ReceiveFailure {
+                queue_url: shared.lanes[lane].queue.url().to_owned(),
+                setting: shared.lanes[lane].setting(),
+                error,
+            });
+        if let Some(failure) = &fatal {
             tracing::error!(
-                "Receiving messages failed {PERMANENT_RECEIVE_TRIES} times in a row ({e}); finishing {} running job(s), then exiting",
+                "Receiving messages failed {PERMANENT_RECEIVE_TRIES} times in a row ({failure}); finishing {} running job(s), then exiting",
                 jobs.len()
             );
         } else if signal.is_none() {

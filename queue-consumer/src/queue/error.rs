@@ -110,22 +110,21 @@ impl SqsError {
     }
 
     /// What to do about an error that retrying cannot fix, for the one line the
-    /// worker prints before it exits.
+    /// worker prints before it exits; `setting` names the queue's variable.
     #[must_use]
-    pub fn advice(&self) -> String {
+    pub fn advice(&self, setting: &str) -> String {
         match (self.kind, self.code.as_deref()) {
             (ErrorKind::Denied, _) => format!(
                 "the task role lacks {}: grant it on this queue (see copilot/queue-consumer/addons)",
                 self.action()
             ),
             (_, Some("AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist")) => {
-                "check COPILOT_QUEUE_URI, and QUEUE_REGION or the Region in the queue URL"
-                    .to_owned()
+                format!("check {setting}, and QUEUE_REGION or the Region in the queue URL")
             }
             (_, Some("NoCredentials")) => {
                 "no AWS credentials: give the task a task role".to_owned()
             }
-            _ => "check the queue URL, the Region and the task role".to_owned(),
+            _ => format!("check {setting}, the Region and the task role"),
         }
     }
 }
@@ -237,9 +236,10 @@ mod tests {
         let e = SqsError::new("ChangeMessageVisibilityBatch", ErrorKind::Denied, "no");
         assert_eq!(e.action(), "sqs:ChangeMessageVisibility");
         assert!(
-            e.advice().contains("sqs:ChangeMessageVisibility"),
+            e.advice("COPILOT_QUEUE_URI")
+                .contains("sqs:ChangeMessageVisibility"),
             "{}",
-            e.advice()
+            e.advice("COPILOT_QUEUE_URI")
         );
         let e = SqsError::new("ReceiveMessage", ErrorKind::Denied, "no");
         assert_eq!(e.action(), "sqs:ReceiveMessage");

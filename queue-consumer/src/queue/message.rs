@@ -18,6 +18,10 @@ pub struct Message {
     pub receive_count: u32,
     /// When the receive returned it.
     pub received_at: Instant,
+    /// No later than when SQS hid it: its visibility timeout and its 12 h in flight
+    /// are counted from here, so the worker never believes it holds the message
+    /// longer than it does.
+    pub hidden_at: Instant,
     /// The message group, on a FIFO queue.
     pub group_id: Option<String>,
     /// The deduplication id, on a FIFO queue.

@@ -10,15 +10,18 @@
 
 mod error;
 mod message;
+mod redrive;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use aws_sdk_sqs::Client;
+use aws_sdk_sqs::primitives::Blob;
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
-    MessageSystemAttributeName,
+    MessageAttributeValue, MessageSystemAttributeName, MessageSystemAttributeNameForSends,
+    MessageSystemAttributeValue, QueueAttributeName,
 };
 use tokio::time::Instant;
 
@@ -26,6 +29,7 @@ use error::iam_action;
 pub use error::{EntryFailure, ErrorKind, SqsError, classify};
 pub use message::{Attribute, Message};
 use message::{attribute, epoch_ms};
+pub use redrive::RedrivePolicy;
 
 /// Most messages one receive or batch call handles: SQS's limit.
 pub const MAX_BATCH: usize = 10;
@@ -34,6 +38,11 @@ pub const MAX_BATCH: usize = 10;
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Added to a long poll's wait for its time limit.
 pub const RECEIVE_MARGIN: Duration = Duration::from_secs(5);
+/// How long a receive's answer is taken to be on its way at most. SQS hides a message
+/// when it answers the receive that returns it: the worker counts the message as
+/// hidden from this long (at most a quarter of its visibility) before the answer
+/// arrived, and never from before the request was sent.
+pub const ANSWER_TRANSIT: Duration = Duration::from_secs(1);
 /// After SQS denies an operation to the task role, it is not called again for this
 /// long: IAM changes take a deployment to fix, and retrying sooner only adds errors.
 pub const DENIED_PAUSE: Duration = Duration::from_secs(60);
@@ -148,12 +157,16 @@ impl Queue {
             .message_system_attribute_names(MessageSystemAttributeName::All)
             .message_attribute_names("All")
             .send();
+        let asked_at = Instant::now();
         let output = self
             .call(OP, wait + RECEIVE_MARGIN, async {
                 request.await.map_err(|e| classify(OP, &e))
             })
             .await?;
         let received_at = Instant::now();
+        let hidden_at = received_at
+            .checked_sub(ANSWER_TRANSIT.min(visibility / 4))
+            .map_or(asked_at, |t| t.max(asked_at));
         let mut messages = Vec::new();
         for m in output.messages.unwrap_or_default() {
             let id = m.message_id().unwrap_or("(no message id)").to_owned();
@@ -191,6 +204,7 @@ impl Queue {
                 body: m.body.unwrap_or_default(),
                 receive_count,
                 received_at,
+                hidden_at,
                 group_id,
                 deduplication_id,
                 sent_at,
@@ -267,6 +281,91 @@ impl Queue {
             })
             .await?;
         Ok(failures(output.failed(), entries.len()))
+    }
+
+    /// The queue at `url`, reached through the same client.
+    #[must_use]
+    pub fn at(&self, url: impl Into<String>) -> Self {
+        Self::new(self.client.clone(), url)
+    }
+
+    /// The queue's redrive policy; `None` when it has none.
+    ///
+    /// # Errors
+    /// When the call fails, or the policy cannot be read.
+    pub async fn redrive_policy(&self) -> Result<Option<RedrivePolicy>, SqsError> {
+        const OP: &str = "GetQueueAttributes";
+        let request = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .attribute_names(QueueAttributeName::RedrivePolicy)
+            .send();
+        let output = self
+            .call(OP, CALL_TIMEOUT, async {
+                request.await.map_err(|e| classify(OP, &e))
+            })
+            .await?;
+        let Some(raw) = output
+            .attributes
+            .and_then(|a| a.get(&QueueAttributeName::RedrivePolicy).cloned())
+            .filter(|raw| !raw.trim().is_empty())
+        else {
+            return Ok(None);
+        };
+        RedrivePolicy::parse(&raw)
+            .map(Some)
+            .map_err(|why| SqsError::new(OP, ErrorKind::Permanent, why))
+    }
+
+    /// Sends a copy of `message` to this queue: its body, its message attributes and
+    /// its trace header; on a FIFO queue its group, with its message id as the
+    /// deduplication id (so that sending it again within five minutes adds nothing).
+    ///
+    /// # Errors
+    /// When the call fails, or an attribute cannot be sent.
+    pub async fn send_copy(&self, message: &Message) -> Result<(), SqsError> {
+        const OP: &str = "SendMessage";
+        let invalid = |e: aws_sdk_sqs::error::BuildError| {
+            SqsError::new(OP, ErrorKind::Permanent, e.to_string())
+        };
+        let mut request = self
+            .client
+            .send_message()
+            .queue_url(&self.url)
+            .message_body(&message.body);
+        for (name, attribute) in &message.attributes {
+            let value = match attribute {
+                Attribute::Text { data_type, value } => MessageAttributeValue::builder()
+                    .data_type(data_type)
+                    .string_value(value),
+                Attribute::Binary { data_type, value } => MessageAttributeValue::builder()
+                    .data_type(data_type)
+                    .binary_value(Blob::new(value.clone())),
+            };
+            request = request.message_attributes(name, value.build().map_err(invalid)?);
+        }
+        if let Some(group) = &message.group_id {
+            request = request
+                .message_group_id(group)
+                .message_deduplication_id(&message.id);
+        }
+        if let Some(trace) = &message.trace_header {
+            let value = MessageSystemAttributeValue::builder()
+                .data_type("String")
+                .string_value(trace)
+                .build()
+                .map_err(invalid)?;
+            request = request.message_system_attributes(
+                MessageSystemAttributeNameForSends::AwsTraceHeader,
+                value,
+            );
+        }
+        let request = request.send();
+        self.call(OP, CALL_TIMEOUT, async {
+            request.await.map(|_| ()).map_err(|e| classify(OP, &e))
+        })
+        .await
     }
 
     /// Sets one message's visibility timeout, counted from now.

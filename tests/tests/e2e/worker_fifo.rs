@@ -172,8 +172,12 @@ async fn queue_consumer_fifo_sigterm_lets_the_group_finish_within_the_grace_peri
     )
     .await;
     let runs = Arc::default();
+    // Ten slots: the receive brings the whole group, which runs as one chain.
     let worker = WorkerSpec::new(&moto, &agent, &queue)
-        .settings(|s| s.shutdown_grace = Duration::from_secs(10))
+        .settings(|s| {
+            s.concurrency = 10;
+            s.shutdown_grace = Duration::from_secs(10);
+        })
         .spawn(recording(&runs))
         .await;
     wait_for("the head to start", STEP, || async {
@@ -209,6 +213,7 @@ async fn queue_consumer_fifo_a_job_its_window_cannot_hold_is_handed_back_not_cut
     // no longer fits.
     let worker = WorkerSpec::new(&moto, &agent, &queue)
         .settings(|s| {
+            s.concurrency = 10;
             s.max_job =
                 MAX_IN_FLIGHT - CAP_MARGIN - queue_consumer::START_MARGIN - Duration::from_secs(3);
         })
