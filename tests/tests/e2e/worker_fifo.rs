@@ -1,7 +1,8 @@
 //! FIFO groups in-process against moto and the fake agent: a head that keeps failing
 //! goes to the dead-letter queue alone, followers wait for their head through the
-//! shutdown grace period, and a job that its message's 12 h in flight can no longer
-//! hold is handed back instead of being cut off.
+//! shutdown grace period and while the task leaves its service, and a job that its
+//! message's 12 h in flight can no longer hold is handed back instead of being cut
+//! off.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -15,6 +16,7 @@ use e2e::worker::{Logs, WorkerSpec};
 use queue_consumer::heartbeat::{CAP_MARGIN, MAX_IN_FLIGHT};
 use queue_consumer::{Job, Outcome, Verdict, handler_fn};
 use task_protection::cli::Signal;
+use task_protection::drain::{LeaveReason, Membership};
 
 const STEP: Duration = Duration::from_secs(20);
 
@@ -229,4 +231,46 @@ async fn queue_consumer_fifo_a_job_its_window_cannot_hold_is_handed_back_not_cut
     assert_eq!(logs.count("Not started: it has"), 1, "{:#?}", logs.lines());
     assert_eq!(logs.count("12 h limit"), 0, "{:#?}", logs.lines());
     let _ = worker.stop(STEP).await;
+}
+
+#[tokio::test]
+async fn queue_consumer_fifo_a_leaving_task_finishes_the_group_under_its_protection() {
+    let moto = Moto::start().await;
+    let agent = FakeAgent::start().await;
+    let client = moto.client();
+    let (queue, _) = create_queue_with(&client, "jobs.fifo", 30, None).await;
+    send_all(
+        &client,
+        &queue,
+        Some("g"),
+        &strings(&["head 1500", "f1 200", "f2 200"]),
+    )
+    .await;
+    let (membership, follows) = tokio::sync::watch::channel(Membership::Wanted);
+    let runs = Arc::default();
+    let worker = WorkerSpec::new(&moto, &agent, &queue)
+        .settings(|s| s.concurrency = 10)
+        .membership(follows)
+        .spawn(recording(&runs))
+        .await;
+    wait_for("the head to start", STEP, || async {
+        (!runs_of(&runs).is_empty()).then_some(())
+    })
+    .await;
+    // The task starts to leave: the protection takes no new holders, but the group
+    // began before, and its later messages run after their head, protected.
+    membership.send_replace(Membership::Leaving(LeaveReason::Surplus {
+        running: 2,
+        desired: 1,
+    }));
+    wait_counts(&client, &queue, "the group done", (0, 0), STEP).await;
+    assert_eq!(runs_of(&runs).len(), 3, "{:?}", runs_of(&runs));
+    wait_for("protection released", STEP, || async {
+        agent.released().then_some(())
+    })
+    .await;
+    // ECS held protection from the head's start until the group was done.
+    let enables = agent.puts().iter().filter(|p| p.enabled()).count();
+    assert_eq!(enables, 1, "{:?}", agent.puts());
+    assert_eq!(worker.stop(STEP).await, Outcome::Stopped(Signal::Term));
 }
