@@ -27,20 +27,23 @@ async fn queue_consumer_lost_fires_before_another_worker_can_receive_the_message
     // Every extension fails with a 500, which may pass: the worker keeps trying.
     proxy.fault("ChangeMessageVisibilityBatch", Fault::server_error());
     proxy.fault("ChangeMessageVisibility", Fault::server_error());
+    // Each receive's answer reaches the worker 300 ms after SQS hid its messages: the
+    // visibility runs from then, not from the answer's arrival.
+    proxy.fault(
+        "ReceiveMessage",
+        Fault::DelayAnswer(Duration::from_millis(300)),
+    );
     let lost_at: Arc<Mutex<Option<Instant>>> = Arc::default();
     let handler = {
         let lost_at = Arc::clone(&lost_at);
         handler_fn(move |job: Job| {
             let lost_at = Arc::clone(&lost_at);
             async move {
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(20)) => Verdict::Done,
-                    () = job.lost.cancelled() => {
-                        *lost_at.lock().unwrap_or_else(PoisonError::into_inner) =
-                            Some(Instant::now());
-                        Verdict::Failed("no longer held".to_owned())
-                    }
-                }
+                job.lost.cancelled().await;
+                *lost_at.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+                // Keep the slot, so that only the other worker can receive it again.
+                job.shutdown.cancelled().await;
+                Verdict::Failed("no longer held".to_owned())
             }
         })
     };
@@ -49,13 +52,16 @@ async fn queue_consumer_lost_fires_before_another_worker_can_receive_the_message
         .settings(|s| s.visibility = Duration::from_secs(4))
         .spawn(handler)
         .await;
-    let id = send(&client, &queue, "20 s of work").await;
-    // Another worker, straight on SQS, polls for the same queue.
+    let id = send(&client, &queue, "work that outlives its hold").await;
+    wait_for("the job to start", STEP, || async {
+        (proxy.count("ChangeMessageVisibilityBatch") > 0).then_some(())
+    })
+    .await;
+    // Another worker, straight on SQS, polls for it (short polls, 20 ms apart).
     let taken_at = wait_for("another worker to receive it", STEP, || async {
         let got = client
             .receive_message()
             .queue_url(&queue)
-            .wait_time_seconds(1)
             .send()
             .await
             .ok()?;
