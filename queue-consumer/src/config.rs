@@ -251,7 +251,7 @@ impl WorkerSettings {
         self.check_weights()?;
         let window = crate::heartbeat::MAX_IN_FLIGHT
             .saturating_sub(crate::heartbeat::CAP_MARGIN)
-            .saturating_sub(crate::START_MARGIN);
+            .saturating_sub(crate::heartbeat::START_MARGIN);
         if self.job_bound() >= window {
             return Err(ConfigError::JobTooLong {
                 bound: self.job_bound(),
@@ -557,6 +557,21 @@ mod tests {
             s.check_weights().unwrap_err().to_string(),
             "QUEUE_WEIGHTS names \"typo\", which is not one of the queues: default, orders"
         );
+    }
+
+    #[test]
+    fn a_job_bound_past_what_a_message_can_hold_is_refused() {
+        let mut s = WorkerSettings::new("http://localhost/1/q");
+        assert_eq!(s.check(), Ok(()));
+        s.max_job = Duration::from_millis(MAX_JOB_MS_LIMIT);
+        s.job_timeout = Some(Duration::from_secs(MAX_JOB_TIMEOUT_SECONDS));
+        assert_eq!(s.check(), Ok(()), "the command line's limits fit");
+        s.max_job = Duration::from_secs(12 * 3600);
+        assert_eq!(s.check(), Ok(()), "the job timeout bounds the job");
+        assert_eq!(s.job_bound(), Duration::from_secs(MAX_JOB_TIMEOUT_SECONDS));
+        s.job_timeout = None;
+        let e = s.check().unwrap_err().to_string();
+        assert!(e.starts_with("a job may run 43200s"), "{e}");
     }
 
     #[test]

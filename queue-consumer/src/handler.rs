@@ -111,9 +111,10 @@ pub struct Job {
     pub group_id: Option<String>,
     /// The deduplication id of a FIFO queue.
     pub deduplication_id: Option<String>,
-    /// Cancelled when the worker no longer holds the message: its receipt handle
-    /// became invalid, or its visibility could not be extended and has run out.
-    /// Another worker may then be doing the same job; stop if that matters.
+    /// Cancelled the moment the worker no longer holds the message: its visibility
+    /// has run out without a confirmed extension (SQS failing, the extension denied,
+    /// SQS's 12 h limit), or its receipt handle became invalid. Another worker may
+    /// receive it from then on, not before; stop if that matters.
     pub lost: CancellationToken,
     /// Cancelled when the worker is asked to stop (SIGTERM): the job has the shutdown
     /// grace period left. A job that stops early can return

@@ -46,6 +46,10 @@ pub const MAX_IN_FLIGHT: Duration = Duration::from_secs(12 * 60 * 60);
 /// Kept back from the 12 h limit: SQS starts counting when it sends the message,
 /// a little before the worker sees it.
 pub const CAP_MARGIN: Duration = Duration::from_secs(60);
+/// Kept free of a message's 12 h in flight after its job's longest run: the time its
+/// delete takes, with a few tries. A job starts only if what is left of the 12 h
+/// holds its longest run and this.
+pub const START_MARGIN: Duration = Duration::from_secs(60);
 /// Least wait before retrying a failed extension.
 const MIN_RETRY: Duration = Duration::from_millis(200);
 

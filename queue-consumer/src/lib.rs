@@ -69,9 +69,10 @@ pub use config::{Config, WorkerSettings};
 pub use handler::{
     BatchHandler, BatchResponse, Handler, Job, Verdict, batch_handler_fn, handler_fn,
 };
+pub use heartbeat::START_MARGIN;
 pub use queue::Queue;
 pub use receive::{PERMANENT_RECEIVE_TRIES, POLL_DRAIN, RECEIVE_GATHER};
-pub use run::{FIFO_ATTEMPTS, START_MARGIN};
+pub use run::FIFO_ATTEMPTS;
 pub use settle::PROTECTED_SETTLE;
 pub use worker::{Outcome, ReceiveFailure, Worker};
 

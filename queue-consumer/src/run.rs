@@ -23,7 +23,7 @@ use crate::config::PoisonHead;
 use crate::context::Shared;
 use crate::dead_letter::used_up;
 use crate::handler::{BoxedHandler, Verdict};
-use crate::heartbeat::Keeper;
+use crate::heartbeat::{Keeper, START_MARGIN};
 use crate::job::{Ended, hand_back_unstarted, job_of, panic_message, why};
 use crate::metrics;
 use crate::protect::protect;
@@ -33,10 +33,6 @@ use crate::shares::Slot;
 /// How many times a failing job of a FIFO chain with later messages runs within one
 /// delivery before the chain goes back to SQS.
 pub const FIFO_ATTEMPTS: u32 = 3;
-/// Kept free of a message's 12 h in flight after its job's longest run: the time its
-/// delete takes, with a few tries. A job starts only if what is left of the 12 h
-/// holds its longest run and this.
-pub const START_MARGIN: Duration = Duration::from_secs(60);
 /// First wait before a failed FIFO job runs again in place; it doubles.
 const FIFO_RETRY_BASE: Duration = Duration::from_secs(1);
 

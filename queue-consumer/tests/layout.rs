@@ -60,6 +60,20 @@ fn imports() -> BTreeMap<String, BTreeSet<String>> {
         parts.join("::")
     };
     let modules: BTreeSet<String> = files.iter().map(|f| module_of(f)).collect();
+    // What the crate root re-exports, by name: `crate::Worker` is `worker`'s.
+    let lib = std::fs::read_to_string(src.join("lib.rs")).unwrap_or_default();
+    let mut reexports: BTreeMap<String, String> = BTreeMap::new();
+    for item in lib.split(';') {
+        let Some(rest) = item.trim().strip_prefix("pub use ") else {
+            continue;
+        };
+        let (module, names) = rest.split_once("::").unwrap_or((rest, ""));
+        for name in names.split(|c: char| !(c.is_alphanumeric() || c == '_')) {
+            if !name.is_empty() && modules.contains(module) {
+                reexports.insert(name.to_owned(), module.to_owned());
+            }
+        }
+    }
     let mut graph = BTreeMap::new();
     for file in &files {
         let module = module_of(file);
@@ -87,7 +101,8 @@ fn imports() -> BTreeMap<String, BTreeSet<String>> {
                 let named = (1..=segments.len())
                     .rev()
                     .map(|n| segments[..n].join("::"))
-                    .find(|m| modules.contains(m));
+                    .find(|m| modules.contains(m))
+                    .or_else(|| reexports.get(segments[0]).cloned());
                 if let Some(named) = named
                     && named != module
                 {
