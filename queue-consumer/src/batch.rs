@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::handler::{BatchResponse, BoxFuture, Job, Verdict};
-use crate::in_flight::{Ended, panic_message};
+use crate::job::{Ended, panic_message};
 
 type BatchFn = Arc<dyn Fn(Vec<Job>) -> BoxFuture<BatchResponse> + Send + Sync>;
 

@@ -34,6 +34,10 @@ pub const MAX_WEIGHT: u32 = 100;
 /// How long receives may fail in a row before the worker is unhealthy: three long
 /// polls, and three of the longest waits between failed receives.
 pub const UNHEALTHY_AFTER: Duration = Duration::from_secs(60);
+/// How long a message may wait for task protection that cannot be had (the agent
+/// unreachable, ECS failing) before the worker is unhealthy: ten acquire timeouts.
+/// Meanwhile it receives nothing and keeps the message; a replaced task hands it back.
+pub const PROTECTION_UNHEALTHY_AFTER: Duration = Duration::from_secs(300);
 /// The name of `COPILOT_QUEUE_URI`'s queue in `QUEUE_WEIGHTS`.
 pub const DEFAULT_QUEUE: &str = "default";
 /// The longest shutdown grace period accepted.
@@ -107,10 +111,19 @@ pub struct Config {
     #[arg(long, env = "QUEUE_WEIGHTS", value_name = "NAME=WEIGHT,...", value_parser = parse_queue_weights)]
     pub queue_weights: Option<QueueWeights>,
 
-    /// Port of the health endpoint, `GET /healthz` on 127.0.0.1: 200 while receiving
-    /// works, 503 with the reason once receives have failed for 60 s in a row (or in a
-    /// way retrying cannot fix); unset: no endpoint. `queue-consumer healthcheck` asks
-    /// it, for a container health check (1..=65535)
+    /// On a FIFO queue, what becomes of a message that fails its last try (the queue's
+    /// maxReceiveCount, counting each run) while later messages of its group wait:
+    /// `dead-letter` moves it to the dead-letter queue alone and works the rest of the
+    /// group; `stop-group` leaves it to SQS's redrive, which stops the group and moves
+    /// its later messages with it
+    #[arg(long, env = "FIFO_POISON_HEAD", value_enum, default_value_t = PoisonHead::DeadLetter)]
+    pub fifo_poison_head: PoisonHead,
+
+    /// Port of the health endpoint, `GET /healthz` on 127.0.0.1: 200 while the
+    /// worker works, 503 with the reason once receives have failed for 60 s in a row
+    /// (or in a way retrying cannot fix), or a message has waited 300 s for task
+    /// protection; unset: no endpoint. `queue-consumer healthcheck` asks it, for a
+    /// container health check (1..=65535)
     #[arg(long, env = "HEALTH_PORT", value_name = "PORT",
           value_parser = ranged("HEALTH_PORT", 1, u64::from(u16::MAX), ""))]
     pub health_port: Option<u64>,
@@ -146,6 +159,20 @@ pub fn protection_defaults() -> ProtectionSettings {
         .unwrap_or_default()
 }
 
+/// What becomes of a FIFO message that fails its last try while later messages of
+/// its group wait (`FIFO_POISON_HEAD`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PoisonHead {
+    /// The worker moves it to the queue's dead-letter queue itself, alone, and works
+    /// the later messages of its group, in order, with the receive counts they had.
+    #[default]
+    DeadLetter,
+    /// SQS's own redrive: the message goes back and the group waits; its later
+    /// messages are received with it each time, and reach the dead-letter queue with
+    /// it.
+    StopGroup,
+}
+
 /// Topic-specific queues: name and URL, in the order of their names.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TopicQueues(pub Vec<(String, String)>);
@@ -178,6 +205,12 @@ pub struct WorkerSettings {
     pub weights: BTreeMap<String, u32>,
     /// How long receives may fail in a row before the worker is unhealthy.
     pub unhealthy_after: Duration,
+    /// How long a message may wait for task protection before the worker is
+    /// unhealthy.
+    pub protection_unhealthy_after: Duration,
+    /// What becomes of a FIFO message that fails its last try while later messages
+    /// of its group wait.
+    pub poison_head: PoisonHead,
 }
 
 impl WorkerSettings {
@@ -195,7 +228,37 @@ impl WorkerSettings {
             job_timeout: None,
             weights: BTreeMap::new(),
             unhealthy_after: UNHEALTHY_AFTER,
+            protection_unhealthy_after: PROTECTION_UNHEALTHY_AFTER,
+            poison_head: PoisonHead::DeadLetter,
         }
+    }
+
+    /// The longest a job can run, as far as the worker knows: `max_job`, or the job
+    /// timeout when it is shorter.
+    #[must_use]
+    pub fn job_bound(&self) -> Duration {
+        self.job_timeout
+            .map_or(self.max_job, |timeout| timeout.min(self.max_job))
+    }
+
+    /// Checks what the types alone do not: the weights name queues the worker works,
+    /// and a job of [`job_bound`](Self::job_bound) fits in a message's 12 h in flight
+    /// with the worker's margins (else no message could ever start).
+    ///
+    /// # Errors
+    /// The first setting that cannot work.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        self.check_weights()?;
+        let window = crate::heartbeat::MAX_IN_FLIGHT
+            .saturating_sub(crate::heartbeat::CAP_MARGIN)
+            .saturating_sub(crate::heartbeat::START_MARGIN);
+        if self.job_bound() >= window {
+            return Err(ConfigError::JobTooLong {
+                bound: self.job_bound(),
+                window,
+            });
+        }
+        Ok(())
     }
 
     /// The weight of the queue called `name` (`None`: `COPILOT_QUEUE_URI`'s).
@@ -244,6 +307,8 @@ impl Config {
             job_timeout: self.job_timeout_seconds.map(Duration::from_secs),
             weights: self.queue_weights.clone().unwrap_or_default().0,
             unhealthy_after: UNHEALTHY_AFTER,
+            protection_unhealthy_after: PROTECTION_UNHEALTHY_AFTER,
+            poison_head: self.fifo_poison_head,
         }
     }
 
@@ -281,6 +346,18 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A job may run longer than a message can stay in flight.
+    #[error(
+        "a job may run {}s (MAX_JOB_MS, JOB_TIMEOUT_SECONDS), but a message can be held at most {}s once the margins are kept",
+        bound.as_secs(),
+        window.as_secs()
+    )]
+    JobTooLong {
+        /// The longest job.
+        bound: Duration,
+        /// What a message's 12 h in flight leaves.
+        window: Duration,
+    },
     /// A weight for a queue the worker does not work.
     #[error("QUEUE_WEIGHTS names {name:?}, which is not one of the queues: {known}")]
     UnknownQueue {
@@ -302,21 +379,31 @@ pub fn parse_queue_weights(raw: &str) -> Result<QueueWeights, ConfigError> {
         reason,
     };
     let mut weights = BTreeMap::new();
-    for pair in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (name, weight) = pair
-            .split_once('=')
-            .ok_or_else(|| err(format!("{pair:?} is not name=weight")))?;
+    for entry in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, weight) = entry.split_once('=').ok_or_else(|| {
+            err(format!(
+                "the entry {entry:?} is not name=weight (entries are separated by commas)"
+            ))
+        })?;
+        let (name, weight) = (name.trim(), weight.trim());
+        if name.is_empty() {
+            return Err(err(format!("the entry {entry:?} names no queue")));
+        }
         let weight: u32 = weight
-            .trim()
             .parse()
             .ok()
             .filter(|w| (1..=MAX_WEIGHT).contains(w))
             .ok_or_else(|| {
+                let hint = if weight.contains(['=', ';', ' ']) {
+                    " (entries are separated by commas)"
+                } else {
+                    ""
+                };
                 err(format!(
-                    "the weight of {name:?} is not a whole number in 1..=100"
+                    "in the entry {entry:?}, the weight {weight:?} is not a whole number in 1..={MAX_WEIGHT}{hint}"
                 ))
             })?;
-        if weights.insert(name.trim().to_owned(), weight).is_some() {
+        if weights.insert(name.to_owned(), weight).is_some() {
             return Err(err(format!("{name:?} is named twice")));
         }
     }
@@ -435,10 +522,29 @@ mod tests {
         let w = parse_queue_weights("default=3, orders=1,").unwrap().0;
         assert_eq!(w.get("default"), Some(&3));
         assert_eq!(w.get("orders"), Some(&1));
-        for bad in ["default", "default=0", "default=101", "a=1,a=2", "x=y"] {
+        for bad in [
+            "default",
+            "default=0",
+            "default=101",
+            "a=1,a=2",
+            "x=y",
+            "=3",
+        ] {
             let e = parse_queue_weights(bad).unwrap_err().to_string();
             assert!(e.starts_with("QUEUE_WEIGHTS="), "{e}");
         }
+        // The bad entry is named, and the weight that is not one.
+        let e = parse_queue_weights("default=1;orders=2")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            r#"QUEUE_WEIGHTS="default=1;orders=2" is not valid: in the entry "default=1;orders=2", the weight "1;orders=2" is not a whole number in 1..=100 (entries are separated by commas)"#
+        );
+        let e = parse_queue_weights("default=2,orders=x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(r#"the entry "orders=x", the weight "x""#), "{e}");
         let mut s = WorkerSettings::new("http://localhost/1/q");
         s.topic_queues = vec![("orders".to_owned(), "http://localhost/1/o".to_owned())];
         s.weights = w;
@@ -451,6 +557,21 @@ mod tests {
             s.check_weights().unwrap_err().to_string(),
             "QUEUE_WEIGHTS names \"typo\", which is not one of the queues: default, orders"
         );
+    }
+
+    #[test]
+    fn a_job_bound_past_what_a_message_can_hold_is_refused() {
+        let mut s = WorkerSettings::new("http://localhost/1/q");
+        assert_eq!(s.check(), Ok(()));
+        s.max_job = Duration::from_millis(MAX_JOB_MS_LIMIT);
+        s.job_timeout = Some(Duration::from_secs(MAX_JOB_TIMEOUT_SECONDS));
+        assert_eq!(s.check(), Ok(()), "the command line's limits fit");
+        s.max_job = Duration::from_secs(12 * 3600);
+        assert_eq!(s.check(), Ok(()), "the job timeout bounds the job");
+        assert_eq!(s.job_bound(), Duration::from_secs(MAX_JOB_TIMEOUT_SECONDS));
+        s.job_timeout = None;
+        let e = s.check().unwrap_err().to_string();
+        assert!(e.starts_with("a job may run 43200s"), "{e}");
     }
 
     #[test]

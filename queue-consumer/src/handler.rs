@@ -53,6 +53,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::queue::Attribute;
 use crate::queue::SqsError;
 
 /// Where a message came from.
@@ -74,54 +75,6 @@ impl fmt::Display for Source {
             (Some(topic), _) => write!(f, "{topic}"),
             (None, Some(name)) => write!(f, "{name}"),
             (None, None) => write!(f, "{}", self.queue_url),
-        }
-    }
-}
-
-/// One message attribute: SQS's (or, from an SNS envelope, SNS's) data type and
-/// value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Attribute {
-    /// A `String` or `Number` attribute (or a custom type such as `Number.float`).
-    Text {
-        /// The data type, as sent.
-        data_type: String,
-        /// The value.
-        value: String,
-    },
-    /// A `Binary` attribute (or a custom type such as `Binary.png`).
-    Binary {
-        /// The data type, as sent.
-        data_type: String,
-        /// The bytes.
-        value: Vec<u8>,
-    },
-}
-
-impl Attribute {
-    /// The value of a `String` or `Number` attribute.
-    #[must_use]
-    pub fn as_str(&self) -> Option<&str> {
-        match self {
-            Self::Text { value, .. } => Some(value),
-            Self::Binary { .. } => None,
-        }
-    }
-
-    /// The bytes of the value: the text's for a `String` or `Number`.
-    #[must_use]
-    pub fn as_bytes(&self) -> &[u8] {
-        match self {
-            Self::Text { value, .. } => value.as_bytes(),
-            Self::Binary { value, .. } => value,
-        }
-    }
-
-    /// The data type, such as `String`, `Number.int` or `Binary`.
-    #[must_use]
-    pub fn data_type(&self) -> &str {
-        match self {
-            Self::Text { data_type, .. } | Self::Binary { data_type, .. } => data_type,
         }
     }
 }
@@ -158,9 +111,10 @@ pub struct Job {
     pub group_id: Option<String>,
     /// The deduplication id of a FIFO queue.
     pub deduplication_id: Option<String>,
-    /// Cancelled when the worker no longer holds the message: its receipt handle
-    /// became invalid, or its visibility could not be extended and has run out.
-    /// Another worker may then be doing the same job; stop if that matters.
+    /// Cancelled the moment the worker no longer holds the message: its visibility
+    /// has run out without a confirmed extension (SQS failing, the extension denied,
+    /// SQS's 12 h limit), or its receipt handle became invalid. Another worker may
+    /// receive it from then on, not before; stop if that matters.
     pub lost: CancellationToken,
     /// Cancelled when the worker is asked to stop (SIGTERM): the job has the shutdown
     /// grace period left. A job that stops early can return

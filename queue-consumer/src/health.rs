@@ -3,11 +3,15 @@
 //! distroless image has no shell and no curl).
 //!
 //! The rule: the worker is healthy unless, on some queue, every receive has failed
-//! for more than `HEALTH_FAILURE_SECONDS` since the first failure (a receive that
-//! gets no answer fails when its time limit passes: its wait plus 5 s), or the last
-//! receive failed in a way retrying cannot fix (the worker is then about to exit).
-//! Receiving paused on purpose is healthy: all slots busy, a message waiting for
-//! protection, the task leaving its service, an idle queue. A restart fixes none of
+//! for more than [`UNHEALTHY_AFTER`](crate::config::UNHEALTHY_AFTER) since the first
+//! failure (a receive that gets no answer fails when its time limit passes: its wait
+//! plus 5 s), or the last receive failed in a way retrying cannot fix (the worker is
+//! then about to exit), or a message has waited for task protection for more than
+//! [`PROTECTION_UNHEALTHY_AFTER`](crate::config::PROTECTION_UNHEALTHY_AFTER): the
+//! agent unreachable (a wrong `ECS_AGENT_URI`) or ECS failing, the worker receives
+//! nothing and keeps that message, so ECS should replace the task. Receiving paused
+//! on purpose is healthy: all slots busy, a message waiting for protection for less
+//! than that, the task leaving its service, an idle queue. A restart fixes none of
 //! those, and ECS replaces an unhealthy task.
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -31,6 +35,10 @@ pub struct Health {
     /// How long receives may fail in a row before the worker is unhealthy.
     failing_for: Duration,
     queues: Mutex<Vec<QueueHealth>>,
+    /// How long a message may wait for protection before the worker is unhealthy.
+    protection_for: Duration,
+    /// Since when a message has waited for protection that failed, and why.
+    protection: Mutex<Option<(Instant, String)>>,
 }
 
 #[derive(Debug, Clone)]
@@ -42,13 +50,34 @@ struct QueueHealth {
 }
 
 impl Health {
-    /// Healthy until receives fail for longer than `failing_for`.
+    /// Healthy until receives fail for longer than `failing_for`, or a message waits
+    /// for protection for longer than `protection_for`.
     #[must_use]
-    pub fn new(failing_for: Duration) -> Self {
+    pub fn new(failing_for: Duration, protection_for: Duration) -> Self {
         Self {
             failing_for,
             queues: Mutex::default(),
+            protection_for,
+            protection: Mutex::default(),
         }
+    }
+
+    fn protection(&self) -> std::sync::MutexGuard<'_, Option<(Instant, String)>> {
+        self.protection
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A message waiting for protection since `since` has not got it yet: `why`.
+    pub(crate) fn waiting_for_protection(&self, since: Instant, why: String) {
+        let mut p = self.protection();
+        let since = p.as_ref().map_or(since, |(s, _)| since.min(*s));
+        *p = Some((since, why));
+    }
+
+    /// Protection was confirmed, or no message waits for it any more.
+    pub(crate) fn not_waiting_for_protection(&self) {
+        self.protection().take();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<QueueHealth>> {
@@ -100,6 +129,15 @@ impl Health {
                     "receiving from {} has failed for {}s: {e}",
                     q.url,
                     failing.as_secs()
+                ));
+            }
+        }
+        if let Some((since, why)) = self.protection().as_ref() {
+            let waited = since.elapsed();
+            if waited > self.protection_for {
+                return Err(format!(
+                    "a message has waited {}s for task protection: {why}",
+                    waited.as_secs()
                 ));
             }
         }
@@ -215,7 +253,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn failures_that_pass_are_healthy_for_a_while() {
-        let h = Health::new(Duration::from_secs(60));
+        let h = Health::new(Duration::from_secs(60), Duration::from_secs(300));
         h.watch("q1");
         h.watch("q2");
         assert_eq!(h.check(), Ok(()));
@@ -235,7 +273,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failure_that_will_not_pass_is_unhealthy_at_once() {
-        let h = Health::new(Duration::from_secs(60));
+        let h = Health::new(Duration::from_secs(60), Duration::from_secs(300));
         h.watch("q1");
         h.received(0, Err(&error(ErrorKind::Denied)));
         assert!(
@@ -245,9 +283,28 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_message_waiting_too_long_for_protection_is_unhealthy() {
+        let h = Health::new(Duration::from_secs(60), Duration::from_secs(300));
+        h.watch("q1");
+        let t0 = Instant::now();
+        h.waiting_for_protection(t0, "no answer from the agent".to_owned());
+        tokio::time::advance(Duration::from_secs(299)).await;
+        // A later message's wait does not reset the first one's.
+        h.waiting_for_protection(Instant::now(), "still no answer".to_owned());
+        assert_eq!(h.check(), Ok(()));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(
+            h.check(),
+            Err("a message has waited 301s for task protection: still no answer".to_owned())
+        );
+        h.not_waiting_for_protection();
+        assert_eq!(h.check(), Ok(()));
+    }
+
     #[tokio::test]
     async fn the_endpoint_and_its_client_agree() {
-        let health = Arc::new(Health::new(Duration::ZERO));
+        let health = Arc::new(Health::new(Duration::ZERO, Duration::ZERO));
         health.watch("q1");
         let listener = listen(0).await.unwrap();
         let port = listener.local_addr().unwrap().port();

@@ -19,9 +19,14 @@
 //! its way, and [`Keeper::take_in_flight`] hands its answer to the settle, which sends
 //! a hand-back again if that extension may have landed after it.
 //!
-//! When the heartbeat stops for good (the handle is no longer valid, the task role may
-//! not extend, the 12 h limit), the keeper says so once and cancels [`Keeper::lost`]
-//! when the message may be received by another worker.
+//! The keeper counts the visibility from no later than when SQS hid the message
+//! ([`Message::hidden_at`]) and from the sending of each extension SQS confirmed, so
+//! it never believes it holds the message longer than it does. The moment that
+//! visibility runs out without a confirmed extension (extensions failing, denied,
+//! or past the 12 h limit), it cancels [`Keeper::lost`] and the message is no longer
+//! held, whatever SQS answers later: another worker may receive it from then on. A
+//! receipt handle that no longer works loses the message at once. Either way the
+//! keeper says so once.
 //!
 //! [`Job::extend_visibility`]: crate::handler::Job::extend_visibility
 
@@ -32,15 +37,19 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::batcher::{Answer, Call, SettleQueue};
 use crate::handler::{ExtendError, ExtendRequest, Visibility};
 use crate::queue::{ErrorKind, Message, SqsError};
-use crate::settle::{Answer, Call, SettleQueue};
 
 /// SQS's limit on a message's time in flight.
 pub const MAX_IN_FLIGHT: Duration = Duration::from_secs(12 * 60 * 60);
 /// Kept back from the 12 h limit: SQS starts counting when it sends the message,
 /// a little before the worker sees it.
 pub const CAP_MARGIN: Duration = Duration::from_secs(60);
+/// Kept free of a message's 12 h in flight after its job's longest run: the time its
+/// delete takes, with a few tries. A job starts only if what is left of the 12 h
+/// holds its longest run and this.
+pub const START_MARGIN: Duration = Duration::from_secs(60);
 /// Least wait before retrying a failed extension.
 const MIN_RETRY: Duration = Duration::from_millis(200);
 
@@ -115,6 +124,13 @@ impl Heartbeat {
         }
     }
 
+    /// Whether the visibility has run out at `now`: the message may be with another
+    /// worker from then on.
+    #[must_use]
+    pub fn lapsed(&self, now: Instant) -> bool {
+        now >= self.lapses_at
+    }
+
     /// An extension to `timeout`, sent at `sent_at`, succeeded.
     pub fn extended(&mut self, sent_at: Instant, timeout: Duration) {
         self.lapses_at = sent_at + timeout;
@@ -166,6 +182,8 @@ pub(crate) struct Keeper {
     hold: Hold,
     /// Failed extensions in a row, so a failing SQS is reported once, not per retry.
     failures: u32,
+    /// Why the last extension failed, for the line that says the message is lost.
+    last_error: Option<SqsError>,
     /// Cancelled once the message may be received by another worker.
     pub(crate) lost: CancellationToken,
     in_flight: Option<Extension>,
@@ -183,9 +201,10 @@ impl Keeper {
             settle,
             id: message.id.clone(),
             handle: message.receipt_handle.clone(),
-            heartbeat: Heartbeat::new(message.received_at, visibility),
+            heartbeat: Heartbeat::new(message.hidden_at, visibility),
             hold: Hold::Kept,
             failures: 0,
+            last_error: None,
             lost: CancellationToken::new(),
             in_flight: None,
             requests,
@@ -217,9 +236,15 @@ impl Keeper {
         }
     }
 
-    /// Whether the message may already be with another worker.
+    /// Whether the message may already be with another worker: it was lost, or its
+    /// visibility has run out (even before the keeper has said so).
     pub(crate) fn is_lost(&self) -> bool {
-        self.hold == Hold::Lost
+        self.hold == Hold::Lost || self.heartbeat.lapsed(Instant::now())
+    }
+
+    /// What is left of the 12 h SQS allows the message in flight, less the margin.
+    pub(crate) fn window_left(&self) -> Duration {
+        self.heartbeat.cap_at(Instant::now())
     }
 
     /// The answer of the extension on its way, if any: the caller now owns it.
@@ -237,45 +262,65 @@ impl Keeper {
         after.min(self.heartbeat.cap_at(Instant::now()))
     }
 
+    /// When to wake next: for the next extension (unless one is on its way), and in
+    /// any case when the visibility runs out.
     fn wake_at(&self) -> Option<Instant> {
-        if self.in_flight.is_some() {
-            return None;
-        }
+        let lapse = self.heartbeat.lapses_at();
         match self.hold {
+            Hold::Lost => None,
+            Hold::Ending { at } => Some(at.min(lapse)),
+            Hold::Kept if self.in_flight.is_some() => Some(lapse),
             Hold::Kept => Some(match self.heartbeat.next() {
-                Beat::Extend { at } => at,
+                Beat::Extend { at } => at.min(lapse),
                 Beat::CapReached { lapses_at } => lapses_at,
             }),
-            Hold::Ending { at } => Some(at),
-            Hold::Lost => None,
         }
     }
 
     fn step(&mut self) {
-        match (self.hold, self.heartbeat.next()) {
-            (Hold::Ending { .. }, _) => self.lose(),
-            (Hold::Kept, Beat::CapReached { lapses_at }) => {
-                let id = &self.id;
-                tracing::warn!(
-                    message_id = %id,
-                    "{id} - Cannot extend visibility past SQS's 12 h limit; it may be delivered again now"
-                );
-                self.hold = Hold::Ending { at: lapses_at };
-                self.lose();
-            }
-            (Hold::Kept, Beat::Extend { .. }) => {
-                let now = Instant::now();
-                match self.heartbeat.timeout_at(now) {
-                    Some(timeout) => self.send(now, timeout, None),
-                    None => {
-                        self.hold = Hold::Ending {
-                            at: self.heartbeat.lapses_at(),
-                        };
-                    }
+        let now = Instant::now();
+        if self.hold == Hold::Lost {
+            return;
+        }
+        if self.heartbeat.lapsed(now) {
+            self.lapse();
+            return;
+        }
+        if let (Hold::Kept, Beat::Extend { .. }) = (self.hold, self.heartbeat.next())
+            && self.in_flight.is_none()
+        {
+            match self.heartbeat.timeout_at(now) {
+                Some(timeout) => self.send(now, timeout, None),
+                None => {
+                    self.hold = Hold::Ending {
+                        at: self.heartbeat.lapses_at(),
+                    };
                 }
             }
-            (Hold::Lost, _) => {}
         }
+    }
+
+    /// The visibility has run out without a confirmed extension: the message may go
+    /// to another worker now, whatever SQS answers later.
+    fn lapse(&mut self) {
+        let id = &self.id;
+        if matches!(self.heartbeat.next(), Beat::CapReached { .. }) {
+            tracing::warn!(
+                message_id = %id,
+                "{id} - Cannot extend visibility past SQS's 12 h limit; it may be delivered again now"
+            );
+        } else if let Some(e) = &self.last_error {
+            tracing::warn!(
+                message_id = %id,
+                "{id} - No longer held: its visibility ran out without a confirmed extension (the last try: {e}); another worker may receive it now"
+            );
+        } else {
+            tracing::warn!(
+                message_id = %id,
+                "{id} - No longer held: its visibility ran out; another worker may receive it now"
+            );
+        }
+        self.lose();
     }
 
     /// Sends the job's next request, when no extension is on its way.
@@ -289,11 +334,11 @@ impl Keeper {
         let Some((timeout, asker)) = self.asked.pop_front() else {
             return;
         };
-        if self.hold != Hold::Kept {
+        let now = Instant::now();
+        if self.hold != Hold::Kept || self.heartbeat.lapsed(now) {
             let _ = asker.send(Err(ExtendError::NotHeld));
             return;
         }
-        let now = Instant::now();
         let timeout = timeout
             .min(self.heartbeat.cap_at(now))
             .max(Duration::from_secs(1));
@@ -327,6 +372,18 @@ impl Keeper {
         let Some(e) = self.in_flight.take() else {
             return;
         };
+        // Lost already, or answered only after the visibility ran out: SQS may have
+        // applied it after another worker received the message. Either way the
+        // message is no longer held.
+        if self.hold == Hold::Lost || self.heartbeat.lapsed(Instant::now()) {
+            if self.hold != Hold::Lost {
+                self.lapse();
+            }
+            if let Some(asker) = e.asker {
+                let _ = asker.send(Err(ExtendError::NotHeld));
+            }
+            return;
+        }
         let id = &self.id;
         let reply = match answer {
             // Not sent: the worker is exiting.
@@ -338,6 +395,7 @@ impl Keeper {
                 tracing::debug!(message_id = %id, "{id} - Visibility extended by {}s", e.timeout.as_secs());
                 self.heartbeat.extended(e.sent_at, e.timeout);
                 self.failures = 0;
+                self.last_error = None;
                 Ok(e.timeout)
             }
             Ok(Err(error)) if error.kind.may_pass() => {
@@ -348,11 +406,12 @@ impl Keeper {
                         .saturating_duration_since(Instant::now());
                     tracing::warn!(
                         message_id = %id,
-                        "{id} - Extending visibility failed, retrying until it works ({}s of visibility left): {error}",
+                        "{id} - Extending visibility failed, retrying while {}s of visibility are left: {error}",
                         left.as_secs()
                     );
                 }
                 self.failures += 1;
+                self.last_error = Some(error.clone());
                 self.heartbeat.failed(Instant::now());
                 Err(ExtendError::Sqs(error))
             }
@@ -381,6 +440,7 @@ impl Keeper {
                 left.as_secs()
             );
             self.hold = Hold::Ending { at };
+            self.last_error = Some(e.clone());
         } else {
             tracing::warn!(
                 message_id = %id,

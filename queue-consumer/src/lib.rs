@@ -14,29 +14,43 @@
 //! and the shutdown signal; tests can call [`run`] (or [`Worker::run`]) with
 //! handlers and signals of their own.
 //!
-//! - [`config`]: settings, from flags or environment variables;
-//! - [`handler`]: the [`Handler`] and [`BatchHandler`] traits, the [`handler::Job`]
-//!   they are given, and SNS envelopes;
-//! - [`worker`]: receiving, leaving the service, shutdown;
-//! - `shares`: how the queues share the slots;
-//! - `in_flight`: one message from receipt to settle, protection and job included;
-//! - `batch`: one call of a batch handler;
-//! - [`heartbeat`]: keeping a held message invisible;
-//! - `settle`: batched deletes, visibility changes and extensions;
-//! - [`queue`]: the SQS calls, their time limits, and what their errors mean;
-//! - [`health`]: `/healthz` and the `healthcheck` subcommand;
-//! - [`signals`]: SIGTERM and ctrl-c, the first and any later.
+//! A message flows top-down through the modules, each using only those below it:
+//!
+//! - [`worker`]: the phases of a run: receiving, leaving the service, shutdown;
+//! - `receive`: one long-poll loop per queue, within its share of the slots
+//!   (`shares`);
+//! - `dispatch`: each message of a receive on its own task; a FIFO group's messages
+//!   as a chain, one after the other;
+//! - `run`: a message's slot, its protection (`protect`) and its job (`job`, and
+//!   `batch` for a batch handler), run again in place while a FIFO group waits;
+//! - `settle`: what becomes of the message (deleted, handed back, retried later, or
+//!   moved to the dead-letter queue by `dead_letter`), and the calls that do it;
+//! - [`heartbeat`]: keeping a held message invisible, and saying when it is not;
+//! - `batcher`: the batched SQS calls of one queue;
+//! - [`queue`]: the SQS calls, their time limits, and what their errors mean.
+//!
+//! Beside them: [`config`] (settings, from flags or environment variables),
+//! [`handler`] (the [`Handler`] and [`BatchHandler`] traits, the [`handler::Job`]
+//! they are given, SNS envelopes), `context` (what a running worker shares),
+//! [`health`] (`/healthz` and the `healthcheck` subcommand) and [`signals`].
 
 pub mod backoff;
 mod batch;
+mod batcher;
 pub mod config;
+mod context;
+mod dead_letter;
+mod dispatch;
 pub mod handler;
 pub mod health;
 pub mod heartbeat;
-mod in_flight;
+mod job;
 pub mod metrics;
 mod panics;
+mod protect;
 pub mod queue;
+mod receive;
+mod run;
 mod settle;
 mod shares;
 pub mod signals;
@@ -55,9 +69,12 @@ pub use config::{Config, WorkerSettings};
 pub use handler::{
     BatchHandler, BatchResponse, Handler, Job, Verdict, batch_handler_fn, handler_fn,
 };
-pub use in_flight::{FIFO_ATTEMPTS, PROTECTED_SETTLE};
+pub use heartbeat::START_MARGIN;
 pub use queue::Queue;
-pub use worker::{Outcome, Worker};
+pub use receive::{PERMANENT_RECEIVE_TRIES, POLL_DRAIN, RECEIVE_GATHER};
+pub use run::FIFO_ATTEMPTS;
+pub use settle::PROTECTED_SETTLE;
+pub use worker::{Outcome, ReceiveFailure, Worker};
 
 /// The worker could not start: a configuration problem, reported with exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +145,7 @@ async fn start(
     worker: impl FnOnce(Queue, TaskProtection, WorkerSettings) -> Worker,
 ) -> Result<Outcome, StartError> {
     let settings = config.worker_settings();
-    settings.check_weights()?;
+    settings.check()?;
     let protection_settings = config.protection.settings()?;
     let client = sqs_client(&settings.queue_url, config.queue_region.as_deref()).await?;
     let health = match config.health_port() {
@@ -159,7 +176,9 @@ async fn start(
         worker = worker.with_queue(name, Queue::new(client.clone(), url));
     }
     if drain.is_on() {
-        worker = worker.with_membership(drain.subscribe());
+        worker = worker
+            .with_membership(drain.subscribe())
+            .followed_while(drain.on_changes());
     }
     if let Some(listener) = health {
         let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();

@@ -14,6 +14,9 @@ pub const JOBS_TIMED_OUT: &str = "JobsTimedOut";
 pub const JOBS_HANDED_BACK: &str = "JobsHandedBack";
 /// Counter: messages the handler refused as bad input, left for the dead-letter queue.
 pub const BAD_BODIES: &str = "BadBodies";
+/// Counter: FIFO messages that used up their tries while later messages of their
+/// group waited, moved to the dead-letter queue alone by the worker.
+pub const JOBS_DEAD_LETTERED: &str = "JobsDeadLettered";
 /// Counter: SQS calls that failed (or single entries of a batch call).
 pub const SQS_ERRORS: &str = "SqsErrors";
 /// Gauge: messages held by the worker, from receipt until settled.
@@ -42,6 +45,7 @@ pub(crate) fn describe() {
         JOBS_TIMED_OUT,
         JOBS_HANDED_BACK,
         BAD_BODIES,
+        JOBS_DEAD_LETTERED,
         SQS_ERRORS,
     ] {
         counter!(name).increment(0);

@@ -1,321 +1,358 @@
-//! The batched calls of one queue: deleting the messages whose job is done, and
-//! setting the visibility of messages handed back, retried later or kept (the
-//! heartbeat's extensions).
-//!
-//! SQS bills and rate-limits per request, and a batch call takes up to ten entries,
-//! so requests that come together go out together:
-//!
-//! - a delete or hand-back waits (at most [`LINGER`]) for the other jobs of its
-//!   *cohort*, the messages of the same receive, which were started together and tend
-//!   to end together; it never waits for a job of another receive, such as a long
-//!   job that started earlier;
-//! - an extension waits [`EXTEND_LINGER`] for the extensions of the messages received
-//!   with it, which fall due at the same moment: one call keeps a whole receive
-//!   invisible;
-//! - a batch goes out as soon as it is full, or nothing it holds can be joined.
-//!
-//! Each batch call runs on its own, so a slow or failing call holds back no other
-//! message; each entry's result goes back to the message's own task, which decides
-//! whether to try again (single entries can fail inside an HTTP 200).
-//!
-//! A visibility change replaces an extension of the same message that has not been
-//! sent yet (its requester sees its reply dropped): an extension sent after a
-//! hand-back would make the message invisible again.
+//! Settling a message whose job has ended: deciding what becomes of it (deleted,
+//! handed back, retried later), and the calls that do it, tried again while they may
+//! work.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use task_protection::ProtectionGuard;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use crate::queue::{MAX_BATCH, Queue, SqsError};
+use crate::backoff::{Backoff, redelivery_delay};
+use crate::batcher::{Answer, Call};
+use crate::context::Shared;
+use crate::handler::Verdict;
+use crate::heartbeat::Keeper;
+use crate::job::{Ended, why};
+use crate::metrics;
+use crate::queue::{ErrorKind, Message};
 
-/// How long a settled message may wait for the rest of its cohort to share its call.
-pub(crate) const LINGER: Duration = Duration::from_millis(50);
-/// How long an extension waits for the extensions due with it.
-pub(crate) const EXTEND_LINGER: Duration = Duration::from_millis(20);
+/// How long a message whose settle keeps failing keeps the task protected. Its job
+/// has ended, so a stop now costs at most a second run of it, while protection held
+/// through a long SQS outage would block scale-in and deployments all along.
+pub const PROTECTED_SETTLE: Duration = Duration::from_secs(60);
 
 /// What to do with a message whose job has ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Action {
     /// The job is done: delete it.
     Delete,
+    /// It has used up its tries, and later messages of its FIFO group wait: move it to
+    /// the dead-letter queue alone (a copy sent there, then [`Moved`](Self::Moved)).
+    DeadLetter,
+    /// Its copy is in the dead-letter queue: delete it.
+    Moved,
     /// Hand it back at once (visibility 0), for another worker.
     HandBack,
     /// Let SQS deliver it again after this long.
     RetryAfter(Duration),
 }
 
-/// The answer to one entry: `Ok` when SQS applied it.
-pub(crate) type Answer = Result<(), SqsError>;
-
-/// One call for one message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Call {
-    /// `DeleteMessageBatch`.
-    Delete,
-    /// `ChangeMessageVisibilityBatch` to this many seconds; `extension` when it keeps
-    /// the message rather than letting it go.
-    Visibility { secs: i32, extension: bool },
-}
-
-/// One entry to send; the answer comes back on `reply`.
-#[derive(Debug)]
-struct Request {
-    receipt_handle: String,
-    call: Call,
-    /// The jobs received with the message: a batch waits for them to end.
-    cohort: Option<TaskTracker>,
-    reply: oneshot::Sender<Answer>,
-}
-
-impl Request {
-    fn is_extension(&self) -> bool {
-        matches!(
-            self.call,
-            Call::Visibility {
-                extension: true,
-                ..
-            }
-        )
-    }
-
-    fn waits_for_jobs(&self) -> bool {
-        self.cohort.as_ref().is_some_and(|c| !c.is_empty())
-    }
-}
-
-/// The sending side: message tasks submit here.
-#[derive(Debug, Clone)]
-pub(crate) struct SettleQueue {
-    tx: mpsc::UnboundedSender<Request>,
-}
-
-impl SettleQueue {
-    /// Submits `call` for the message `receipt_handle`; the answer arrives on the
-    /// returned receiver. A dropped answer means it was never sent: replaced by a
-    /// later change, or the worker is exiting.
-    pub(crate) fn submit(
-        &self,
-        receipt_handle: &str,
-        call: Call,
-        cohort: Option<&TaskTracker>,
-    ) -> oneshot::Receiver<Answer> {
-        let (reply, rx) = oneshot::channel();
-        let _ = self.tx.send(Request {
-            receipt_handle: receipt_handle.to_owned(),
-            call,
-            cohort: cohort.cloned(),
-            reply,
-        });
-        rx
-    }
-}
-
-/// Gathers requests into batches until every sender is gone.
-#[derive(Debug)]
-pub(crate) struct Settler {
-    queue: Queue,
-    rx: mpsc::UnboundedReceiver<Request>,
-    calls: TaskTracker,
-}
-
-/// Requests waiting to go out, by call.
-#[derive(Debug, Default)]
-struct Pending {
-    deletes: Vec<Request>,
-    changes: Vec<Request>,
-}
-
-impl Pending {
-    fn push(&mut self, r: Request) {
-        match r.call {
-            Call::Delete => self.deletes.push(r),
-            Call::Visibility { extension, .. } => {
-                if !extension {
-                    // An extension not yet sent must not follow the change: drop it.
-                    self.changes
-                        .retain(|p| !(p.is_extension() && p.receipt_handle == r.receipt_handle));
-                }
-                self.changes.push(r);
-            }
-        }
-    }
-
-    fn full(&self) -> bool {
-        self.deletes.len() >= MAX_BATCH || self.changes.len() >= MAX_BATCH
-    }
-
-    /// Until when the batch may wait for more; `None`: send it now.
-    fn linger_until(&self, first_at: Instant) -> Option<Instant> {
-        let all = || self.deletes.iter().chain(&self.changes);
-        if all().any(Request::waits_for_jobs) {
-            Some(first_at + LINGER)
-        } else if self.changes.iter().any(Request::is_extension) {
-            Some(first_at + EXTEND_LINGER)
-        } else {
-            None
-        }
-    }
-}
-
-impl Settler {
-    pub(crate) fn new(queue: Queue) -> (Self, SettleQueue) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (
-            Self {
-                queue,
-                rx,
-                calls: TaskTracker::new(),
-            },
-            SettleQueue { tx },
-        )
-    }
-
-    pub(crate) async fn run(mut self) {
-        let mut pending = Pending::default();
-        let mut open = true;
-        while open {
-            match self.rx.recv().await {
-                Some(r) => pending.push(r),
-                None => break,
-            }
-            let first_at = Instant::now();
-            loop {
-                while let Ok(r) = self.rx.try_recv() {
-                    pending.push(r);
-                }
-                if pending.full() {
-                    break;
-                }
-                let Some(until) = pending.linger_until(first_at) else {
-                    break;
-                };
-                tokio::select! {
-                    r = self.rx.recv() => match r {
-                        Some(r) => pending.push(r),
-                        None => { open = false; break; }
-                    },
-                    () = tokio::time::sleep_until(until) => break,
-                }
-            }
-            self.flush(&mut pending);
-        }
-        self.flush(&mut pending);
-        self.calls.close();
-        self.calls.wait().await;
-    }
-
-    fn flush(&self, pending: &mut Pending) {
-        while !pending.deletes.is_empty() {
-            let n = pending.deletes.len().min(MAX_BATCH);
-            self.send(pending.deletes.drain(..n).collect());
-        }
-        while !pending.changes.is_empty() {
-            let n = pending.changes.len().min(MAX_BATCH);
-            self.send(pending.changes.drain(..n).collect());
-        }
-    }
-
-    /// Makes one batch call on its own task and answers each request.
-    fn send(&self, batch: Vec<Request>) {
-        let queue = self.queue.clone();
-        self.calls.spawn(async move {
-            let deleting = batch.first().is_some_and(|r| r.call == Call::Delete);
-            let (operation, result) = if deleting {
-                let handles: Vec<&str> = batch.iter().map(|r| r.receipt_handle.as_str()).collect();
-                ("DeleteMessageBatch", queue.delete_batch(&handles).await)
-            } else {
-                let entries: Vec<(&str, i32)> = batch
-                    .iter()
-                    .map(|r| {
-                        let secs = match r.call {
-                            Call::Visibility { secs, .. } => secs,
-                            Call::Delete => 0,
-                        };
-                        (r.receipt_handle.as_str(), secs)
-                    })
-                    .collect();
-                (
-                    "ChangeMessageVisibilityBatch",
-                    queue.change_visibility_batch(&entries).await,
-                )
-            };
-            if let Ok(failures) = &result {
-                for _ in failures {
-                    crate::metrics::count(crate::metrics::SQS_ERRORS);
-                }
-            }
-            for (i, request) in batch.into_iter().enumerate() {
-                let answer = match &result {
-                    Ok(failures) => failures
-                        .iter()
-                        .find(|f| f.index == i)
-                        .map_or(Ok(()), |f| Err(f.to_error(operation))),
-                    Err(e) => Err(e.clone()),
-                };
-                let _ = request.reply.send(answer);
-            }
-        });
+impl Action {
+    /// Whether it deletes the message.
+    fn deletes(self) -> bool {
+        matches!(self, Self::Delete | Self::Moved)
     }
 }
 
 /// The visibility, in whole seconds, a settle action asks for.
 pub(crate) fn visibility_secs(action: Action) -> i32 {
     match action {
-        Action::Delete | Action::HandBack => 0,
+        Action::Delete | Action::DeadLetter | Action::Moved | Action::HandBack => 0,
         Action::RetryAfter(d) => i32::try_from(d.as_secs()).unwrap_or(i32::MAX),
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn request(handle: &str, call: Call, cohort: Option<TaskTracker>) -> Request {
-        Request {
-            receipt_handle: handle.to_owned(),
-            call,
-            cohort,
-            reply: oneshot::channel().0,
+/// What follows the job's end: log it and choose the settle.
+///
+/// `poison`: the message has used up its tries (or can never work) while later
+/// messages of its FIFO group wait; it goes to the dead-letter queue alone.
+pub(crate) fn decide(
+    shared: &Shared,
+    message: &Message,
+    keeper: &Keeper,
+    ended: Ended,
+    poison: bool,
+) -> Action {
+    let id = &message.id;
+    if poison && !matches!(ended, Ended::Verdict(Verdict::Done)) {
+        if matches!(ended, Ended::Verdict(Verdict::BadInput(_))) {
+            shared.stats.bad.fetch_add(1, Ordering::Relaxed);
+            metrics::count(metrics::BAD_BODIES);
+        } else {
+            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+            metrics::count(metrics::JOBS_FAILED);
+        }
+        tracing::error!(
+            message_id = %id,
+            receive_count = message.receive_count,
+            "{id} - Failed: {}; its last try: moving it to the dead-letter queue, alone",
+            why(&ended)
+        );
+        return Action::DeadLetter;
+    }
+    match ended {
+        Ended::Verdict(Verdict::Done) => {
+            // Logged before the delete is sent: the group (and the log) moves on now.
+            tracing::info!(message_id = %id, "{id} - Done");
+            Action::Delete
+        }
+        Ended::Verdict(Verdict::RetryAfter(after)) if after.is_zero() => Action::HandBack,
+        Ended::Verdict(Verdict::RetryAfter(after)) => {
+            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+            metrics::count(metrics::JOBS_FAILED);
+            let after = keeper.retry_after(after);
+            tracing::warn!(message_id = %id, "{id} - Retry asked for; visible again in {}s", after.as_secs());
+            Action::RetryAfter(after)
+        }
+        Ended::Verdict(Verdict::BadInput(reason)) => {
+            // Retrying cannot fix bad input. Leaving it invisible for longer each time
+            // lets the queue's redrive policy move it to the dead-letter queue after
+            // `maxReceiveCount` deliveries, without a hot loop meanwhile.
+            shared.stats.bad.fetch_add(1, Ordering::Relaxed);
+            metrics::count(metrics::BAD_BODIES);
+            let delay = keeper.retry_after(redelivery_delay(message.receive_count));
+            tracing::error!(
+                message_id = %id,
+                receive_count = message.receive_count,
+                "{id} - Rejected: {reason}; not deleted, visible again in {}s",
+                delay.as_secs()
+            );
+            Action::RetryAfter(delay)
+        }
+        Ended::Skipped => {
+            tracing::info!(message_id = %id, "{id} - Not done: an earlier message of its group failed; handing it back");
+            Action::HandBack
+        }
+        ended => {
+            if matches!(ended, Ended::TimedOut(_)) {
+                metrics::count(metrics::JOBS_TIMED_OUT);
+            }
+            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+            metrics::count(metrics::JOBS_FAILED);
+            let delay = keeper.retry_after(redelivery_delay(message.receive_count));
+            tracing::error!(
+                message_id = %id,
+                "{id} - Failed: {}; visible again in {}s",
+                why(&ended),
+                delay.as_secs()
+            );
+            Action::RetryAfter(delay)
         }
     }
+}
 
-    const EXTEND: Call = Call::Visibility {
-        secs: 30,
-        extension: true,
+/// Deletes the message or sets its visibility, trying again while that may work.
+///
+/// During a delete the heartbeat goes on, even between tries, so a failing delete
+/// never lets the message lapse and its job run again elsewhere. A visibility change
+/// stops the heartbeat and is sent at once, even with an extension on its way: if
+/// that extension may have landed after it, the change is sent again. The protection
+/// `guard` is dropped [`PROTECTED_SETTLE`] after the first try, to the second, however
+/// the tries go.
+///
+/// A delete is tried on even once the message is no longer held (its visibility ran
+/// out while SQS failed): the job is done, and a delete that lands before another
+/// worker receives the message spares it a second run. A hand-back is not: there is
+/// nothing left to give back.
+pub(crate) async fn settle(
+    shared: &Shared,
+    lane: usize,
+    keeper: &mut Keeper,
+    message: &Message,
+    action: Action,
+    guard: &mut Option<ProtectionGuard>,
+    cohort: &TaskTracker,
+) {
+    let id = &message.id;
+    let what = if action.deletes() {
+        "Delete"
+    } else {
+        "Hand-back"
     };
-    const HAND_BACK: Call = Call::Visibility {
-        secs: 0,
-        extension: false,
+    let protect_until = Instant::now() + PROTECTED_SETTLE;
+    let call = if action.deletes() {
+        Call::Delete
+    } else {
+        Call::Visibility {
+            secs: visibility_secs(action),
+            extension: false,
+        }
     };
-
-    #[tokio::test(start_paused = true)]
-    async fn a_batch_waits_only_for_its_own_cohort() {
-        let t0 = Instant::now();
-        let cohort = TaskTracker::new();
-        let running = cohort.token();
-        let mut p = Pending::default();
-        p.push(request("a", Call::Delete, Some(cohort.clone())));
-        assert_eq!(p.linger_until(t0), Some(t0 + LINGER));
-        drop(running);
-        // Its cohort has ended: nothing else can join, whatever runs elsewhere.
-        assert_eq!(p.linger_until(t0), None);
-        p.push(request("b", EXTEND, None));
-        assert_eq!(p.linger_until(t0), Some(t0 + EXTEND_LINGER));
+    let mut extension = if action.deletes() {
+        None
+    } else {
+        keeper.take_in_flight()
+    };
+    let mut backoff = Backoff::sqs();
+    let mut tries = 0u32;
+    let mut reported = false;
+    let mut lost_reported = false;
+    loop {
+        if keeper.is_lost() {
+            if !action.deletes() {
+                tracing::warn!(message_id = %id, "{id} - {what} not sent: the message is no longer held");
+                return;
+            }
+            if !lost_reported {
+                tracing::warn!(message_id = %id, "{id} - Its visibility ran out while its delete was tried: another worker may run it again; trying on");
+                lost_reported = true;
+            }
+        }
+        // An extension answered before this change is sent landed before it.
+        if let Some(pending) = &mut extension
+            && !matches!(pending.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+        {
+            extension = None;
+        }
+        let reply = shared.lanes[lane]
+            .settle
+            .submit(&message.receipt_handle, call, Some(cohort));
+        let answer = keep(
+            keeper,
+            action,
+            bounded(shared, guard, protect_until, id, what, async {
+                reply.await.ok()
+            }),
+        )
+        .await
+        .flatten();
+        let error = match answer {
+            None => {
+                tracing::error!(
+                    message_id = %id,
+                    "{id} - Not settled before exit; SQS delivers it again once its visibility timeout passes"
+                );
+                return;
+            }
+            Some(Ok(())) => {
+                if !reported {
+                    succeeded(shared, id, action);
+                    reported = true;
+                }
+                // An extension that was on its way may have landed after this change.
+                if let Some(pending) = extension.take()
+                    && may_have_landed(shared, pending).await
+                {
+                    tracing::debug!(message_id = %id, "{id} - An extension may have landed after the {what}; sending it again");
+                    continue;
+                }
+                return;
+            }
+            Some(Err(e)) => e,
+        };
+        if !error.kind.may_pass() {
+            let then = if error.kind == ErrorKind::Denied {
+                "not retried"
+            } else {
+                "not retried: the receipt handle no longer works"
+            };
+            tracing::warn!(
+                message_id = %id,
+                "{id} - {what} failed ({error}), {then}; SQS delivers it again once its visibility timeout passes"
+            );
+            return;
+        }
+        let wait = backoff.next_delay();
+        tries += 1;
+        if tries == 1 {
+            let state = if error.kind == ErrorKind::Timeout {
+                "outcome unknown"
+            } else {
+                "failed"
+            };
+            tracing::warn!(
+                message_id = %id,
+                "{id} - {what} {state} ({error}); keeping the message and trying again"
+            );
+        } else {
+            tracing::debug!(message_id = %id, "{id} - {what} try {tries} failed: {error}");
+        }
+        keep(
+            keeper,
+            action,
+            bounded(shared, guard, protect_until, id, what, async {
+                tokio::time::sleep(wait).await;
+            }),
+        )
+        .await;
+        if shared.give_up.is_cancelled() {
+            tracing::error!(
+                message_id = %id,
+                "{id} - Not settled before exit; SQS delivers it again once its visibility timeout passes"
+            );
+            return;
+        }
     }
+}
 
-    #[test]
-    fn a_change_replaces_an_unsent_extension_of_the_same_message() {
-        let mut p = Pending::default();
-        p.push(request("a", EXTEND, None));
-        p.push(request("b", EXTEND, None));
-        p.push(request("a", HAND_BACK, None));
-        let calls: Vec<(&str, Call)> = p
-            .changes
-            .iter()
-            .map(|r| (r.receipt_handle.as_str(), r.call))
-            .collect();
-        assert_eq!(calls, [("b", EXTEND), ("a", HAND_BACK)]);
+/// Runs `work` with the heartbeat going on while the message is to be deleted (so a
+/// failing delete never lets it lapse and its job run again elsewhere), and without
+/// it while its visibility is to change: an extension would undo the change.
+async fn keep<T>(keeper: &mut Keeper, action: Action, work: impl Future<Output = T>) -> T {
+    if action.deletes() {
+        keeper.keep_while(work).await
+    } else {
+        work.await
+    }
+}
+
+/// Runs `work` until it ends or the settle budget is over (`None`), dropping the
+/// protection `guard` at `protect_until` meanwhile.
+async fn bounded<T>(
+    shared: &Shared,
+    guard: &mut Option<ProtectionGuard>,
+    protect_until: Instant,
+    id: &str,
+    what: &str,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    let mut work = std::pin::pin!(work);
+    loop {
+        tokio::select! {
+            r = &mut work => return Some(r),
+            () = shared.give_up.cancelled() => return None,
+            () = tokio::time::sleep_until(protect_until), if guard.is_some() => {
+                guard.take();
+                tracing::warn!(
+                    message_id = %id,
+                    "{id} - {what} still not done after {}s; trying on, but no longer keeping the task protected for it",
+                    PROTECTED_SETTLE.as_secs()
+                );
+            }
+        }
+    }
+}
+
+/// Whether an extension sent before a visibility change may have been applied after
+/// it: it was sent (not replaced) and did not fail for sure. Waits for its answer
+/// within the settle budget.
+async fn may_have_landed(shared: &Shared, pending: oneshot::Receiver<Answer>) -> bool {
+    let answer = tokio::select! {
+        r = pending => r,
+        () = shared.give_up.cancelled() => return false,
+    };
+    match answer {
+        // Never sent: replaced by the change, or the worker is exiting.
+        Err(_) => false,
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => e.kind == ErrorKind::Timeout,
+    }
+}
+
+fn succeeded(shared: &Shared, id: &str, action: Action) {
+    match action {
+        Action::Delete => {
+            shared.stats.done.fetch_add(1, Ordering::Relaxed);
+            metrics::count(metrics::JOBS_DONE);
+            tracing::debug!(message_id = %id, "{id} - Deleted");
+        }
+        Action::HandBack => {
+            shared.stats.handed_back.fetch_add(1, Ordering::Relaxed);
+            metrics::count(metrics::JOBS_HANDED_BACK);
+            tracing::info!(message_id = %id, "{id} - Handed back");
+        }
+        Action::Moved => {
+            shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            metrics::count(metrics::JOBS_DEAD_LETTERED);
+            tracing::debug!(message_id = %id, "{id} - Deleted; its copy is in the dead-letter queue");
+        }
+        Action::RetryAfter(d) => {
+            tracing::info!(message_id = %id, "{id} - Visible again in {}s", d.as_secs());
+        }
+        // Decided, never sent: the move turns it into `Moved` or a retry.
+        Action::DeadLetter => {}
     }
 }

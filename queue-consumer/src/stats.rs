@@ -16,6 +16,8 @@ pub struct Stats {
     pub bad: AtomicU64,
     /// Jobs that failed and will be retried.
     pub failed: AtomicU64,
+    /// FIFO messages that used up their tries, moved to the dead-letter queue alone.
+    pub dead_lettered: AtomicU64,
 }
 
 impl fmt::Display for Stats {
@@ -23,12 +25,13 @@ impl fmt::Display for Stats {
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
         write!(
             f,
-            "{} received, {} done, {} handed back, {} bad, {} failed",
+            "{} received, {} done, {} handed back, {} bad, {} failed, {} moved to the dead-letter queue",
             n(&self.received),
             n(&self.done),
             n(&self.handed_back),
             n(&self.bad),
-            n(&self.failed)
+            n(&self.failed),
+            n(&self.dead_lettered)
         )
     }
 }

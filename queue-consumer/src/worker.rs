@@ -1,6 +1,7 @@
-//! The worker loop: receive for each queue while its share of the slots allows,
-//! hand each message to its own task ([`in_flight`](crate::in_flight)), leave the
-//! service when it no longer wants this task, and drain on shutdown.
+//! The worker: receive for each queue while its share of the slots allows
+//! ([`receive`](crate::receive)), hand each message to its own task
+//! ([`dispatch`](crate::dispatch)), leave the service when it no longer wants this
+//! task, and drain on shutdown.
 //!
 //! The task polls SQS unprotected. A received job takes a protection guard before it
 //! starts and keeps it until its message is deleted or handed back, so an idle worker
@@ -8,66 +9,54 @@
 //! exactly while it holds work. Concurrency is shared between the queues by
 //! [`shares`](crate::shares): a poll holds no slot while it waits, and asks for no
 //! more messages than its queue's share leaves room for (at most ten, SQS's limit).
-//! Once a slot is free, a receive waits up to [`RECEIVE_GATHER`] for the rest of the
+//! Once a slot is free, a receive waits up to [`RECEIVE_GATHER`](crate::RECEIVE_GATHER) for the rest of the
 //! previous receive's messages to be settled, so jobs that end together are followed
 //! by one receive for all of them. While a message waits for protection, no more are
 //! received.
 //!
 //! Leaving the service ([`Worker::with_membership`]): no new poll starts (one on its
-//! way is let finish, and its messages are handed straight back), running jobs finish
-//! and are settled, and the protection library releases protection once the last one
-//! is gone. Wanted again, the worker receives again.
+//! way is given up), running jobs finish and are settled (a FIFO group's later
+//! messages with them), and the protection library releases protection once the last
+//! one is gone. Wanted again, the worker receives again.
 //!
 //! Shutdown has a fixed budget, whatever SQS and ECS do: after the first signal no
-//! new poll starts (one already on its way is let finish and its messages handed
-//! straight back); running jobs get the grace period, which a second signal ends at
-//! once; then the last deletes and hand-backs get [`SETTLE_BUDGET`].
+//! new poll starts (one already on its way gets [`POLL_DRAIN`](crate::POLL_DRAIN) and
+//! its messages are handed straight back); running jobs get the grace period, which a
+//! second signal ends at once, and the later messages of a FIFO group run after their
+//! head within it; then the last deletes and hand-backs get [`SETTLE_BUDGET`].
 
-use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use task_protection::cli::Signal;
 use task_protection::drain::Membership;
 use task_protection::{Rejection, TaskProtection};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backoff::Backoff;
+use crate::batcher::Settler;
 use crate::config::WorkerSettings;
+use crate::context::{Lane, Shared};
+use crate::dead_letter::Redrive;
 use crate::handler::{BatchHandler, BoxedHandler, Handler};
 use crate::health::Health;
-use crate::in_flight::{self, Dispatch, Order};
-use crate::queue::{ErrorKind, Message, Queue, SqsError};
-use crate::settle::{SettleQueue, Settler};
+use crate::queue::{Queue, SqsError};
+use crate::receive::{PERMANENT_RECEIVE_TRIES, receive_loop};
 use crate::shares::Shares;
 use crate::stats::Stats;
 
-/// How long a receive waits, once a slot is free, for the rest of the previous
-/// receive's messages to be settled before it asks for fewer than a full batch: one
-/// `ReceiveMessage` for ten jobs that end together rather than several, at the cost
-/// of starting a job up to this much later. It never waits for messages of older
-/// receives (a long job).
-pub const RECEIVE_GATHER: Duration = Duration::from_millis(50);
-
-/// How long a long poll on its way at SIGTERM may still take. An answer already on
-/// the wire arrives within it, and its messages are handed straight back; a poll
-/// still waiting on an empty queue is dropped then, so an idle worker exits at once.
-/// The cost, bounded: messages SQS hands to a dropped poll wait out their visibility
-/// timeout.
-pub const POLL_DRAIN: Duration = Duration::from_secs(2);
-/// Pause after an empty short poll (`QUEUE_WAIT_SECONDS=0`).
-const SHORT_POLL_PAUSE: Duration = Duration::from_secs(1);
 /// How long the last settle calls may take once every job has ended or been
 /// abandoned.
 pub const SETTLE_BUDGET: Duration = Duration::from_secs(3);
-/// Receives in a row that fail in a way retrying cannot fix (the queue does not
-/// exist, the role may not receive, no or unknown credentials) before the worker
-/// exits, so ECS restarts the task and a deployment's circuit breaker sees it.
-pub const PERMANENT_RECEIVE_TRIES: u32 = 5;
+/// How long [`TaskProtection::shutdown`] may take to release protection, as the
+/// library bounds it.
+pub const RELEASE_BUDGET: Duration = Duration::from_secs(6);
+/// What SIGTERM to exit may take beyond the grace period: the last settles, then the
+/// release. `SHUTDOWN_GRACE_SECONDS` is kept this far below the task's stop timeout.
+pub const SHUTDOWN_MARGIN: Duration = SETTLE_BUDGET.saturating_add(RELEASE_BUDGET);
 
 /// Why the worker stopped.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,72 +68,36 @@ pub enum Outcome {
     ProtectionRefused(Rejection),
     /// Receiving failed [`PERMANENT_RECEIVE_TRIES`] times in a row in a way retrying
     /// cannot fix.
-    ReceiveFailed(SqsError),
+    ReceiveFailed(ReceiveFailure),
 }
 
-/// What the receive loop does after a receive: the decision, apart from the calls.
-#[derive(Debug, PartialEq)]
-pub enum AfterReceive {
-    /// Start these messages.
-    Dispatch(Vec<Message>),
-    /// Poll again at once (a long poll came back empty).
-    Poll,
-    /// Wait this long, then poll again.
-    Pause(Duration),
-    /// The receive failed: wait this long, then try again.
-    Retry(Duration, SqsError),
-    /// Stop: this error will not pass.
-    Exit(SqsError),
+/// Receiving from one of the queues failed in a way retrying cannot fix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceiveFailure {
+    /// The queue's URL.
+    pub queue_url: String,
+    /// The setting that names it: `COPILOT_QUEUE_URI`, or its entry in
+    /// `COPILOT_TOPIC_QUEUE_URIS`.
+    pub setting: String,
+    /// The last error.
+    pub error: SqsError,
 }
 
-/// Decides what follows each receive: backoff after errors, a bounded number of
-/// tries for errors that will not pass, a paced short poll.
-#[derive(Debug, Clone)]
-pub struct ReceivePolicy {
-    backoff: Backoff,
-    short_poll: bool,
-    permanent_failures: u32,
-}
-
-impl ReceivePolicy {
-    /// The policy for a worker whose long poll waits `wait`.
-    #[must_use]
-    pub fn new(wait: Duration) -> Self {
-        Self {
-            backoff: Backoff::sqs(),
-            short_poll: wait.is_zero(),
-            permanent_failures: 0,
-        }
+impl std::fmt::Display for ReceiveFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cannot receive messages from {} ({}): {}",
+            self.queue_url, self.setting, self.error
+        )
     }
+}
 
-    /// What to do after `result`.
-    pub fn after(&mut self, result: Result<Vec<Message>, SqsError>) -> AfterReceive {
-        match result {
-            Ok(messages) => {
-                self.backoff.reset();
-                self.permanent_failures = 0;
-                if !messages.is_empty() {
-                    AfterReceive::Dispatch(messages)
-                } else if self.short_poll {
-                    // Short polling returns at once on an empty queue: pace it, or the
-                    // worker would call SQS in a hot loop.
-                    AfterReceive::Pause(SHORT_POLL_PAUSE)
-                } else {
-                    AfterReceive::Poll
-                }
-            }
-            Err(e) => {
-                if matches!(e.kind, ErrorKind::Permanent | ErrorKind::Denied) {
-                    self.permanent_failures += 1;
-                    if self.permanent_failures >= PERMANENT_RECEIVE_TRIES {
-                        return AfterReceive::Exit(e);
-                    }
-                } else {
-                    self.permanent_failures = 0;
-                }
-                AfterReceive::Retry(self.backoff.next_delay(), e)
-            }
-        }
+impl ReceiveFailure {
+    /// What to do about it, for the one line the worker prints before it exits.
+    #[must_use]
+    pub fn advice(&self) -> String {
+        self.error.advice(&self.setting)
     }
 }
 
@@ -156,110 +109,9 @@ pub struct Worker {
     settings: WorkerSettings,
     handler: BoxedHandler,
     membership: Option<watch::Receiver<Membership>>,
+    /// Whether the membership is followed now; always, when `None`.
+    following: Option<watch::Receiver<bool>>,
     health: Arc<Health>,
-}
-
-/// One queue the worker works, and the batcher of its calls.
-#[derive(Debug)]
-pub(crate) struct Lane {
-    pub(crate) queue: Queue,
-    /// Its name in `COPILOT_TOPIC_QUEUE_URIS`; `None` for `COPILOT_QUEUE_URI`.
-    pub(crate) name: Option<String>,
-    pub(crate) settle: SettleQueue,
-}
-
-/// What every message task shares.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) lanes: Vec<Lane>,
-    pub(crate) handler: BoxedHandler,
-    pub(crate) protection: TaskProtection,
-    pub(crate) settings: WorkerSettings,
-    /// No new receives and no new jobs: on a signal, a refusal, or a fatal receive.
-    pub(crate) stop_receiving: CancellationToken,
-    /// A signal came: the handlers' [`Job::shutdown`](crate::Job::shutdown).
-    pub(crate) shutdown: CancellationToken,
-    /// The grace period is over: hand back running jobs.
-    pub(crate) abandon: CancellationToken,
-    /// The settle budget is over: stop every SQS call and retry.
-    pub(crate) give_up: CancellationToken,
-    /// The task is leaving its service: no new receives and no new jobs, until it is
-    /// wanted again.
-    pub(crate) leaving: watch::Sender<bool>,
-    /// Messages waiting for protection; the receive loops wait while there are any.
-    pub(crate) awaiting_protection: watch::Sender<usize>,
-    /// How the queues share the slots.
-    pub(crate) shares: Arc<Shares>,
-    pub(crate) stats: Arc<Stats>,
-    pub(crate) health: Arc<Health>,
-    /// Running jobs, for the drain.
-    jobs: TaskTracker,
-    refusal: Mutex<Option<Rejection>>,
-    /// Whether the worker follows its service's membership (the drain watcher is
-    /// on): then a refusal is no sign that this task goes, only that it may not take
-    /// work now.
-    follows_membership: bool,
-    /// Until when the receive loops wait after a refusal that did not end the worker.
-    pub(crate) refused_until: watch::Sender<Option<Instant>>,
-    fatal: Mutex<Option<SqsError>>,
-    /// Cancelled when the receive loops have ended.
-    receiving_ended: CancellationToken,
-}
-
-impl Shared {
-    /// ECS refused protection. Without a membership to follow the task is being
-    /// replaced: the worker takes no more work and ends. Following one, a refusal
-    /// (`DEPLOYMENT_BLOCKED` while a deployment's old tasks still hold protection) is
-    /// no sign that this task goes, and the drain watcher says when it does: the
-    /// worker receives nothing for the protection's check interval, the cool-down
-    /// during which ECS is not asked again, then receives again.
-    pub(crate) fn refuse(&self, rejection: Rejection) {
-        if self.follows_membership {
-            let pause = self.protection.settings().check_interval();
-            let now = Instant::now();
-            let paused = self.refused_until.send_if_modified(|until| {
-                let fresh = until.is_none_or(|t| t <= now);
-                if fresh {
-                    *until = Some(now + pause);
-                }
-                fresh
-            });
-            if paused {
-                tracing::warn!(
-                    "Task protection refused ({rejection}) while the service still wants this task; receiving again in {}s",
-                    pause.as_secs_f64()
-                );
-            }
-            return;
-        }
-        self.refusal
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_or_insert(rejection);
-        self.stop_receiving.cancel();
-    }
-
-    fn refusal(&self) -> Option<Rejection> {
-        self.refusal
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Whether the task is leaving its service now.
-    pub(crate) fn is_leaving(&self) -> bool {
-        *self.leaving.borrow()
-    }
-
-    /// Resolves once the task is leaving its service (at once if it is).
-    pub(crate) fn leaving(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut rx = self.leaving.subscribe();
-        async move {
-            if rx.wait_for(|leaving| *leaving).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-    }
 }
 
 /// The next signal; never resolves once no more can come.
@@ -304,10 +156,14 @@ impl Worker {
         Self {
             queues: vec![(None, queue)],
             protection,
-            health: Arc::new(Health::new(settings.unhealthy_after)),
+            health: Arc::new(Health::new(
+                settings.unhealthy_after,
+                settings.protection_unhealthy_after,
+            )),
             settings,
             handler,
             membership: None,
+            following: None,
         }
     }
 
@@ -333,6 +189,17 @@ impl Worker {
     #[must_use]
     pub fn with_membership(mut self, membership: watch::Receiver<Membership>) -> Self {
         self.membership = Some(membership);
+        self
+    }
+
+    /// Follows the membership only while `on` is true, as the drain watcher's
+    /// [`Drain::on_changes`](task_protection::drain::Drain::on_changes) says: a
+    /// watcher that ECS stops answering (its permissions taken away, say) turns off,
+    /// and from then on a refusal of protection ends the worker as it does without a
+    /// membership, since nothing else would say that the task goes.
+    #[must_use]
+    pub fn followed_while(mut self, on: watch::Receiver<bool>) -> Self {
+        self.following = Some(on);
         self
     }
 
@@ -365,6 +232,7 @@ impl Worker {
                 queue,
                 name,
                 settle,
+                redrive: Redrive::default(),
             });
         }
         let stats = Arc::new(Stats::default());
@@ -387,9 +255,14 @@ impl Worker {
             health: self.health,
             jobs: jobs.clone(),
             refusal: Mutex::new(None),
-            follows_membership: self.membership.is_some(),
+            follows_membership: match (&self.membership, self.following) {
+                (None, _) => None,
+                (Some(_), None) => Some(watch::Sender::new(true).subscribe()),
+                (Some(_), Some(on)) => Some(on),
+            },
             refused_until: watch::Sender::new(None),
             fatal: Mutex::new(None),
+            unprotected: AtomicBool::new(false),
             receiving_ended: CancellationToken::new(),
         });
         if let Some(membership) = self.membership {
@@ -423,10 +296,15 @@ impl Worker {
             .fatal
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(e) = &fatal {
+            .take()
+            .map(|(lane, error)| ReceiveFailure {
+                queue_url: shared.lanes[lane].queue.url().to_owned(),
+                setting: shared.lanes[lane].setting(),
+                error,
+            });
+        if let Some(failure) = &fatal {
             tracing::error!(
-                "Receiving messages failed {PERMANENT_RECEIVE_TRIES} times in a row ({e}); finishing {} running job(s), then exiting",
+                "Receiving messages failed {PERMANENT_RECEIVE_TRIES} times in a row ({failure}); finishing {} running job(s), then exiting",
                 jobs.len()
             );
         } else if signal.is_none() {
@@ -532,287 +410,5 @@ async fn follow_membership(shared: Arc<Shared>, mut membership: watch::Receiver<
             r = membership.changed() => if r.is_err() { return },
             () = shared.stop_receiving.cancelled() => return,
         }
-    }
-}
-
-/// Receives from one queue while its share allows, no message waits for protection
-/// and the task is not leaving, until the worker stops receiving; stores a fatal
-/// error in `shared` and stops every queue's loop then.
-async fn receive_loop(shared: Arc<Shared>, lane: usize, messages: TaskTracker) {
-    let queue = shared.lanes[lane].queue.clone();
-    let mut policy = ReceivePolicy::new(shared.settings.wait);
-    let mut awaiting = shared.awaiting_protection.subscribe();
-    let mut load = shared.shares.subscribe();
-    let mut leaving = shared.leaving.subscribe();
-    let mut refused = shared.refused_until.subscribe();
-    // How many chains of the last receive are not yet settled.
-    let mut last: Option<Arc<AtomicUsize>> = None;
-    loop {
-        // When a slot first became free for this receive.
-        let mut free_since = None;
-        let ask = loop {
-            if shared.stop_receiving.is_cancelled() {
-                return;
-            }
-            load.borrow_and_update();
-            let (ask, full) = shared.shares.ask(lane);
-            let now = Instant::now();
-            if ask > 0 {
-                free_since.get_or_insert(now);
-            }
-            let gather_until = last
-                .as_ref()
-                .zip(free_since)
-                .and_then(|(unsettled, since)| {
-                    gather_until(
-                        since,
-                        unsettled.load(std::sync::atomic::Ordering::SeqCst),
-                        ask,
-                        full,
-                        now,
-                    )
-                });
-            // A message waiting for protection could not be worked: take no more.
-            let waiting = *awaiting.borrow_and_update() > 0;
-            let gone = *leaving.borrow_and_update();
-            let refused_until = refused.borrow_and_update().filter(|t| *t > now);
-            if ask > 0 && gather_until.is_none() && !waiting && !gone && refused_until.is_none() {
-                break ask;
-            }
-            tokio::select! {
-                biased;
-                () = shared.stop_receiving.cancelled() => return,
-                _ = load.changed() => {}
-                _ = awaiting.changed() => {}
-                _ = leaving.changed() => {}
-                _ = refused.changed() => {}
-                () = sleep_until_opt(refused_until) => {}
-                () = sleep_until_opt(gather_until) => last = None,
-            }
-        };
-        tracing::info!("Long polling for messages");
-        // A poll on its way at SIGTERM gets `POLL_DRAIN` to bring its answer: its
-        // messages are handed straight back instead of waiting out their visibility.
-        // One on its way when the task starts to leave is let finish.
-        let stopped = async {
-            shared.stop_receiving.cancelled().await;
-            tokio::time::sleep(POLL_DRAIN).await;
-        };
-        let received = tokio::select! {
-            biased;
-            () = shared.abandon.cancelled() => return,
-            () = stopped => return,
-            r = queue.receive(ask, shared.settings.wait, shared.settings.visibility) => r,
-        };
-        shared
-            .health
-            .received(lane, received.as_ref().map(Vec::len));
-        if let Ok(batch) = &received {
-            shared.shares.received(lane, ask, batch.len());
-        }
-        match policy.after(received) {
-            AfterReceive::Dispatch(batch) => {
-                last = Some(dispatch(&shared, lane, batch, &messages));
-            }
-            AfterReceive::Poll => {}
-            AfterReceive::Retry(wait, e) => {
-                tracing::warn!(
-                    "Receiving messages failed, retrying in {:.1}s: {e}",
-                    wait.as_secs_f64()
-                );
-                tokio::select! {
-                    () = shared.stop_receiving.cancelled() => return,
-                    () = tokio::time::sleep(wait) => {}
-                }
-            }
-            AfterReceive::Pause(wait) => {
-                tokio::select! {
-                    () = shared.stop_receiving.cancelled() => return,
-                    () = tokio::time::sleep(wait) => {}
-                }
-            }
-            AfterReceive::Exit(e) => {
-                shared
-                    .fatal
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .get_or_insert(e);
-                shared.stop_receiving.cancel();
-                return;
-            }
-        }
-    }
-}
-
-/// Starts a task for each message of a receive; returns the count of its chains not
-/// yet settled.
-///
-/// On a FIFO queue with a handler of one job at a time, the messages of one group in
-/// the batch form a chain: they run one after the other on one slot, so the slots
-/// left over go to other groups at once. A batch handler gets the whole batch in
-/// order instead, each message on its own slot.
-fn dispatch(
-    shared: &Arc<Shared>,
-    lane: usize,
-    batch: Vec<Message>,
-    messages: &TaskTracker,
-) -> Arc<AtomicUsize> {
-    let fifo = shared.lanes[lane].queue.is_fifo();
-    let unsettled = Arc::new(AtomicUsize::new(0));
-    let cohort = TaskTracker::new();
-    let mut members = match &shared.handler {
-        BoxedHandler::Batch(h) => crate::batch::start(
-            Arc::clone(h),
-            batch.len(),
-            crate::batch::Limits {
-                timeout: shared.settings.job_timeout,
-                abandon: shared.abandon.clone(),
-                fifo,
-            },
-        )
-        .into_iter()
-        .map(Some)
-        .collect(),
-        BoxedHandler::Each(_) => Vec::new(),
-    };
-    let chains = fifo && members.is_empty();
-    let mut last_of_group: HashMap<String, usize> = HashMap::new();
-    let mut orders: Vec<Order> = Vec::new();
-    for (i, message) in batch.iter().enumerate() {
-        let mut order = Order::default();
-        if chains
-            && let Some(group) = &message.group_id
-            && let Some(prev) = last_of_group.insert(group.clone(), i)
-        {
-            let (tx, rx) = oneshot::channel();
-            orders[prev].before = Some(tx);
-            order.after = Some(rx);
-        }
-        orders.push(order);
-    }
-    for (i, (message, order)) in batch.into_iter().zip(orders).enumerate() {
-        // A message waiting for its group's turn gets the chain's slot then.
-        let slot = order
-            .after
-            .is_none()
-            .then(|| shared.shares.slot(lane, &unsettled));
-        shared
-            .stats
-            .received
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        crate::metrics::count(crate::metrics::JOBS_RECEIVED);
-        let id = &message.id;
-        tracing::info!(message_id = %id, receive_count = message.receive_count, "{id} - Received");
-        let job_phase = (shared.jobs.token(), cohort.token());
-        messages.spawn(in_flight::handle(
-            Arc::clone(shared),
-            Dispatch {
-                lane,
-                message,
-                slot,
-                order,
-                cohort: cohort.clone(),
-                job_phase,
-                batch: members.get_mut(i).and_then(Option::take),
-            },
-        ));
-    }
-    unsettled
-}
-
-/// Until when a receive waits before it asks for `ask` messages rather than `full`:
-/// while the chains of the previous receive are not all settled (`unsettled`: their
-/// slots free in a bunch, as their batch of deletes comes back), and at most
-/// [`RECEIVE_GATHER`] after the first slot became free (`free_since`). Slots held by
-/// older chains (a long job) are never waited for. `None`: receive now.
-fn gather_until(
-    free_since: Instant,
-    unsettled: usize,
-    ask: usize,
-    full: usize,
-    now: Instant,
-) -> Option<Instant> {
-    let until = free_since + RECEIVE_GATHER;
-    (ask < full && unsettled > 0 && now < until).then_some(until)
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn error(kind: ErrorKind) -> Result<Vec<Message>, SqsError> {
-        Err(SqsError {
-            operation: "ReceiveMessage",
-            kind,
-            code: Some("X".to_owned()),
-            message: String::new(),
-        })
-    }
-
-    #[test]
-    fn permanent_errors_end_the_loop_after_a_bounded_number_of_tries() {
-        let mut p = ReceivePolicy::new(Duration::from_secs(20));
-        for _ in 1..PERMANENT_RECEIVE_TRIES {
-            assert!(matches!(
-                p.after(error(ErrorKind::Permanent)),
-                AfterReceive::Retry(..)
-            ));
-        }
-        assert!(matches!(
-            p.after(error(ErrorKind::Denied)),
-            AfterReceive::Exit(_)
-        ));
-    }
-
-    #[test]
-    fn errors_that_pass_never_end_the_loop_and_reset_the_count() {
-        let mut p = ReceivePolicy::new(Duration::from_secs(20));
-        for _ in 0..100 {
-            for kind in [
-                ErrorKind::Timeout,
-                ErrorKind::Throttled,
-                ErrorKind::Transient,
-            ] {
-                let AfterReceive::Retry(wait, _) = p.after(error(kind)) else {
-                    panic!("gave up on {kind:?}")
-                };
-                assert!(wait <= crate::backoff::SQS_RETRY_CAP);
-            }
-            assert!(matches!(
-                p.after(error(ErrorKind::Permanent)),
-                AfterReceive::Retry(..)
-            ));
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_receive_waits_only_for_the_receive_before_it() {
-        let t0 = Instant::now();
-        let soon = t0 + Duration::from_millis(10);
-        // Its messages are being settled: wait for them, a moment at most.
-        assert_eq!(gather_until(t0, 3, 7, 10, soon), Some(t0 + RECEIVE_GATHER));
-        assert_eq!(gather_until(t0, 3, 7, 10, t0 + RECEIVE_GATHER), None);
-        // All settled: what is still held belongs to older receives (a long job).
-        assert_eq!(gather_until(t0, 0, 9, 10, soon), None);
-        // A full batch to ask for: no reason to wait.
-        assert_eq!(gather_until(t0, 3, 10, 10, soon), None);
-    }
-
-    #[test]
-    fn empty_polls() {
-        let mut long = ReceivePolicy::new(Duration::from_secs(20));
-        assert_eq!(long.after(Ok(Vec::new())), AfterReceive::Poll);
-        let mut short = ReceivePolicy::new(Duration::ZERO);
-        assert_eq!(
-            short.after(Ok(Vec::new())),
-            AfterReceive::Pause(SHORT_POLL_PAUSE)
-        );
     }
 }

@@ -78,6 +78,9 @@ pub struct Exchange {
     pub sent_at: Instant,
     /// When the first byte of its answer was passed back; `None` while unanswered.
     pub answered_at: Option<Instant>,
+    /// When the client closed the connection before any answer came: it gave up on
+    /// the request (the server may still be working on it).
+    pub abandoned_at: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -215,6 +218,7 @@ fn decide(shared: &Shared, operation: Option<&str>) -> (Option<Fault>, Option<us
         operation: op.to_owned(),
         sent_at: Instant::now(),
         answered_at: None,
+        abandoned_at: None,
     });
     let index = Some(rules.exchanges.len() - 1);
     (decide_fault(&mut rules, op), index)
@@ -293,7 +297,21 @@ async fn forward(inbound: TcpStream, outbound: TcpStream, shared: Shared) {
             *lock(&shared).forwarded.entry(op.to_owned()).or_default() += 1;
         }
     };
-    while let Some((request, operation)) = read_request(&mut client_read, &mut pending).await {
+    loop {
+        let Some((request, operation)) = read_request(&mut client_read, &mut pending).await else {
+            // The client closed: a request still unanswered was given up.
+            let unanswered = in_flight
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .exchange
+                .take();
+            if let Some(i) = unanswered
+                && let Some(e) = lock(&shared).exchanges.get_mut(i)
+            {
+                e.abandoned_at = Some(Instant::now());
+            }
+            break;
+        };
         let (fault, exchange) = decide(&shared, operation.as_deref());
         {
             let mut f = in_flight.lock().unwrap_or_else(PoisonError::into_inner);
@@ -325,6 +343,10 @@ async fn forward(inbound: TcpStream, outbound: TcpStream, shared: Shared) {
                 message,
             }) => {
                 let answer = error_answer(status, code, &message);
+                in_flight
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .exchange = None;
                 if let Some(i) = exchange
                     && let Some(e) = lock(&shared).exchanges.get_mut(i)
                 {

@@ -4,7 +4,9 @@
 //!
 //! With `E2E_TRACE` set, the in-process worker logs to stderr, filtered by `RUST_LOG`
 //! (`E2E_TRACE=1 RUST_LOG=queue_consumer=debug cargo nextest run ... --no-capture`).
+//! [`Logs::capture`] keeps its lines for a test to read.
 
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use queue_consumer::queue::Queue;
@@ -79,6 +81,13 @@ impl WorkerSpec {
     #[must_use]
     pub fn membership(mut self, membership: watch::Receiver<Membership>) -> Self {
         self.membership = Some(membership);
+        self
+    }
+
+    /// Reaches the ECS agent at `uri` (`ECS_AGENT_URI`) instead of the fake agent's.
+    #[must_use]
+    pub fn agent_uri(mut self, uri: &str) -> Self {
+        uri.clone_into(&mut self.agent_uri);
         self
     }
 
@@ -189,5 +198,57 @@ impl RunningWorker {
             .await
             .unwrap_or_else(|_| panic!("the worker did not stop within {within:?}"))
             .unwrap_or_else(|e| panic!("the worker task failed: {e}"))
+    }
+}
+
+/// The log lines of the worker, as text.
+#[derive(Debug, Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<u8>>>);
+
+/// Kept, and written to stderr as well: the test's output shows them, and a failed
+/// assertion (which the worker logs as a panic) among them.
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    /// Captures what is logged on this thread, at `info` and above, until the guard
+    /// is dropped. A `#[tokio::test]` runs the worker's every task on its one thread.
+    #[must_use]
+    pub fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
+        let logs = Self::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || writer.clone())
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// Every line so far.
+    #[must_use]
+    pub fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(PoisonError::into_inner))
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// How many lines so far contain `needle`.
+    #[must_use]
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines().iter().filter(|l| l.contains(needle)).count()
     }
 }

@@ -4,7 +4,7 @@
 //! ```text
 //! cargo build --release --bin queue-consumer
 //! cargo run --release -p e2e --example bench-queue-consumer -- [--jobs 2000] [--idle-seconds 120]
-//! cargo run --release -p e2e --example bench-queue-consumer -- --mixes [--trickle-seconds 60] [--rounds 3]
+//! cargo run --release -p e2e --example bench-queue-consumer -- --mixes [--trickle-seconds 60] [--rounds 3] [--long-jobs 5000]
 //! ```
 //!
 //! `--mixes` runs the mixes of queues and jobs instead ([`mixes`]), each beside a plain
@@ -46,6 +46,9 @@ struct Args {
     mixes: bool,
     trickle: Duration,
     rounds: usize,
+    /// Short jobs beside the long one in the mixes: enough that a run lasts long
+    /// enough to compare (1,000 take about half a second on the worker's side).
+    long_jobs: usize,
 }
 
 fn args() -> Args {
@@ -55,6 +58,7 @@ fn args() -> Args {
         mixes: false,
         trickle: Duration::from_secs(60),
         rounds: 3,
+        long_jobs: 5000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -71,8 +75,9 @@ fn args() -> Args {
             "--idle-seconds" => args.idle = Duration::from_secs(value),
             "--trickle-seconds" => args.trickle = Duration::from_secs(value),
             "--rounds" => args.rounds = usize::try_from(value).unwrap_or(3).max(1),
+            "--long-jobs" => args.long_jobs = usize::try_from(value).unwrap_or(5000).max(1),
             other => panic!(
-                "unknown flag {other}; use --jobs N --idle-seconds N, or --mixes --trickle-seconds N --rounds N"
+                "unknown flag {other}; use --jobs N --idle-seconds N, or --mixes --trickle-seconds N --rounds N --long-jobs N"
             ),
         }
     }
@@ -390,7 +395,7 @@ async fn main() {
     let args = args();
     let moto = Moto::start().await;
     if args.mixes {
-        mixes::run(&moto, args.trickle, args.rounds).await;
+        mixes::run(&moto, args.trickle, args.rounds, args.long_jobs).await;
         return;
     }
     println!(

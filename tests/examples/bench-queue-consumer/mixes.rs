@@ -4,8 +4,8 @@
 //!
 //! - two queues, one idle: 300 jobs of 200 ms on a topic queue while the main queue
 //!   is empty (20 s long polls), against the same queue alone;
-//! - one long job: 500 zero-millisecond jobs at concurrency 10 with one 600 s job
-//!   running, against concurrency 9 without it;
+//! - one long job: 5,000 zero-millisecond jobs (`--long-jobs`) at concurrency 10 with
+//!   one 600 s job running, against concurrency 9 without it;
 //! - one FIFO group: 200 zero-millisecond jobs in one message group;
 //! - a trickle: one short job a second; pickup latency (from just before the
 //!   `SendMessage` to the job's start) and protection PUTs a minute, and how soon
@@ -593,7 +593,7 @@ async fn trickles(moto: &Moto, length: Duration) {
 }
 
 /// Runs every mix (each run `rounds` times, in turn) and prints the tables.
-pub(crate) async fn run(moto: &Moto, trickle: Duration, rounds: usize) {
+pub(crate) async fn run(moto: &Moto, trickle: Duration, rounds: usize, long_jobs: usize) {
     println!(
         "mixes on moto_server on loopback, {} cores",
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
@@ -615,7 +615,7 @@ pub(crate) async fn run(moto: &Moto, trickle: Duration, rounds: usize) {
         mix(
             moto,
             "one long job",
-            500,
+            long_jobs,
             &[plain(9, 0, false), Run::Nine, Run::TenWithLongJob],
             rounds,
         )

@@ -111,6 +111,7 @@ fn check_emf(
             "JobsFailed",
             "JobsHandedBack",
             "BadBodies",
+            "JobsDeadLettered",
             "SqsErrors",
         ] {
             let n = doc[name]

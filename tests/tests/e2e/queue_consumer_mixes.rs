@@ -223,7 +223,9 @@ async fn queue_consumer_mix_a_failing_fifo_head_is_retried_in_place() {
     let moto = Moto::start().await;
     let agent = FakeAgent::start().await;
     let client = moto.client();
-    let (queue, dlq) = create_queue_with(&client, "jobs.fifo", 30, Some(2)).await;
+    // Three tries, each run in place counting as one: enough for a head that fails
+    // twice, then works.
+    let (queue, dlq) = create_queue_with(&client, "jobs.fifo", 30, Some(3)).await;
     let dlq = dlq.unwrap_or_default();
     let messages: Vec<String> = ["head", "f1", "f2"].map(str::to_owned).to_vec();
     send_all(&client, &queue, Some("g"), &messages).await;

@@ -113,6 +113,28 @@ async fn readme_configuration_matches_websocket_help() {
     check("websocket", 2).await;
 }
 
+/// The margin below the stop timeout that `SHUTDOWN_GRACE_SECONDS` needs, as `--help`
+/// and the README state it, is the one the worker keeps.
+#[tokio::test]
+async fn readme_and_help_state_the_grace_periods_margin() {
+    let margin = queue_consumer::worker::SHUTDOWN_MARGIN.as_secs();
+    let said = format!("Keep it {margin} s below");
+    let (status, help, stderr) = run_to_exit("queue-consumer", &["--help"], &[]).await;
+    assert!(status.success(), "{stderr}");
+    let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(help.contains(&said), "--help does not say {said:?}: {help}");
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
+    let row = table(&readme, "### queue-consumer\n")
+        .into_iter()
+        .find(|row| row[0] == "SHUTDOWN_GRACE_SECONDS")
+        .unwrap_or_else(|| panic!("no SHUTDOWN_GRACE_SECONDS row"));
+    assert!(row[2].contains(&said), "README says: {}", row[2]);
+    assert!(
+        readme.contains(&format!("at most the grace period plus {margin} s")),
+        "the README's shutdown budget is not {margin} s"
+    );
+}
+
 /// The README's handler examples are the examples the workspace compiles.
 #[test]
 fn readme_custom_handler_is_the_compiled_example() {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use aws_sdk_sqs::Client;
 use e2e::agent::{Answer, FakeAgent};
-use e2e::counting::{CountingProxy, Fault};
+use e2e::counting::CountingProxy;
 use e2e::moto::{Moto, queue_counts, send};
 use e2e::wait_for;
 use e2e::worker::WorkerSpec;
@@ -127,51 +127,48 @@ async fn queue_consumer_drain_finishes_what_it_holds_then_takes_work_again() {
 }
 
 #[tokio::test]
-async fn queue_consumer_drain_hands_back_what_a_poll_on_its_way_brings() {
+async fn queue_consumer_drain_cancels_its_poll_on_its_way() {
+    // A poll on its way when the task starts to leave would bring messages only to
+    // hand them back, a receive each. The worker gives it up at once instead.
     let moto = Moto::start().await;
     let agent = FakeAgent::start().await;
     let client = moto.client();
     let queue = moto.create_queue("jobs", 30).await;
-    for body in ["a 10", "b 10"] {
-        send(&client, &queue, body).await;
-    }
     let proxy = CountingProxy::start(([127, 0, 0, 1], moto.port()).into()).await;
-    // The first receive reaches SQS 1.5 s late: the task starts to leave meanwhile.
-    proxy.fault_times(
-        "ReceiveMessage",
-        Fault::Delay(Duration::from_millis(1500)),
-        1,
-    );
     let (membership, follows) = watch::channel(Membership::Wanted);
     let runs = Runs::default();
     let worker = WorkerSpec::new(&moto, &agent, &queue)
         .via(&proxy.endpoint())
-        .settings(|s| s.concurrency = 2)
+        .settings(|s| s.wait = Duration::from_secs(5))
         .membership(follows)
         .spawn(runs.handler())
         .await;
-    wait_for("a receive on its way", STEP, || async {
+    wait_for("a long poll on its way", STEP, || async {
         (proxy.count("ReceiveMessage") >= 1).then_some(())
     })
     .await;
+    let left = tokio::time::Instant::now();
     membership.send_replace(surplus());
-    // Its messages go straight back, unworked, without protection.
-    wait_for("the poll to land", STEP, || async {
-        (proxy.forwarded("ReceiveMessage") >= 1).then_some(())
+    let given_up = wait_for("the poll to be given up", STEP, || async {
+        proxy.exchanges().first().and_then(|e| e.abandoned_at)
     })
     .await;
-    wait_counts(&client, &queue, "both handed back", (2, 0)).await;
-    assert_eq!(runs.lock().len(), 0, "{:?}", runs.lock());
-    // No enable: only the release a worker makes at start, if any.
     assert!(
-        agent.puts().iter().all(|p| !p.enabled()),
-        "{:?}",
-        agent.puts()
+        given_up - left < Duration::from_secs(1),
+        "the poll was given up {:?} after the task started to leave",
+        given_up - left
     );
-    // SIGTERM while leaving: it stops as usual.
+    assert!(proxy.exchanges()[0].answered_at.is_none());
+    // About absence: past the end of the poll's wait, no new poll while leaving.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(proxy.count("ReceiveMessage"), 1, "received while leaving");
+    // Wanted again: it takes the work.
+    membership.send_replace(Membership::Wanted);
+    send(&client, &queue, "a 10").await;
+    wait_counts(&client, &queue, "the message done", (0, 0)).await;
+    assert_eq!(runs.of("a 10"), 1);
     let outcome = worker.stop(Duration::from_secs(10)).await;
     assert_eq!(outcome, Outcome::Stopped(Signal::Term));
-    assert_eq!(queue_counts(&client, &queue).await, Some((2, 0)));
 }
 
 #[tokio::test]

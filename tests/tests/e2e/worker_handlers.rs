@@ -401,3 +401,35 @@ async fn queue_consumer_handler_health_says_when_receiving_fails() {
     .await;
     let _ = worker.stop(STEP).await;
 }
+
+#[tokio::test]
+async fn queue_consumer_handler_health_says_when_protection_cannot_be_had() {
+    // A wrong ECS_AGENT_URI: a message waits for protection for ever, and no other
+    // is received. Past the stated bound the worker is unhealthy, so ECS replaces
+    // the task instead of leaving it holding one message for up to 12 h.
+    let moto = Moto::start().await;
+    let agent = FakeAgent::start().await;
+    let client = moto.client();
+    let queue = moto.create_queue("jobs", 30).await;
+    let nobody = format!("http://127.0.0.1:{}/api/task", e2e::free_port());
+    let worker = WorkerSpec::new(&moto, &agent, &queue)
+        .agent_uri(&nobody)
+        .protection(
+            task_protection::ProtectionSettings::builder()
+                .acquire_timeout(Duration::from_secs(1))
+                .build()
+                .expect("settings"),
+        )
+        .settings(|s| s.protection_unhealthy_after = Duration::from_secs(3))
+        .spawn(handler_fn(|_job: Job| async { Verdict::Done }))
+        .await;
+    send(&client, &queue, "a").await;
+    wait_counts(&client, &queue, "the message held", (0, 1)).await;
+    assert_eq!(worker.health.check(), Ok(()));
+    let why = wait_for("unhealthy", STEP, || async { worker.health.check().err() }).await;
+    assert!(
+        why.contains("waited") && why.contains("task protection"),
+        "{why}"
+    );
+    let _ = worker.stop(STEP).await;
+}
