@@ -24,8 +24,9 @@ use crate::deploy::{
     DEREGISTRATION_DELAY_MAX, HEALTH_PORT, MAX_RETENTION, MAX_STOP_TIMEOUT_SECONDS,
     QUEUE_CONSUMER_PATH, Setting, TARGET_HEALTH_INTERVAL_SECONDS, TARGET_UNHEALTHY_THRESHOLD,
     WEBSOCKET_PATH, WORKER_HEALTH_PORT, allowed_actions, at, check_drain_notice,
-    check_goodbye_within_delay, check_strangers, check_variables, default_number, function, get_status,
-    installed_path, local_websocket, settings, text, text_at, without_unread_health_port, yaml,
+    check_goodbye_within_delay, check_strangers, check_variables, default_number, function,
+    get_status, installed_path, local_websocket, settings, text, text_at,
+    without_unread_health_port, yaml,
 };
 
 mod https;
