@@ -23,7 +23,7 @@ use crate::copilot_rules::TLS13_POLICIES;
 use crate::deploy::{
     DEREGISTRATION_DELAY_MAX, HEALTH_PORT, MAX_RETENTION, MAX_STOP_TIMEOUT_SECONDS,
     QUEUE_CONSUMER_PATH, Setting, TARGET_HEALTH_INTERVAL_SECONDS, TARGET_UNHEALTHY_THRESHOLD,
-    WEBSOCKET_PATH, WORKER_HEALTH_PORT, allowed_actions, at, check_drain_notice,
+    WEBSOCKET_PATH, WORKER_HEALTH_PORT, allowed_actions, at, check_drain_notice, check_drain_table,
     check_goodbye_within_delay, check_strangers, check_variables, default_number, function,
     get_status, installed_path, local_websocket, settings, text, text_at,
     without_unread_health_port, yaml,
@@ -238,6 +238,12 @@ async fn the_template_matches_the_binaries() {
     without_unread_health_port("queue-consumer", &mut vars, &worker).await;
     check_variables("queue-consumer", &vars, &worker, &mut problems);
     check_metrics_environment("queue-consumer", &mut computed, &mut problems);
+    check_drain_table_variable("queue-consumer", &mut computed, &worker, &mut problems);
+    check_drain_table(
+        TEMPLATE,
+        at(&template, "Resources.DrainTable"),
+        &mut problems,
+    );
     check_health_check(
         "queue-consumer",
         worker_container,
@@ -278,6 +284,7 @@ async fn the_template_matches_the_binaries() {
     let vars = environment(web_container, &mut computed, &mut problems);
     check_variables("websocket", &vars, &web, &mut problems);
     check_metrics_environment("websocket", &mut computed, &mut problems);
+    check_drain_table_variable("websocket", &mut computed, &web, &mut problems);
     // The pages allowed: the load balancer's own address, and AllowedOrigins.
     match computed.remove("ALLOWED_ORIGINS") {
         Some((tag, arg)) if tag == "!Sub" && arg == "${LoadBalancer.DNSName},${AllowedOrigins}" => {}
@@ -288,7 +295,7 @@ async fn the_template_matches_the_binaries() {
     let mut with_origins = vars.clone();
     with_origins.insert("ALLOWED_ORIGINS".into(), "(computed)".into());
     check_strangers(&with_origins, &mut problems);
-    check_drain_notice(&web, &mut problems);
+    check_drain_notice(&vars, &web, &mut problems);
     check_health_check("websocket", web_container, WEBSOCKET_PATH, &mut problems);
     if !computed.is_empty() {
         problems.push(format!(
@@ -345,7 +352,7 @@ async fn the_template_matches_the_binaries() {
     .and_then(|d| d.parse::<u64>().ok());
     match delay {
         Some(d) if d > 0 && Duration::from_secs(d) <= DEREGISTRATION_DELAY_MAX => {
-            check_goodbye_within_delay(Duration::from_secs(d), &web, &mut problems);
+            check_goodbye_within_delay(Duration::from_secs(d), &vars, &web, &mut problems);
         }
         _ => problems.push(format!(
             "deregistration_delay.timeout_seconds is {delay:?}; set it, at most {DEREGISTRATION_DELAY_MAX:?}"
@@ -398,9 +405,18 @@ async fn the_template_matches_the_binaries() {
     }
 
     // Least privilege: protection on this cluster's tasks, the worker's queue actions
-    // on its queue only, and the drain watcher's three reads exactly.
+    // on its queue only, and the drain watcher's reads and its table exactly.
     let protection = ["ecs:GetTaskProtection", "ecs:UpdateTaskProtection"];
-    let drain = ["ecs:DescribeServices", "ecs:DescribeTasks", "ecs:ListTasks"];
+    let drain = [
+        "dynamodb:GetItem",
+        "dynamodb:PutItem",
+        "dynamodb:UpdateItem",
+        "ecs:DescribeContainerInstances",
+        "ecs:DescribeServiceDeployments",
+        "ecs:DescribeServices",
+        "ecs:DescribeTasks",
+        "ecs:ListTasks",
+    ];
     let queue_actions = [
         "sqs:ChangeMessageVisibility",
         "sqs:DeleteMessage",
@@ -419,7 +435,7 @@ async fn the_template_matches_the_binaries() {
         match policies.get("drain") {
             Some(statements) if Value::Sequence(statements.clone()) == wanted => {}
             other => problems.push(format!(
-                "{hint}: the drain policy must be exactly DescribeServices on {service}Service, ListTasks on this cluster and DescribeTasks on the tasks tagged ecs-service: {tag}, is {other:?}"
+                "{hint}: the drain policy must be exactly DescribeServices and DescribeServiceDeployments on {service}Service, ListTasks and DescribeContainerInstances on this cluster, DescribeTasks on the tasks tagged ecs-service: {tag}, and the drain table's three item actions, is {other:?}"
             )),
         }
         for (name, statement) in policies
@@ -514,7 +530,8 @@ async fn the_template_matches_the_binaries() {
 /// The drain watcher's statements for the task role of `service` (`Websocket`,
 /// `QueueConsumer`): DescribeServices on the service, whose name CloudFormation
 /// generates as <stack>-<logical id>-<suffix> (its ARN cannot be referenced: the
-/// service depends on the role), and the cluster's tasks.
+/// service depends on the role), the cluster's tasks, the service's deployments, the
+/// cluster's container instances, and the item in the drain's table.
 fn drain_statements(service: &str, tag: &str) -> String {
     format!(
         r"
@@ -531,8 +548,35 @@ fn drain_statements(service: &str, tag: &str) -> String {
   Resource: !Sub 'arn:${{AWS::Partition}}:ecs:${{AWS::Region}}:${{AWS::AccountId}}:task/${{Cluster}}/*'
   Condition:
     StringEquals: {{'aws:ResourceTag/ecs-service': {tag}}}
+- Effect: Allow
+  Action: ecs:DescribeServiceDeployments
+  Resource: !Sub 'arn:${{AWS::Partition}}:ecs:${{AWS::Region}}:${{AWS::AccountId}}:service-deployment/${{Cluster}}/${{AWS::StackName}}-{service}Service-*/*'
+- Effect: Allow
+  Action: ecs:DescribeContainerInstances
+  Resource: !Sub 'arn:${{AWS::Partition}}:ecs:${{AWS::Region}}:${{AWS::AccountId}}:container-instance/${{Cluster}}/*'
+- Effect: Allow
+  Action: [dynamodb:GetItem, dynamodb:UpdateItem, dynamodb:PutItem]
+  Resource: !GetAtt DrainTable.Arn
 "
     )
+}
+
+/// The service's tasks share their drain decision through the stack's table.
+fn check_drain_table_variable(
+    service: &str,
+    computed: &mut BTreeMap<String, (String, String)>,
+    read: &BTreeMap<String, Setting>,
+    problems: &mut Vec<String>,
+) {
+    if !read.contains_key("DRAIN_TABLE") {
+        problems.push(format!("{service} reads no DRAIN_TABLE"));
+    }
+    match computed.remove("DRAIN_TABLE") {
+        Some((tag, arg)) if tag == "!Ref" && arg == "DrainTable" => {}
+        other => problems.push(format!(
+            "{service}: DRAIN_TABLE must be !Ref DrainTable, is {other:?}"
+        )),
+    }
 }
 
 /// The Environment dimension of the service's metrics is the stack's name.

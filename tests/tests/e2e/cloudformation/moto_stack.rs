@@ -373,6 +373,40 @@ async fn the_stack_creates_in_motos_cloudformation() {
         document.contains("sqs:ChangeMessageVisibility") && document.contains(&queue_arn),
         "the worker's queue policy: {document}"
     );
+    // The drain's table takes the decisions of both services, one item each, as
+    // the watcher writes them: a claim, a publication, a read.
+    let table = worker_env
+        .get("DRAIN_TABLE")
+        .cloned()
+        .unwrap_or_else(|| panic!("the worker has no DRAIN_TABLE: {worker_env:?}"));
+    let table_arn = api
+        .json(
+            "dynamodb",
+            "DynamoDB_20120810.DescribeTable",
+            json!({"TableName": table}),
+        )
+        .await["Table"]["TableArn"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    for service in ["QueueConsumerService", "WebsocketService"] {
+        use task_protection::drain::{DynamoStore, Record, VerdictStore};
+        let store = DynamoStore::for_endpoint(&moto.endpoint(), &table, &cluster, &id_of(service));
+        assert_eq!(
+            store.claim(0, "task-a", 1_000, 61_000).await,
+            Ok(true),
+            "{service}"
+        );
+        let record = Record::first(std::time::SystemTime::now());
+        assert_eq!(
+            store.publish(0, "task-a", &record).await,
+            Ok(true),
+            "{service}"
+        );
+        let stored = store.read().await.expect("a read").expect("an item");
+        assert_eq!(stored.record.as_deref(), Ok(&record), "{service}");
+    }
+
     // The drain policy names each role's own service, as the stack named it, and no
     // other, and conditions the task reads on this cluster.
     let cluster_arn = answer["services"][0]["clusterArn"]
@@ -396,7 +430,7 @@ async fn the_stack_creates_in_motos_cloudformation() {
             .as_array()
             .cloned()
             .unwrap_or_default();
-        assert_eq!(statements.len(), 3, "{role}: {document}");
+        assert_eq!(statements.len(), 6, "{role}: {document}");
         let pattern = statements[0]["Resource"].as_str().unwrap_or_default();
         assert_eq!(statements[0]["Action"], "ecs:DescribeServices", "{role}");
         assert!(
@@ -415,6 +449,24 @@ async fn the_stack_creates_in_motos_cloudformation() {
             statements[2]["Condition"]["StringEquals"]["aws:ResourceTag/ecs-service"].as_str(),
             Some(tag),
             "{role}: {document}"
+        );
+        // Its deployments, and no other service's.
+        let pattern = statements[3]["Resource"].as_str().unwrap_or_default();
+        let deployment = |arn: &str| {
+            format!(
+                "{}/ecs-svc-1234567890",
+                arn.replacen(":service/", ":service-deployment/", 1)
+            )
+        };
+        assert!(
+            arn_matches(pattern, &deployment(&service_arns[i]))
+                && !arn_matches(pattern, &deployment(&service_arns[1 - i])),
+            "{role}: {pattern}"
+        );
+        assert_eq!(
+            statements[5]["Resource"].as_str(),
+            Some(table_arn.as_str()),
+            "{role}: the drain table"
         );
     }
 

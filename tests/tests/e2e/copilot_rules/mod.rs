@@ -291,6 +291,9 @@ fn addon_output_problems(relative: &str, template: &Value) -> Vec<String> {
             Some("AWS::IAM::ManagedPolicy") => {
                 attached.insert(target.unwrap_or_default());
             }
+            // The drain's table, whose name the tasks read as DRAIN_TABLE: the
+            // template's test checks that both binaries read it (check_drain_table_variable).
+            Some("AWS::DynamoDB::Table") if name == "DrainTable" => {}
             _ => problems.push(format!(
                 "{relative}: output {name} is not a !Ref to a managed policy, so Copilot would make it an environment variable of the task ({ADDON_OUTPUT})"
             )),

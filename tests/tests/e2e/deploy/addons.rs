@@ -281,7 +281,9 @@ fn each_services_addons_merge_as_copilot_merges_them() {
 /// The statements the drain watcher needs, exactly: the service's own description;
 /// its cluster's task list (ListTasks acts on no task, so only ecs:cluster narrows
 /// it); and its own tasks (DescribeTasks acts on the task, narrowed by the
-/// copilot-service tag the service propagates).
+/// copilot-service tag the service propagates); the service's deployments; the
+/// cluster's container instances; and the drain table's item, read, claimed and
+/// published.
 const COPILOT_DRAIN_STATEMENTS: &str = r"
 - Sid: OwnService
   Effect: Allow
@@ -313,6 +315,29 @@ const COPILOT_DRAIN_STATEMENTS: &str = r"
   Condition:
     StringEquals:
       'aws:ResourceTag/copilot-service': !Ref Name
+- Sid: OwnServiceDeployments
+  Effect: Allow
+  Action:
+    - ecs:DescribeServiceDeployments
+  Resource: !Sub
+    - 'arn:${AWS::Partition}:ecs:${AWS::Region}:${AWS::AccountId}:service-deployment/${Cluster}/${App}-${Env}-${Name}-Service-*/*'
+    - Cluster:
+        Fn::ImportValue: !Sub '${App}-${Env}-ClusterId'
+- Sid: OwnClusterInstances
+  Effect: Allow
+  Action:
+    - ecs:DescribeContainerInstances
+  Resource: !Sub
+    - 'arn:${AWS::Partition}:ecs:${AWS::Region}:${AWS::AccountId}:container-instance/${Cluster}/*'
+    - Cluster:
+        Fn::ImportValue: !Sub '${App}-${Env}-ClusterId'
+- Sid: DrainTable
+  Effect: Allow
+  Action:
+    - dynamodb:GetItem
+    - dynamodb:UpdateItem
+    - dynamodb:PutItem
+  Resource: !GetAtt DrainTable.Arn
 ";
 
 #[test]
@@ -332,7 +357,22 @@ fn the_drain_addons_grant_exactly_the_ecs_reads_the_watcher_needs() {
             .unwrap_or_else(|| panic!("{relative}: the policy has no statements"));
         assert_eq!(
             statements, &expected,
-            "{relative}: the drain policy must be exactly DescribeServices on this service, ListTasks on this cluster and DescribeTasks on this service's tasks"
+            "{relative}: the drain policy must be exactly DescribeServices and DescribeServiceDeployments on this service, ListTasks and DescribeContainerInstances on this cluster, DescribeTasks on this service's tasks, and the drain table's item"
+        );
+        // The table, and its name as DRAIN_TABLE: Copilot passes an addon's other
+        // outputs to the containers, named in SCREAMING_SNAKE_CASE
+        // (template_functions.go, ToSnakeCaseFunc; envvars-common.yml).
+        let mut problems = Vec::new();
+        check_drain_table(
+            &relative,
+            at(&template, "Resources.DrainTable"),
+            &mut problems,
+        );
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+        assert_eq!(
+            at(&template, "Outputs.DrainTable.Value").and_then(function),
+            Some(("!Ref".to_owned(), "DrainTable".to_owned())),
+            "{relative}: the output DrainTable (DRAIN_TABLE) must be Ref DrainTable"
         );
         let outputs = format!("{:?}", at(&template, "Outputs"));
         let id = text(id).unwrap_or_default();
@@ -369,6 +409,8 @@ fn the_drain_addons_grant_exactly_the_ecs_reads_the_watcher_needs() {
         assert_eq!(
             ecs,
             [
+                "ecs:DescribeContainerInstances",
+                "ecs:DescribeServiceDeployments",
                 "ecs:DescribeServices",
                 "ecs:DescribeTasks",
                 "ecs:GetTaskProtection",

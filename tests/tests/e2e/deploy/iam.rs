@@ -209,6 +209,8 @@ struct World {
     tag_key: &'static str,
     /// Service → the name of its ECS service.
     service_names: BTreeMap<&'static str, String>,
+    /// Service → the ARN of its drain table.
+    tables: BTreeMap<&'static str, String>,
 }
 
 impl World {
@@ -292,6 +294,87 @@ impl World {
                 },
                 want,
             ));
+            out.push((
+                format!("ecs:DescribeServiceDeployments on a deployment of the {s} service"),
+                Request {
+                    action: "ecs:DescribeServiceDeployments",
+                    resource: format!(
+                        "arn:aws:ecs:{REGION}:{ACCOUNT}:service-deployment/{}/{}/AbCdEf123",
+                        self.cluster, self.service_names[s]
+                    ),
+                    context: [("ecs:cluster".to_owned(), Self::cluster_arn(&self.cluster))]
+                        .into_iter()
+                        .collect(),
+                },
+                want,
+            ));
+        }
+        for (whose, cluster, want) in [
+            ("its own", &self.cluster, true),
+            ("another", &self.other_cluster, false),
+        ] {
+            out.push((
+                format!("ecs:DescribeContainerInstances in {whose} cluster"),
+                Request {
+                    action: "ecs:DescribeContainerInstances",
+                    resource: format!(
+                        "arn:aws:ecs:{REGION}:{ACCOUNT}:container-instance/{cluster}/0123456789abcdef"
+                    ),
+                    context: [("ecs:cluster".to_owned(), Self::cluster_arn(cluster))]
+                        .into_iter()
+                        .collect(),
+                },
+                want,
+            ));
+        }
+        let own = &self.tables[service];
+        for action in [
+            "dynamodb:GetItem",
+            "dynamodb:UpdateItem",
+            "dynamodb:PutItem",
+        ] {
+            let mut tables = vec![
+                ("its drain table".to_owned(), own.clone(), true),
+                (
+                    "another table".to_owned(),
+                    format!("arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/orders"),
+                    false,
+                ),
+            ];
+            // Copilot makes a table per service; the template one for both.
+            if self.tables[other] != *own {
+                tables.push((
+                    format!("the {other} service's drain table"),
+                    self.tables[other].clone(),
+                    false,
+                ));
+            }
+            for (whose, table, want) in tables {
+                out.push((
+                    format!("{action} on {whose}"),
+                    Request {
+                        action,
+                        resource: table,
+                        context: BTreeMap::new(),
+                    },
+                    want,
+                ));
+            }
+        }
+        for action in [
+            "dynamodb:DeleteItem",
+            "dynamodb:Scan",
+            "dynamodb:DeleteTable",
+        ] {
+            out.push((
+                format!("{action} on its drain table"),
+                Request {
+                    action,
+                    resource: own.clone(),
+                    context: BTreeMap::new(),
+                },
+                false,
+            ));
         }
         out
     }
@@ -342,6 +425,14 @@ fn simulate(what: &str, world: &World, roles: &BTreeMap<&str, Vec<Value>>) -> Ve
     problems
 }
 
+/// The ARN of `service`'s drain table, which CloudFormation names in the addons'
+/// nested stack.
+fn copilot_table(service: &str) -> String {
+    format!(
+        "arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/task-protection-test-{service}-AddonsStack-XyZ-DrainTable-AbC"
+    )
+}
+
 /// The Copilot roles: each service's addons, resolved for the `test` environment.
 fn copilot_roles(world: &World) -> BTreeMap<&'static str, Vec<Value>> {
     let mut roles = BTreeMap::new();
@@ -356,10 +447,13 @@ fn copilot_roles(world: &World) -> BTreeMap<&'static str, Vec<Value>> {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .chain([(
-            "import:task-protection-test-ClusterId".to_owned(),
-            world.cluster.clone(),
-        )])
+        .chain([
+            (
+                "import:task-protection-test-ClusterId".to_owned(),
+                world.cluster.clone(),
+            ),
+            ("DrainTable.Arn".to_owned(), world.tables[service].clone()),
+        ])
         .collect();
         let mut statements = Vec::new();
         for addon in ["task-protection", "drain"] {
@@ -390,6 +484,7 @@ fn each_copilot_service_role_reaches_its_own_tasks_and_not_the_others() {
             .iter()
             .map(|s| (*s, format!("task-protection-test-{s}-Service-XyZ123")))
             .collect(),
+        tables: SERVICES.iter().map(|s| (*s, copilot_table(s))).collect(),
     };
     let problems = simulate("copilot", &world, &copilot_roles(&world));
     assert!(problems.is_empty(), "{}", problems.join("\n"));
@@ -436,6 +531,15 @@ fn each_template_service_role_reaches_its_own_tasks_and_not_the_others() {
             .iter()
             .map(|(s, prefix)| (*s, format!("{stack}-{prefix}Service-XyZ123")))
             .collect(),
+        tables: logical
+            .iter()
+            .map(|(s, _)| {
+                (
+                    *s,
+                    format!("arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{stack}-DrainTable-AbC"),
+                )
+            })
+            .collect(),
     };
     let vars: BTreeMap<String, String> = [
         ("AWS::Partition", "aws".to_owned()),
@@ -448,6 +552,7 @@ fn each_template_service_role_reaches_its_own_tasks_and_not_the_others() {
             "Queue.Arn",
             format!("arn:aws:sqs:{REGION}:{ACCOUNT}:{stack}-Queue-AbC"),
         ),
+        ("DrainTable.Arn", world.tables["websocket"].clone()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

@@ -38,8 +38,9 @@ pub(super) const TARGET_UNHEALTHY_THRESHOLD: u64 = 2;
 /// Where taskdef_overrides sets the main container's stop timeout.
 const STOP_TIMEOUT_PATH: &str = "ContainerDefinitions[0].StopTimeout";
 /// The longest deregistration delay the deployments may set: ECS waits it in full
-/// before SIGTERM, for every task it stops.
-pub(super) const DEREGISTRATION_DELAY_MAX: Duration = Duration::from_secs(30);
+/// before SIGTERM, for every task it stops, and the goodbye of a task ECS stops
+/// must fit in it (`check_goodbye_within_delay`): a minute and a half.
+pub(super) const DEREGISTRATION_DELAY_MAX: Duration = Duration::from_secs(90);
 /// The longest SQS keeps a message (`MessageRetentionPeriod` 1209600): what a queue
 /// that outlives its stack should keep.
 pub(super) const MAX_RETENTION: Duration = Duration::from_secs(14 * 24 * 3600);
@@ -318,52 +319,103 @@ pub(super) async fn without_unread_health_port(
     }
 }
 
-/// A leaving websocket task keeps its clients while /healthz answers 503, long
-/// enough for the ALB to take it out of rotation (interval × unhealthy threshold),
-/// so that they reconnect to other tasks.
-pub(super) fn check_drain_notice(read: &BTreeMap<String, Setting>, problems: &mut Vec<String>) {
-    if !read.contains_key("DRAIN_NOTICE_SECONDS") {
-        return;
-    }
-    let out_of_rotation = TARGET_HEALTH_INTERVAL_SECONDS * TARGET_UNHEALTHY_THRESHOLD;
-    match default_number(read, "DRAIN_NOTICE_SECONDS") {
-        Some(notice) if notice >= out_of_rotation => {}
-        other => problems.push(format!(
-            "DRAIN_NOTICE_SECONDS defaults to {other:?}, below the {out_of_rotation} s the load balancer takes to stop sending clients"
-        )),
-    }
-}
-
-/// What the goodbye needs beside its notice and its pace: time for the task to see
-/// that ECS is stopping it, and for the last clients' close handshakes.
-pub(super) const GOODBYE_MARGIN: Duration = Duration::from_secs(5);
-
-/// The goodbye of a task ECS stops finishes before the deregistration delay can end.
-/// ECS deregisters the target first, and the websocket starts its goodbye then:
-/// DRAIN_NOTICE_SECONDS for the load balancer to stop sending new clients, then
-/// MAX_CONNECTIONS clients told to leave at GOODBYE_RATE a second. What the ALB does
-/// with a connection still open when the delay ends is not something to rely on
-/// (docs/deploy.md, "The goodbye and the load balancer"), and SIGTERM follows the
-/// delay: so the delay is at least the whole goodbye plus `GOODBYE_MARGIN`.
-pub(super) fn check_goodbye_within_delay(
-    delay: Duration,
+/// A leaving websocket task passes its health checks (ECS replaces a task that fails
+/// one, protected or not) and refuses new clients at the upgrade with 503 and
+/// Retry-After: no client is sent to it that a notice would have to wait out. So the
+/// deployment sets no DRAIN_NOTICE_SECONDS, and its default is 0.
+pub(super) fn check_drain_notice(
+    vars: &BTreeMap<String, String>,
     read: &BTreeMap<String, Setting>,
     problems: &mut Vec<String>,
 ) {
-    let (Some(notice), Some(cap), Some(rate)) = (
-        default_number(read, "DRAIN_NOTICE_SECONDS"),
-        default_number(read, "MAX_CONNECTIONS"),
-        default_number(read, "GOODBYE_RATE").filter(|r| *r > 0),
+    if let Some(notice) = vars.get("DRAIN_NOTICE_SECONDS")
+        && notice != "0"
+    {
+        problems.push(format!(
+            "DRAIN_NOTICE_SECONDS is {notice}: a leaving task refuses new clients at once and stays healthy, so a notice only delays its goodbye"
+        ));
+    }
+    if read.contains_key("DRAIN_NOTICE_SECONDS")
+        && default_number(read, "DRAIN_NOTICE_SECONDS") != Some(0)
+    {
+        problems.push(format!(
+            "DRAIN_NOTICE_SECONDS defaults to {:?}, not 0",
+            default_number(read, "DRAIN_NOTICE_SECONDS")
+        ));
+    }
+}
+
+/// The drain's table is the one `DynamoStore` writes (its docs): partition key the
+/// string `service`, items that expire by `expires_at`, on-demand capacity.
+pub(super) fn check_drain_table(what: &str, table: Option<&Value>, problems: &mut Vec<String>) {
+    let Some(table) = table else {
+        problems.push(format!("{what}: no DrainTable"));
+        return;
+    };
+    let expected: Value = serde_norway::from_str(
+        "
+BillingMode: PAY_PER_REQUEST
+AttributeDefinitions: [{AttributeName: service, AttributeType: S}]
+KeySchema: [{AttributeName: service, KeyType: HASH}]
+TimeToLiveSpecification: {AttributeName: expires_at, Enabled: true}
+SSESpecification: {SSEEnabled: true}
+",
+    )
+    .expect("valid YAML");
+    if text_at(table, "Type").as_deref() != Some("AWS::DynamoDB::Table")
+        || table.get("Properties") != Some(&expected)
+    {
+        problems.push(format!(
+            "{what}: DrainTable must be a DynamoDB table of {expected:?}, is {table:?}"
+        ));
+    }
+}
+
+/// What the goodbye needs beside seeing the stop and its pace: the last clients'
+/// close handshakes.
+pub(super) const GOODBYE_MARGIN: Duration = Duration::from_secs(5);
+
+/// The goodbye of a task ECS stops finishes before the deregistration delay can end.
+/// ECS deregisters the target first (the ALB sends it no new clients from then on),
+/// and the websocket starts its goodbye when it sees the stop: at most 2 ×
+/// DRAIN_CHECK_SECONDS later. With DRAIN_TABLE, as deployed, the service decides a
+/// check interval after its last decision, at the first read of a task after that
+/// (each task reads every third of an interval, jittered by up to 1.5: at most half
+/// an interval late), and the stopping task sees the decision at its next read (at
+/// most half an interval again); a task deciding for itself looks a jittered
+/// interval of at most 1.5 apart. Then
+/// DRAIN_NOTICE_SECONDS, then MAX_CONNECTIONS clients told to leave at GOODBYE_RATE
+/// a second. What the ALB does with a connection still open when the delay ends is
+/// not something to rely on (docs/deploy.md, "The goodbye and the load balancer"),
+/// and SIGTERM follows the delay: so the delay is at least the whole goodbye plus
+/// `GOODBYE_MARGIN`.
+pub(super) fn check_goodbye_within_delay(
+    delay: Duration,
+    vars: &BTreeMap<String, String>,
+    read: &BTreeMap<String, Setting>,
+    problems: &mut Vec<String>,
+) {
+    let number = |name: &str| {
+        vars.get(name)
+            .and_then(|v| v.parse::<u64>().ok())
+            .or_else(|| default_number(read, name))
+    };
+    let (Some(check), Some(notice), Some(cap), Some(rate)) = (
+        number("DRAIN_CHECK_SECONDS"),
+        number("DRAIN_NOTICE_SECONDS"),
+        number("MAX_CONNECTIONS"),
+        number("GOODBYE_RATE").filter(|r| *r > 0),
     ) else {
         problems.push(
-            "the websocket reads no DRAIN_NOTICE_SECONDS, MAX_CONNECTIONS or GOODBYE_RATE: the goodbye cannot be checked against the deregistration delay".to_owned(),
+            "the websocket reads no DRAIN_CHECK_SECONDS, DRAIN_NOTICE_SECONDS, MAX_CONNECTIONS or GOODBYE_RATE: the goodbye cannot be checked against the deregistration delay".to_owned(),
         );
         return;
     };
-    let goodbye = Duration::from_secs(notice + cap.div_ceil(rate));
+    let seen = Duration::from_secs(check * 2);
+    let goodbye = seen + Duration::from_secs(notice + cap.div_ceil(rate));
     if delay < goodbye + GOODBYE_MARGIN {
         problems.push(format!(
-            "the deregistration delay ({delay:?}) ends before the goodbye can: DRAIN_NOTICE_SECONDS {notice} s + MAX_CONNECTIONS {cap} / GOODBYE_RATE {rate} a second = {goodbye:?}, plus {GOODBYE_MARGIN:?}"
+            "the deregistration delay ({delay:?}) ends before the goodbye can: 2 x DRAIN_CHECK_SECONDS {check} s to see the stop + DRAIN_NOTICE_SECONDS {notice} s + MAX_CONNECTIONS {cap} / GOODBYE_RATE {rate} a second = {goodbye:?}, plus {GOODBYE_MARGIN:?}"
         ));
     }
 }
@@ -634,11 +686,11 @@ async fn the_web_manifest_matches_the_websocket_server() {
     }
 
     // ECS waits the whole deregistration delay before SIGTERM, and every stopped
-    // task pays it: set it, well below Copilot's default of 60 s.
+    // task pays it: set it, as short as the goodbye allows.
     let delay = text_at(&manifest, "http.deregistration_delay");
     match delay.as_deref().and_then(go_duration) {
         Some(d) if d > Duration::ZERO && d <= DEREGISTRATION_DELAY_MAX => {
-            check_goodbye_within_delay(d, &read, &mut problems);
+            check_goodbye_within_delay(d, &vars, &read, &mut problems);
         }
         _ => problems.push(format!(
             "http.deregistration_delay is {delay:?}; set it, at most {DEREGISTRATION_DELAY_MAX:?}"
@@ -665,7 +717,7 @@ async fn the_web_manifest_matches_the_websocket_server() {
         ));
     }
 
-    check_drain_notice(&read, &mut problems);
+    check_drain_notice(&vars, &read, &mut problems);
 
     // The routes the ALB uses are ones the real server answers with 200.
     let path = text_at(&manifest, "http.path");
