@@ -58,6 +58,7 @@ pub struct WorkerSpec {
     protection: ProtectionSettings,
     topics: Vec<(String, String)>,
     membership: Option<watch::Receiver<Membership>>,
+    following: Option<watch::Receiver<bool>>,
 }
 
 impl WorkerSpec {
@@ -74,6 +75,7 @@ impl WorkerSpec {
             protection: ProtectionSettings::default(),
             topics: Vec::new(),
             membership: None,
+            following: None,
         }
     }
 
@@ -81,6 +83,14 @@ impl WorkerSpec {
     #[must_use]
     pub fn membership(mut self, membership: watch::Receiver<Membership>) -> Self {
         self.membership = Some(membership);
+        self
+    }
+
+    /// Follows the membership only while `on` is true, as the drain watcher's
+    /// `Drain::on_changes` says.
+    #[must_use]
+    pub fn followed_while(mut self, on: watch::Receiver<bool>) -> Self {
+        self.following = Some(on);
         self
     }
 
@@ -139,6 +149,9 @@ impl WorkerSpec {
         }
         if let Some(membership) = self.membership {
             worker = worker.with_membership(membership);
+        }
+        if let Some(on) = self.following {
+            worker = worker.followed_while(on);
         }
         RunningWorker::start(worker, protection)
     }

@@ -251,3 +251,47 @@ async fn queue_consumer_refused_while_wanted_pauses_then_works_the_message() {
         "a refusal ended the worker"
     );
 }
+
+#[tokio::test]
+async fn queue_consumer_refused_once_the_drain_is_off_ends_as_a_task_being_replaced() {
+    // The drain watcher gives up (its permissions taken away, say): from then on
+    // nothing says when this task goes, so a refusal means again what it means
+    // without a drain, and the worker ends, as with DRAIN=off.
+    let moto = Moto::start().await;
+    let agent = FakeAgent::start().await;
+    agent.always(Answer::Failure("DEPLOYMENT_BLOCKED"));
+    let client = moto.client();
+    let queue = moto.create_queue("jobs", 30).await;
+    let (_membership, follows) = watch::channel(Membership::Wanted);
+    let (on, following) = watch::channel(true);
+    let worker = WorkerSpec::new(&moto, &agent, &queue)
+        .protection(
+            ProtectionSettings::builder()
+                .check_interval(Duration::from_secs(2))
+                .build()
+                .expect("settings"),
+        )
+        .membership(follows)
+        .followed_while(following)
+        .spawn(handler_fn(|_job: Job| async { Verdict::Done }))
+        .await;
+    send(&client, &queue, "a").await;
+    let enables = || agent.puts().iter().filter(|p| p.enabled()).count();
+    wait_for("a refused enable", STEP, || async {
+        (enables() >= 1).then_some(())
+    })
+    .await;
+    // Refused while the drain is on: paused, not ended.
+    let at_first = enables();
+    wait_for("another refused enable", STEP, || async {
+        (enables() > at_first).then_some(())
+    })
+    .await;
+    on.send_replace(false);
+    match worker.stopped(STEP * 2).await {
+        Outcome::ProtectionRefused(r) => assert_eq!(r.reason(), "DEPLOYMENT_BLOCKED"),
+        other => panic!("ended with {other:?}, not the refusal"),
+    }
+    // The message was handed back, not lost.
+    wait_counts(&client, &queue, "the message back in the queue", (1, 0)).await;
+}
