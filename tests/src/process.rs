@@ -11,16 +11,21 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::Notify;
 
 /// Path of a binary built by this workspace (`cargo build --bins` first; the test
-/// command does that).
+/// command does that), or in the directory `E2E_BINARIES` names: the same tests and
+/// benches then measure another build (an earlier commit's, say) in the same run.
 #[must_use]
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(PathBuf::from)
-        .unwrap_or_default();
+    let dir = std::env::var_os("E2E_BINARIES").map_or_else(
+        || {
+            exe.parent()
+                .and_then(|deps| deps.parent())
+                .map(PathBuf::from)
+                .unwrap_or_default()
+        },
+        PathBuf::from,
+    );
     let path = dir.join(name);
     assert!(
         path.exists(),
