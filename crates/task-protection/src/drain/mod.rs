@@ -157,6 +157,7 @@ impl fmt::Display for LeaveReason {
 
 /// This task, as the drain needs to know it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TaskInfo {
     /// The cluster's name or ARN (`Cluster` in task metadata).
     pub cluster: String,

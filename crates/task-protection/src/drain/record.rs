@@ -37,6 +37,7 @@ pub(super) fn time(ms: u64) -> SystemTime {
 
 /// One decision, and what the next one needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Record {
     /// [`SCHEMA`].
     #[serde(rename = "v")]
@@ -58,6 +59,7 @@ pub struct Record {
 /// What the tasks of the service are to do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Verdict {
     /// The drain does not apply to this service (its deployments are run by
     /// CodeDeploy or an external controller): every task keeps the older behaviour.
@@ -88,6 +90,7 @@ impl Default for Verdict {
 
 /// One task's leave.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Leave {
     /// Why it leaves.
     pub reason: LeaveReason,

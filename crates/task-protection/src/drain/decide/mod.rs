@@ -42,6 +42,7 @@ use super::record::{
 
 /// How the decision judges readiness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Rules {
     /// How long, past the service's health check grace period, a new task must have
     /// run before it counts as ready: long enough for the load balancer to find it
@@ -50,8 +51,17 @@ pub struct Rules {
     pub settle: Duration,
 }
 
+impl Rules {
+    /// Rules that count a new task ready `settle` past its grace period.
+    #[must_use]
+    pub fn new(settle: Duration) -> Self {
+        Self { settle }
+    }
+}
+
 /// What a decision concludes.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Decision {
     /// The verdict.
     pub verdict: Verdict,
