@@ -311,6 +311,37 @@ async fn discovery_tries_again_after_429_and_500() {
         .unwrap();
     assert_eq!(id.task_arn, TASK);
     assert_eq!(server.received_requests().await.unwrap().len(), 4);
+    // The drain's start meets them too, and turns on all the same.
+    server.reset().await;
+    Mock::given(method("GET"))
+        .respond_with(
+            ResponseTemplate::new(429)
+                .insert_header("content-type", "text/plain; charset=utf-8")
+                .set_body_string("You have reached maximum request limit."),
+        )
+        .up_to_n_times(2)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(task_metadata()))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    let drain = task_protection::drain::Drain::start(
+        task_protection::drain::DrainMode::Auto,
+        Some(&format!("{}/v4/abc", server.uri())),
+        task_protection::drain::DrainSettings::builder()
+            .service("web")
+            .build()
+            .expect("settings"),
+    )
+    .await;
+    assert!(
+        drain.is_on(),
+        "the drain gave up on a 429 from task metadata"
+    );
+    assert_eq!(server.received_requests().await.unwrap().len(), 3);
     // A 404 will not change: no second try.
     server.reset().await;
     Mock::given(method("GET"))
