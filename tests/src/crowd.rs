@@ -24,6 +24,8 @@ struct Record {
     /// The longest time without a connection, among gaps that have ended.
     longest_gap: Duration,
     connects: u64,
+    /// Connects refused or failed (a 503 from a leaving task, say).
+    failed: u64,
 }
 
 /// A crowd of page-like clients of one `ws://` URL.
@@ -93,6 +95,12 @@ impl Crowd {
         self.records.iter().map(|r| lock(r).connects).sum()
     }
 
+    /// Every connect that was refused or failed so far.
+    #[must_use]
+    pub fn failed_connects(&self) -> u64 {
+        self.records.iter().map(|r| lock(r).failed).sum()
+    }
+
     /// Since the crowd started.
     #[must_use]
     pub fn age(&self) -> Duration {
@@ -120,7 +128,11 @@ async fn client(url: String, record: Arc<Mutex<Record>>, first: Duration) {
     tokio::time::sleep(first).await;
     let mut bound = MIN_BACKOFF;
     loop {
-        if let Ok((mut ws, _)) = tokio_tungstenite::connect_async(&url).await {
+        let attempt = tokio_tungstenite::connect_async(&url).await;
+        if attempt.is_err() {
+            lock(&record).failed += 1;
+        }
+        if let Ok((mut ws, _)) = attempt {
             {
                 let mut r = lock(&record);
                 let now = Instant::now();

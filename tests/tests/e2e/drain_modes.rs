@@ -91,7 +91,11 @@ async fn scale_in_3_to_1_under_300_clients_with_health_checks_acted_on() {
             |m| m.alive() == 1 && m.wanted().count() == 1,
         )
         .await;
-    eprintln!("scale-in 3 -> 1 with 300 clients, health checks acted on, took {took:?}");
+    eprintln!(
+        "scale-in 3 -> 1 with 300 clients, health checks acted on, took {took:?}; longest gap {:?}, {} refused or failed connects",
+        crowd.longest_gap(),
+        crowd.failed_connects()
+    );
     {
         let m = sim.model();
         let started = m.tasks.iter().filter(|t| t.created_at >= since).count();
@@ -143,7 +147,12 @@ async fn bad_deployment_rolls_back(mode: RollbackMode) {
         },
     )
     .await;
-    eprintln!("rollback of a deployment failing at the load balancer took {took:?}");
+    eprintln!(
+        "rollback of a deployment failing at the load balancer took {took:?}; longest gap {:?}, {} refused or failed connects, {} old tasks left",
+        crowd.longest_gap(),
+        crowd.failed_connects(),
+        left.len()
+    );
     {
         let m = sim.model();
         assert_eq!(
@@ -212,7 +221,11 @@ async fn rolling_under_load(max: u32, min: u32) {
             |m| super::drain::completed(m, &deployment, 2),
         )
         .await;
-    eprintln!("rolling deployment at {max} %/{min} % of 2 tasks with 200 clients took {took:?}");
+    eprintln!(
+        "rolling deployment at {max} %/{min} % of 2 tasks with 200 clients took {took:?}; longest gap {:?}, {} refused or failed connects",
+        crowd.longest_gap(),
+        crowd.failed_connects()
+    );
     every_client_served(&sim, &crowd, 200).await;
 }
 
@@ -253,7 +266,11 @@ async fn blue_green_deployment_under_load_shifts_traffic_before_any_old_task_lea
         |m| m.deployment(&green).is_some_and(|d| d.completed()),
     )
     .await;
-    eprintln!("blue/green deployment of 2 tasks with 200 clients took {took:?}");
+    eprintln!(
+        "blue/green deployment of 2 tasks with 200 clients took {took:?}; longest gap {:?}, {} refused or failed connects",
+        crowd.longest_gap(),
+        crowd.failed_connects()
+    );
     let early: Vec<_> = left
         .iter()
         .filter(|(_, l)| l.stage.is_none_or(|s| s < Stage::ProductionTrafficShift))
