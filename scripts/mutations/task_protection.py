@@ -166,4 +166,10 @@ MUTATIONS = [
  ("fake-agent-keeps-idle-connections", FAKE,
   "            .filter(|_| close == IdleClose::Prompt)",
   "            .filter(|_| false)", E),
+ ("try-hold-while-draining", P,
+  "        (!self.refuses_new_holders()).then_some(guard)",
+  "        Some(guard)", T),
+ ("drain-settings-unchecked", "crates/task-protection/src/drain/settings.rs",
+  "            if value < min || value > max {\n                return Err(DrainSettingsError::OutOfRange {",
+  "            if false && (value < min || value > max) {\n                return Err(DrainSettingsError::OutOfRange {", T),
 ]
