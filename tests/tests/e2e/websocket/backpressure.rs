@@ -176,3 +176,54 @@ async fn websocket_client_that_sends_but_never_reads_is_dropped_as_a_slow_reader
     );
     server.wait_for_connections(0).await;
 }
+
+/// The bytes the kernel holds unread for the server's end of the connection from
+/// `client_port` to `server_port` (`rx_queue` in `/proc/net/tcp`).
+fn server_receive_queue(server_port: u16, client_port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+        if port(fields.get(1)?)? != server_port || port(fields.get(2)?)? != client_port {
+            return None;
+        }
+        let rx = fields.get(4)?.rsplit(':').next()?;
+        u64::from_str_radix(rx, 16).ok()
+    })
+}
+
+#[tokio::test]
+async fn websocket_client_held_back_holds_no_more_than_the_default_kernel_buffer_on_the_server() {
+    use tokio::io::AsyncWriteExt;
+    // While a client's replies wait, the server reads no more from it, and what the
+    // client still sends waits in the server's kernel receive buffer. Linux grows a
+    // buffer only for a reader that keeps up, so this one stays at tcp_rmem's
+    // default (128 KiB here) and no more (not its maximum, 32 MiB here), for at most
+    // the 30 s after which the client is closed as a slow reader.
+    let rmem = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem").unwrap_or_default();
+    let default: u64 = rmem
+        .split_whitespace()
+        .nth(1)
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(128 * 1024);
+    let agent = FakeAgent::start().await;
+    let server = Server::start(&agent, &[]).await;
+    let mut tcp = raw_upgrade(server.port, "").await;
+    let client_port = tcp.local_addr().expect("a local address").port();
+    let pings = client_frame(true, 0x1, b"ping").repeat(64);
+    // Send until the server's window closes: a write that makes no progress for 2 s.
+    let started = Instant::now();
+    while tokio::time::timeout(Duration::from_secs(2), tcp.write_all(&pings))
+        .await
+        .is_ok_and(|r| r.is_ok())
+    {
+        assert!(started.elapsed() < STEP, "the server kept reading");
+    }
+    let held = server_receive_queue(server.port, client_port)
+        .expect("the server's end of the connection in /proc/net/tcp");
+    eprintln!("the server's kernel holds {held} bytes of a held-back client");
+    assert!(
+        held <= default,
+        "{held} bytes held, over tcp_rmem's default {default}"
+    );
+}
