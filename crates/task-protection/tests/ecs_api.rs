@@ -278,11 +278,8 @@ async fn backend_selection_follows_the_environment() {
     );
 }
 
-/// The metadata endpoint is behind the agent's limiter and answers 429 (text) and
-/// 500 too: discovery tries again, and a start that meets them still finds its task.
-#[tokio::test]
-async fn discovery_tries_again_after_429_and_500() {
-    let server = MockServer::start().await;
+/// The agent's limiter's answer, twice, before anything else `server` answers.
+async fn two_limiter_answers(server: &MockServer) {
     Mock::given(method("GET"))
         .respond_with(
             ResponseTemplate::new(429)
@@ -291,8 +288,16 @@ async fn discovery_tries_again_after_429_and_500() {
         )
         .up_to_n_times(2)
         .with_priority(1)
-        .mount(&server)
+        .mount(server)
         .await;
+}
+
+/// The metadata endpoint is behind the agent's limiter and answers 429 (text) and
+/// 500 too: discovery tries again, and a start that meets them still finds its task.
+#[tokio::test]
+async fn discovery_tries_again_after_429_and_500() {
+    let server = MockServer::start().await;
+    two_limiter_answers(&server).await;
     Mock::given(method("GET"))
         .respond_with(
             ResponseTemplate::new(500).set_body_json(json!("failed to get task metadata")),
@@ -313,16 +318,7 @@ async fn discovery_tries_again_after_429_and_500() {
     assert_eq!(server.received_requests().await.unwrap().len(), 4);
     // The drain's start meets them too, and turns on all the same.
     server.reset().await;
-    Mock::given(method("GET"))
-        .respond_with(
-            ResponseTemplate::new(429)
-                .insert_header("content-type", "text/plain; charset=utf-8")
-                .set_body_string("You have reached maximum request limit."),
-        )
-        .up_to_n_times(2)
-        .with_priority(1)
-        .mount(&server)
-        .await;
+    two_limiter_answers(&server).await;
     Mock::given(method("GET"))
         .respond_with(ResponseTemplate::new(200).set_body_json(task_metadata()))
         .with_priority(2)

@@ -196,6 +196,23 @@ async fn queue_consumer_drain_sigterm_while_leaving_finishes_the_running_job() {
     assert!(agent.released(), "{:?}", agent.puts());
 }
 
+/// A worker following `membership`, asking ECS again 2 s after a refusal.
+fn following(
+    moto: &Moto,
+    agent: &FakeAgent,
+    queue: &str,
+    membership: watch::Receiver<Membership>,
+) -> WorkerSpec {
+    WorkerSpec::new(moto, agent, queue)
+        .protection(
+            ProtectionSettings::builder()
+                .check_interval(Duration::from_secs(2))
+                .build()
+                .expect("settings"),
+        )
+        .membership(membership)
+}
+
 #[tokio::test]
 async fn queue_consumer_refused_while_wanted_pauses_then_works_the_message() {
     // With the drain watcher on, a refusal (DEPLOYMENT_BLOCKED while a deployment's
@@ -219,14 +236,7 @@ async fn queue_consumer_refused_while_wanted_pauses_then_works_the_message() {
             async { Verdict::Done }
         })
     };
-    let worker = WorkerSpec::new(&moto, &agent, &queue)
-        .protection(
-            ProtectionSettings::builder()
-                .check_interval(Duration::from_secs(2))
-                .build()
-                .expect("settings"),
-        )
-        .membership(follows)
+    let worker = following(&moto, &agent, &queue, follows)
         .spawn(handler)
         .await;
     send(&client, &queue, "a").await;
@@ -263,16 +273,9 @@ async fn queue_consumer_refused_once_the_drain_is_off_ends_as_a_task_being_repla
     let client = moto.client();
     let queue = moto.create_queue("jobs", 30).await;
     let (_membership, follows) = watch::channel(Membership::Wanted);
-    let (on, following) = watch::channel(true);
-    let worker = WorkerSpec::new(&moto, &agent, &queue)
-        .protection(
-            ProtectionSettings::builder()
-                .check_interval(Duration::from_secs(2))
-                .build()
-                .expect("settings"),
-        )
-        .membership(follows)
-        .followed_while(following)
+    let (on, on_now) = watch::channel(true);
+    let worker = following(&moto, &agent, &queue, follows)
+        .followed_while(on_now)
         .spawn(handler_fn(|_job: Job| async { Verdict::Done }))
         .await;
     send(&client, &queue, "a").await;
