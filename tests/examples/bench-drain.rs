@@ -1,8 +1,9 @@
-//! Drain under load, with and without, on a simulated ECS service (`e2e::sim`) at the
-//! deployment files' settings: a check every 30 s (the default), a target group
-//! health check every 5 s with an unhealthy threshold of 2, the container health check
-//! every 30 s, a grace period of 30 s, a drain notice of 10 s, a deregistration delay
-//! of 20 s and a stop timeout of 35 s. ECS acts on both health checks.
+//! Drain under load, with and without, on a simulated ECS service (`e2e::sim`): a
+//! check every 30 s (the default), a target group health check every 5 s with an
+//! unhealthy threshold of 2, the container health check every 30 s, a grace period of
+//! 30 s, a deregistration delay of 20 s (`Settings::websocket`; the deployment files
+//! now set 75 s, which only adds to each stop) and a stop timeout of 35 s, the
+//! binary's own drain settings. ECS acts on both health checks.
 //!
 //! - scale-in: 3 tasks and 300 page-like clients, the desired count lowered to 1;
 //! - deployment: 2 tasks and 200 clients, a new deployment.

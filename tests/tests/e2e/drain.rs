@@ -17,7 +17,8 @@ pub(crate) fn websocket(desired: u32, extra: &[(&str, &str)]) -> SimConfig {
         .env([
             ("RUST_LOG", "info"),
             ("DRAIN_CHECK_SECONDS", "3"),
-            // Two failed health checks a second apart, and a margin.
+            // A notice, as a user may set one: the clients of a leaving task stay
+            // 3 s before they are told to go, and the drain must still hold.
             ("DRAIN_NOTICE_SECONDS", "3"),
             ("SHUTDOWN_GRACE_SECONDS", "5"),
         ])
