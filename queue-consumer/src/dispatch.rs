@@ -152,6 +152,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, dispatch: Dispatch) {
     let id = message.id.clone();
     let mut keeper = Keeper::new(
         shared.lanes[lane].settle.clone(),
+        shared.lanes[lane].queue.url(),
         &message,
         shared.settings.visibility,
     );

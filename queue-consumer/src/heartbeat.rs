@@ -176,6 +176,8 @@ struct Extension {
 #[derive(Debug)]
 pub(crate) struct Keeper {
     settle: SettleQueue,
+    /// The queue's URL, for the lines that say an extension failed.
+    queue: String,
     id: String,
     handle: String,
     heartbeat: Heartbeat,
@@ -195,10 +197,16 @@ pub(crate) struct Keeper {
 }
 
 impl Keeper {
-    pub(crate) fn new(settle: SettleQueue, message: &Message, visibility: Duration) -> Self {
+    pub(crate) fn new(
+        settle: SettleQueue,
+        queue: &str,
+        message: &Message,
+        visibility: Duration,
+    ) -> Self {
         let (requester, requests) = mpsc::unbounded_channel();
         Self {
             settle,
+            queue: queue.to_owned(),
             id: message.id.clone(),
             handle: message.receipt_handle.clone(),
             heartbeat: Heartbeat::new(message.hidden_at, visibility),
@@ -406,7 +414,9 @@ impl Keeper {
                         .saturating_duration_since(Instant::now());
                     tracing::warn!(
                         message_id = %id,
-                        "{id} - Extending visibility failed, retrying while {}s of visibility are left: {error}",
+                        queue = %self.queue,
+                        "{id} - Extending visibility failed on {}, retrying while {}s of visibility are left: {error}",
+                        self.queue,
                         left.as_secs()
                     );
                 }

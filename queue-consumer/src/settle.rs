@@ -239,9 +239,11 @@ pub(crate) async fn settle(
             } else {
                 "not retried: the receipt handle no longer works"
             };
+            let queue = shared.lanes[lane].queue.url();
             tracing::warn!(
                 message_id = %id,
-                "{id} - {what} failed ({error}), {then}; SQS delivers it again once its visibility timeout passes"
+                %queue,
+                "{id} - {what} failed on {queue} ({error}), {then}; SQS delivers it again once its visibility timeout passes"
             );
             return;
         }
@@ -253,9 +255,11 @@ pub(crate) async fn settle(
             } else {
                 "failed"
             };
+            let queue = shared.lanes[lane].queue.url();
             tracing::warn!(
                 message_id = %id,
-                "{id} - {what} {state} ({error}); keeping the message and trying again"
+                %queue,
+                "{id} - {what} {state} on {queue} ({error}); keeping the message and trying again"
             );
         } else {
             tracing::debug!(message_id = %id, "{id} - {what} try {tries} failed: {error}");

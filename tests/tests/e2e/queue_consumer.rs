@@ -588,8 +588,10 @@ async fn queue_consumer_unanswered_delete_neither_stalls_nor_outlasts_the_shutdo
     worker
         .wait_for_line(&format!("{} - Working for", ids[0]), START)
         .await;
-    // The delete gets no answer: the worker says it does not know what happened.
-    worker.wait_for_line("outcome unknown", STEP).await;
+    // The delete gets no answer: the worker says it does not know what happened,
+    // and on which queue.
+    let line = worker.wait_for_line("outcome unknown", STEP).await;
+    assert!(line.contains(&s.queue_url), "{line}");
     // The other slot still receives and works.
     let more = s.send(&["50"]).await;
     worker

@@ -113,6 +113,14 @@ async fn queue_consumer_a_done_jobs_delete_is_tried_on_after_its_visibility_ran_
         (logs.count("Its visibility ran out while its delete was tried") == 1).then_some(())
     })
     .await;
+    // Each line that says a call failed names the queue.
+    let failed: Vec<String> = logs
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("trying again") || l.contains("Extending visibility failed"))
+        .collect();
+    assert!(!failed.is_empty(), "no line says the delete failed");
+    assert!(failed.iter().all(|l| l.contains(&queue)), "{failed:#?}");
     proxy.clear("DeleteMessageBatch");
     proxy.clear("ChangeMessageVisibilityBatch");
     wait_for("the message deleted", STEP * 2, || async {
