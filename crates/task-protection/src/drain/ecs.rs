@@ -12,41 +12,38 @@ use super::api::{ApiError, ServiceApi};
 use super::facts::{
     Controller, DeploymentFacts, Health, Rollout, ServiceFacts, ShiftFacts, Strategy, TaskFacts,
 };
+use crate::EcsClient;
 
-/// [`ServiceApi`] through aws-sdk-ecs.
+/// [`ServiceApi`] through aws-sdk-ecs, on the crate's [`EcsClient`] (its SDK retries
+/// off: the drain paces and retries itself).
 #[derive(Debug, Clone)]
 pub struct EcsService {
-    client: aws_sdk_ecs::Client,
+    client: EcsClient,
 }
 
 impl EcsService {
     /// A client from the standard AWS configuration (credentials, Region,
     /// `AWS_ENDPOINT_URL_ECS`), with the SDK's retries off.
     pub async fn from_env() -> Self {
-        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .retry_config(aws_config::retry::RetryConfig::disabled())
-            .load()
-            .await;
-        Self {
-            client: aws_sdk_ecs::Client::new(&sdk),
-        }
+        Self::new(EcsClient::from_env().await)
     }
 
     /// A client for a local stand-in of the ECS API at `endpoint` (a simulator, a test
     /// server): Region `us-east-1`, fixed credentials, no retries.
     #[must_use]
     pub fn for_endpoint(endpoint: &str) -> Self {
-        use aws_sdk_ecs::config::{BehaviorVersion, Credentials, Region, retry::RetryConfig};
-        let config = aws_sdk_ecs::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new("us-east-1"))
-            .credentials_provider(Credentials::new("local", "local", None, None, "stand-in"))
-            .retry_config(RetryConfig::disabled())
-            .endpoint_url(endpoint)
-            .build();
-        Self {
-            client: aws_sdk_ecs::Client::from_conf(config),
-        }
+        Self::new(EcsClient::with_endpoint(
+            endpoint,
+            "us-east-1",
+            "local",
+            "local",
+        ))
+    }
+
+    /// The drain's calls through `client`.
+    #[must_use]
+    pub fn new(client: EcsClient) -> Self {
+        Self { client }
     }
 }
 
@@ -128,6 +125,7 @@ impl ServiceApi for EcsService {
         counted();
         let answer = self
             .client
+            .sdk()
             .describe_services()
             .cluster(cluster)
             .services(service)
@@ -184,6 +182,7 @@ impl ServiceApi for EcsService {
         counted();
         let answer = self
             .client
+            .sdk()
             .list_tasks()
             .cluster(cluster)
             .service_name(service)
@@ -211,6 +210,7 @@ impl ServiceApi for EcsService {
         counted();
         let answer = self
             .client
+            .sdk()
             .describe_tasks()
             .cluster(cluster)
             .set_tasks(Some(arns.to_vec()))
@@ -248,6 +248,7 @@ impl ServiceApi for EcsService {
         counted();
         let answer = self
             .client
+            .sdk()
             .describe_container_instances()
             .cluster(cluster)
             .set_container_instances(Some(instances.to_vec()))
@@ -267,6 +268,7 @@ impl ServiceApi for EcsService {
         counted();
         let answer = self
             .client
+            .sdk()
             .describe_service_deployments()
             .service_deployment_arns(arn)
             .send()
