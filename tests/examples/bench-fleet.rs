@@ -20,26 +20,13 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use e2e::sim::fleet::{Fleet, FleetConfig};
-use e2e::sim::settings::Settings;
-use task_protection::drain::DrainSettings;
 
 const SERVICE_READS: &str = "Service read actions";
 const CLUSTER_READS: &str = "Cluster resource read actions";
 const REFILL: f64 = 20.0;
 
 fn config(tasks: u32) -> FleetConfig {
-    let mut ecs = Settings::websocket(tasks);
-    ecs.zones = vec![
-        "us-east-1a".into(),
-        "us-east-1b".into(),
-        "us-east-1c".into(),
-    ];
-    FleetConfig {
-        ecs,
-        drain: DrainSettings::default(),
-        let_go_after: Duration::from_secs(30),
-        throttle: 0.0,
-    }
+    FleetConfig::three_zones(tasks)
 }
 
 fn rate(

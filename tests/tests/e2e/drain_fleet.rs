@@ -7,25 +7,13 @@
 use std::time::Duration;
 
 use e2e::sim::fleet::{Fleet, FleetConfig};
-use e2e::sim::settings::{OtherCaller, Settings};
-use task_protection::drain::DrainSettings;
+use e2e::sim::settings::OtherCaller;
 
 /// The documented refill of the service read and cluster resource read buckets.
 const REFILL: f64 = 20.0;
 
 fn config(tasks: u32) -> FleetConfig {
-    let mut ecs = Settings::websocket(tasks);
-    ecs.zones = vec![
-        "us-east-1a".into(),
-        "us-east-1b".into(),
-        "us-east-1c".into(),
-    ];
-    FleetConfig {
-        ecs,
-        drain: DrainSettings::default(),
-        let_go_after: Duration::from_secs(30),
-        throttle: 0.0,
-    }
+    FleetConfig::three_zones(tasks)
 }
 
 /// Starts a fleet of `tasks` and waits until they all run.

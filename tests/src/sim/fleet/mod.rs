@@ -48,6 +48,26 @@ pub struct FleetConfig {
     pub throttle: f64,
 }
 
+impl FleetConfig {
+    /// `tasks` of the websocket service spread over three zones, the drain's default
+    /// settings, tasks that let go 30 s after they start leaving, no extra throttling.
+    #[must_use]
+    pub fn three_zones(tasks: u32) -> Self {
+        let mut ecs = Settings::websocket(tasks);
+        ecs.zones = vec![
+            "us-east-1a".into(),
+            "us-east-1b".into(),
+            "us-east-1c".into(),
+        ];
+        Self {
+            ecs,
+            drain: DrainSettings::default(),
+            let_go_after: Duration::from_secs(30),
+            throttle: 0.0,
+        }
+    }
+}
+
 /// The task that follows one task's drain (and, holding its subscription, keeps its
 /// watcher running until the task exits).
 #[derive(Debug)]
