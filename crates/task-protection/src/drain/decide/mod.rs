@@ -164,8 +164,13 @@ fn keep(
             continue;
         }
         let wanted = view.wanted.iter().any(|t| t.id() == id);
+        // A surplus that ECS resolved itself (it stopped another task, unprotected or
+        // unhealthy, before this one let go): the service wants every task it still
+        // runs, this one too.
+        let surplus_gone = matches!(leave.reason, LeaveReason::Surplus { .. })
+            && view.wanted.len() <= view.facts.service.desired as usize;
         if wanted {
-            if !recall {
+            if !recall && !surplus_gone {
                 leaving.insert(id, Leave { seen: at, ..leave });
             }
         } else if time(leave.seen) + FORGET_AFTER > now {

@@ -442,6 +442,26 @@ fn a_listing_that_misses_tasks_never_brings_one_back() {
 }
 
 #[test]
+fn a_surplus_ecs_resolved_itself_brings_its_leaver_back() {
+    // Scale-in 3 -> 2: a leaves; before it lets go, ECS stops c (idle and
+    // unprotected, or unhealthy). The service now runs what it wants, a among them:
+    // a leave kept now would hold a out of work that ECS will never stop it for.
+    let mut s = service(2, vec![deployment("d1", true, 2, 0)]);
+    s.running = 2;
+    let tasks = vec![task("a", "d1", "z1", 1), task("b", "d1", "z2", 2)];
+    let mut f = facts(s.clone(), tasks.clone());
+    f.stopped.insert("c".to_owned());
+    let d = decide_now(&f, &prev(2, &["a"]));
+    assert!(leaving(&d).is_empty(), "{:?}", leaving(&d));
+    // While the surplus lasts, the leaver stays gone.
+    s.running = 3;
+    let mut three = tasks;
+    three.push(task("c", "d1", "z3", 3));
+    let d = decide_now(&facts(s, three), &prev(2, &["a"]));
+    assert_eq!(leaving(&d), ["a"]);
+}
+
+#[test]
 fn without_a_listing_the_last_verdict_stands() {
     let s = service(2, vec![deployment("d1", true, 2, 0)]);
     let f = Facts {
