@@ -5,17 +5,21 @@
 //! - two queues, one idle: 300 jobs of 200 ms on a topic queue while the main queue
 //!   is empty (20 s long polls), against the same queue alone;
 //! - one long job: 5,000 zero-millisecond jobs (`--long-jobs`) at concurrency 10 with
-//!   one 600 s job running, against concurrency 9 without it;
+//!   one 1 h job running all the while, against concurrency 9 without it;
 //! - one FIFO group: 200 zero-millisecond jobs in one message group;
 //! - a trickle: one short job a second; pickup latency (from just before the
 //!   `SendMessage` to the job's start) and protection PUTs a minute, and how soon
 //!   protection is released once the trickle stops.
 //!
 //! SQS requests are counted on the wire by the counting proxy; protection PUTs by
-//! the fake agent.
+//! the fake agent. moto slows down as a queue grows (3,000 messages take over three
+//! minutes to send, and then each receive is slower too), so the jobs are sent as
+//! they are worked: at most [`AHEAD`] wait in a queue at any time, for every run of a
+//! mix alike.
 
 use std::collections::HashMap;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -52,6 +56,9 @@ struct Worker {
     agent: FakeAgent,
     proxy: CountingProxy,
     lines: Arc<Mutex<Vec<(Instant, String)>>>,
+    /// How many `Done` lines it wrote: counted as read, not by going through `lines`
+    /// on each, which at 5,000 jobs would take the worker's CPU.
+    done: Arc<AtomicUsize>,
     changed: Arc<Notify>,
     started: Instant,
 }
@@ -77,13 +84,18 @@ impl Worker {
         let started = Instant::now();
         let lines: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
         let changed = Arc::new(Notify::new());
+        let done = Arc::new(AtomicUsize::new(0));
         if let Some(out) = child.stdout.take() {
-            let (lines, changed) = (Arc::clone(&lines), Arc::clone(&changed));
+            let (lines, changed, done) =
+                (Arc::clone(&lines), Arc::clone(&changed), Arc::clone(&done));
             tokio::spawn(async move {
                 let mut reader = BufReader::new(out).lines();
                 while let Ok(Some(line)) = reader.next_line().await {
                     let at = Instant::now();
                     if line.contains(" - Done") || line.contains(" - Started") {
+                        if line.contains(" - Done") {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
                         lock(&lines).push((at, line));
                         changed.notify_one();
                     } else if line.contains("WARN") || line.contains("ERROR") {
@@ -97,20 +109,14 @@ impl Worker {
             agent,
             proxy,
             lines,
+            done,
             changed,
             started,
         }
     }
 
-    fn count(&self, needle: &str) -> usize {
-        lock(&self.lines)
-            .iter()
-            .filter(|(_, l)| l.contains(needle))
-            .count()
-    }
-
     async fn wait_done(&self, n: usize) {
-        while self.count(" - Done") < n {
+        while self.done.load(Ordering::Relaxed) < n {
             tokio::time::timeout(Duration::from_secs(300), self.changed.notified())
                 .await
                 .expect("the worker stalled");
@@ -206,6 +212,38 @@ impl Row {
 
 fn bodies(body: &str, n: usize) -> Vec<String> {
     vec![body.to_owned(); n]
+}
+
+/// The most jobs waiting in a queue at once; see the module's notes.
+const AHEAD: usize = 200;
+
+/// Sends `jobs` messages of `body` to `queue`: the first [`AHEAD`] now, the rest, a
+/// half of `AHEAD` at a time, by the task returned whenever fewer than half wait.
+async fn fill(
+    client: &Client,
+    queue: &str,
+    group: Option<&'static str>,
+    body: &str,
+    jobs: usize,
+) -> tokio::task::JoinHandle<()> {
+    let first = jobs.min(AHEAD);
+    send_all(client, queue, group, &bodies(body, first)).await;
+    let (client, queue, body) = (client.clone(), queue.to_owned(), body.to_owned());
+    tokio::spawn(async move {
+        let mut sent = first;
+        while sent < jobs {
+            let waiting = queue_counts(&client, &queue)
+                .await
+                .map_or(AHEAD, |(v, _)| usize::try_from(v).unwrap_or(AHEAD));
+            if waiting < AHEAD / 2 {
+                let n = (AHEAD / 2).min(jobs - sent);
+                send_all(&client, &queue, group, &bodies(&body, n)).await;
+                sent += n;
+            } else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    })
 }
 
 async fn fifo_queue(client: &Client) -> String {
@@ -309,7 +347,7 @@ enum Run {
     BesideIdle,
     /// The worker at concurrency 9, zero-millisecond jobs.
     Nine,
-    /// The worker at concurrency 10, zero-millisecond jobs and one of 600 s.
+    /// The worker at concurrency 10, zero-millisecond jobs and one of an hour.
     TenWithLongJob,
     /// The worker on one FIFO group of zero-millisecond jobs.
     FifoGroup,
@@ -335,7 +373,9 @@ impl Run {
                 "queue-consumer, concurrency 10, beside an idle queue (20 s polls)".into()
             }
             Self::Nine => "queue-consumer, concurrency 9, no long job".into(),
-            Self::TenWithLongJob => "queue-consumer, concurrency 10, one 600 s job running".into(),
+            Self::TenWithLongJob => {
+                "queue-consumer, concurrency 10, one 1 h job running all the while".into()
+            }
             Self::FifoGroup => "queue-consumer, concurrency 10, QUEUE_WAIT_SECONDS=1".into(),
         }
     }
@@ -357,37 +397,48 @@ impl Run {
                     moto.create_queue(&queue("plain"), 30).await
                 };
                 let group = fifo.then_some("g");
-                send_all(&client, &q, group, &bodies(&job_ms.to_string(), jobs)).await;
-                plain(moto, &q, jobs, batch, Duration::from_millis(job_ms), 1).await
+                let feeder = fill(&client, &q, group, &job_ms.to_string(), jobs).await;
+                let measured = plain(moto, &q, jobs, batch, Duration::from_millis(job_ms), 1).await;
+                feeder.await.expect("feeder");
+                measured
             }
             Self::Alone => {
                 let q = moto.create_queue(&queue("busy"), 30).await;
-                send_all(&client, &q, None, &bodies("200", jobs)).await;
-                worker(moto, &q, jobs, &ten, &[&q]).await
+                let feeder = fill(&client, &q, None, "200", jobs).await;
+                let measured = worker(moto, &q, jobs, &ten, &[&q]).await;
+                feeder.await.expect("feeder");
+                measured
             }
             Self::BesideIdle => {
                 let idle = moto.create_queue(&queue("idle"), 30).await;
                 let busy = moto.create_queue(&queue("busy"), 30).await;
-                send_all(&client, &busy, None, &bodies("200", jobs)).await;
+                let feeder = fill(&client, &busy, None, "200", jobs).await;
                 let topics = format!(r#"{{"busyEventsQueue":"{busy}"}}"#);
                 let mut e = ten.clone();
                 e.push(("COPILOT_TOPIC_QUEUE_URIS", topics));
-                worker(moto, &idle, jobs, &e, &[&busy]).await
+                let measured = worker(moto, &idle, jobs, &e, &[&busy]).await;
+                feeder.await.expect("feeder");
+                measured
             }
             Self::Nine => {
                 let q = moto.create_queue(&queue("c9"), 30).await;
-                send_all(&client, &q, None, &bodies("0", jobs)).await;
-                worker(moto, &q, jobs, &env(&[("WORKER_CONCURRENCY", "9")]), &[&q]).await
+                let feeder = fill(&client, &q, None, "0", jobs).await;
+                let nine = env(&[("WORKER_CONCURRENCY", "9")]);
+                let measured = worker(moto, &q, jobs, &nine, &[&q]).await;
+                feeder.await.expect("feeder");
+                measured
             }
             Self::TenWithLongJob => {
                 let q = moto.create_queue(&queue("c10"), 30).await;
-                let mut all = bodies("600000", 1);
-                all.extend(bodies("0", jobs));
-                send_all(&client, &q, None, &all).await;
+                // Sent first, so it is among the first received, and long enough to
+                // run for the whole measurement.
+                send_all(&client, &q, None, &bodies("3600000", 1)).await;
+                let feeder = fill(&client, &q, None, "0", jobs).await;
                 let mut e = ten.clone();
                 e.push(("SHUTDOWN_GRACE_SECONDS", "0".to_owned()));
                 let w = Worker::start(moto, &q, &e).await;
                 w.wait_done(jobs).await;
+                feeder.await.expect("feeder");
                 wait_for(
                     "the short jobs deleted",
                     Duration::from_secs(60),
@@ -404,12 +455,14 @@ impl Run {
             }
             Self::FifoGroup => {
                 let q = fifo_queue(&client).await;
-                send_all(&client, &q, Some("g"), &bodies("0", jobs)).await;
+                let feeder = fill(&client, &q, Some("g"), "0", jobs).await;
                 // moto's long poll on a FIFO queue leaves out the groups in flight at
                 // its start for its whole wait: 1 s polls, as the plain loop's.
                 let mut e = ten.clone();
                 e.push(("QUEUE_WAIT_SECONDS", "1".to_owned()));
-                worker(moto, &q, jobs, &e, &[&q]).await
+                let measured = worker(moto, &q, jobs, &e, &[&q]).await;
+                feeder.await.expect("feeder");
+                measured
             }
         }
     }
