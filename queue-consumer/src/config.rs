@@ -107,7 +107,8 @@ pub struct Config {
 
     /// Weights of the queues when several have work, as name=weight pairs separated by
     /// commas: the topic queues by their names in COPILOT_TOPIC_QUEUE_URIS, and
-    /// COPILOT_QUEUE_URI's queue as `default`; each unnamed queue weighs 1 (1..=100)
+    /// COPILOT_QUEUE_URI's queue as `default`; each weight a whole number from 1 to
+    /// 100, each unnamed queue weighing 1
     #[arg(long, env = "QUEUE_WEIGHTS", value_name = "NAME=WEIGHT,...", value_parser = parse_queue_weights)]
     pub queue_weights: Option<QueueWeights>,
 

@@ -44,7 +44,8 @@ pub struct Config {
     #[command(subcommand)]
     pub command: Option<Command>,
 
-    /// TCP port to listen on; the page, the websocket, /healthz and /status share it
+    /// TCP port to listen on; the page, the websocket, /healthz and /status share it;
+    /// 0: a free port the system picks, written in the log (0..=65535)
     #[arg(long, env = "PORT", value_name = "PORT", default_value = "3000",
           value_parser = ranged("PORT", 0, u64::from(u16::MAX), ""))]
     pub port: u64,

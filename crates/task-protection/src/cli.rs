@@ -51,29 +51,35 @@ pub struct ProtectionArgs {
           value_parser = parse_maintain_percent)]
     pub protection_maintain_percent: u8,
 
-    /// Refresh a held protection once this share of the duration has passed (1..=100)
+    /// Refresh a held protection once this share of the duration has passed; the
+    /// refresh must leave the request timeout plus the spacing before the expiry
+    /// (1..=99)
     #[arg(long, env = env::REFRESH_PERCENT, value_name = "PERCENT", default_value = "80",
           value_parser = parse_refresh_percent)]
     pub protection_refresh_percent: u8,
 
     /// Longest wait between attempts: the retry backoff cap and the cool-down after
-    /// ECS refuses protection, in ms
+    /// ECS refuses protection, in ms (100..=3600000)
     #[arg(long, env = env::CHECK_INTERVAL_MS, value_name = "MS", default_value = "10000",
           value_parser = millis(env::CHECK_INTERVAL_MS, CHECK_INTERVAL_MS_RANGE))]
     pub protection_check_interval_ms: u64,
 
     /// Least time between two protection PUTs, and without holders before a release,
-    /// in ms; ECS rate-limits these calls per account
+    /// in ms; ECS rate-limits these calls per account. At most the time from an enable
+    /// to its refresh, and at most the refresh's lead (what is left of the duration
+    /// then) less the request timeout (0..=60000)
     #[arg(long, env = env::MIN_PUT_INTERVAL_MS, value_name = "MS", default_value = "1000",
           value_parser = millis(env::MIN_PUT_INTERVAL_MS, MIN_PUT_INTERVAL_MS_RANGE))]
     pub protection_min_put_interval_ms: u64,
 
     /// Timeout of one protection request, in ms; longer than the agent's own 4-5 s
+    /// (1000..=120000)
     #[arg(long, env = env::REQUEST_TIMEOUT_MS, value_name = "MS", default_value = "8000",
           value_parser = millis(env::REQUEST_TIMEOUT_MS, REQUEST_TIMEOUT_MS_RANGE))]
     pub protection_request_timeout_ms: u64,
 
     /// How long to wait for ECS to confirm protection before giving up, in ms
+    /// (100..=3600000)
     #[arg(long, env = env::ACQUIRE_TIMEOUT_MS, value_name = "MS", default_value = "30000",
           value_parser = millis(env::ACQUIRE_TIMEOUT_MS, ACQUIRE_TIMEOUT_MS_RANGE))]
     pub protection_acquire_timeout_ms: u64,

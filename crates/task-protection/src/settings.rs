@@ -29,6 +29,9 @@ pub mod env {
 
 /// Allowed range of [`ProtectionSettings::duration_minutes`]: ECS's own limits.
 pub const DURATION_MINUTES_RANGE: (u16, u16) = (1, 2880);
+/// Allowed range of [`ProtectionSettings::refresh_percent`]: at 100 the refresh would
+/// be due at the very expiry, which no request can meet.
+pub const REFRESH_PERCENT_RANGE: (u8, u8) = (1, 99);
 /// Allowed range of the check interval, in milliseconds.
 pub const CHECK_INTERVAL_MS_RANGE: (u64, u64) = (100, 3_600_000);
 /// Allowed range of the least time between PUTs, in milliseconds.
@@ -113,20 +116,24 @@ pub fn parse_duration_minutes(raw: &str) -> Result<u16, SettingsError> {
 /// # Errors
 /// When the text is not a whole number or is out of range.
 pub fn parse_maintain_percent(raw: &str) -> Result<u8, SettingsError> {
-    parse_percent(env::MAINTAIN_PERCENT, raw, 0)
+    parse_percent(env::MAINTAIN_PERCENT, raw, (0, 100))
 }
 
-/// Parses `PROTECTION_REFRESH_PERCENT` (1..=100).
+/// Parses `PROTECTION_REFRESH_PERCENT` (1..=99).
 ///
 /// # Errors
 /// When the text is not a whole number or is out of range.
 pub fn parse_refresh_percent(raw: &str) -> Result<u8, SettingsError> {
-    parse_percent(env::REFRESH_PERCENT, raw, 1)
+    parse_percent(env::REFRESH_PERCENT, raw, REFRESH_PERCENT_RANGE)
 }
 
-fn parse_percent(variable: &'static str, raw: &str, lo: u64) -> Result<u8, SettingsError> {
-    let v = parse_in_range(variable, raw, (lo, 100), "percent")?;
-    Ok(u8::try_from(v).unwrap_or(100))
+fn parse_percent(
+    variable: &'static str,
+    raw: &str,
+    (lo, hi): (u8, u8),
+) -> Result<u8, SettingsError> {
+    let v = parse_in_range(variable, raw, (u64::from(lo), u64::from(hi)), "percent")?;
+    Ok(u8::try_from(v).unwrap_or(hi))
 }
 
 /// Parses a whole number and checks it against `range` (inclusive); errors name
@@ -389,7 +396,7 @@ impl ProtectionSettingsBuilder {
         self
     }
 
-    /// Refresh percentage, 1..=100.
+    /// Refresh percentage, 1..=99.
     pub fn refresh_percent(mut self, percent: u8) -> Self {
         self.inner.refresh_percent = percent;
         self
@@ -434,7 +441,12 @@ impl ProtectionSettingsBuilder {
             "minutes",
         )?;
         check_range(n.maintain_percent, s.maintain_percent, (0, 100), "percent")?;
-        check_range(n.refresh_percent, s.refresh_percent, (1, 100), "percent")?;
+        check_range(
+            n.refresh_percent,
+            s.refresh_percent,
+            REFRESH_PERCENT_RANGE,
+            "percent",
+        )?;
         let millis = [
             (n.check_interval, s.check_interval, CHECK_INTERVAL_MS_RANGE),
             (
@@ -643,10 +655,16 @@ mod tests {
             assert!(text.contains(name), "{text}");
         }
         assert!(!text.contains("PROTECTION_"), "{text}");
-        // Refreshing at the very expiry.
+        // Refreshing at the very expiry is out of range; 0.6 s before it, a conflict.
         let err = worker().refresh_percent(100).build().unwrap_err();
         assert!(
-            err.to_string().contains("refreshes 0s before the expiry"),
+            err.to_string()
+                .contains("refresh_percent=100 is out of range"),
+            "{err}"
+        );
+        let err = worker().refresh_percent(99).build().unwrap_err();
+        assert!(
+            err.to_string().contains("refreshes 0.6s before the expiry"),
             "{err}"
         );
         // A spacing that holds back the first refresh, with a long enough lead.
