@@ -65,15 +65,81 @@ fn page_port(lines: &[String]) -> Option<u16> {
     })
 }
 
+/// The README's first screen: the command its first block gives to run the system,
+/// the summary it says the demo prints (each line's label), and the log lines it
+/// says a job shows (without the message id).
+fn readme_first_screen() -> (String, Vec<String>, Vec<String>) {
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
+    let first_block = readme
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .unwrap_or_default();
+    let command = first_block
+        .lines()
+        .find(|l| l.contains("run the whole system locally"))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the README's first block runs the system locally")
+        .to_owned();
+    let quick = readme
+        .split("## Quick start")
+        .nth(1)
+        .and_then(|q| q.split("\n## ").next())
+        .expect("the README has a quick start");
+    let summary = quick
+        .split("```text\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let label = l.split("  ").next()?.trim();
+            (!label.is_empty() && !l.ends_with(':') && !l.starts_with("The system"))
+                .then(|| label.to_owned())
+        })
+        .collect();
+    let job = quick
+        .split("- **A job**")
+        .nth(1)
+        .and_then(|b| b.split("\n- **").next())
+        .unwrap_or_default();
+    let logged = job
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|c| !c.starts_with("scripts/") && !c.starts_with('.'))
+        .map(|c| c.trim_start_matches("<id>").to_owned())
+        .collect();
+    (command, summary, logged)
+}
+
+#[test]
+fn the_readme_first_screen_is_read_as_the_demo_test_reads_it() {
+    let (command, summary, logged) = readme_first_screen();
+    assert_eq!(command, "scripts/demo");
+    for label in ["page", "local SQS", "send a job", "logs", "stop"] {
+        assert!(summary.iter().any(|l| l == label), "{label}: {summary:?}");
+    }
+    assert!(logged.iter().any(|l| l == " - Done"), "{logged:?}");
+    assert!(
+        logged.iter().any(|l| l == "Task protection released"),
+        "{logged:?}"
+    );
+}
+
 #[tokio::test]
 async fn the_demo_runs_a_job_serves_the_page_and_stops_cleanly() {
+    // A newcomer follows the README's first screen: its command, and what it says
+    // the demo shows.
+    let (command, summary, logged) = readme_first_screen();
     let dir = std::env::temp_dir().join(format!("task-protection-demo-{}", std::process::id()));
     // The port asked for is taken, as 3000 often is on a developer's machine: the
     // demo must say so and use another.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let asked = taken.local_addr().unwrap().port();
     let mut child = tokio::process::Command::new("bash")
-        .arg(workspace_root().join("scripts/demo"))
+        .arg(workspace_root().join(&command))
         .current_dir(workspace_root())
         .env("DEMO_DIR", &dir)
         .env("DEMO_PORT", asked.to_string())
@@ -145,6 +211,31 @@ async fn the_demo_runs_a_job_serves_the_page_and_stops_cleanly() {
         "{said:?}"
     );
     let port = page_port(&said).expect("the demo prints the page's address");
+    for label in &summary {
+        assert!(
+            said.iter().any(|l| l.trim().starts_with(label.as_str())),
+            "the README says the demo prints {label:?}: {said:?}"
+        );
+    }
+    // The log lines the README says a job shows, the release a few seconds after
+    // the last sample job (10 s) included.
+    for line in &logged {
+        let line = line.clone();
+        let lines = Arc::clone(&lines);
+        wait_for(
+            &format!("the demo to log {line:?}, as the README says"),
+            Duration::from_secs(90),
+            move || {
+                let found = lines
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|l| l.starts_with("[queue-consumer]") && l.contains(&line));
+                async move { found.then_some(()) }
+            },
+        )
+        .await;
+    }
     assert_ne!(port, asked);
     // The page answers on the chosen port.
     let page = wait_for("the page", Duration::from_secs(30), || http_get(port, "/")).await;

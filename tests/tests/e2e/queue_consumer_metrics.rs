@@ -18,7 +18,7 @@ fn now_ms() -> u64 {
 
 /// Runs the worker on 3 good jobs and 1 bad body with metrics every second, stops
 /// it, and returns its lines with the time span of the run.
-async fn run(log_format: &str, interval: &str) -> (Vec<String>, u64, u64) {
+pub(crate) async fn run(log_format: &str, interval: &str) -> (Vec<String>, u64, u64) {
     let moto = Moto::start().await;
     let agent = FakeAgent::start().await;
     let client = moto.client();
