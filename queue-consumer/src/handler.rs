@@ -95,7 +95,7 @@ pub struct Job {
     /// How many times SQS has delivered the message, this time included.
     pub receive_count: u32,
     /// Which run of the job this is within this delivery: 1, or more when a failed
-    /// FIFO message is retried in place (see the README).
+    /// FIFO message is retried in place (see queue-consumer/README.md).
     pub attempt: u32,
     /// When the message was sent (`SentTimestamp`).
     pub sent_at: Option<SystemTime>,

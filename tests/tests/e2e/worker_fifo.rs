@@ -1,5 +1,6 @@
 //! FIFO groups in-process against moto and the fake agent: a head that keeps failing
-//! goes to the dead-letter queue alone, followers wait for their head through the
+//! goes to the dead-letter queue alone (or, with `stop-group`, back with its group, as
+//! SQS has it), followers wait for their head through the
 //! shutdown grace period and while the task leaves its service, and a job that its
 //! message's 12 h in flight can no longer hold is handed back instead of being cut
 //! off.
@@ -157,6 +158,55 @@ async fn queue_consumer_fifo_a_poison_head_goes_to_the_dead_letter_queue_alone()
         "{:#?}",
         logs.lines()
     );
+    let _ = worker.stop(STEP).await;
+}
+
+/// `FIFO_POISON_HEAD=stop-group` keeps SQS's own behaviour: the head that failed its
+/// last try in this delivery goes back with its group, unworked, and the worker
+/// moves nothing itself.
+#[tokio::test]
+async fn queue_consumer_fifo_stop_group_leaves_the_poison_head_to_sqs() {
+    let (logs, _capture) = Logs::capture();
+    let moto = Moto::start().await;
+    let agent = FakeAgent::start().await;
+    let client = moto.client();
+    let (queue, dlq) = create_queue_with(&client, "jobs.fifo", 30, Some(3)).await;
+    let dlq = dlq.unwrap_or_default();
+    send_all(
+        &client,
+        &queue,
+        Some("A"),
+        &strings(&["poison", "101", "102"]),
+    )
+    .await;
+    let runs = Arc::default();
+    let worker = WorkerSpec::new(&moto, &agent, &queue)
+        .settings(|s| {
+            // Room for the group in one receive, as in the default's test.
+            s.concurrency = 2;
+            s.poison_head = queue_consumer::config::PoisonHead::StopGroup;
+        })
+        .spawn(recording(&runs))
+        .await;
+    // Its third run, on its first delivery, is its last try (maxReceiveCount 3): with
+    // the default it would be moved to the dead-letter queue now.
+    wait_for("the head handed back with its group", STEP, || async {
+        (logs.count("visible again in") >= 1).then_some(())
+    })
+    .await;
+    let runs = runs_of(&runs);
+    assert_eq!(
+        runs.iter().map(|(b, ..)| b.as_str()).collect::<Vec<_>>(),
+        ["poison", "poison", "poison"],
+        "the followers never ran: {runs:?}"
+    );
+    assert_eq!(
+        logs.count("Moved to the dead-letter queue"),
+        0,
+        "{:#?}",
+        logs.lines()
+    );
+    assert_eq!(queue_counts(&client, &dlq).await, Some((0, 0)));
     let _ = worker.stop(STEP).await;
 }
 
