@@ -8,7 +8,8 @@
 //! Each connected client holds task protection through a
 //! [`ProtectionGuard`](task_protection::ProtectionGuard), taken without waiting for
 //! ECS so the first client is welcomed at once. The protection library turns the
-//! holders into PUTs only on idle→busy and busy→idle transitions, so a storm of
+//! holders into PUTs only on idle→busy and busy→idle transitions and a refresh
+//! before the expiry, so a storm of
 //! clients costs a handful of calls, not one per client.
 //!
 //! - [`config`]: settings from flags and environment variables.

@@ -4,7 +4,8 @@
 //!
 //! A websocket is admitted here, in this order: a well-formed handshake; a page of
 //! an allowed origin; a server that is not shutting down and a task its service
-//! still wants; room in all and for the client's address.
+//! still wants; an address not barred after a flood, room for the client's address,
+//! then room in all.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;

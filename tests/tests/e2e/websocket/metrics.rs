@@ -9,7 +9,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::{STEP, Server, next_text};
 
-/// Every metric the websocket writes, the gauge first.
+/// Every metric the websocket writes outside a drain, the gauge first
+/// (`ConnectionsClosedDrain` too is checked in `protocol_doc`).
 const METRIC_NAMES: [&str; 12] = [
     "Connections",
     "ConnectionsOpened",

@@ -11,7 +11,8 @@
 //! - [`strangers`]: origins, addresses, and what `/status` tells anyone;
 //! - [`shutdown`] and [`goodbye`]: the goodbye at SIGTERM and in a drain, and its pace;
 //! - [`open_files`]: running short of file descriptors;
-//! - [`metrics`]: the EMF lines.
+//! - [`metrics`]: the EMF lines;
+//! - [`protocol_doc`]: `websocket/README.md` replayed against the server.
 
 mod backpressure;
 mod basics;
@@ -21,6 +22,7 @@ mod limits;
 mod metrics;
 mod open_files;
 mod pipelined;
+mod protocol_doc;
 mod shutdown;
 pub(crate) mod strangers;
 
