@@ -5,6 +5,7 @@
 mod claims;
 mod commands;
 mod configuration;
+mod links;
 mod metrics;
 
 use e2e::workspace_root;
