@@ -39,10 +39,20 @@ MUTATIONS = [
  # The surplus, and ECS's own starts.
  ("young-tasks-count-as-surplus", DE,
   "            .saturating_sub(self.young())", "", T),
- ("surplus-not-sticky", DE,
-  "            .max(sticky.min(surplus));", ";", T),
- ("deployment-leave-not-sticky", DP,
-  "        let count = allowed.max(sticky);", "        let count = allowed.max(sticky * 0);", T),
+ # A task that has let go stays gone, kept so twice: the rules count those already
+ # leaving among the ones they pick, and keep() carries every earlier leave over.
+ # Breaking one alone changes no decision; these break both.
+ ("leaver-not-kept-in-a-scale-in", "*", [
+   (DE, "            .max(sticky.min(surplus));", ";"),
+   (DE, "            if !recall && !surplus_gone {\n                leaving.insert(id, Leave { seen: at, ..leave });",
+        "            if false {\n                leaving.insert(id, Leave { seen: at, ..leave });")], None, T),
+ ("leaver-not-kept-in-a-deployment", "*", [
+   (DP, "        let count = allowed.max(sticky);", "        let count = allowed.max(sticky * 0);"),
+   (DE, "            if !recall && !surplus_gone {\n                leaving.insert(id, Leave { seen: at, ..leave });",
+        "            if false {\n                leaving.insert(id, Leave { seen: at, ..leave });")], None, T),
+ ("unlisted-leaver-forgotten-at-once", DE,
+  "        } else if time(leave.seen) + FORGET_AFTER > now {",
+  "        } else if false {", T),
  ("pick-ignores-health", PK,
   "            task.health != Health::Unhealthy,", "            false,", T),
  ("pick-ignores-zones", PK,
@@ -54,9 +64,9 @@ MUTATIONS = [
   "        Controller::Ecs => return None,\n        Controller::CodeDeploy => \"CODE_DEPLOY\",",
   "        Controller::Ecs | Controller::CodeDeploy => return None,", T),
  # What a task makes of a record.
- ("unlisted-is-not-stopping", R,
-  "        } else if time(listed.at) > started + CLOCK_MARGIN {\n            Some(Membership::Leaving(LeaveReason::Stopping))",
-  "        } else if time(listed.at) > started + CLOCK_MARGIN {\n            None", T),
+ ("stopping-not-told", R,
+  "        if stopping.binary_search(&digest(task_id)).is_ok() {",
+  "        if stopping.is_empty() && stopping.binary_search(&digest(task_id)).is_ok() {", T),
  ("stopping-not-sticky", W,
   "            if *m == membership || *m == Membership::Leaving(LeaveReason::Stopping) {",
   "            if *m == membership {", T),

@@ -238,6 +238,22 @@ fn a_task_that_has_let_go_stays_gone_until_the_desired_count_rises() {
     assert!(leaving(&d).is_empty());
 }
 
+#[test]
+fn an_ecs_start_in_place_of_another_task_does_not_bring_a_leaver_back() {
+    // Scale-in 3 -> 2: c leaves; before it lets go, ECS replaces a (unhealthy) with y.
+    // Three run for two wanted, one of them young: the surplus is still c's, and ECS
+    // stops c once it has let go.
+    let mut s = service(2, vec![deployment("d1", true, 2, 0)]);
+    s.running = 3;
+    let tasks = vec![
+        task("b", "d1", "z1", 2),
+        task("c", "d1", "z1", 3),
+        task("y", "d1", "z2", 9_999),
+    ];
+    let d = decide_now(&facts(s, tasks), &prev(2, &["c"]));
+    assert_eq!(leaving(&d), ["c"]);
+}
+
 fn rolling(
     desired: u32,
     min: u32,
@@ -312,6 +328,10 @@ fn a_failing_or_failed_deployment_keeps_every_old_task() {
     s.deployments[0].failed_tasks = 2;
     let d = decide_now(&facts(s.clone(), tasks.clone()), &prev(2, &[]));
     assert!(leaving(&d).is_empty());
+    // One that had let go before stays gone while the rollout has not failed: a
+    // PRIMARY failing its checks is no figure of ECS's that wants it back.
+    let d = decide_now(&facts(s.clone(), tasks.clone()), &prev(2, &["o1"]));
+    assert_eq!(leaving(&d), ["o1"]);
     // The circuit breaker tripped: the old tasks that had let go are wanted again.
     s.deployments[0].rollout = Rollout::Failed;
     let d = decide_now(&facts(s, tasks), &prev(2, &["o1"]));
