@@ -13,17 +13,23 @@ use tokio::task::AbortHandle;
 
 use crate::{free_port, wait_for, workspace_root};
 
-/// Where `moto_server` is: `$MOTO_SERVER`, the project venv, or `PATH`.
+/// How to start `moto_server`: `$MOTO_SERVER` as it is, or `tests/moto_server.py`
+/// (moto's server with its deletes made atomic, as SQS's are) with the project venv's
+/// Python, or `python3` from `PATH`.
 #[must_use]
-pub fn moto_server_path() -> PathBuf {
+pub fn moto_server_command() -> tokio::process::Command {
     if let Some(p) = std::env::var_os("MOTO_SERVER") {
-        return PathBuf::from(p);
+        return tokio::process::Command::new(p);
     }
-    let venv = workspace_root().join(".venv/bin/moto_server");
-    if venv.exists() {
-        return venv;
-    }
-    PathBuf::from("moto_server")
+    let venv = workspace_root().join(".venv/bin/python");
+    let python = if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    };
+    let mut command = tokio::process::Command::new(python);
+    command.arg(workspace_root().join("tests/moto_server.py"));
+    command
 }
 
 /// A running `moto_server`, killed on drop.
@@ -37,7 +43,7 @@ impl Moto {
     /// Starts `moto_server` on a free loopback port and waits until SQS answers.
     pub async fn start() -> Self {
         let port = free_port();
-        let child = tokio::process::Command::new(moto_server_path())
+        let child = moto_server_command()
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
