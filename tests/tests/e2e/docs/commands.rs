@@ -8,35 +8,7 @@ use std::path::{Path, PathBuf};
 
 use e2e::workspace_root;
 
-use super::{code_blocks, read};
-
-/// The documents whose commands a reader runs.
-fn documents() -> Vec<String> {
-    let mut docs: Vec<String> = [
-        "README.md",
-        "BENCHMARKS.md",
-        "queue-consumer/README.md",
-        "websocket/README.md",
-        "crates/task-protection/README.md",
-        "crates/metrics-emf/README.md",
-    ]
-    .iter()
-    .map(|d| (*d).to_owned())
-    .filter(|d| workspace_root().join(d).exists())
-    .collect();
-    for entry in std::fs::read_dir(workspace_root().join("docs"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".md") {
-            docs.push(format!("docs/{name}"));
-        }
-    }
-    docs.sort();
-    docs
-}
+use super::{code_blocks, documents, read};
 
 /// A target of a workspace package, from `cargo metadata`.
 #[derive(Debug, Clone)]

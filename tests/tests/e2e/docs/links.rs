@@ -47,24 +47,7 @@ fn links(doc: &str) -> Vec<String> {
 #[test]
 fn every_relative_link_in_the_docs_resolves() {
     let root = workspace_root();
-    let mut docs = vec![
-        "README.md".to_owned(),
-        "BENCHMARKS.md".to_owned(),
-        "queue-consumer/README.md".to_owned(),
-        "websocket/README.md".to_owned(),
-        "crates/task-protection/README.md".to_owned(),
-        "crates/metrics-emf/README.md".to_owned(),
-    ];
-    for entry in std::fs::read_dir(root.join("docs"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".md") {
-            docs.push(format!("docs/{name}"));
-        }
-    }
+    let docs = super::documents();
     let mut problems = Vec::new();
     let mut checked = 0;
     for doc in &docs {

@@ -62,3 +62,31 @@ pub(crate) fn code_blocks(doc: &str) -> Vec<(String, String)> {
     }
     out
 }
+
+/// The documents a reader follows: the READMEs, BENCHMARKS.md and docs/.
+pub(crate) fn documents() -> Vec<String> {
+    let mut docs: Vec<String> = [
+        "README.md",
+        "BENCHMARKS.md",
+        "queue-consumer/README.md",
+        "websocket/README.md",
+        "crates/task-protection/README.md",
+        "crates/metrics-emf/README.md",
+    ]
+    .iter()
+    .map(|d| (*d).to_owned())
+    .filter(|d| workspace_root().join(d).exists())
+    .collect();
+    for entry in std::fs::read_dir(workspace_root().join("docs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".md") {
+            docs.push(format!("docs/{name}"));
+        }
+    }
+    docs.sort();
+    docs
+}
