@@ -116,15 +116,19 @@ impl Server {
     }
 }
 
+/// The next message of any kind, within [`STEP`].
+async fn next_message(ws: &mut Ws) -> Message {
+    tokio::time::timeout(STEP, ws.next())
+        .await
+        .expect("a message within the timeout")
+        .expect("the connection is open")
+        .expect("a message, not an error")
+}
+
 /// The next text message, skipping control frames.
 async fn next_text(ws: &mut Ws) -> String {
     loop {
-        let message = tokio::time::timeout(STEP, ws.next())
-            .await
-            .expect("a message within the timeout")
-            .expect("the connection is open")
-            .expect("a message, not an error");
-        match message {
+        match next_message(ws).await {
             Message::Text(text) => return text.as_str().to_owned(),
             Message::Ping(_) | Message::Pong(_) => {}
             other => panic!("expected text, got {other:?}"),

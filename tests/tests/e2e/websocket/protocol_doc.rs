@@ -19,7 +19,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use super::{STEP, Server, Ws, client_frame, raw_upgrade, server_close_code, server_frame};
+use super::{
+    STEP, Server, Ws, client_frame, next_message, raw_upgrade, server_close_code, server_frame,
+};
 
 const README: &str = "websocket/README.md";
 
@@ -160,12 +162,7 @@ fn transcripts(doc: &str) -> Vec<Vec<Step>> {
 /// skipped (tungstenite answers the server's pings by itself).
 async fn next_said(ws: &mut Ws) -> Said {
     loop {
-        let message = tokio::time::timeout(STEP, ws.next())
-            .await
-            .expect("a message within the timeout")
-            .expect("the connection is open")
-            .expect("a message, not an error");
-        match message {
+        match next_message(ws).await {
             Message::Text(text) => return Said::Text(text.as_str().to_owned()),
             Message::Binary(data) => return Said::Binary(data.len()),
             Message::Close(Some(frame)) => {
